@@ -1,0 +1,98 @@
+"""The sdqueue HTTP API: `create_app(settings)` builds the Flask app.
+
+Why a factory: gunicorn calls `api:create_app()` in each worker process,
+tests call it with their own settings, and nothing is configured at import.
+The API never imports torch or diffusers.
+"""
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException
+
+from api.auth import KeyRing, parse_keys
+from api.errors import error_response, http_error, unexpected_error
+from api.services import Catalog, Services
+from common.errors import StorageError
+from common.queue import create_celery
+from common.settings import Settings, load_settings
+from common.storage import Storage
+from common.taskstore import TaskStore
+
+log = logging.getLogger("sdqueue.api")
+SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
+REDOC_URL = "https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js"
+RETRY_AFTER_SECONDS = "5"
+
+
+class SdqApi(Api):
+    """flask-smorest's Api, rendering errors in seed 002's {"detail": ...} shape."""
+
+    def handle_http_exception(self, error: HTTPException):
+        return http_error(error)
+
+
+def openapi_config(settings: Settings) -> dict:
+    return {
+        "API_TITLE": "sdqueue", "API_VERSION": "1.0", "OPENAPI_VERSION": "3.0.3",
+        "OPENAPI_URL_PREFIX": "/", "OPENAPI_JSON_PATH": "openapi.json",
+        "OPENAPI_SWAGGER_UI_PATH": "docs", "OPENAPI_SWAGGER_UI_URL": SWAGGER_UI_URL,
+        "OPENAPI_REDOC_PATH": "redoc", "OPENAPI_REDOC_URL": REDOC_URL,
+        "MAX_CONTENT_LENGTH": settings.api.max_body_bytes,
+        "JSON_AS_ASCII": False,
+    }
+
+
+def build_services(settings: Settings) -> Services:
+    keys = parse_keys(settings.api.keys)
+    if not keys:
+        log.warning("no API keys configured (api.keys / SDQ_API_KEYS): every authenticated call will get 401")
+    return Services(
+        settings=settings,
+        store=TaskStore.from_url(settings.redis.url, settings.tasks.retention_seconds),
+        storage=Storage(settings),
+        celery=create_celery(settings, name="sdqueue-api"),
+        keys=KeyRing(keys, settings.api.key_header),
+        catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default),
+    )
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(redis.RedisError)
+    def redis_down(error: redis.RedisError):
+        log.error("task store unavailable: %s", error)
+        return error_response(503, "task store unavailable; retry shortly", {"Retry-After": RETRY_AFTER_SECONDS})
+
+    @app.errorhandler(StorageError)
+    def storage_down(error: StorageError):
+        log.error("object store unavailable: %s", error)
+        return error_response(503, "object store unavailable; retry shortly", {"Retry-After": RETRY_AFTER_SECONDS})
+
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, unexpected_error)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the API app; settings default to config.yaml + SDQ_* environment."""
+    settings = settings or load_settings()
+    app = Flask("sdqueue")
+    app.config.update(openapi_config(settings))
+    app.json.ensure_ascii = False
+    app.json.sort_keys = False
+    svc = build_services(settings)
+    app.extensions["sdq"] = svc
+
+    from api import health, native
+
+    api = SdqApi(app, spec_kwargs={"info": {"description": "Distributed Stable Diffusion service"}})
+    api.spec.components.security_scheme("ApiKeyAuth", {"type": "apiKey", "in": "header",
+                                                       "name": settings.api.key_header})
+    native_blp = native.create_native_blueprint(settings, svc.catalog)
+    native_blp.before_request(svc.keys.authenticate)
+    api.register_blueprint(health.blp)
+    api.register_blueprint(native_blp)
+    register_error_handlers(app)
+    return app

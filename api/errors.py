@@ -1,0 +1,85 @@
+"""Every error is JSON in the native API's shape: {"detail": ...}.
+
+Why: seed 002 documents `{"detail": "..."}` and, for validation, the list
+form `[{"loc", "msg", "type"}]`; clients parse those. No HTML error page
+and no 500 for anything a client can send.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("sdqueue.api")
+
+_MISSING = "Missing data for required field."
+_TYPES = {
+    _MISSING: ("field required", "value_error.missing"),
+    "Field may not be null.": ("none is not an allowed value", "type_error.none.not_allowed"),
+    "Not a valid integer.": ("value is not a valid integer", "type_error.integer"),
+    "Not a valid number.": ("value is not a valid float", "type_error.float"),
+    "Not a valid string.": ("str type expected", "type_error.str"),
+    "Not a valid list.": ("value is not a valid list", "type_error.list"),
+    "Invalid input type.": ("value is not a valid dict", "type_error.dict"),
+}
+_LOCATIONS = {"json": "body", "query": "query", "view_args": "path", "headers": "header"}
+
+
+def flatten_messages(messages: Any, loc: list) -> list[dict]:
+    """marshmallow's nested message dict -> pydantic-style [{loc, msg, type}]."""
+    if isinstance(messages, dict):
+        out = []
+        for key, value in messages.items():
+            sub = loc if key == "_schema" else loc + [int(key) if isinstance(key, int) or str(key).isdigit() else key]
+            out += flatten_messages(value, sub)
+        return out
+    if isinstance(messages, (list, tuple)):
+        if messages and all(isinstance(m, str) for m in messages):
+            return [_entry(loc, m) for m in messages]
+        out = []
+        for item in messages:
+            out += flatten_messages(item, loc)
+        return out
+    return [_entry(loc, str(messages))]
+
+
+def _entry(loc: list, message: str) -> dict:
+    msg, kind = _TYPES.get(message, (message, "value_error"))
+    return {"loc": loc, "msg": msg, "type": kind}
+
+
+def validation_detail(messages: dict) -> list[dict]:
+    """Messages keyed by webargs location ("json", "query") -> detail list."""
+    out = []
+    for location, fields_ in messages.items():
+        out += flatten_messages(fields_, [_LOCATIONS.get(location, location)])
+    return out
+
+
+def error_response(status: int, detail: Any, headers: dict | None = None):
+    response = jsonify({"detail": detail})
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def http_error(error: HTTPException):
+    """Render any werkzeug/flask-smorest HTTP error as {"detail": ...}."""
+    data = getattr(error, "data", None) or {}
+    messages = data.get("messages")
+    code = error.code or 500
+    if code == 422 and isinstance(messages, dict):
+        return error_response(422, validation_detail(messages), data.get("headers"))
+    if code == 400 and isinstance(messages, dict) and "json" in messages:
+        return error_response(400, "Malformed JSON body: the request body must be a valid JSON object")
+    detail = data.get("message") or getattr(error, "description", None) or error.name
+    return error_response(code, detail, data.get("headers"))
+
+
+def unexpected_error(error: Exception):
+    """Last resort: log it, answer 500 without internals."""
+    log.exception("unhandled error: %s", error)
+    return error_response(500, "Internal server error")

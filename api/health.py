@@ -1,0 +1,39 @@
+"""Health: is the service up, and does any worker hold a warm pipeline?
+
+Why no auth: load balancers and orchestrators probe it (seed 002).
+"""
+from __future__ import annotations
+
+from flask_smorest import Blueprint
+
+from api import schemas
+from api.services import services
+from api.task_view import iso
+from common.workers import WorkerState, live_workers
+
+blp = Blueprint("health", __name__, description="Service and worker health (no auth)")
+
+
+def health_body() -> dict:
+    workers = live_workers(services().store.redis)
+    return {
+        "status": "ok",
+        "model_loaded": any(w.models and w.state in (WorkerState.READY, WorkerState.BUSY) for w in workers),
+        "workers": [{"name": w.name, "device": w.device, "state": w.state, "busy": w.state == WorkerState.BUSY,
+                     "models": w.models, "queues": w.queues, "task_id": w.task_id, "last_seen": iso(w.last_seen)}
+                    for w in workers],
+    }
+
+
+@blp.route("/health", methods=["GET"])
+@blp.response(200, schemas.HealthSchema)
+def health():
+    """Service status; model_loaded is true when a live worker holds a warm pipeline."""
+    return health_body()
+
+
+@blp.route("/api/health", methods=["GET"])
+@blp.response(200, schemas.HealthSchema)
+def api_health():
+    """Same as /health."""
+    return health_body()

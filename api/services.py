@@ -1,0 +1,68 @@
+"""What the API process holds for its life: settings, store, storage, queue, catalog.
+
+Why one object: create_app builds it once from settings and every view
+reaches it through `services()`; nothing is global at import time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from flask import current_app
+
+from api.auth import KeyRing
+from common.catalog import ModelInfo, default_model_name, list_loras, list_models
+from common.storage import Storage
+from common.taskstore import TaskStore
+
+CATALOG_TTL = 2.0
+
+
+@dataclass
+class Catalog:
+    """Models and LoRAs on disk, re-read at most every CATALOG_TTL seconds."""
+
+    models_dir: Path
+    lora_dir: Path
+    configured_default: str
+    _at: float = 0.0
+    _models: list[ModelInfo] = field(default_factory=list)
+    _loras: dict[str, Path] = field(default_factory=dict)
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._at > CATALOG_TTL:
+            self._models = list_models(self.models_dir)
+            self._loras = list_loras(self.lora_dir)
+            self._at = time.monotonic()
+
+    def models(self) -> list[ModelInfo]:
+        self._refresh()
+        return self._models
+
+    def model(self, name: str) -> ModelInfo | None:
+        return next((m for m in self.models() if m.name == name), None)
+
+    def default_model(self) -> str | None:
+        self._refresh()
+        return self.configured_default or (self._models[0].name if self._models else None)
+
+    def loras(self) -> dict[str, Path]:
+        self._refresh()
+        return self._loras
+
+
+@dataclass
+class Services:
+    settings: Any
+    store: TaskStore
+    storage: Storage
+    celery: Celery
+    keys: KeyRing
+    catalog: Catalog
+
+
+def services() -> Services:
+    return current_app.extensions["sdq"]

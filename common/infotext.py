@@ -1,0 +1,74 @@
+"""A1111-style generation parameters text ("infotext").
+
+Why: tools in the SD ecosystem (A1111's PNG Info, ComfyUI, civitai) read the
+`parameters` text chunk of a PNG to reproduce an image; every image sdqueue
+writes carries one, in the same shape.
+"""
+from __future__ import annotations
+
+from common.jobspec import JobSpec
+
+
+def build_infotext(spec: JobSpec, seed: int, width: int, height: int, sampler: str | None = None,
+                   version: str = "") -> str:
+    """Prompt, negative prompt, then one `Key: value, ...` line, as A1111 writes it."""
+    params = {
+        "Steps": spec.num_inference_steps,
+        "Sampler": sampler or spec.scheduler or "default",
+        "CFG scale": spec.guidance_scale,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": spec.model,
+    }
+    if spec.init_image_key and spec.strength is not None:
+        params["Denoising strength"] = spec.strength
+    if spec.loras:
+        params["Lora weights"] = ", ".join(f"{lr.name}: {lr.weight:g}" for lr in spec.loras)
+    if version:
+        params["Version"] = version
+    line = ", ".join(f"{k}: {_quote(str(v))}" for k, v in params.items())
+    text = spec.prompt
+    if spec.negative_prompt:
+        text += f"\nNegative prompt: {spec.negative_prompt}"
+    return f"{text}\n{line}"
+
+
+def _quote(value: str) -> str:
+    """Quote a value containing separators, as A1111's infotext writer does."""
+    if "," not in value and ":" not in value and "\n" not in value:
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """The inverse, enough for tests and png-info: prompt, negative prompt, params."""
+    lines = text.strip().split("\n")
+    params_line = lines[-1] if len(lines) > 1 else ""
+    body = lines[:-1]
+    out: dict[str, str] = {}
+    neg = [i for i, ln in enumerate(body) if ln.startswith("Negative prompt: ")]
+    if neg:
+        out["prompt"] = "\n".join(body[:neg[0]])
+        out["negative_prompt"] = "\n".join(body[neg[0]:])[len("Negative prompt: "):]
+    else:
+        out["prompt"] = "\n".join(body)
+    for part in _split_params(params_line):
+        if ": " in part:
+            key, value = part.split(": ", 1)
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def _split_params(line: str) -> list[str]:
+    parts, buf, quoted = [], "", False
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            parts.append(buf)
+            buf = ""
+            continue
+        buf += ch
+    if buf:
+        parts.append(buf)
+    return parts

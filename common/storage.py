@@ -1,0 +1,78 @@
+"""Object storage (any S3): where images live, and the URLs clients get.
+
+Why boto3's presigner: images never pass through Redis or the API; clients
+fetch them straight from S3 with a signed, expiring URL (or a public base
+URL when the bucket is served publicly).
+"""
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.errors import StorageError
+
+_S3_CONFIG = Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                    retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+
+
+class Storage:
+    """One bucket, a key prefix, and URL policy."""
+
+    def __init__(self, settings) -> None:
+        s = settings.storage
+        self.bucket = s.bucket
+        self.prefix = s.prefix.strip("/")
+        self.public_base_url = s.public_base_url.rstrip("/")
+        self.expiry = s.presign_expiry
+        creds = dict(aws_access_key_id=s.access_key or None, aws_secret_access_key=s.secret_key or None,
+                     region_name=s.region)
+        self.client = boto3.client("s3", endpoint_url=s.endpoint_url or None, config=_S3_CONFIG, **creds)
+        public = s.public_endpoint_url or s.endpoint_url
+        self.signer = self.client if public == s.endpoint_url else boto3.client(
+            "s3", endpoint_url=public or None, config=_S3_CONFIG, **creds)
+
+    def output_key(self, task_id: str, index: int, extension: str) -> str:
+        """s3://{bucket}/{prefix}/{task_id}/{n}.{ext}"""
+        return f"{self.prefix}/{task_id}/{index}.{extension}"
+
+    def input_key(self, task_id: str, name: str) -> str:
+        return f"{self.prefix}/{task_id}/input/{name}"
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist yet."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise StorageError(f"cannot create bucket {self.bucket}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"object store unreachable: {exc}") from exc
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type,
+                                   Metadata=metadata or {})
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"upload of {key} failed: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"download of {key} failed: {exc}") from exc
+
+    def url_for(self, key: str) -> str:
+        """A URL a client can GET: public base URL, else a presigned one."""
+        if self.public_base_url:
+            return f"{self.public_base_url}/{quote(key)}"
+        return self.signer.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expiry)
+
+    def s3_uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"

@@ -1,0 +1,312 @@
+"""Task state: one Redis hash per task, moved forward by atomic Lua scripts.
+
+Why Lua: a task is touched by the API (create, cancel), by whichever worker
+holds the current delivery (claim, progress, finish) and by the reaper that
+rescues jobs of dead workers. Each transition checks and writes in one
+script, so a completed task never returns to processing and a stale
+delivery (an older `attempt`) can never overwrite the result of a newer one.
+
+Keys (prefix `sdq:`):
+  task:{id}          hash: status, owner, spec, attempt, worker, timestamps,
+                     progress, result keys, seeds, error, cancel flag
+  pending:{queue}    zset: tasks waiting on a Celery queue (score: enqueue time)
+  running            zset: tasks being processed (score: claim time)
+  owner:{owner}      zset: an owner's tasks (score: creation time)
+  worker:{id}        heartbeat key of a live worker process (see workers.py)
+Channel `sdq:events:{id}` carries each new status, for waiters.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterable
+
+import redis
+
+from common.errors import JobCancelled, StaleAttempt, TaskNotFound
+from common.jobspec import JobSpec
+
+PREFIX = "sdq:"
+WORKER_KEY_PREFIX = PREFIX + "worker:"
+
+
+class TaskStatus(str, Enum):
+    """Lifecycle: pending -> processing -> completed | failed | cancelled."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+TERMINAL = tuple(s.value for s in TaskStatus if s.terminal)
+
+
+def task_key(task_id: str) -> str:
+    return f"{PREFIX}task:{task_id}"
+
+
+def events_channel(task_id: str) -> str:
+    return f"{PREFIX}events:{task_id}"
+
+
+def pending_key(queue: str) -> str:
+    return f"{PREFIX}pending:{queue}"
+
+
+RUNNING_KEY = PREFIX + "running"
+
+
+def owner_key(owner: str) -> str:
+    return f"{PREFIX}owner:{owner}"
+
+
+@dataclass
+class Task:
+    """A task hash, decoded."""
+
+    id: str
+    status: TaskStatus
+    owner: str
+    spec: JobSpec
+    queue: str
+    attempt: int
+    created_at: float
+    updated_at: float
+    worker: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress_step: int = 0
+    progress_total: int = 0
+    result_keys: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    error: str | None = None
+    cancel_requested: bool = False
+    compute_seconds: float | None = None
+    callback_status: str | None = None
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> "Task":
+        def num(name: str) -> float | None:
+            return float(data[name]) if data.get(name) else None
+
+        return cls(
+            id=data["id"], status=TaskStatus(data["status"]), owner=data.get("owner", ""),
+            spec=JobSpec.from_json(data["spec"]), queue=data.get("queue", ""),
+            attempt=int(data.get("attempt", 0)), created_at=float(data["created_at"]),
+            updated_at=float(data["updated_at"]), worker=data.get("worker", ""),
+            started_at=num("started_at"), finished_at=num("finished_at"),
+            progress_step=int(data.get("progress_step") or 0),
+            progress_total=int(data.get("progress_total") or 0),
+            result_keys=json.loads(data.get("result_keys") or "[]"),
+            seeds=json.loads(data.get("seeds") or "[]"),
+            error=data.get("error") or None,
+            cancel_requested=data.get("cancel_requested") == "1",
+            compute_seconds=num("compute_seconds"),
+            callback_status=data.get("callback_status") or None,
+        )
+
+
+# KEYS: task, running.  ARGV: attempt, worker, now, worker-key prefix, pending-key prefix
+_CLAIM = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st == 'completed' or st == 'failed' or st == 'cancelled' then return 'terminal' end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 'stale' end
+if st == 'processing' then
+  local w = redis.call('HGET', KEYS[1], 'worker')
+  if w and w ~= '' and w ~= ARGV[2] and redis.call('EXISTS', ARGV[4] .. w) == 1 then return 'busy' end
+end
+redis.call('HSET', KEYS[1], 'status', 'processing', 'worker', ARGV[2], 'started_at', ARGV[3],
+           'updated_at', ARGV[3], 'progress_step', 0)
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('ZREM', ARGV[5] .. redis.call('HGET', KEYS[1], 'queue'), id)
+redis.call('ZADD', KEYS[2], ARGV[3], id)
+redis.call('PUBLISH', 'sdq:events:' .. id, 'processing')
+return 'ok'
+"""
+
+# KEYS: task, running.  ARGV: attempt, worker, now, status, retention, field/value pairs...
+_FINISH = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'processing' then return 0 end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[4], 'updated_at', ARGV[3], 'finished_at', ARGV[3])
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('ZREM', KEYS[2], id)
+redis.call('PUBLISH', 'sdq:events:' .. id, ARGV[4])
+return 1
+"""
+
+# KEYS: task.  ARGV: now, retention, pending-key prefix
+_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st == 'pending' then
+  local id = redis.call('HGET', KEYS[1], 'id')
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated_at', ARGV[1], 'finished_at', ARGV[1],
+             'error', 'cancelled by client')
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('ZREM', ARGV[3] .. redis.call('HGET', KEYS[1], 'queue'), id)
+  redis.call('PUBLISH', 'sdq:events:' .. id, 'cancelled')
+  return 'cancelled'
+end
+if st == 'processing' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[1])
+  return 'cancelling'
+end
+return st
+"""
+
+# KEYS: task.  ARGV: dead worker, attempt, now
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return -1 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return -1 end
+local nxt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'worker', '', 'requeued_at', ARGV[3], 'updated_at', ARGV[3])
+return nxt
+"""
+
+
+class TaskStore:
+    """All reads and writes of task state go through here."""
+
+    def __init__(self, client: redis.Redis, retention_seconds: int):
+        self.redis = client
+        self.retention = int(retention_seconds)
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+        self._cancel = client.register_script(_CANCEL)
+        self._requeue = client.register_script(_REQUEUE)
+
+    @classmethod
+    def from_url(cls, url: str, retention_seconds: int) -> "TaskStore":
+        return cls(redis.Redis.from_url(url, decode_responses=True), retention_seconds)
+
+    # --- API side -------------------------------------------------------
+    def create(self, task_id: str, owner: str, spec: JobSpec, queue: str) -> Task:
+        """Write a new pending task and index it (one MULTI round trip)."""
+        now = time.time()
+        fields = {"id": task_id, "status": TaskStatus.PENDING.value, "owner": owner,
+                  "spec": spec.to_json(), "queue": queue, "attempt": 0,
+                  "created_at": repr(now), "updated_at": repr(now)}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(task_key(task_id), mapping=fields)
+        pipe.expire(task_key(task_id), self.retention)
+        pipe.zadd(pending_key(queue), {task_id: now})
+        pipe.zadd(owner_key(owner), {task_id: now})
+        pipe.zremrangebyscore(owner_key(owner), "-inf", now - self.retention)
+        pipe.expire(owner_key(owner), self.retention)
+        pipe.execute()
+        return Task.from_hash({k: str(v) for k, v in fields.items()})
+
+    def get(self, task_id: str) -> Task:
+        data = self.redis.hgetall(task_key(task_id))
+        if not data:
+            raise TaskNotFound(task_id)
+        return Task.from_hash(data)
+
+    def get_owned(self, task_id: str, owner: str) -> Task:
+        """The task if `owner` created it; anyone else is told it does not exist."""
+        task = self.get(task_id)
+        if task.owner != owner:
+            raise TaskNotFound(task_id)
+        return task
+
+    def queue_position(self, task: Task) -> int | None:
+        """1-based place among pending tasks of its queue, or None."""
+        if task.status is not TaskStatus.PENDING:
+            return None
+        rank = self.redis.zrank(pending_key(task.queue), task.id)
+        return None if rank is None else rank + 1
+
+    def list_owned(self, owner: str, offset: int, limit: int,
+                   status: TaskStatus | None = None) -> tuple[list[Task], int]:
+        """An owner's tasks, newest first; expired ones are dropped from the index."""
+        key = owner_key(owner)
+        if status is None:
+            ids = self.redis.zrevrange(key, offset, offset + limit - 1)
+            tasks = self._load_many(key, ids)
+            return tasks, self.redis.zcard(key)
+        matching = [t for t in self._load_many(key, self.redis.zrevrange(key, 0, -1)) if t.status is status]
+        return matching[offset:offset + limit], len(matching)
+
+    def _load_many(self, index_key: str, ids: Iterable[str]) -> list[Task]:
+        ids = list(ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(task_key(task_id))
+        tasks, gone = [], []
+        for task_id, data in zip(ids, pipe.execute()):
+            (tasks.append(Task.from_hash(data)) if data else gone.append(task_id))
+        if gone:
+            self.redis.zrem(index_key, *gone)
+        return tasks
+
+    def request_cancel(self, task_id: str) -> str:
+        """'cancelled' (was pending), 'cancelling' (running: stops at next step) or the final status."""
+        return self._cancel(keys=[task_key(task_id)],
+                            args=[repr(time.time()), self.retention, PREFIX + "pending:"])
+
+    # --- worker side ----------------------------------------------------
+    def claim(self, task_id: str, attempt: int, worker: str) -> str:
+        """Take the job for this delivery: 'ok', or why not ('terminal', 'stale', 'busy', 'missing')."""
+        return self._claim(keys=[task_key(task_id), RUNNING_KEY],
+                           args=[attempt, worker, repr(time.time()), WORKER_KEY_PREFIX, PREFIX + "pending:"])
+
+    def report_progress(self, task_id: str, step: int, total: int) -> None:
+        self.redis.hset(task_key(task_id), mapping={"progress_step": step, "progress_total": total,
+                                                    "updated_at": repr(time.time())})
+
+    def check_still_mine(self, task_id: str, attempt: int) -> None:
+        """Raise JobCancelled or StaleAttempt when this run must stop."""
+        cancel, current = self.redis.hmget(task_key(task_id), "cancel_requested", "attempt")
+        if current is None or int(current) != attempt:
+            raise StaleAttempt(task_id)
+        if cancel == "1":
+            raise JobCancelled(task_id)
+
+    def finish(self, task_id: str, attempt: int, worker: str, status: TaskStatus, **fields: Any) -> bool:
+        """Move a claimed task to a terminal status; False if this delivery no longer owns it."""
+        pairs: list[Any] = []
+        for name, value in fields.items():
+            pairs += [name, value if isinstance(value, str) else json.dumps(value)]
+        return bool(self._finish(keys=[task_key(task_id), RUNNING_KEY],
+                                 args=[attempt, worker, repr(time.time()), status.value, self.retention, *pairs]))
+
+    def set_fields(self, task_id: str, **fields: str) -> None:
+        """Side information that is not a transition (e.g. webhook delivery state)."""
+        self.redis.hset(task_key(task_id), mapping=fields)
+
+    # --- reaper ---------------------------------------------------------
+    def running(self) -> list[tuple[str, str, int, float | None]]:
+        """(task id, worker, attempt, requeued_at) of every processing task."""
+        ids = self.redis.zrange(RUNNING_KEY, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hmget(task_key(task_id), "status", "worker", "attempt", "requeued_at")
+        out, gone = [], []
+        for task_id, (status, worker, attempt, requeued) in zip(ids, pipe.execute()):
+            if status != TaskStatus.PROCESSING.value:
+                gone.append(task_id)
+                continue
+            out.append((task_id, worker or "", int(attempt or 0), float(requeued) if requeued else None))
+        if gone:
+            self.redis.zrem(RUNNING_KEY, *gone)
+        return out
+
+    def requeue(self, task_id: str, dead_worker: str, attempt: int) -> int | None:
+        """Take a job away from a dead worker; the new attempt number, or None if someone else did."""
+        nxt = self._requeue(keys=[task_key(task_id)], args=[dead_worker, attempt, repr(time.time())])
+        return None if int(nxt) < 0 else int(nxt)

@@ -1,0 +1,140 @@
+"""One job delivery, from claim to terminal status.
+
+Why its own module: the Celery task body stays a two-line adapter, and the
+rules live here: claim or skip, run, upload, finish; a model error fails
+the job (the worker stays up), a cancel ends it `cancelled`, a stale
+delivery writes nothing, and every ending notifies the webhook queue.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from PIL import Image
+
+from common.catalog import find_model, list_loras
+from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt, StorageError
+from common.infotext import build_infotext
+from common.jobspec import JobSpec
+from common.queue import send_callback
+from common.storage import Storage
+from common.taskstore import Task, TaskStatus, TaskStore
+from common.workers import WorkerInfo, WorkerState
+from worker.generation import GenerationResult, generate
+from worker.images import CONTENT_TYPES, encode_image
+from worker.monitor import StepMonitor
+from worker.registry import PipelineRegistry
+
+log = logging.getLogger("sdqueue.worker")
+VERSION = "sdqueue 0.1"
+
+
+@dataclass
+class JobContext:
+    """Everything a worker process holds for its whole life."""
+
+    settings: Any
+    store: TaskStore
+    storage: Storage
+    registry: PipelineRegistry
+    celery: Celery
+    info: WorkerInfo
+
+
+def describe_error(exc: BaseException) -> str:
+    """A client-facing message; CUDA OOM is named as such."""
+    name = type(exc).__name__
+    if name == "OutOfMemoryError":
+        return f"CUDA out of memory: {str(exc).splitlines()[0] if str(exc) else 'reduce size or num_images'}"
+    if isinstance(exc, (ModelError, JobTimeLimit)):
+        return str(exc)
+    if isinstance(exc, StorageError):
+        return f"storage error: {exc}"
+    return f"{name}: {exc}" if str(exc) else name
+
+
+def load_init_image(storage: Storage, spec: JobSpec) -> Image.Image | None:
+    if not spec.init_image_key:
+        return None
+    image = Image.open(io.BytesIO(storage.get(spec.init_image_key)))
+    image.load()
+    return image
+
+
+def upload_images(ctx: JobContext, task_id: str, spec: JobSpec, result: GenerationResult) -> list[str]:
+    """Encode each image with its infotext and put it at {prefix}/{task_id}/{n}.{ext}."""
+    keys = []
+    ext = spec.extension
+    for n, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        text = build_infotext(spec, seed, image.width, image.height, result.scheduler, VERSION)
+        key = ctx.storage.output_key(task_id, n, ext)
+        ctx.storage.put(key, encode_image(image, ext, text), CONTENT_TYPES[ext],
+                        metadata={"seed": str(seed), "task-id": task_id})
+        keys.append(key)
+    return keys
+
+
+def run_delivery(ctx: JobContext, task_id: str, attempt: int) -> str:
+    """Process one delivery of a job; returns the outcome for logs and tests."""
+    me = ctx.info.id
+    claim = ctx.store.claim(task_id, attempt, me)
+    if claim != "ok":
+        log.info("skipping delivery of %s attempt %d: %s", task_id, attempt, claim)
+        return claim
+    task = ctx.store.get(task_id)
+    ctx.info.state, ctx.info.task_id = WorkerState.BUSY, task_id
+    try:
+        status, fields = execute(ctx, task, attempt)
+    except StaleAttempt:
+        log.warning("task %s moved on to a newer attempt; dropping attempt %d", task_id, attempt)
+        return "stale"
+    finally:
+        ctx.info.state, ctx.info.task_id = WorkerState.READY, None
+        ctx.info.models = ctx.registry.names()
+    if ctx.store.finish(task_id, attempt, me, status, **fields):
+        log.info("task %s %s", task_id, status.value)
+        if task.spec.callback_url:
+            send_callback(ctx.celery, task_id, ctx.settings.callbacks.queue)
+        return status.value
+    return "stale"
+
+
+def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict]:
+    """Run the pipeline and upload; map every ending to a status and fields."""
+    spec = task.spec
+    monitor = StepMonitor(ctx.store, task.id, attempt, ctx.settings.tasks.time_limit,
+                          ctx.settings.tasks.progress_interval)
+    try:
+        model = find_model(ctx.settings.models_dir, spec.model)
+        if model is None:
+            raise ModelError(f"model '{spec.model}' is not in the model directory")
+        base = ctx.registry.get(spec.model)
+        ctx.info.models = ctx.registry.names()
+        init_image = load_init_image(ctx.storage, spec)
+        started = time.perf_counter()
+        result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor)
+        compute = time.perf_counter() - started
+        keys = upload_images(ctx, task.id, spec, result)
+    except (JobCancelled,):
+        return TaskStatus.CANCELLED, {"error": "cancelled by client"}
+    except StaleAttempt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any pipeline failure fails the job, never the worker
+        log.exception("task %s failed", task.id)
+        _release_gpu_memory(exc)
+        return TaskStatus.FAILED, {"error": describe_error(exc)}
+    return TaskStatus.COMPLETED, {
+        "result_keys": keys, "seeds": result.seeds, "compute_seconds": f"{compute:.6f}",
+        "progress_step": monitor.steps, "progress_total": monitor.steps, "scheduler_used": result.scheduler,
+    }
+
+
+def _release_gpu_memory(exc: BaseException) -> None:
+    if type(exc).__name__ == "OutOfMemoryError":
+        import torch
+
+        torch.cuda.empty_cache()

@@ -1,0 +1,138 @@
+"""Start a worker process: `python -m worker.main --role gpu|callbacks`.
+
+Why a launcher instead of `celery -A`: the device must be pinned before
+torch is imported, settings are read once here and passed explicitly, and
+the default pipeline is warm before the first job is consumed. GPU workers
+run one job at a time (solo pool, prefetch 1, acks_late); the callback
+worker runs webhook deliveries on threads.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+from common.catalog import default_model_name, find_model, list_models
+from common.queue import create_celery
+from common.settings import load_settings
+from common.storage import Storage
+from common.taskstore import TaskStore
+from common.workers import WorkerInfo, WorkerState, publish_heartbeat
+from worker.device import pin_device
+
+log = logging.getLogger("sdqueue.worker")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="sdqueue worker")
+    parser.add_argument("--role", choices=("gpu", "callbacks"), default="gpu")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (overrides worker.device)")
+    parser.add_argument("--name", default=None, help="worker name (overrides worker.name)")
+    parser.add_argument("--queues", default=None, help="comma-separated queues to consume")
+    parser.add_argument("--concurrency", type=int, default=8, help="callback worker threads")
+    parser.add_argument("--loglevel", default="INFO")
+    return parser.parse_args(argv)
+
+
+def default_name(role: str, device: str) -> str:
+    tag = "callbacks" if role == "callbacks" else (device.replace(":", "").replace("cuda", "gpu") or "cpu")
+    return f"{tag}@{socket.gethostname()}"
+
+
+def ensure_default_model(settings) -> str:
+    """The default model's name; builds the tiny random-weight model if none exists."""
+    name = default_model_name(settings.models_dir, settings.models.default)
+    if name is None:
+        from worker.tinymodel import TINY_MODEL_NAME, ensure_tiny_model
+
+        ensure_tiny_model(settings.models_dir / TINY_MODEL_NAME)
+        name = TINY_MODEL_NAME
+    return name
+
+
+def single_file_config(settings, default_name_: str) -> Path | None:
+    if settings.models.single_file_config:
+        return Path(settings.models.single_file_config)
+    model = find_model(settings.models_dir, default_name_)
+    if model and model.kind == "diffusers":
+        return model.path
+    return next((m.path for m in list_models(settings.models_dir) if m.kind == "diffusers"), None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = load_settings()
+    logging.basicConfig(level=args.loglevel, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    pinned = pin_device(args.device if args.device is not None else settings.worker.device) \
+        if args.role == "gpu" else pin_device("cpu")
+    from worker.quiet import quiet_libraries
+
+    quiet_libraries()
+    from worker.device import resolve_device
+
+    device = resolve_device(pinned)
+    if settings.worker.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.worker.torch_threads)
+    name = args.name or settings.worker.name or default_name(args.role, device)
+    queues = args.queues.split(",") if args.queues else (
+        [settings.tasks.queue] if args.role == "gpu" else [settings.callbacks.queue])
+    info = WorkerInfo(id=f"{name}:{os.getpid()}:{uuid.uuid4().hex[:8]}", name=name, device=device,
+                      queues=queues)
+    run_worker(settings, args, info)
+
+
+def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
+    from worker.heartbeat import Heartbeat
+    from worker.jobs import JobContext
+    from worker.registry import PipelineRegistry, load_pipeline
+    from worker.tasks import register_tasks
+
+    store = TaskStore.from_url(settings.redis.url, settings.tasks.retention_seconds)
+    storage = Storage(settings)
+    celery = create_celery(settings, name="sdqueue-worker")
+    default = ensure_default_model(settings) if args.role == "gpu" else ""
+    sf_config = single_file_config(settings, default) if args.role == "gpu" else None
+
+    def loader(model_name: str):
+        model = find_model(settings.models_dir, model_name)
+        if model is None:
+            raise FileNotFoundError(f"model '{model_name}' not found in {settings.models_dir}")
+        return load_pipeline(model, info.device, sf_config)
+
+    registry = PipelineRegistry(settings.models.max_loaded, loader)
+    ctx = JobContext(settings, store, storage, registry, celery, info)
+    register_tasks(celery, lambda: ctx)
+    heartbeat = Heartbeat(store, celery, info, settings)
+    heartbeat.beat()
+    heartbeat.start()
+    try:
+        if args.role == "gpu":
+            storage.ensure_bucket()
+            try:
+                registry.get(default)
+            except Exception as exc:
+                info.state, info.error = WorkerState.SETUP_FAILED, f"{type(exc).__name__}: {exc}"
+                publish_heartbeat(store.redis, info, settings.workers.heartbeat_ttl)
+                log.exception("could not load default model %s", default)
+                raise SystemExit(3) from exc
+            info.models = registry.names()
+        info.state = WorkerState.READY
+        heartbeat.beat()
+        log.info("worker %s ready on %s, queues %s, models %s", info.name, info.device, info.queues, info.models)
+        pool = ["--pool=solo"] if args.role == "gpu" else ["--pool=threads", f"--concurrency={args.concurrency}"]
+        celery.worker_main(["worker", *pool, "-Q", ",".join(info.queues), "-n", info.name,
+                            "--prefetch-multiplier=1", "--without-gossip", "--without-mingle",
+                            "--without-heartbeat", "-E", f"--loglevel={args.loglevel}"])
+    finally:
+        heartbeat.stop()
+
+
+if __name__ == "__main__":
+    main()

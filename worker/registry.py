@@ -1,0 +1,78 @@
+"""Warm pipelines, one per model, kept in memory between jobs (bounded LRU).
+
+Why: loading a checkpoint takes seconds to minutes; a worker loads its
+default model once at start and keeps the few most recently used models
+warm, so a request pays only for denoising. Diffusers folders load with
+AutoPipeline (SD 1.x/2.x/XL); single .safetensors files load offline with
+`from_single_file(config=<local diffusers folder>)`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+from common.catalog import ModelInfo
+
+log = logging.getLogger("sdqueue.worker")
+
+
+def load_pipeline(model: ModelInfo, device: str, single_file_config: Path | None) -> Any:
+    """Load one model onto `device` (fp16 on CUDA, fp32 on CPU)."""
+    import torch
+    from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    common = dict(torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    if model.kind == "diffusers":
+        pipe = AutoPipelineForText2Image.from_pretrained(str(model.path), **common)
+    else:
+        if single_file_config is None:
+            raise FileNotFoundError("a single-file checkpoint needs models.single_file_config (a local diffusers folder)")
+        pipe = StableDiffusionPipeline.from_single_file(str(model.path), config=str(single_file_config), **common)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class PipelineRegistry:
+    """Model name -> warm pipeline, least recently used evicted beyond `capacity`."""
+
+    def __init__(self, capacity: int, loader: Callable[[str], Any]):
+        self.capacity = max(1, capacity)
+        self._loader = loader
+        self._pipes: OrderedDict[str, Any] = OrderedDict()
+        self.loads = 0
+        self.load_seconds = 0.0
+
+    def names(self) -> list[str]:
+        return list(self._pipes)
+
+    def get(self, name: str) -> Any:
+        """The warm pipeline for `name`, loading (and evicting) as needed."""
+        if name in self._pipes:
+            self._pipes.move_to_end(name)
+            return self._pipes[name]
+        while len(self._pipes) >= self.capacity:
+            evicted, _ = self._pipes.popitem(last=False)
+            log.info("evicting model %s", evicted)
+            self._free_memory()
+        started = time.perf_counter()
+        pipe = self._loader(name)
+        self.loads += 1
+        self.load_seconds += time.perf_counter() - started
+        log.info("loaded model %s in %.2fs", name, time.perf_counter() - started)
+        self._pipes[name] = pipe
+        return pipe
+
+    @staticmethod
+    def _free_memory() -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,62 @@
+"""Celery task bodies: thin adapters onto worker.jobs and worker.webhook.
+
+Why thin: tasks take ids and plain values (never objects), and the logic
+stays testable without a broker.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from celery import Celery
+from celery.utils.time import get_exponential_backoff_interval
+
+from common.errors import TaskNotFound
+from common.queue import CALLBACK_TASK, GENERATE_TASK
+from worker.jobs import JobContext, run_delivery
+from worker.webhook import RetryableDelivery, build_payload, deliver
+
+log = logging.getLogger("sdqueue.worker")
+
+
+def deliver_task_callback(ctx: JobContext, task_id: str, attempt: int) -> int | None:
+    """POST the task's final state to its callback_url; raises RetryableDelivery to retry."""
+    try:
+        task = ctx.store.get(task_id)
+    except TaskNotFound:
+        return None
+    if not task.spec.callback_url:
+        return None
+    urls = [ctx.storage.url_for(k) for k in task.result_keys]
+    payload = build_payload(task.id, task.status.value, urls, task.error)
+    try:
+        code = deliver(task.spec.callback_url, payload, ctx.settings.callbacks.secret,
+                       ctx.settings.callbacks.timeout, attempt + 1)
+    except RetryableDelivery as exc:
+        ctx.store.set_fields(task_id, callback_status=f"retrying after attempt {attempt + 1}: {exc}")
+        raise
+    ctx.store.set_fields(task_id, callback_status=f"delivered: HTTP {code} after {attempt + 1} attempt(s)")
+    return code
+
+
+def register_tasks(app: Celery, get_context: Callable[[], JobContext]) -> None:
+    """Attach the generate and callback task bodies to `app`."""
+    settings = get_context().settings
+
+    @app.task(name=GENERATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def generate_task(self, task_id: str, attempt: int = 0) -> str:
+        return run_delivery(get_context(), task_id, int(attempt))
+
+    @app.task(name=CALLBACK_TASK, bind=True, acks_late=True, max_retries=settings.callbacks.max_retries)
+    def deliver_callback(self, task_id: str) -> int | None:
+        ctx = get_context()
+        try:
+            return deliver_task_callback(ctx, task_id, self.request.retries)
+        except RetryableDelivery as exc:
+            if self.request.retries >= self.max_retries:
+                ctx.store.set_fields(task_id, callback_status=f"failed after {self.request.retries + 1} attempts: {exc}")
+                log.error("giving up on callback of %s: %s", task_id, exc)
+                return None
+            countdown = get_exponential_backoff_interval(
+                factor=1, retries=self.request.retries, maximum=settings.callbacks.backoff_max, full_jitter=False)
+            raise self.retry(exc=exc, countdown=countdown)
