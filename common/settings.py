@@ -33,7 +33,6 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("data_dir", str, "./data", "Local state: Redis/S3 data, models, LoRAs, logs."),
-    Option("api.host", str, "127.0.0.1", "Address the API binds (local stack binds loopback only)."),
     Option("api.port", int, 8000, "API port."),
     Option("api.keys", list, [], "Accepted API keys (strings, or {key, name} maps). Env: comma-separated."),
     Option("api.key_header", str, "X-API-Key", "Header that carries the API key."),
@@ -184,3 +183,33 @@ def load_settings(config_path: str | os.PathLike | None = None,
     settings = Settings(**vars(nested))
     settings.flat = flat
     return settings
+
+
+def example_yaml() -> str:
+    """config.example.yaml, generated from OPTIONS so the two never disagree."""
+    lines = ["# sdqueue configuration. Every option may also be set as an environment",
+             "# variable: SDQ_ + the dotted name in capitals with dots as underscores",
+             "# (api.key_header -> SDQ_API_KEY_HEADER; lists are comma-separated).",
+             "# Regenerate with: python -m common.settings > config.example.yaml", ""]
+    section = None
+    for option in OPTIONS:
+        parts = option.name.split(".")
+        if len(parts) == 1:
+            lines += [f"# {option.help}", f"{option.name}: {_yaml_value(option.default)}", ""]
+            continue
+        if parts[0] != section:
+            section = parts[0]
+            lines.append(f"{section}:")
+        lines.append(f"  # {option.help} (env {option.env_name})")
+        lines.append(f"  {parts[1]}: {_yaml_value(option.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_value(value: Any) -> str:
+    if value == []:
+        return '["change-me-to-a-long-random-key"]'
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").removesuffix("...").strip()
+
+
+if __name__ == "__main__":
+    print(example_yaml(), end="")

@@ -1,0 +1,49 @@
+# sdqueue: `make run` starts the whole local stack, `make test` runs the suite.
+# Both install what is missing first (Debian/Ubuntu, Python 3.11, root or sudo).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-installed
+# Elsewhere than this workplace, a CPU-only machine can take torch's CPU wheel with
+#   make deps TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: run test deps system-deps bench docker-config clean
+
+run: deps
+	$(PY) -m common.localstack run
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+deps: system-deps $(STAMP)
+
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing with apt-get:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): requirements.txt requirements-dev.txt
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX),)
+	$(PY) -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, diffusers, flask_smorest, celery, boto3" 
+	touch $(STAMP)
+
+bench: deps
+	$(PY) bench/overhead.py
+	$(PY) bench/ingest.py
+
+docker-config:
+	docker compose config --quiet && echo "docker-compose.yml is valid"
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

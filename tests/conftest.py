@@ -1,0 +1,83 @@
+"""Session fixtures: one real local stack (Redis, SeaweedFS, worker, callback
+worker, gunicorn API) on free loopback ports, in a temporary data dir."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from common.localstack import LocalStack, build_default_model, free_port, free_port_block
+from common.settings import load_settings
+from tests.helpers import Api, build_test_lora
+
+KEY_A = "test-key-alpha-0123456789"
+KEY_B = "test-key-bravo-9876543210"
+CALLBACK_SECRET = "test-webhook-secret"
+STACK_ENV = {
+    "SDQ_CONFIG": os.devnull,                 # ignore a developer's config.yaml
+    "SDQ_WORKER_TORCH_THREADS": "1",
+    "SDQ_WORKERS_HEARTBEAT_INTERVAL": "1",
+    "SDQ_WORKERS_HEARTBEAT_TTL": "4",
+    "SDQ_WORKERS_REAP_INTERVAL": "1",
+    "SDQ_CALLBACKS_SECRET": CALLBACK_SECRET,
+    "SDQ_CALLBACKS_TIMEOUT": "3",
+    "SDQ_API_WORKERS": "2",
+    "SDQ_API_THREADS": "16",
+    "SDQ_TASKS_PROGRESS_INTERVAL": "0.05",
+    "SDQ_DEFAULTS_NUM_INFERENCE_STEPS": "4",
+}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> LocalStack:
+    data = tmp_path_factory.mktemp("sdq")
+    st = LocalStack(data_dir=data, redis_port=free_port(), s3_port=free_port_block(), api_port=free_port(),
+                    flower_port=free_port(), api_keys=[KEY_A, KEY_B], flower_password="pw",
+                    extra_env=dict(STACK_ENV))
+    try:
+        build_default_model(st)
+        settings = st.settings()
+        lora_dir = settings.lora_dir
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        build_test_lora(settings.models_dir / "sdq-tiny", lora_dir / "tiny_style.safetensors")
+        (lora_dir / "broken.safetensors").write_bytes(b"this is not a safetensors file")
+        st.start_redis()
+        st.start_s3()
+        st.ensure_bucket()
+        st.start_worker("worker")
+        st.start_callback_worker()
+        st.start_api()
+        yield st
+    finally:
+        st.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(stack):
+    return stack.settings()
+
+
+@pytest.fixture(scope="session")
+def api(stack) -> Api:
+    return Api(stack.api_url, KEY_A)
+
+
+@pytest.fixture(scope="session")
+def api_b(stack) -> Api:
+    return Api(stack.api_url, KEY_B)
+
+
+@pytest.fixture
+def rds(stack) -> redis.Redis:
+    return redis.Redis.from_url(stack.redis_url, decode_responses=True)
+
+
+@pytest.fixture
+def storage(settings):
+    from common.storage import Storage
+
+    return Storage(settings)

@@ -1,0 +1,168 @@
+"""Test helpers: an HTTP client for the native API, images, LoRA and receivers."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+SLOW_JOB = {"prompt": "a slow painting of a harbour", "width": 256, "height": 256, "num_inference_steps": 150}
+FAST = {"width": 64, "height": 64, "num_inference_steps": 4}
+
+
+@dataclass
+class Api:
+    """The native API as a client sees it."""
+
+    base: str
+    key: str
+    header: str = "X-API-Key"
+
+    def headers(self, key: str | None = None) -> dict:
+        return {self.header: self.key if key is None else key}
+
+    def post(self, path: str, body=None, key: str | None = None, **kw) -> requests.Response:
+        return requests.post(self.base + path, json=body, headers=self.headers(key), timeout=30, **kw)
+
+    def get(self, path: str, key: str | None = None, **kw) -> requests.Response:
+        return requests.get(self.base + path, headers=self.headers(key), timeout=90, **kw)
+
+    def delete(self, path: str, key: str | None = None) -> requests.Response:
+        return requests.delete(self.base + path, headers=self.headers(key), timeout=30)
+
+    def submit(self, **body) -> str:
+        response = self.post("/api/v1/generate", {"prompt": "a red fox in snow", **FAST, **body})
+        assert response.status_code == 202, response.text
+        return response.json()["task_id"]
+
+    def task(self, task_id: str, wait: float = 0) -> dict:
+        response = self.get(f"/api/v1/tasks/{task_id}" + (f"?wait={wait}" if wait else ""))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait(self, task_id: str, timeout: float = 120) -> dict:
+        """Long-poll until the task is terminal (fails the test after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.task(task_id, wait=min(30, max(1, deadline - time.monotonic())))
+            if body["status"] in ("completed", "failed", "cancelled"):
+                return body
+        raise AssertionError(f"task {task_id} not finished after {timeout}s: {body}")
+
+    def wait_for(self, task_id: str, predicate, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.task(task_id)
+            if predicate(body):
+                return body
+            time.sleep(0.05)
+        raise AssertionError(f"task {task_id} never matched: {body}")
+
+    def run(self, **body) -> dict:
+        return self.wait(self.submit(**body))
+
+
+def urls_of(task: dict) -> list[str]:
+    return [task["result_url"]] if task["result_url"] else list(task["result_urls"] or [])
+
+
+def fetch(url: str) -> bytes:
+    response = requests.get(url, timeout=30)
+    assert response.status_code == 200, (url, response.status_code, response.text[:200])
+    return response.content
+
+
+def pixels(data: bytes) -> bytes:
+    return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    mime = "jpeg" if fmt == "JPEG" else fmt.lower()
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    image = Image.new("RGB", (width, height))
+    image.putdata([((x * 255) // width, (y * 255) // height, 128) for y in range(height) for x in range(width)])
+    return image
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on loopback that fails its first `fail_first` deliveries."""
+
+    fail_first: int = 0
+    received: list[dict] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    def __post_init__(self):
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.received.append({"body": body, "headers": dict(self.headers), "path": self.path})
+                failing = len(receiver.received) <= receiver.fail_first
+                self.send_response(500 if failing else 200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"status": "ok"}')
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/api/callback"
+
+    def wait(self, count: int, timeout: float = 60) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.received) >= count, f"only {len(self.received)} deliveries"
+        return self.received
+
+    def close(self):
+        self.server.shutdown()
+
+
+def expected_signature(body: bytes, secret: str) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def build_test_lora(model_dir: Path, out_file: Path, seed: int = 7) -> None:
+    """A LoRA for the tiny UNet with random (non-zero) B matrices, so it visibly changes pixels."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    StableDiffusionPipeline.save_lora_weights(str(out_file.parent), weight_name=out_file.name,
+                                              unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+
+
+def json_of(data: bytes) -> dict:
+    return json.loads(data.decode())
