@@ -1,0 +1,120 @@
+"""Task-state transitions on a real Redis: atomic, forward-only, attempt-guarded."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from common.errors import JobCancelled, JobTimeLimit, StaleAttempt, TaskNotFound
+from common.jobspec import JobSpec
+from common.taskstore import TaskStatus, TaskStore, task_key
+from common.workers import WorkerInfo, live_workers, publish_heartbeat
+from worker.monitor import StepMonitor
+
+
+@pytest.fixture
+def store(rds) -> TaskStore:
+    return TaskStore(rds, retention_seconds=120)
+
+
+def spec() -> JobSpec:
+    return JobSpec(prompt="p", model="m", width=64, height=64, num_inference_steps=4, guidance_scale=7.5, seed=1)
+
+
+def new_task(store: TaskStore, owner: str = "owner-x") -> str:
+    task_id = str(uuid.uuid4())
+    store.create(task_id, owner, spec(), "unit-queue")
+    return task_id
+
+
+def test_create_get_and_expiry(store, rds):
+    task_id = new_task(store)
+    task = store.get(task_id)
+    assert task.status is TaskStatus.PENDING and task.attempt == 0 and task.spec == spec()
+    assert 0 < rds.ttl(task_key(task_id)) <= 120
+    with pytest.raises(TaskNotFound):
+        store.get("missing")
+    with pytest.raises(TaskNotFound):
+        store.get_owned(task_id, "someone-else")
+
+
+def test_completed_never_goes_back(store):
+    task_id = new_task(store)
+    assert store.claim(task_id, 0, "w1") == "ok"
+    assert store.finish(task_id, 0, "w1", TaskStatus.COMPLETED, result_keys=["k"])
+    assert store.claim(task_id, 0, "w1") == "terminal"
+    assert store.claim(task_id, 0, "w2") == "terminal"
+    assert not store.finish(task_id, 0, "w1", TaskStatus.FAILED, error="late")
+    assert store.request_cancel(task_id) == "completed"
+    task = store.get(task_id)
+    assert task.status is TaskStatus.COMPLETED and task.result_keys == ["k"] and task.error is None
+
+
+def test_claim_by_other_live_worker_is_busy(store, rds):
+    task_id = new_task(store)
+    publish_heartbeat(rds, WorkerInfo(id="live-1", name="w", device="cpu", queues=[]), ttl=5)
+    assert store.claim(task_id, 0, "live-1") == "ok"
+    assert store.claim(task_id, 0, "other") == "busy"      # duplicate delivery while it runs
+
+
+def test_requeue_from_dead_worker_makes_old_attempt_stale(store):
+    task_id = new_task(store)
+    assert store.claim(task_id, 0, "dead-worker") == "ok"
+    assert store.requeue(task_id, "dead-worker", 0) == 1
+    assert store.requeue(task_id, "dead-worker", 0) is None        # only one reaper wins
+    assert store.claim(task_id, 0, "dead-worker") == "stale"
+    assert store.claim(task_id, 1, "new-worker") == "ok"
+    with pytest.raises(StaleAttempt):
+        store.check_still_mine(task_id, 0)
+    assert not store.finish(task_id, 0, "dead-worker", TaskStatus.COMPLETED, result_keys=["old"])
+    assert store.finish(task_id, 1, "new-worker", TaskStatus.COMPLETED, result_keys=["new"])
+    assert store.get(task_id).result_keys == ["new"]
+
+
+def test_cancel_pending_and_running(store):
+    pending = new_task(store)
+    assert store.queue_position(store.get(pending)) is not None
+    assert store.request_cancel(pending) == "cancelled"
+    assert store.claim(pending, 0, "w") == "terminal"
+    assert store.queue_position(store.get(pending)) is None
+    running = new_task(store)
+    store.claim(running, 0, "w")
+    assert store.request_cancel(running) == "cancelling"
+    with pytest.raises(JobCancelled):
+        store.check_still_mine(running, 0)
+
+
+def test_queue_positions_follow_submission_order(store):
+    ids = [new_task(store) for _ in range(3)]
+    positions = [store.queue_position(store.get(i)) for i in ids]
+    assert positions == sorted(positions) and len(set(positions)) == 3
+    store.claim(ids[0], 0, "w")
+    assert store.queue_position(store.get(ids[1])) == positions[1] - 1
+
+
+def test_listing_drops_expired_tasks(store, rds):
+    owner = f"owner-{uuid.uuid4().hex}"
+    ids = [new_task(store, owner) for _ in range(3)]
+    rds.delete(task_key(ids[1]))
+    tasks, total = store.list_owned(owner, 0, 10)
+    assert [t.id for t in tasks] == [ids[2], ids[0]]
+    assert store.list_owned(owner, 0, 10)[1] == 2
+
+
+def test_dead_heartbeat_drops_out_of_live_workers(rds):
+    publish_heartbeat(rds, WorkerInfo(id="short-lived", name="w", device="cpu", queues=[]), ttl=0.2)
+    assert "short-lived" in [w.id for w in live_workers(rds)]
+    time.sleep(0.4)
+    assert "short-lived" not in [w.id for w in live_workers(rds)]
+
+
+def test_monitor_enforces_time_limit_and_reports_progress(store):
+    task_id = new_task(store)
+    store.claim(task_id, 0, "w")
+    monitor = StepMonitor(store, task_id, 0, time_limit=60, progress_interval=0)
+    monitor.on_step(3, 10)
+    assert (store.get(task_id).progress_step, store.get(task_id).progress_total) == (3, 10)
+    expired = StepMonitor(store, task_id, 0, time_limit=1, progress_interval=0, started=time.monotonic() - 5)
+    with pytest.raises(JobTimeLimit):
+        expired.on_step(1, 10)

@@ -1,0 +1,90 @@
+"""Pure functions: settings, infotext, webhook payloads, device pinning, docs, imports."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from common.infotext import build_infotext, parse_infotext
+from common.jobspec import JobSpec, LoraRef
+from common.settings import SettingsError, example_yaml, load_settings
+from worker.device import pin_device
+from worker.webhook import build_payload, sign
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_settings_layers(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("api:\n  keys: ['a', 'b']\n  key_header: X-Key\ntasks:\n  time_limit: 30\n")
+    s = load_settings(config, env={"SDQ_TASKS_TIME_LIMIT": "45", "SDQ_DEFAULTS_GUIDANCE_SCALE": "5"})
+    assert s.api.keys == ["a", "b"] and s.api.key_header == "X-Key"
+    assert s.tasks.time_limit == 45 and s.defaults.guidance_scale == 5.0
+    assert load_settings(config, env={"SDQ_API_KEYS": "x, y ,z"}).api.keys == ["x", "y", "z"]
+    assert load_settings(config, env={}, overrides={"api.port": 9000}).api.port == 9000
+    with pytest.raises(SettingsError):
+        load_settings(config, env={"SDQ_API_PORT": "eighty"})
+
+
+def test_config_example_is_generated_from_the_option_table():
+    assert (ROOT / "config.example.yaml").read_text() == example_yaml()
+    assert load_settings(ROOT / "config.example.yaml", env={}).tasks.time_limit == 600
+
+
+def test_infotext_round_trip():
+    spec = JobSpec(prompt="a cat, on a mat", negative_prompt="ugly", model="m", width=64, height=72,
+                   num_inference_steps=20, guidance_scale=7.5, seed=5, loras=[LoraRef("style", 0.5)])
+    text = build_infotext(spec, 6, 64, 72, "Euler a")
+    parsed = parse_infotext(text)
+    assert parsed["prompt"] == "a cat, on a mat" and parsed["negative_prompt"] == "ugly"
+    assert parsed["Seed"] == "6" and parsed["Size"] == "64x72" and parsed["Sampler"] == "Euler a"
+    assert parsed["Lora weights"] == "style: 0.5"
+
+
+def test_webhook_payload_shapes_and_signature():
+    assert build_payload("t", "completed", ["u"], None) == {"task_id": "t", "status": "completed",
+                                                            "image_url": "u", "error_message": None}
+    many = build_payload("t", "completed", ["u1", "u2"], None)
+    assert many["image_urls"] == ["u1", "u2"] and "image_url" not in many
+    failed = build_payload("t", "failed", [], "boom")
+    assert failed["error_message"] == "boom" and "image_url" not in failed and "image_urls" not in failed
+    assert sign(b"{}", "s") == "sha256=" + __import__("hmac").new(b"s", b"{}", "sha256").hexdigest()
+
+
+def test_device_pinning_sets_visible_devices_before_torch():
+    env: dict = {}
+    assert pin_device("cuda:1", env) == "cuda:0" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    env = {}
+    assert pin_device("cpu", env) == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""
+    env = {"CUDA_VISIBLE_DEVICES": "3"}
+    assert pin_device("", env) == "" and env["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+def test_api_process_never_imports_torch_or_diffusers():
+    code = ("import sys; from api import create_app; from common.settings import load_settings; "
+            "create_app(load_settings(env={}));"
+            "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; print(bad); "
+            "sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_openapi_documents_the_request_schema(api):
+    spec = requests.get(api.base + "/openapi.json", timeout=10).json()
+    assert {"/api/v1/generate", "/api/v1/tasks/{task_id}", "/api/v1/tasks", "/health", "/api/health",
+            "/api/v1/models", "/api/v1/schedulers", "/api/v1/loras"} <= set(spec["paths"])
+    request = spec["components"]["schemas"]["GenerateRequest"]
+    assert request["required"] == ["prompt"]
+    props = request["properties"]
+    assert {"prompt", "init_image", "negative_prompt", "width", "height", "num_images", "num_inference_steps",
+            "guidance_scale", "strength", "scheduler", "seed", "output_format", "callback_url", "model",
+            "loras"} <= set(props)
+    assert props["num_images"]["maximum"] == 10 and props["num_images"]["minimum"] == 1
+    assert len([e for e in props["scheduler"]["enum"] if e]) == 9
+    assert spec["components"]["securitySchemes"]["ApiKeyAuth"]["name"] == "X-API-Key"
+    for page in ("/docs", "/redoc"):
+        response = requests.get(api.base + page, timeout=10)
+        assert response.status_code == 200 and "text/html" in response.headers["Content-Type"]

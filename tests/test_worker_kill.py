@@ -1,0 +1,41 @@
+"""At-least-once without duplicates: a SIGKILLed worker's job still completes."""
+from __future__ import annotations
+
+import signal
+
+from common.queue import create_celery, send_generate
+from common.taskstore import task_key
+from tests.helpers import SLOW_JOB
+
+
+def running(task: dict) -> bool:
+    return task["status"] == "processing" and task["progress"]["step"] > 0
+
+
+def output_keys(storage, task_id: str) -> list[str]:
+    listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=f"{storage.prefix}/{task_id}/")
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def test_killed_worker_job_is_redelivered_and_completes(stack, api, rds, storage, settings):
+    task_id = api.submit(**SLOW_JOB, seed=77)
+    api.wait_for(task_id, running)
+    killed = stack.services["worker"]
+    killed_worker_id = rds.hget(task_key(task_id), "worker")
+    killed.signal(signal.SIGKILL)
+    killed.proc.wait(10)
+
+    stack.start_worker("worker")                  # a fresh process (new identity)
+    done = api.wait(task_id, timeout=60)          # the issue's bound for redelivery
+    assert done["status"] == "completed", done
+    assert rds.hget(task_key(task_id), "attempt") == "1"
+    assert rds.hget(task_key(task_id), "worker") != killed_worker_id
+    assert output_keys(storage, task_id) == [f"{storage.prefix}/{task_id}/0.png"]
+
+    # The dead worker's original delivery (attempt 0) may still arrive from the broker
+    # later: it must change nothing.
+    before = rds.hgetall(task_key(task_id))
+    send_generate(create_celery(settings), task_id, 0, settings.tasks.queue)
+    assert api.run()["status"] == "completed"     # FIFO: the stale copy was handled first
+    assert rds.hgetall(task_key(task_id)) == before
+    assert output_keys(storage, task_id) == [f"{storage.prefix}/{task_id}/0.png"]
