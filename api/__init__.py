@@ -17,7 +17,7 @@ from api.auth import KeyRing, parse_keys
 from api.errors import error_response, http_error, unexpected_error
 from api.services import Catalog, Services
 from common.errors import StorageError
-from common.queue import create_celery
+from common.queue import MessageBuilder, create_celery
 from common.settings import Settings, load_settings
 from common.storage import Storage
 from common.taskstore import TaskStore
@@ -50,11 +50,13 @@ def build_services(settings: Settings) -> Services:
     keys = parse_keys(settings.api.keys)
     if not keys:
         log.warning("no API keys configured (api.keys / SDQ_API_KEYS): every authenticated call will get 401")
+    celery = create_celery(settings, name="sdqueue-api")
     return Services(
         settings=settings,
         store=TaskStore.from_url(settings.redis.url, settings.tasks.retention_seconds),
         storage=Storage(settings),
-        celery=create_celery(settings, name="sdqueue-api"),
+        celery=celery,
+        messages=MessageBuilder(celery),
         keys=KeyRing(keys, settings.api.key_header),
         catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import uuid
 
+from flask import jsonify
 from flask_smorest import abort
 from flask_smorest import Blueprint
 
@@ -20,7 +21,7 @@ from api.task_view import render_task
 from api.waiter import wait_until
 from common.errors import TaskNotFound
 from common.jobspec import JobSpec, LoraRef
-from common.queue import send_callback, send_generate
+from common.queue import send_callback
 from common.schedulers import SCHEDULERS
 from common.taskstore import TaskStatus
 from common.workers import live_workers
@@ -63,11 +64,10 @@ def build_jobspec(data: dict, svc: Services, init_image_key: str | None) -> JobS
 
 
 def submit_job(svc: Services, owner: str, spec: JobSpec, task_id: str | None = None) -> str:
-    """Write the pending task and send it to its queue; returns the task id."""
+    """Write the pending task and its queue message atomically; returns the task id."""
     task_id = task_id or str(uuid.uuid4())
     queue = svc.settings.tasks.queue
-    svc.store.create(task_id, owner, spec, queue)
-    send_generate(svc.celery, task_id, 0, queue)
+    svc.store.create(task_id, owner, spec, queue, svc.messages.generate(task_id, 0, queue))
     return task_id
 
 
@@ -81,8 +81,9 @@ def owned_task_or_404(svc: Services, task_id: str):
 def create_native_blueprint(settings, catalog) -> Blueprint:
     blp = Blueprint("native", __name__, url_prefix="/api/v1",
                     description="Native API (seed 002): asynchronous jobs, polled or long-polled, with callbacks")
-    GenerateRequest = schemas.generate_request_schema(settings, catalog)
-    TaskQuery = schemas.task_query_schema(settings)
+    # Instances, not classes: webargs would build (and deep-copy) a schema per request.
+    GenerateRequest = schemas.generate_request_schema(settings, catalog)()
+    TaskQuery = schemas.task_query_schema(settings)()
 
     @blp.route("/generate", methods=["POST"])
     @blp.arguments(GenerateRequest, location="json")
@@ -99,7 +100,11 @@ def create_native_blueprint(settings, catalog) -> Blueprint:
             svc.storage.put(key, image.data, image.content_type)
         spec = build_jobspec(data, svc, key)
         submit_job(svc, current_key().owner, spec, task_id)
-        return {"task_id": task_id, "status": TaskStatus.PENDING.value, "message": CREATED_MESSAGE}
+        # A ready Response skips flask-smorest's re-serialisation on the hottest path;
+        # TaskCreatedSchema still documents it.
+        response = jsonify(task_id=task_id, status=TaskStatus.PENDING.value, message=CREATED_MESSAGE)
+        response.status_code = 202
+        return response
 
     @blp.route("/tasks/<string:task_id>", methods=["GET"])
     @blp.arguments(TaskQuery, location="query")
@@ -135,7 +140,7 @@ def create_native_blueprint(settings, catalog) -> Blueprint:
         return body, (200 if task.status is TaskStatus.CANCELLED else 202)
 
     @blp.route("/tasks", methods=["GET"])
-    @blp.arguments(schemas.TaskListQuery, location="query")
+    @blp.arguments(schemas.TaskListQuery(), location="query")
     @blp.response(200, schemas.TaskListSchema)
     @blp.doc(security=SECURITY)
     def list_tasks(query: dict):

@@ -14,7 +14,8 @@ from celery import Celery
 from flask import current_app
 
 from api.auth import KeyRing
-from common.catalog import ModelInfo, default_model_name, list_loras, list_models
+from common.catalog import ModelInfo, list_loras, list_models
+from common.queue import MessageBuilder
 from common.storage import Storage
 from common.taskstore import TaskStore
 
@@ -60,6 +61,7 @@ class Services:
     store: TaskStore
     storage: Storage
     celery: Celery
+    messages: MessageBuilder
     keys: KeyRing
     catalog: Catalog
 

@@ -222,11 +222,8 @@ class LocalStack:
 
     def start_api(self, workers: int | None = None) -> Service:
         settings = self.settings()
-        gunicorn = str(Path(sys.executable).parent / "gunicorn")
-        svc = self.add("api", [gunicorn, "api:create_app()", "--bind", f"{LOOPBACK}:{self.api_port}",
-                               "--workers", str(workers or settings.api.workers), "--worker-class", "gthread",
-                               "--threads", str(settings.api.threads), "--timeout", "120",
-                               "--graceful-timeout", "30", "--access-logfile", "-"])
+        svc = self.add("api", gunicorn_argv("api:create_app()", self.api_port, workers or settings.api.workers,
+                                            settings.api.threads))
         wait_for(lambda: requests.get(self.api_url + "/health", timeout=2).status_code == 200, 60, "API",
                  svc.proc, svc.log)
         return svc
@@ -252,6 +249,16 @@ class LocalStack:
         for name in order:
             if name in self.services:
                 self.services[name].stop()
+
+
+def gunicorn_argv(app: str, port: int, workers: int, threads: int) -> list[str]:
+    """How the API is served (also used for the baseline app in bench/ingest.py).
+
+    gthread: long-polling readers (?wait=) each hold a thread, not a process.
+    """
+    return [str(Path(sys.executable).parent / "gunicorn"), app, "--bind", f"{LOOPBACK}:{port}",
+            "--workers", str(workers), "--worker-class", "gthread", "--threads", str(threads),
+            "--timeout", "120", "--graceful-timeout", "30", "--access-logfile", "-"]
 
 
 def local_api_key(data_dir: Path) -> str:

@@ -27,6 +27,7 @@ import redis
 
 from common.errors import JobCancelled, StaleAttempt, TaskNotFound
 from common.jobspec import JobSpec
+from common.queue import BrokerMessage
 
 PREFIX = "sdq:"
 WORKER_KEY_PREFIX = PREFIX + "worker:"
@@ -114,6 +115,20 @@ class Task:
         )
 
 
+# KEYS: task, pending, owner, broker list (or '').  ARGV: id, now, retention, message (or ''), fields as JSON
+_CREATE = """
+local fields = cjson.decode(ARGV[5])
+local flat = {}
+for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+if ARGV[4] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[4]) end
+return 1
+"""
+
 # KEYS: task, running.  ARGV: attempt, worker, now, worker-key prefix, pending-key prefix
 _CLAIM = """
 local st = redis.call('HGET', KEYS[1], 'status')
@@ -185,6 +200,7 @@ class TaskStore:
     def __init__(self, client: redis.Redis, retention_seconds: int):
         self.redis = client
         self.retention = int(retention_seconds)
+        self._create = client.register_script(_CREATE)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
@@ -195,21 +211,18 @@ class TaskStore:
         return cls(redis.Redis.from_url(url, decode_responses=True), retention_seconds)
 
     # --- API side -------------------------------------------------------
-    def create(self, task_id: str, owner: str, spec: JobSpec, queue: str) -> Task:
-        """Write a new pending task and index it (one MULTI round trip)."""
-        now = time.time()
-        fields = {"id": task_id, "status": TaskStatus.PENDING.value, "owner": owner,
-                  "spec": spec.to_json(), "queue": queue, "attempt": 0,
-                  "created_at": repr(now), "updated_at": repr(now)}
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(task_key(task_id), mapping=fields)
-        pipe.expire(task_key(task_id), self.retention)
-        pipe.zadd(pending_key(queue), {task_id: now})
-        pipe.zadd(owner_key(owner), {task_id: now})
-        pipe.zremrangebyscore(owner_key(owner), "-inf", now - self.retention)
-        pipe.expire(owner_key(owner), self.retention)
-        pipe.execute()
-        return Task.from_hash({k: str(v) for k, v in fields.items()})
+    def create(self, task_id: str, owner: str, spec: JobSpec, queue: str,
+               message: BrokerMessage | None = None) -> None:
+        """Write a new pending task, index it and (if given) enqueue its message, atomically.
+
+        One Lua call: the hit path of every submission, so its fields travel
+        as one JSON argument rather than dozens of separately packed ones.
+        """
+        now = repr(time.time())
+        fields = {"id": task_id, "status": "pending", "owner": owner, "spec": spec.to_json(), "queue": queue,
+                  "attempt": "0", "created_at": now, "updated_at": now}
+        self._create(keys=[task_key(task_id), pending_key(queue), owner_key(owner), message.list_key if message else ""],
+                     args=[task_id, now, self.retention, message.payload if message else "", json.dumps(fields)])
 
     def get(self, task_id: str) -> Task:
         data = self.redis.hgetall(task_key(task_id))
@@ -235,6 +248,7 @@ class TaskStore:
                    status: TaskStatus | None = None) -> tuple[list[Task], int]:
         """An owner's tasks, newest first; expired ones are dropped from the index."""
         key = owner_key(owner)
+        self.redis.zremrangebyscore(key, "-inf", time.time() - self.retention)
         if status is None:
             ids = self.redis.zrevrange(key, offset, offset + limit - 1)
             tasks = self._load_many(key, ids)

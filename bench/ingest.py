@@ -1,0 +1,99 @@
+"""Submission throughput of POST /api/v1/generate vs a bare gunicorn+Flask app.
+
+Both run under the same gunicorn command line as the API (workers, gthread
+threads, access log), are loaded by wrk with 32 connections for 10 s each, in the
+same run, on this machine. Targets: sdqueue submissions/s >= 50 % of the bare
+app's requests/s, and sdqueue p99 <= 50 ms. Jobs only queue (no worker), so
+this measures the API path: validation, task hash, Celery publish.
+Needs wrk (apt-get install wrk). Run: .venv/bin/python bench/ingest.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from bench.stack import BENCH_KEY, bench_stack
+from common.localstack import LOOPBACK, free_port, gunicorn_argv, wait_for
+
+BODY = {"prompt": "a cat sitting on a windowsill", "width": 512, "height": 512, "num_inference_steps": 30,
+        "guidance_scale": 7.5}
+
+
+def wrk_script(path: Path, body: dict, headers: dict) -> Path:
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}",
+             'wrk.headers["Content-Type"] = "application/json"']
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_wrk(url: str, script: Path, seconds: int, connections: int) -> dict:
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = parse_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    p50 = parse_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p50": p50, "p99": p99, "non2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": errors.group(1) if errors else "none"}
+
+
+def parse_ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def start_hello(port: int, workers: int, threads: int, log: Path) -> subprocess.Popen:
+    """The baseline, served by exactly the gunicorn command line the API uses."""
+    proc = subprocess.Popen(gunicorn_argv("bench.hello_app:create_app()", port, workers, threads),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    wait_for(lambda: requests.post(f"http://{LOOPBACK}:{port}/hello", timeout=1).ok, 30, "hello app", proc, log)
+    return proc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk not found: apt-get install -y wrk")
+    with tempfile.TemporaryDirectory() as tmp, bench_stack(worker=False) as stack:
+        tmpdir = Path(tmp)
+        settings = stack.settings()
+        hello_port = free_port()
+        hello = start_hello(hello_port, settings.api.workers, settings.api.threads, tmpdir / "hello.log")
+        try:
+            hello_script = wrk_script(tmpdir / "hello.lua", {"x": 1}, {})
+            sdq_script = wrk_script(tmpdir / "sdq.lua", BODY, {settings.api.key_header: BENCH_KEY})
+            run_wrk(f"http://{LOOPBACK}:{hello_port}/hello", hello_script, 2, args.connections)   # warm-up
+            run_wrk(stack.api_url + "/api/v1/generate", sdq_script, 2, args.connections)
+            base = run_wrk(f"http://{LOOPBACK}:{hello_port}/hello", hello_script, args.seconds, args.connections)
+            time.sleep(1)
+            sdq = run_wrk(stack.api_url + "/api/v1/generate", sdq_script, args.seconds, args.connections)
+        finally:
+            hello.terminate()
+            hello.wait(10)
+    ratio = sdq["rps"] / base["rps"]
+    print(f"gunicorn: {settings.api.workers} workers x {settings.api.threads} threads (gthread), "
+          f"wrk: {args.connections} connections, {args.seconds} s each")
+    print(f"bare Flask hello:   {base['rps']:8.0f} req/s   p50 {base['p50']:6.2f} ms   p99 {base['p99']:6.2f} ms")
+    print(f"sdqueue /generate:  {sdq['rps']:8.0f} sub/s   p50 {sdq['p50']:6.2f} ms   p99 {sdq['p99']:6.2f} ms"
+          f"   non-2xx {sdq['non2xx']}  socket errors {sdq['socket_errors']}")
+    print(f"ratio sdqueue/bare: {ratio:.1%}   (targets: >= 50 %, p99 <= 50 ms)")
+    met = ratio >= 0.5 and sdq["p99"] <= 50 and sdq["non2xx"] == 0
+    print(f"ingest target: {'MET' if met else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
