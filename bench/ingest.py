@@ -13,10 +13,10 @@ import argparse
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import requests
@@ -48,6 +48,14 @@ def run_wrk(url: str, script: Path, seconds: int, connections: int) -> dict:
             "socket_errors": errors.group(1) if errors else "none"}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Per-figure medians over rounds; errors are summed."""
+    out = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99")}
+    out["non2xx"] = sum(r["non2xx"] for r in runs)
+    out["socket_errors"] = "; ".join(sorted({r["socket_errors"] for r in runs}))
+    return out
+
+
 def parse_ms(text: str) -> float:
     value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
@@ -65,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating hello/sdqueue rounds; medians reported")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install -y wrk")
@@ -76,17 +85,24 @@ def main() -> None:
         try:
             hello_script = wrk_script(tmpdir / "hello.lua", {"x": 1}, {})
             sdq_script = wrk_script(tmpdir / "sdq.lua", BODY, {settings.api.key_header: BENCH_KEY})
-            run_wrk(f"http://{LOOPBACK}:{hello_port}/hello", hello_script, 2, args.connections)   # warm-up
-            run_wrk(stack.api_url + "/api/v1/generate", sdq_script, 2, args.connections)
-            base = run_wrk(f"http://{LOOPBACK}:{hello_port}/hello", hello_script, args.seconds, args.connections)
-            time.sleep(1)
-            sdq = run_wrk(stack.api_url + "/api/v1/generate", sdq_script, args.seconds, args.connections)
+            hello_url, sdq_url = f"http://{LOOPBACK}:{hello_port}/hello", stack.api_url + "/api/v1/generate"
+            run_wrk(hello_url, hello_script, 2, args.connections)   # warm-up
+            run_wrk(sdq_url, sdq_script, 2, args.connections)
+            rounds = []
+            for n in range(args.rounds):        # alternate, so machine noise hits both alike
+                base_n = run_wrk(hello_url, hello_script, args.seconds, args.connections)
+                sdq_n = run_wrk(sdq_url, sdq_script, args.seconds, args.connections)
+                rounds.append((base_n, sdq_n))
+                print(f"round {n + 1}: hello {base_n['rps']:.0f} req/s, sdqueue {sdq_n['rps']:.0f} sub/s "
+                      f"(p99 {sdq_n['p99']:.1f} ms), ratio {sdq_n['rps'] / base_n['rps']:.1%}", flush=True)
         finally:
             hello.terminate()
             hello.wait(10)
+    base = median_run([b for b, _ in rounds])
+    sdq = median_run([q for _, q in rounds])
     ratio = sdq["rps"] / base["rps"]
     print(f"gunicorn: {settings.api.workers} workers x {settings.api.threads} threads (gthread), "
-          f"wrk: {args.connections} connections, {args.seconds} s each")
+          f"wrk: {args.connections} connections, {args.rounds} rounds of {args.seconds} s each; medians:")
     print(f"bare Flask hello:   {base['rps']:8.0f} req/s   p50 {base['p50']:6.2f} ms   p99 {base['p99']:6.2f} ms")
     print(f"sdqueue /generate:  {sdq['rps']:8.0f} sub/s   p50 {sdq['p50']:6.2f} ms   p99 {sdq['p99']:6.2f} ms"
           f"   non-2xx {sdq['non2xx']}  socket errors {sdq['socket_errors']}")

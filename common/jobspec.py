@@ -7,6 +7,8 @@ image already in S3) that the worker runs without consulting any dialect.
 from __future__ import annotations
 
 import json
+
+import orjson
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -62,7 +64,7 @@ class JobSpec:
         return data
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return orjson.dumps(self.to_dict()).decode()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobSpec":

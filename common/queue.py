@@ -9,6 +9,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
+import orjson
 from celery import Celery
 from kombu.serialization import dumps as serialize
 
@@ -101,7 +102,7 @@ class MessageBuilder:
         _, _, body = serialize([args, {}, template["embed"]], serializer="json")
         message = {**template["envelope"], "headers": headers, "properties": properties,
                    "body": self.channel.encode_body(body, properties["body_encoding"])[0]}
-        return BrokerMessage(template["list_key"], json.dumps(message))
+        return BrokerMessage(template["list_key"], orjson.dumps(message).decode())
 
     def _template(self, name: str, queue: str, priority: int) -> dict:
         key = (name, queue, priority)

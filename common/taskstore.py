@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable
 
+import orjson
 import redis
 
 from common.errors import JobCancelled, StaleAttempt, TaskNotFound
@@ -222,7 +223,7 @@ class TaskStore:
         fields = {"id": task_id, "status": "pending", "owner": owner, "spec": spec.to_json(), "queue": queue,
                   "attempt": "0", "created_at": now, "updated_at": now}
         self._create(keys=[task_key(task_id), pending_key(queue), owner_key(owner), message.list_key if message else ""],
-                     args=[task_id, now, self.retention, message.payload if message else "", json.dumps(fields)])
+                     args=[task_id, now, self.retention, message.payload if message else "", orjson.dumps(fields)])
 
     def get(self, task_id: str) -> Task:
         data = self.redis.hgetall(task_key(task_id))
