@@ -86,6 +86,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     svc = build_services(settings)
     app.extensions["sdq"] = svc
+    try:
+        svc.storage.ensure_bucket()
+    except StorageError as exc:   # S3 may come up after the API; uploads answer 503 until then
+        log.warning("could not ensure bucket %s: %s", settings.storage.bucket, exc)
 
     from api import health, native
 

@@ -25,6 +25,8 @@ from typing import Any, Iterable
 
 import orjson
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from common.errors import JobCancelled, StaleAttempt, TaskNotFound
 from common.jobspec import JobSpec
@@ -222,8 +224,35 @@ class TaskStore:
         now = repr(time.time())
         fields = {"id": task_id, "status": "pending", "owner": owner, "spec": spec.to_json(), "queue": queue,
                   "attempt": "0", "created_at": now, "updated_at": now}
-        self._create(keys=[task_key(task_id), pending_key(queue), owner_key(owner), message.list_key if message else ""],
-                     args=[task_id, now, self.retention, message.payload if message else "", orjson.dumps(fields)])
+        self._evalsha_direct(self._create,
+                             [task_key(task_id), pending_key(queue), owner_key(owner), message.list_key if message else ""],
+                             [task_id, now, self.retention, message.payload if message else "", orjson.dumps(fields)])
+
+    def _evalsha_direct(self, script: Script, keys: list, args: list) -> Any:
+        """EVALSHA on a pooled connection, without redis-py's per-command layers.
+
+        Why: this is the submission hot path; the wrapper layers cost more CPU
+        than the round trip itself. A stale connection (Redis restarted) is
+        retried once on a fresh one; a flushed script cache is reloaded.
+        """
+        pool = self.redis.connection_pool
+        for attempt in (1, 2):
+            conn = pool.get_connection()
+            try:
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                try:
+                    return conn.read_response()
+                except NoScriptError:
+                    conn.send_command("SCRIPT", "LOAD", script.script)
+                    conn.read_response()
+                    conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    return conn.read_response()
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()
+                if attempt == 2:
+                    raise
+            finally:
+                pool.release(conn)
 
     def get(self, task_id: str) -> Task:
         data = self.redis.hgetall(task_key(task_id))

@@ -13,6 +13,7 @@ import redis
 from common.localstack import LocalStack, build_default_model, free_port, free_port_block
 from common.settings import load_settings
 from tests.helpers import Api, build_test_lora
+from tests.single_file import write_single_file_checkpoint
 
 KEY_A = "test-key-alpha-0123456789"
 KEY_B = "test-key-bravo-9876543210"
@@ -45,6 +46,8 @@ def stack(tmp_path_factory) -> LocalStack:
         lora_dir.mkdir(parents=True, exist_ok=True)
         build_test_lora(settings.models_dir / "sdq-tiny", lora_dir / "tiny_style.safetensors")
         (lora_dir / "broken.safetensors").write_bytes(b"this is not a safetensors file")
+        write_single_file_checkpoint(settings.models_dir / "sdq-tiny",
+                                     settings.models_dir / "tiny-single.safetensors")
         st.start_redis()
         st.start_s3()
         st.ensure_bucket()

@@ -152,8 +152,12 @@ def test_list_tasks_newest_first_paginated(api_b):
 def test_catalog_endpoints(api):
     models = api.get("/api/v1/models").json()
     assert models["default"] == "sdq-tiny"
-    assert models["models"] == [{"name": "sdq-tiny", "type": "diffusers", "width": 128, "height": 128,
-                                 "default": True, "loaded": True}]
+    tiny, single = models["models"]
+    assert tiny == {"name": "sdq-tiny", "type": "diffusers", "width": 128, "height": 128, "default": True,
+                    "loaded": True}
+    # Single files report the SD 1.x native size; "loaded" depends on whether a job has used it yet.
+    assert {k: v for k, v in single.items() if k != "loaded"} == {
+        "name": "tiny-single.safetensors", "type": "single_file", "width": 512, "height": 512, "default": False}
     schedulers = api.get("/api/v1/schedulers").json()["schedulers"]
     assert [s["name"] for s in schedulers] == list(SCHEDULERS)
     assert {"name": "tiny_style"} in api.get("/api/v1/loras").json()["loras"]
@@ -165,5 +169,7 @@ def test_health_reports_workers(api):
     body = requests.get(api.base + "/health", timeout=10).json()
     assert body["model_loaded"] is True
     gpu = [w for w in body["workers"] if "gpu" in w["queues"]]
-    assert gpu and gpu[0]["models"] == ["sdq-tiny"] and gpu[0]["device"] == "cpu"
+    # The default stays warm; tiny-single.safetensors too once a job used it (test_single_file).
+    assert gpu and "sdq-tiny" in gpu[0]["models"] and gpu[0]["device"] == "cpu"
+    assert set(gpu[0]["models"]) <= {"sdq-tiny", "tiny-single.safetensors"}
     assert gpu[0]["state"] in ("ready", "busy")

@@ -23,7 +23,7 @@ from common.jobspec import JobSpec
 from common.queue import send_callback
 from common.storage import Storage
 from common.taskstore import Task, TaskStatus, TaskStore
-from common.workers import WorkerInfo, WorkerState
+from common.workers import WorkerInfo, WorkerState, publish_heartbeat
 from worker.generation import GenerationResult, generate
 from worker.images import CONTENT_TYPES, encode_image
 from worker.monitor import StepMonitor
@@ -78,6 +78,14 @@ def upload_images(ctx: JobContext, task_id: str, spec: JobSpec, result: Generati
     return keys
 
 
+def announce(ctx: JobContext) -> None:
+    """Publish the heartbeat now, so health and `loaded` reflect a change at once."""
+    try:
+        publish_heartbeat(ctx.store.redis, ctx.info, ctx.settings.workers.heartbeat_ttl)
+    except Exception:  # the heartbeat thread will retry; a job must not fail for this
+        log.exception("could not publish heartbeat")
+
+
 def run_delivery(ctx: JobContext, task_id: str, attempt: int) -> str:
     """Process one delivery of a job; returns the outcome for logs and tests."""
     me = ctx.info.id
@@ -87,6 +95,7 @@ def run_delivery(ctx: JobContext, task_id: str, attempt: int) -> str:
         return claim
     task = ctx.store.get(task_id)
     ctx.info.state, ctx.info.task_id = WorkerState.BUSY, task_id
+    announce(ctx)
     try:
         status, fields = execute(ctx, task, attempt)
     except StaleAttempt:
@@ -95,6 +104,7 @@ def run_delivery(ctx: JobContext, task_id: str, attempt: int) -> str:
     finally:
         ctx.info.state, ctx.info.task_id = WorkerState.READY, None
         ctx.info.models = ctx.registry.names()
+        announce(ctx)
     if ctx.store.finish(task_id, attempt, me, status, **fields):
         log.info("task %s %s", task_id, status.value)
         if task.spec.callback_url:

@@ -111,7 +111,11 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
         write_tokenizer_files(tok_dir)
         pipe = StableDiffusionPipeline(**build_components(tok_dir, seed), requires_safety_checker=False)
         pipe.save_pretrained(staging / "model", safe_serialization=True)
-        os.replace(staging / "model", out_dir) if not out_dir.exists() else None
+        try:
+            os.replace(staging / "model", out_dir)
+        except OSError:
+            if not (out_dir / "model_index.json").exists():   # not a concurrent builder's finished copy
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

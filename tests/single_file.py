@@ -1,0 +1,180 @@
+"""Write a diffusers SD 1.x pipeline folder as ONE original-layout checkpoint.
+
+Why: the catalog and worker serve single `.safetensors` files in the original
+CompVis/LDM key layout (what civitai hands out), loaded offline with
+`from_single_file(config=<local diffusers folder>)`. No such file can be
+downloaded here, so the tests make one from the tiny model: the inverse of
+diffusers' single-file conversion.
+
+The renaming follows diffusers' `scripts/convert_diffusers_to_original_stable_diffusion.py`
+(huggingface/diffusers, Apache-2.0), which hard-codes SD 1.5's 4 blocks x 2
+layers; here every block/layer index is derived from the component configs, so
+the same code writes the tiny model (2 UNet blocks x 1 layer, 4 VAE blocks x 1
+layer) and a full-size SD 1.x. Every weight must be claimed by exactly one rule:
+an unmapped key raises instead of being silently dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+
+# Inside a UNet ResnetBlock2D: (diffusers, LDM ResBlock).
+UNET_RESNET_PARTS = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
+                     ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."),
+                     ("conv_shortcut.", "skip_connection."))
+# Inside a VAE ResnetBlock2D: only the shortcut is named differently.
+VAE_RESNET_PARTS = (("norm1.", "norm1."), ("conv1.", "conv1."), ("norm2.", "norm2."), ("conv2.", "conv2."),
+                    ("conv_shortcut.", "nin_shortcut."))
+# Inside the VAE mid-block attention: diffusers' Linear q/k/v/out vs LDM's 1x1 convs.
+VAE_ATTENTION_PARTS = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+                       ("to_out.0.", "proj_out."))
+KEEP = None  # the remainder of the key is the same in both layouts
+
+
+def _layers(config: dict) -> int:
+    layers = config["layers_per_block"]
+    if isinstance(layers, (list, tuple)):
+        if len(set(layers)) != 1:
+            raise ValueError(f"per-block layers_per_block {layers} has no SD 1.x layout")
+        layers = layers[0]
+    return int(layers)
+
+
+def unet_rules(config: dict) -> list[tuple[str, str, tuple | None]]:
+    """(diffusers prefix, LDM prefix, inner renames) for a UNet2DConditionModel config.
+
+    LDM numbers the UNet's layers flat: input_blocks.0 is conv_in, then each down
+    block contributes `layers` (resnet, attention) entries and, except the last,
+    one downsampler entry; output_blocks mirror that with `layers + 1` entries per
+    up block, the upsampler riding in the block's last entry (after the attention
+    when the block has one).
+    """
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"mid block {config['mid_block_type']} has no SD 1.x layout")
+    layers = _layers(config)
+    per = layers + 1
+    down, up = config["down_block_types"], config["up_block_types"]
+    rules: list[tuple[str, str, tuple | None]] = [
+        ("time_embedding.linear_1.", "time_embed.0.", KEEP), ("time_embedding.linear_2.", "time_embed.2.", KEEP),
+        ("conv_in.", "input_blocks.0.0.", KEEP), ("conv_norm_out.", "out.0.", KEEP), ("conv_out.", "out.2.", KEEP),
+        ("mid_block.resnets.0.", "middle_block.0.", UNET_RESNET_PARTS),
+        ("mid_block.attentions.0.", "middle_block.1.", KEEP),
+        ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET_PARTS),
+    ]
+    for i, kind in enumerate(down):
+        for j in range(layers):
+            rules.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{per * i + j + 1}.0.", UNET_RESNET_PARTS))
+            if "CrossAttn" in kind:
+                rules.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{per * i + j + 1}.1.", KEEP))
+        if i < len(down) - 1:
+            rules.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{per * (i + 1)}.0.op.", KEEP))
+    for i, kind in enumerate(up):
+        attention = "CrossAttn" in kind
+        for j in range(per):
+            rules.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{per * i + j}.0.", UNET_RESNET_PARTS))
+            if attention:
+                rules.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{per * i + j}.1.", KEEP))
+        if i < len(up) - 1:
+            rules.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{per * i + layers}.{2 if attention else 1}.",
+                          KEEP))
+    return rules
+
+
+def vae_rules(config: dict) -> list[tuple[str, str, tuple | None]]:
+    """(diffusers prefix, LDM prefix, inner renames) for an AutoencoderKL config.
+
+    The encoder has `layers` resnets per down block, the decoder `layers + 1` per
+    up block, and LDM numbers the decoder's up blocks in reverse (diffusers'
+    up_blocks.0 is LDM's up.{n-1}).
+    """
+    layers = _layers(config)
+    n = len(config["block_out_channels"])
+    rules: list[tuple[str, str, tuple | None]] = [
+        ("quant_conv.", "quant_conv.", KEEP), ("post_quant_conv.", "post_quant_conv.", KEEP)]
+    for part in ("encoder", "decoder"):
+        rules += [
+            (f"{part}.conv_in.", f"{part}.conv_in.", KEEP), (f"{part}.conv_out.", f"{part}.conv_out.", KEEP),
+            (f"{part}.conv_norm_out.", f"{part}.norm_out.", KEEP),
+            (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", VAE_RESNET_PARTS),
+            (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", VAE_RESNET_PARTS),
+            (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTENTION_PARTS),
+        ]
+    for i in range(n):
+        for j in range(layers):
+            rules.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET_PARTS))
+        for j in range(layers + 1):
+            rules.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.",
+                          VAE_RESNET_PARTS))
+        if i < n - 1:
+            rules.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", KEEP))
+            rules.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.", KEEP))
+    return rules
+
+
+def rename(state: dict, rules: list[tuple[str, str, tuple | None]], what: str) -> dict:
+    """Apply prefix rules; each key must match exactly one rule (and one inner part, if any)."""
+    out = {}
+    for key, tensor in state.items():
+        matches = [r for r in rules if key.startswith(r[0])]
+        if len(matches) != 1:
+            raise KeyError(f"{what} weight {key!r} matches {len(matches)} conversion rules")
+        hf_prefix, sd_prefix, parts = matches[0]
+        rest = key[len(hf_prefix):]
+        if parts is not KEEP:
+            inner = [(a, b) for a, b in parts if rest.startswith(a)]
+            if len(inner) != 1:
+                raise KeyError(f"{what} weight {key!r} has no known inner name")
+            rest = inner[0][1] + rest[len(inner[0][0]):]
+        new = sd_prefix + rest
+        if new in out:
+            raise KeyError(f"{what} weights collide on {new!r}")
+        out[new] = tensor
+    return out
+
+
+def convert_vae(state: dict, config: dict) -> dict:
+    converted = rename(state, vae_rules(config), "VAE")
+    for key, tensor in converted.items():
+        # diffusers' mid-block attention uses Linear layers; LDM's AttnBlock 1x1 Conv2d.
+        if ".mid.attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) \
+                and tensor.dim() == 2:
+            converted[key] = tensor.reshape(*tensor.shape, 1, 1)
+    return converted
+
+
+def convert_text_encoder(state: dict) -> dict:
+    """SD 1.x keeps transformers' CLIPTextModel keys under cond_stage_model.transformer.
+
+    transformers >= 5.6 saves CLIPTextModel without its `text_model.` wrapper;
+    the original layout (and diffusers' detector) always has it.
+    """
+    return {CLIP_PREFIX + key.removeprefix("text_model."): tensor for key, tensor in state.items()
+            if not key.endswith("position_ids")}
+
+
+def write_single_file_checkpoint(diffusers_dir: Path, out_file: Path) -> None:
+    """Convert the unet, vae and text_encoder of a diffusers SD 1.x folder into one
+    original-layout .safetensors file at out_file (written atomically)."""
+    from safetensors.torch import load_file, save_file
+
+    diffusers_dir, out_file = Path(diffusers_dir), Path(out_file)
+
+    def component(name: str, weights: str) -> tuple[dict, dict]:
+        config = json.loads((diffusers_dir / name / "config.json").read_text())
+        return load_file(str(diffusers_dir / name / weights)), config
+
+    unet, unet_config = component("unet", "diffusion_pytorch_model.safetensors")
+    vae, vae_config = component("vae", "diffusion_pytorch_model.safetensors")
+    text, _ = component("text_encoder", "model.safetensors")
+    state = {UNET_PREFIX + k: v for k, v in rename(unet, unet_rules(unet_config), "UNet").items()}
+    state.update({VAE_PREFIX + k: v for k, v in convert_vae(vae, vae_config).items()})
+    state.update(convert_text_encoder(text))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_file.with_name(f".{out_file.name}.partial")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(staging), metadata={"format": "pt"})
+    os.replace(staging, out_file)
