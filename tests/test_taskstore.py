@@ -118,3 +118,21 @@ def test_monitor_enforces_time_limit_and_reports_progress(store):
     expired = StepMonitor(store, task_id, 0, time_limit=1, progress_interval=0, started=time.monotonic() - 5)
     with pytest.raises(JobTimeLimit):
         expired.on_step(1, 10)
+
+
+def test_create_never_overwrites_an_existing_task(store):
+    task_id = new_task(store)
+    assert store.claim(task_id, 0, "w") == "ok"
+    store.create(task_id, "owner-x", spec(), "unit-queue")       # e.g. a retried submission
+    assert store.get(task_id).status is TaskStatus.PROCESSING
+
+
+def test_create_survives_a_redis_connection_drop(store, rds):
+    first = new_task(store)
+    conn = store._thread_connection()
+    conn.send_command("CLIENT", "ID")
+    rds.client_kill_filter(_id=conn.read_response())                 # drop only the store's connection
+    second = new_task(store)
+    assert store.get(first).status is TaskStatus.PENDING and store.get(second).status is TaskStatus.PENDING
+    rds.script_flush()                                              # and a flushed script cache
+    assert store.get(new_task(store)).status is TaskStatus.PENDING
