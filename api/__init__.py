@@ -11,11 +11,13 @@ import logging
 import redis
 from flask import Flask
 from flask_smorest import Api
+from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from api.auth import KeyRing, parse_keys
 from api.errors import error_response, http_error, unexpected_error
 from api.services import Catalog, Services
+from api.waiter import WaitSlots
 from common.errors import StorageError
 from common.queue import MessageBuilder, create_celery
 from common.settings import Settings, load_settings
@@ -42,7 +44,6 @@ def openapi_config(settings: Settings) -> dict:
         "OPENAPI_SWAGGER_UI_PATH": "docs", "OPENAPI_SWAGGER_UI_URL": SWAGGER_UI_URL,
         "OPENAPI_REDOC_PATH": "redoc", "OPENAPI_REDOC_URL": REDOC_URL,
         "MAX_CONTENT_LENGTH": settings.api.max_body_bytes,
-        "JSON_AS_ASCII": False,
     }
 
 
@@ -59,6 +60,7 @@ def build_services(settings: Settings) -> Services:
         messages=MessageBuilder(celery),
         keys=KeyRing(keys, settings.api.key_header),
         catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default),
+        waits=WaitSlots(settings.api.max_waiters),
     )
 
 
@@ -72,6 +74,15 @@ def register_error_handlers(app: Flask) -> None:
     def storage_down(error: StorageError):
         log.error("object store unavailable: %s", error)
         return error_response(503, "object store unavailable; retry shortly", {"Retry-After": RETRY_AFTER_SECONDS})
+
+    @app.errorhandler(OperationalError)
+    def broker_down(error: OperationalError):
+        log.error("broker unavailable: %s", error)
+        return error_response(503, "queue unavailable; retry shortly", {"Retry-After": RETRY_AFTER_SECONDS})
+
+    @app.errorhandler(RecursionError)
+    def too_deep(error: RecursionError):   # raised by the JSON parser on absurdly nested bodies
+        return error_response(400, "Malformed JSON body: nested too deeply")
 
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)

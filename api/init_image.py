@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(;[\w=.-]+)*;base64,", re.IGNORECASE)
-ACCEPTED = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+ACCEPTED = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp"}   # MPO: phone JPEGs
 MAX_PIXELS = 8192 * 8192
 
 
@@ -60,9 +60,10 @@ def decode_init_image(value: str) -> InitImage:
             fmt, (width, height) = image.format, image.size
             if width * height > MAX_PIXELS:
                 raise InitImageError(f"image is too large ({width}x{height})")
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InitImageError("not a readable PNG or JPEG image") from exc
+            if fmt in ACCEPTED:
+                image.load()   # a full decode: a truncated file is refused here, not on a GPU
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InitImageError("not a readable PNG, JPEG or WebP image") from exc
     if fmt not in ACCEPTED:
-        raise InitImageError(f"unsupported image format {fmt}; use PNG or JPEG")
+        raise InitImageError(f"unsupported image format {fmt}; use PNG, JPEG or WebP")
     return InitImage(raw, ACCEPTED[fmt], width, height)

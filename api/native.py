@@ -18,7 +18,6 @@ from api.auth import current_key
 from api.errors import error_response
 from api.services import Services, services
 from api.task_view import render_task
-from api.waiter import wait_until
 from common.errors import TaskNotFound
 from common.jobspec import JobSpec, LoraRef
 from common.queue import send_callback
@@ -115,7 +114,7 @@ def create_native_blueprint(settings, catalog) -> Blueprint:
         svc = services()
         task = owned_task_or_404(svc, task_id)
         if query["wait"] and not task.status.terminal:
-            wait_until(svc.store.redis, task_id, query["wait"], lambda: svc.store.get(task_id).status.terminal)
+            svc.waits.wait_until(svc.store.redis, task_id, query["wait"], lambda: svc.store.get(task_id).status.terminal)
             task = svc.store.get(task_id)
         return render_task(task, svc.storage, svc.store)
 
@@ -132,7 +131,8 @@ def create_native_blueprint(settings, catalog) -> Blueprint:
         if outcome == "cancelled" and task.spec.callback_url:
             send_callback(svc.celery, task.id, svc.settings.callbacks.queue)
         if outcome == "cancelling":
-            wait_until(svc.store.redis, task.id, CANCEL_WAIT_SECONDS, lambda: svc.store.get(task.id).status.terminal)
+            svc.waits.wait_until(svc.store.redis, task.id, CANCEL_WAIT_SECONDS,
+                                 lambda: svc.store.get(task.id).status.terminal)
         task = svc.store.get(task.id)
         if task.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
             return error_response(409, f"task already {task.status.value}; it cannot be cancelled")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate, validates, validates_schema
 
 from api.init_image import InitImageError, decode_init_image
+from common.netguard import blocked_reason
 from common.schedulers import SCHEDULERS
 
 OUTPUT_FORMATS = ("png", "jpg", "jpeg", "webp")
@@ -26,7 +27,7 @@ class LooseInteger(fields.Integer):
         if isinstance(value, bool):
             raise self.make_error("invalid")
         if isinstance(value, float) and not value.is_integer():
-            raise ValidationError("value is not a valid integer (it has a fractional part)")
+            raise ValidationError("value is not a valid integer")
         if isinstance(value, str):
             value = value.strip()
         return super()._deserialize(value, attr, data, **kwargs)
@@ -52,9 +53,35 @@ class InitImageField(fields.String):
             raise ValidationError(str(exc)) from exc
 
 
+def unencodable_text(value: Any) -> Any:
+    """marshmallow-shaped errors for strings that are not valid Unicode (lone surrogates), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return ["text must be valid Unicode (it contains a lone surrogate)"]
+        return None
+    if isinstance(value, dict):
+        errors = {k: e for k, v in value.items() if isinstance(k, str) and (e := unencodable_text(v))}
+        return errors or None
+    if isinstance(value, list):
+        errors = {i: e for i, v in enumerate(value) if (e := unencodable_text(v))}
+        return errors or None
+    return None
+
+
 class BaseSchema(Schema):
+    """Ignores unknown fields; refuses text that could not be stored or echoed back."""
+
     class Meta:
         unknown = EXCLUDE
+
+    @pre_load
+    def refuse_unencodable_text(self, data: Any, **_: Any) -> Any:
+        errors = unencodable_text(data)
+        if errors:
+            raise ValidationError(errors)
+        return data
 
 
 def multiple_of_8(value: int | None) -> None:
@@ -98,6 +125,13 @@ def generate_request_schema(settings, catalog) -> type[Schema]:
                                   metadata={"description": "POSTed the result when the task ends"})
         model = fields.String(allow_none=True, load_default=None, metadata={"description": "Model name (GET /api/v1/models)"})
         loras = fields.List(fields.Nested(LoraSchema), load_default=list, validate=validate.Length(max=MAX_LORAS))
+
+        @validates("callback_url")
+        def public_callback(self, value: str | None, **_: Any) -> None:
+            if value is not None and not settings.callbacks.allow_private:
+                reason = blocked_reason(value)
+                if reason:
+                    raise ValidationError(f"callback_url refused: {reason} (see callbacks.allow_private)")
 
         @validates("model")
         def known_model(self, value: str | None, **_: Any) -> None:
@@ -210,7 +244,7 @@ class WorkerSchema(Schema):
     busy = fields.Boolean()
     models = fields.List(fields.String())
     queues = fields.List(fields.String())
-    task_id = fields.String(allow_none=True)
+    error = fields.String(allow_none=True, metadata={"description": "Why a worker is setup_failed"})
     last_seen = fields.String()
 
 

@@ -14,6 +14,7 @@ from celery import Celery
 from flask import current_app
 
 from api.auth import KeyRing
+from api.waiter import WaitSlots
 from common.catalog import ModelInfo, list_loras, list_models
 from common.queue import MessageBuilder
 from common.storage import Storage
@@ -64,6 +65,7 @@ class Services:
     messages: MessageBuilder
     keys: KeyRing
     catalog: Catalog
+    waits: WaitSlots
 
 
 def services() -> Services:

@@ -5,12 +5,29 @@ completion the moment a worker publishes it, without hammering Redis.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable
 
 import redis
 
 from common.taskstore import TERMINAL, events_channel
+
+
+class WaitSlots:
+    """Caps how many requests of this process wait at once, so waiters cannot starve the API."""
+
+    def __init__(self, limit: int):
+        self._slots = threading.BoundedSemaphore(max(1, limit))
+
+    def wait_until(self, client: redis.Redis, task_id: str, timeout: float, done: Callable[[], bool]) -> bool:
+        """As `wait_until`, but answers at once (with the current state) when every slot is taken."""
+        if not self._slots.acquire(blocking=False):
+            return done()
+        try:
+            return wait_until(client, task_id, timeout, done)
+        finally:
+            self._slots.release()
 
 
 def wait_until(client: redis.Redis, task_id: str, timeout: float, done: Callable[[], bool]) -> bool:

@@ -27,13 +27,17 @@ from typing import Any, Iterable
 import orjson
 import redis
 from redis.commands.core import Script
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError
+from redis.retry import Retry
 
 from common.errors import JobCancelled, StaleAttempt, TaskNotFound
 from common.jobspec import JobSpec
 from common.queue import BrokerMessage
 
 PREFIX = "sdq:"
+REDIS_SOCKET_TIMEOUT = 10.0   # longer than any command here takes; a dead peer cannot hang a thread
+REDIS_RETRIES = 6             # ~5 s of exponential backoff before an error reaches the caller
 WORKER_KEY_PREFIX = PREFIX + "worker:"
 
 
@@ -73,6 +77,18 @@ def owner_key(owner: str) -> str:
     return f"{PREFIX}owner:{owner}"
 
 
+def redis_client(url: str) -> redis.Redis:
+    """A client that rides out short Redis blips and never hangs forever.
+
+    Every script here is safe to retry after a lost reply (create refuses to
+    overwrite, claim accepts its own worker, finish accepts its own result).
+    """
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=REDIS_SOCKET_TIMEOUT, socket_connect_timeout=5,
+        health_check_interval=30, retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), REDIS_RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
 @dataclass
 class Task:
     """A task hash, decoded."""
@@ -101,6 +117,9 @@ class Task:
     def from_hash(cls, data: dict[str, str]) -> "Task":
         def num(name: str) -> float | None:
             return float(data[name]) if data.get(name) else None
+
+        if not {"id", "status", "spec", "created_at", "updated_at"} <= data.keys():
+            raise TaskNotFound(data.get("id", "?"))
 
         return cls(
             id=data["id"], status=TaskStatus(data["status"]), owner=data.get("owner", ""),
@@ -156,9 +175,10 @@ return 'ok'
 # KEYS: task, running.  ARGV: attempt, worker, now, status, retention, field/value pairs...
 _FINISH = """
 local st = redis.call('HGET', KEYS[1], 'status')
-if st ~= 'processing' then return 0 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then return 0 end
+if st == ARGV[4] then return 1 end  -- a retry after a lost reply: already done
+if st ~= 'processing' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[4], 'updated_at', ARGV[3], 'finished_at', ARGV[3])
 for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
@@ -188,15 +208,37 @@ end
 return st
 """
 
-# KEYS: task.  ARGV: dead worker, attempt, now
+# KEYS: task, running, broker list.  ARGV: dead worker, attempt, now, max attempts, retention, message
 _REQUEUE = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return -1 end
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return -1 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return -1 end
+local id = redis.call('HGET', KEYS[1], 'id')
+if tonumber(ARGV[2]) + 1 >= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'updated_at', ARGV[3], 'finished_at', ARGV[3],
+             'error', 'the worker running this job died ' .. ARGV[4] .. ' times; giving up')
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('PUBLISH', 'sdq:events:' .. id, 'failed')
+  return 0
+end
 local nxt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'worker', '', 'requeued_at', ARGV[3], 'updated_at', ARGV[3])
+redis.call('RPUSH', KEYS[3], ARGV[6])  -- consumers BRPOP: the rescued job runs next
 return nxt
 """
+
+
+
+# KEYS: task.  ARGV: field/value pairs.  Writes only if the task still exists.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# Listing with a status filter scans at most this many of an owner's newest tasks.
+STATUS_SCAN_LIMIT = 2000
 
 
 class TaskStore:
@@ -211,10 +253,11 @@ class TaskStore:
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
         self._requeue = client.register_script(_REQUEUE)
+        self._update = client.register_script(_UPDATE)
 
     @classmethod
     def from_url(cls, url: str, retention_seconds: int) -> "TaskStore":
-        return cls(redis.Redis.from_url(url, decode_responses=True), retention_seconds)
+        return cls(redis_client(url), retention_seconds)
 
     # --- API side -------------------------------------------------------
     def create(self, task_id: str, owner: str, spec: JobSpec, queue: str,
@@ -294,7 +337,8 @@ class TaskStore:
             ids = self.redis.zrevrange(key, offset, offset + limit - 1)
             tasks = self._load_many(key, ids)
             return tasks, self.redis.zcard(key)
-        matching = [t for t in self._load_many(key, self.redis.zrevrange(key, 0, -1)) if t.status is status]
+        newest = self.redis.zrevrange(key, 0, STATUS_SCAN_LIMIT - 1)
+        matching = [t for t in self._load_many(key, newest) if t.status is status]
         return matching[offset:offset + limit], len(matching)
 
     def _load_many(self, index_key: str, ids: Iterable[str]) -> list[Task]:
@@ -304,7 +348,10 @@ class TaskStore:
             pipe.hgetall(task_key(task_id))
         tasks, gone = [], []
         for task_id, data in zip(ids, pipe.execute()):
-            (tasks.append(Task.from_hash(data)) if data else gone.append(task_id))
+            try:
+                tasks.append(Task.from_hash(data))
+            except TaskNotFound:
+                gone.append(task_id)
         if gone:
             self.redis.zrem(index_key, *gone)
         return tasks
@@ -321,13 +368,13 @@ class TaskStore:
                            args=[attempt, worker, repr(time.time()), WORKER_KEY_PREFIX, PREFIX + "pending:"])
 
     def report_progress(self, task_id: str, step: int, total: int) -> None:
-        self.redis.hset(task_key(task_id), mapping={"progress_step": step, "progress_total": total,
-                                                    "updated_at": repr(time.time())})
+        self._update(keys=[task_key(task_id)],
+                     args=["progress_step", step, "progress_total", total, "updated_at", repr(time.time())])
 
-    def check_still_mine(self, task_id: str, attempt: int) -> None:
+    def check_still_mine(self, task_id: str, attempt: int, worker: str) -> None:
         """Raise JobCancelled or StaleAttempt when this run must stop."""
-        cancel, current = self.redis.hmget(task_key(task_id), "cancel_requested", "attempt")
-        if current is None or int(current) != attempt:
+        cancel, current, holder = self.redis.hmget(task_key(task_id), "cancel_requested", "attempt", "worker")
+        if current is None or int(current) != attempt or holder != worker:
             raise StaleAttempt(task_id)
         if cancel == "1":
             raise JobCancelled(task_id)
@@ -342,26 +389,33 @@ class TaskStore:
 
     def set_fields(self, task_id: str, **fields: str) -> None:
         """Side information that is not a transition (e.g. webhook delivery state)."""
-        self.redis.hset(task_key(task_id), mapping=fields)
+        self._update(keys=[task_key(task_id)], args=[item for pair in fields.items() for item in pair])
 
     # --- reaper ---------------------------------------------------------
-    def running(self) -> list[tuple[str, str, int, float | None]]:
-        """(task id, worker, attempt, requeued_at) of every processing task."""
+    def running(self) -> list[tuple[str, str, int, str]]:
+        """(task id, worker, attempt, queue) of every processing task."""
         ids = self.redis.zrange(RUNNING_KEY, 0, -1)
         pipe = self.redis.pipeline(transaction=False)
         for task_id in ids:
-            pipe.hmget(task_key(task_id), "status", "worker", "attempt", "requeued_at")
+            pipe.hmget(task_key(task_id), "status", "worker", "attempt", "queue")
         out, gone = [], []
-        for task_id, (status, worker, attempt, requeued) in zip(ids, pipe.execute()):
+        for task_id, (status, worker, attempt, queue) in zip(ids, pipe.execute()):
             if status != TaskStatus.PROCESSING.value:
                 gone.append(task_id)
                 continue
-            out.append((task_id, worker or "", int(attempt or 0), float(requeued) if requeued else None))
+            out.append((task_id, worker or "", int(attempt or 0), queue or ""))
         if gone:
             self.redis.zrem(RUNNING_KEY, *gone)
         return out
 
-    def requeue(self, task_id: str, dead_worker: str, attempt: int) -> int | None:
-        """Take a job away from a dead worker; the new attempt number, or None if someone else did."""
-        nxt = self._requeue(keys=[task_key(task_id)], args=[dead_worker, attempt, repr(time.time())])
+    def requeue(self, task_id: str, dead_worker: str, attempt: int, message: BrokerMessage,
+                max_attempts: int) -> int | None:
+        """Take a job from a dead worker and put `message` (the next attempt) first in its queue.
+
+        Returns the new attempt, 0 if the job was failed for having killed
+        `max_attempts` workers, or None if another reaper got there first.
+        """
+        nxt = self._requeue(keys=[task_key(task_id), RUNNING_KEY, message.list_key],
+                            args=[dead_worker, attempt, repr(time.time()), max_attempts, self.retention,
+                                  message.payload])
         return None if int(nxt) < 0 else int(nxt)

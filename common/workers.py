@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import redis
 
@@ -63,6 +63,12 @@ def is_alive(client: redis.Redis, worker_id: str) -> bool:
     return bool(worker_id) and client.exists(WORKER_KEY_PREFIX + worker_id) == 1
 
 
+def worker_from_json(raw: str) -> WorkerInfo:
+    """Decode a heartbeat, ignoring fields a newer worker version may add (rolling upgrades)."""
+    data = json.loads(raw)
+    return WorkerInfo(**{f.name: data[f.name] for f in fields(WorkerInfo) if f.name in data})
+
+
 def live_workers(client: redis.Redis) -> list[WorkerInfo]:
     """Workers whose heartbeat key has not expired; stale index entries are pruned."""
     ids = client.zrange(WORKERS_INDEX, 0, -1)
@@ -71,7 +77,7 @@ def live_workers(client: redis.Redis) -> list[WorkerInfo]:
     values = client.mget([WORKER_KEY_PREFIX + i for i in ids])
     alive, dead = [], []
     for worker_id, raw in zip(ids, values):
-        (alive.append(WorkerInfo(**json.loads(raw))) if raw else dead.append(worker_id))
+        (alive.append(worker_from_json(raw)) if raw else dead.append(worker_id))
     if dead:
         client.zrem(WORKERS_INDEX, *dead)
     return alive

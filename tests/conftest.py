@@ -25,6 +25,7 @@ STACK_ENV = {
     "SDQ_WORKERS_HEARTBEAT_TTL": "4",
     "SDQ_WORKERS_REAP_INTERVAL": "1",
     "SDQ_CALLBACKS_SECRET": CALLBACK_SECRET,
+    "SDQ_CALLBACKS_ALLOW_PRIVATE": "1",       # the test receiver listens on loopback
     "SDQ_CALLBACKS_TIMEOUT": "3",
     "SDQ_API_WORKERS": "2",
     "SDQ_API_THREADS": "16",

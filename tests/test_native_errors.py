@@ -149,3 +149,31 @@ def test_oversized_body_is_413_json(api, settings):
                              headers={**api.headers(), "Content-Type": "application/json"}, timeout=60)
     assert response.status_code == 413
     assert "detail" in response.json()
+
+
+@pytest.mark.parametrize("body,loc", [
+    ('{"prompt": "\\ud800"}', ["body", "prompt"]),
+    ('{"prompt": "x", "model": "\\udfff"}', ["body", "model"]),
+    ('{"prompt": "x", "loras": [{"name": "\\ud800"}]}', ["body", "loras", 0, "name"]),
+])
+def test_lone_surrogates_are_422_not_500(api, body, loc):
+    response = requests.post(api.base + "/api/v1/generate", data=body,
+                             headers={**api.headers(), "Content-Type": "application/json"}, timeout=10)
+    assert response.status_code == 422, response.text
+    assert loc in detail_locs(response)
+
+
+def test_absurdly_nested_json_is_400(api):
+    response = requests.post(api.base + "/api/v1/generate", data="[" * 100_000,
+                             headers={**api.headers(), "Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 400 and "detail" in response.json()
+
+
+def test_truncated_jpeg_is_422(api):
+    import io
+
+    buf = io.BytesIO()
+    gradient(64, 64).save(buf, format="JPEG")
+    truncated = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()[:300]).decode()
+    response = api.post("/api/v1/generate", {**GOOD, "init_image": truncated})
+    assert response.status_code == 422 and ["body", "init_image"] in detail_locs(response)

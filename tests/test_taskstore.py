@@ -8,6 +8,7 @@ import pytest
 
 from common.errors import JobCancelled, JobTimeLimit, StaleAttempt, TaskNotFound
 from common.jobspec import JobSpec
+from common.queue import BrokerMessage
 from common.taskstore import TaskStatus, TaskStore, task_key
 from common.workers import WorkerInfo, live_workers, publish_heartbeat
 from worker.monitor import StepMonitor
@@ -58,15 +59,22 @@ def test_claim_by_other_live_worker_is_busy(store, rds):
     assert store.claim(task_id, 0, "other") == "busy"      # duplicate delivery while it runs
 
 
-def test_requeue_from_dead_worker_makes_old_attempt_stale(store):
+def test_requeue_from_dead_worker_makes_old_attempt_stale(store, rds):
     task_id = new_task(store)
     assert store.claim(task_id, 0, "dead-worker") == "ok"
-    assert store.requeue(task_id, "dead-worker", 0) == 1
-    assert store.requeue(task_id, "dead-worker", 0) is None        # only one reaper wins
+    message = BrokerMessage("unit-requeue-list", "attempt-1")
+    rds.delete("unit-requeue-list")
+    rds.lpush("unit-requeue-list", "older-job")
+    assert store.requeue(task_id, "dead-worker", 0, message, max_attempts=3) == 1
+    assert store.requeue(task_id, "dead-worker", 0, message, max_attempts=3) is None   # only one reaper wins
+    assert rds.rpop("unit-requeue-list") == "attempt-1"           # BRPOP order: the rescued job runs next
     assert store.claim(task_id, 0, "dead-worker") == "stale"
     assert store.claim(task_id, 1, "new-worker") == "ok"
     with pytest.raises(StaleAttempt):
-        store.check_still_mine(task_id, 0)
+        store.check_still_mine(task_id, 0, "dead-worker")
+    with pytest.raises(StaleAttempt):
+        store.check_still_mine(task_id, 1, "someone-else")       # same attempt, other worker
+    store.check_still_mine(task_id, 1, "new-worker")
     assert not store.finish(task_id, 0, "dead-worker", TaskStatus.COMPLETED, result_keys=["old"])
     assert store.finish(task_id, 1, "new-worker", TaskStatus.COMPLETED, result_keys=["new"])
     assert store.get(task_id).result_keys == ["new"]
@@ -82,7 +90,7 @@ def test_cancel_pending_and_running(store):
     store.claim(running, 0, "w")
     assert store.request_cancel(running) == "cancelling"
     with pytest.raises(JobCancelled):
-        store.check_still_mine(running, 0)
+        store.check_still_mine(running, 0, "w")
 
 
 def test_queue_positions_follow_submission_order(store):
@@ -112,10 +120,10 @@ def test_dead_heartbeat_drops_out_of_live_workers(rds):
 def test_monitor_enforces_time_limit_and_reports_progress(store):
     task_id = new_task(store)
     store.claim(task_id, 0, "w")
-    monitor = StepMonitor(store, task_id, 0, time_limit=60, progress_interval=0)
+    monitor = StepMonitor(store, task_id, 0, "w", time_limit=60, progress_interval=0)
     monitor.on_step(3, 10)
     assert (store.get(task_id).progress_step, store.get(task_id).progress_total) == (3, 10)
-    expired = StepMonitor(store, task_id, 0, time_limit=1, progress_interval=0, started=time.monotonic() - 5)
+    expired = StepMonitor(store, task_id, 0, "w", time_limit=1, progress_interval=0, started=time.monotonic() - 5)
     with pytest.raises(JobTimeLimit):
         expired.on_step(1, 10)
 
@@ -136,3 +144,26 @@ def test_create_survives_a_redis_connection_drop(store, rds):
     assert store.get(first).status is TaskStatus.PENDING and store.get(second).status is TaskStatus.PENDING
     rds.script_flush()                                              # and a flushed script cache
     assert store.get(new_task(store)).status is TaskStatus.PENDING
+
+
+def test_job_that_kills_every_worker_is_failed_after_max_attempts(store, rds):
+    task_id = new_task(store)
+    message = BrokerMessage("unit-requeue-list", "next")
+    for attempt in range(2):
+        assert store.claim(task_id, attempt, f"doomed-{attempt}") == "ok"
+        assert store.requeue(task_id, f"doomed-{attempt}", attempt, message, max_attempts=3) == attempt + 1
+    assert store.claim(task_id, 2, "doomed-2") == "ok"
+    assert store.requeue(task_id, "doomed-2", 2, message, max_attempts=3) == 0
+    task = store.get(task_id)
+    assert task.status is TaskStatus.FAILED and "died 3 times" in task.error
+
+
+def test_updates_never_resurrect_an_expired_task(store, rds):
+    task_id = new_task(store)
+    rds.delete(task_key(task_id))
+    store.report_progress(task_id, 1, 4)
+    store.set_fields(task_id, callback_status="late")
+    assert not rds.exists(task_key(task_id))
+    rds.hset(task_key(task_id), "progress_step", 1)                 # a partial hash is not a task
+    with pytest.raises(TaskNotFound):
+        store.get(task_id)

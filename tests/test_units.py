@@ -88,3 +88,35 @@ def test_openapi_documents_the_request_schema(api):
     for page in ("/docs", "/redoc"):
         response = requests.get(api.base + page, timeout=10)
         assert response.status_code == 200 and "text/html" in response.headers["Content-Type"]
+
+
+def test_callback_guard_refuses_private_addresses():
+    from common.netguard import blocked_reason
+
+    for url in ("http://127.0.0.1:8000/cb", "http://localhost/cb", "http://10.1.2.3/cb", "http://169.254.169.254/latest",
+                "http://[::1]/cb", "http://192.168.1.5/cb"):
+        assert blocked_reason(url), url
+    assert blocked_reason("http://8.8.8.8/cb") is None
+    assert "does not resolve" in blocked_reason("http://no-such-host.invalid/cb")
+
+
+def test_api_refuses_private_callback_unless_allowed(tmp_path):
+    from api import create_app
+
+    env = {"SDQ_API_KEYS": "k", "SDQ_REDIS_URL": "redis://127.0.0.1:1/0", "SDQ_STORAGE_ENDPOINT_URL": "http://127.0.0.1:1",
+           "SDQ_DATA_DIR": str(tmp_path)}
+    client = create_app(load_settings(env=env)).test_client()
+    body = {"prompt": "x", "width": 64, "height": 64, "callback_url": "http://127.0.0.1:9/cb"}
+    response = client.post("/api/v1/generate", json=body, headers={"X-API-Key": "k"})
+    assert response.status_code == 422
+    assert response.get_json()["detail"][0]["loc"] == ["body", "callback_url"]
+
+
+def test_wait_slots_answer_at_once_when_full():
+    from api.waiter import WaitSlots
+
+    slots = WaitSlots(1)
+    assert slots._slots.acquire(blocking=False)          # the one slot is taken
+    calls = []
+    assert slots.wait_until(None, "t", 30, lambda: calls.append(1) or False) is False
+    assert calls == [1]                                   # answered from the current state, no waiting

@@ -5,7 +5,8 @@ legitimate job (10 min by default), so a SIGKILLed worker's job would wait
 that long. Instead every worker process refreshes a short-TTL key; when a
 processing task's worker key has expired, one reaper (a Redis lock makes
 it one) bumps the task's attempt and re-sends it. The old delivery, if it
-ever wakes, finds a newer attempt and writes nothing.
+ever wakes, finds a newer attempt and writes nothing. A job that killed
+`tasks.max_attempts` workers is failed instead of taking down the next one.
 """
 from __future__ import annotations
 
@@ -15,35 +16,29 @@ import time
 
 from celery import Celery
 
-from common.queue import send_generate
+from common.queue import MessageBuilder
 from common.taskstore import PREFIX, TaskStore
 from common.workers import WorkerInfo, is_alive, publish_heartbeat, remove_heartbeat
 
 log = logging.getLogger("sdqueue.reaper")
 REAPER_LOCK = PREFIX + "reaper-lock"
-# A requeued job nobody claimed this many heartbeat TTLs later is sent again
-# (covers a reaper that died between bumping the attempt and sending).
-RESEND_AFTER_TTLS = 6
 
 
-def reap_once(store: TaskStore, celery: Celery, me: str, ttl: float) -> list[str]:
-    """One pass: requeue jobs whose worker is dead. Returns the requeued task ids."""
+def reap_once(store: TaskStore, messages: MessageBuilder, me: str, ttl: float, max_attempts: int) -> list[str]:
+    """One pass: requeue (to the front of its queue) every job whose worker is dead."""
     client = store.redis
     if not client.set(REAPER_LOCK, me, nx=True, px=int(max(ttl / 2, 1) * 1000)):
         return []
     requeued = []
-    now = time.time()
-    for task_id, worker, attempt, requeued_at in store.running():
-        if worker and not is_alive(client, worker):
-            nxt = store.requeue(task_id, worker, attempt)
-            if nxt is not None:
-                log.warning("worker %s died running %s; resending as attempt %d", worker, task_id, nxt)
-                send_generate(celery, task_id, nxt, store.get(task_id).queue)
-                requeued.append(task_id)
-        elif not worker and requeued_at and now - requeued_at > ttl * RESEND_AFTER_TTLS:
-            store.set_fields(task_id, requeued_at=repr(now))
-            send_generate(celery, task_id, attempt, store.get(task_id).queue)
+    for task_id, worker, attempt, queue in store.running():
+        if not worker or is_alive(client, worker):
+            continue
+        nxt = store.requeue(task_id, worker, attempt, messages.generate(task_id, attempt + 1, queue), max_attempts)
+        if nxt:
+            log.warning("worker %s died running %s; resent as attempt %d", worker, task_id, nxt)
             requeued.append(task_id)
+        elif nxt == 0:
+            log.error("task %s failed: %d workers died running it", task_id, max_attempts)
     return requeued
 
 
@@ -53,7 +48,8 @@ class Heartbeat(threading.Thread):
     def __init__(self, store: TaskStore, celery: Celery, info: WorkerInfo, settings):
         super().__init__(name="sdq-heartbeat", daemon=True)
         self.store = store
-        self.celery = celery
+        self.messages = MessageBuilder(celery)
+        self.max_attempts = settings.tasks.max_attempts
         self.info = info
         self.interval = settings.workers.heartbeat_interval
         self.ttl = settings.workers.heartbeat_ttl
@@ -69,14 +65,19 @@ class Heartbeat(threading.Thread):
             try:
                 self.beat()
                 if time.monotonic() >= next_reap:
-                    reap_once(self.store, self.celery, self.info.id, self.ttl)
+                    reap_once(self.store, self.messages, self.info.id, self.ttl, self.max_attempts)
                     next_reap = time.monotonic() + self.reap_interval
             except Exception:  # Redis blips must not kill the heartbeat thread
                 log.exception("heartbeat failed")
             self._stop_event.wait(self.interval)
 
-    def stop(self) -> None:
+    def stop(self, forget: bool = True) -> None:
+        """Stop beating; `forget` removes our key at once (a clean exit), else it expires."""
         self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout=self.interval + 5)
+        if not forget:
+            return
         try:
             remove_heartbeat(self.store.redis, self.info.id)
         except Exception:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 from PIL import Image
 
@@ -116,7 +117,7 @@ def run_delivery(ctx: JobContext, task_id: str, attempt: int) -> str:
 def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict]:
     """Run the pipeline and upload; map every ending to a status and fields."""
     spec = task.spec
-    monitor = StepMonitor(ctx.store, task.id, attempt, ctx.settings.tasks.time_limit,
+    monitor = StepMonitor(ctx.store, task.id, attempt, ctx.info.id, ctx.settings.tasks.time_limit,
                           ctx.settings.tasks.progress_interval)
     try:
         model = find_model(ctx.settings.models_dir, spec.model)
@@ -129,22 +130,30 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor)
         compute = time.perf_counter() - started
         keys = upload_images(ctx, task.id, spec, result)
-    except (JobCancelled,):
+    except JobCancelled:
         return TaskStatus.CANCELLED, {"error": "cancelled by client"}
-    except StaleAttempt:
-        raise
+    except (StaleAttempt, redis.RedisError):
+        raise   # not the job's fault: the task is retried (Redis) or dropped (stale)
     except Exception as exc:  # noqa: BLE001 - any pipeline failure fails the job, never the worker
         log.exception("task %s failed", task.id)
-        _release_gpu_memory(exc)
-        return TaskStatus.FAILED, {"error": describe_error(exc)}
-    return TaskStatus.COMPLETED, {
-        "result_keys": keys, "seeds": result.seeds, "compute_seconds": f"{compute:.6f}",
-        "progress_step": monitor.steps, "progress_total": monitor.steps, "scheduler_used": result.scheduler,
-    }
+        failure = (TaskStatus.FAILED, {"error": describe_error(exc)}, type(exc).__name__)
+    else:
+        return TaskStatus.COMPLETED, {
+            "result_keys": keys, "seeds": result.seeds, "compute_seconds": f"{compute:.6f}",
+            "progress_step": monitor.steps, "progress_total": monitor.steps, "scheduler_used": result.scheduler,
+        }
+    # Outside the except block: its traceback no longer pins the activations.
+    status, fields, kind = failure
+    if kind == "OutOfMemoryError":
+        release_gpu_memory()
+    return status, fields
 
 
-def _release_gpu_memory(exc: BaseException) -> None:
-    if type(exc).__name__ == "OutOfMemoryError":
-        import torch
+def release_gpu_memory() -> None:
+    """Give cached CUDA blocks back after an out-of-memory failure."""
+    import gc
 
-        torch.cuda.empty_cache()
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()

@@ -118,6 +118,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
             try:
                 registry.get(default)
             except Exception as exc:
+                heartbeat.stop(forget=False)   # /health shows setup_failed until the key expires
                 info.state, info.error = WorkerState.SETUP_FAILED, f"{type(exc).__name__}: {exc}"
                 publish_heartbeat(store.redis, info, settings.workers.heartbeat_ttl)
                 log.exception("could not load default model %s", default)
@@ -131,7 +132,8 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
                             "--prefetch-multiplier=1", "--without-gossip", "--without-mingle",
                             "--without-heartbeat", "-E", f"--loglevel={args.loglevel}"])
     finally:
-        heartbeat.stop()
+        if info.state != WorkerState.SETUP_FAILED:
+            heartbeat.stop()
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ from common.taskstore import TaskStore
 class StepMonitor:
     """Callable for `callback_on_step_end`: throttled progress, cancel and stale checks."""
 
-    def __init__(self, store: TaskStore, task_id: str, attempt: int, time_limit: float,
+    def __init__(self, store: TaskStore, task_id: str, attempt: int, worker: str, time_limit: float,
                  progress_interval: float, started: float | None = None):
         self.store = store
         self.task_id = task_id
         self.attempt = attempt
+        self.worker = worker
         self.deadline = (started or time.monotonic()) + time_limit
         self.time_limit = time_limit
         self.interval = progress_interval
@@ -34,7 +35,7 @@ class StepMonitor:
 
     def on_step(self, step: int, total: int) -> None:
         """Raise JobCancelled / StaleAttempt / JobTimeLimit to stop; else maybe record progress."""
-        self.store.check_still_mine(self.task_id, self.attempt)
+        self.store.check_still_mine(self.task_id, self.attempt, self.worker)
         now = time.monotonic()
         if now > self.deadline:
             raise JobTimeLimit(f"job exceeded the time limit of {self.time_limit:g} s")

@@ -56,7 +56,8 @@ class PipelineRegistry:
             self._pipes.move_to_end(name)
             return self._pipes[name]
         while len(self._pipes) >= self.capacity:
-            evicted, _ = self._pipes.popitem(last=False)
+            evicted = next(iter(self._pipes))
+            del self._pipes[evicted]          # drop the only reference before freeing memory
             log.info("evicting model %s", evicted)
             self._free_memory()
         started = time.perf_counter()

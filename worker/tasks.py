@@ -8,10 +8,13 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 from celery.utils.time import get_exponential_backoff_interval
 
 from common.errors import TaskNotFound
+from common.netguard import blocked_reason
 from common.queue import CALLBACK_TASK, GENERATE_TASK
 from worker.jobs import JobContext, run_delivery
 from worker.webhook import RetryableDelivery, build_payload, deliver
@@ -27,6 +30,9 @@ def deliver_task_callback(ctx: JobContext, task_id: str, attempt: int) -> int | 
         return None
     if not task.spec.callback_url:
         return None
+    if not ctx.settings.callbacks.allow_private and (reason := blocked_reason(task.spec.callback_url)):
+        ctx.store.set_fields(task_id, callback_status=f"refused: {reason}")   # checked again: DNS may change
+        return None
     urls = [ctx.storage.url_for(k) for k in task.result_keys]
     payload = build_payload(task.id, task.status.value, urls, task.error)
     try:
@@ -35,7 +41,8 @@ def deliver_task_callback(ctx: JobContext, task_id: str, attempt: int) -> int | 
     except RetryableDelivery as exc:
         ctx.store.set_fields(task_id, callback_status=f"retrying after attempt {attempt + 1}: {exc}")
         raise
-    ctx.store.set_fields(task_id, callback_status=f"delivered: HTTP {code} after {attempt + 1} attempt(s)")
+    outcome = "delivered" if code < 400 else "rejected by the receiver (not retried)"
+    ctx.store.set_fields(task_id, callback_status=f"{outcome}: HTTP {code} after {attempt + 1} attempt(s)")
     return code
 
 
@@ -43,7 +50,12 @@ def register_tasks(app: Celery, get_context: Callable[[], JobContext]) -> None:
     """Attach the generate and callback task bodies to `app`."""
     settings = get_context().settings
 
-    @app.task(name=GENERATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    # Redis/broker errors (after the client's own retries) are not the job's fault:
+    # the delivery is retried rather than acknowledged; the task is idempotent
+    # against its hash (claim accepts its own worker, finish its own result).
+    @app.task(name=GENERATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+              autoretry_for=(redis.RedisError, OperationalError), retry_backoff=True, retry_backoff_max=60,
+              retry_jitter=False, max_retries=None)
     def generate_task(self, task_id: str, attempt: int = 0) -> str:
         return run_delivery(get_context(), task_id, int(attempt))
 
