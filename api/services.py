@@ -15,7 +15,7 @@ from flask import current_app
 
 from api.auth import KeyRing
 from api.waiter import WaitSlots
-from common.catalog import ModelInfo, list_loras, list_models
+from common.catalog import ModelInfo, list_loras, list_models, pick_default
 from common.queue import MessageBuilder
 from common.storage import Storage
 from common.taskstore import TaskStore
@@ -49,7 +49,7 @@ class Catalog:
 
     def default_model(self) -> str | None:
         self._refresh()
-        return self.configured_default or (self._models[0].name if self._models else None)
+        return pick_default(self.configured_default, self._models)
 
     def loras(self) -> dict[str, Path]:
         self._refresh()

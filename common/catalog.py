@@ -56,12 +56,13 @@ def find_model(models_dir: Path, name: str) -> ModelInfo | None:
     return next((m for m in list_models(models_dir) if m.name == name), None)
 
 
-def default_model_name(models_dir: Path, configured: str) -> str | None:
+def pick_default(configured: str, models: list[ModelInfo]) -> str | None:
     """The configured default, else the first model in the directory."""
-    if configured:
-        return configured
-    models = list_models(models_dir)
-    return models[0].name if models else None
+    return configured or (models[0].name if models else None)
+
+
+def default_model_name(models_dir: Path, configured: str) -> str | None:
+    return pick_default(configured, list_models(models_dir) if not configured else [])
 
 
 def list_loras(lora_dir: Path) -> dict[str, Path]:

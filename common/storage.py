@@ -73,6 +73,3 @@ class Storage:
             return f"{self.public_base_url}/{quote(key)}"
         return self.signer.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expiry)
-
-    def s3_uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"

@@ -38,9 +38,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def default_name(role: str, device: str) -> str:
-    tag = "callbacks" if role == "callbacks" else (device.replace(":", "").replace("cuda", "gpu") or "cpu")
+def default_name(role: str, configured_device: str, device: str) -> str:
+    """callbacks@host, cpu@host, or gpuN@host after the card configured (before pinning renumbers it)."""
+    if role == "callbacks":
+        tag = "callbacks"
+    elif device == "cpu":
+        tag = "cpu"
+    else:
+        tag = "gpu" + (configured_device.split(":", 1)[1] if ":" in configured_device else "0")
     return f"{tag}@{socket.gethostname()}"
+
+
+def prepare_torch(pinned: str, settings) -> str:
+    """Import torch (after pinning), quiet the ML libraries, set threads; the device to use.
+
+    Only GPU workers do this: the callback worker never imports torch.
+    """
+    from worker.quiet import quiet_libraries
+
+    quiet_libraries()
+    from worker.device import resolve_device
+
+    device = resolve_device(pinned)
+    if settings.worker.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.worker.torch_threads)
+    return device
 
 
 def ensure_default_model(settings) -> str:
@@ -68,19 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings()
     logging.basicConfig(level=args.loglevel, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    pinned = pin_device(args.device if args.device is not None else settings.worker.device) \
-        if args.role == "gpu" else pin_device("cpu")
-    from worker.quiet import quiet_libraries
-
-    quiet_libraries()
-    from worker.device import resolve_device
-
-    device = resolve_device(pinned)
-    if settings.worker.torch_threads > 0:
-        import torch
-
-        torch.set_num_threads(settings.worker.torch_threads)
-    name = args.name or settings.worker.name or default_name(args.role, device)
+    configured = args.device if args.device is not None else settings.worker.device
+    pinned = pin_device(configured if args.role == "gpu" else "cpu")
+    device = prepare_torch(pinned, settings) if args.role == "gpu" else "cpu"
+    name = args.name or settings.worker.name or default_name(args.role, configured, device)
     queues = args.queues.split(",") if args.queues else (
         [settings.tasks.queue] if args.role == "gpu" else [settings.callbacks.queue])
     info = WorkerInfo(id=f"{name}:{os.getpid()}:{uuid.uuid4().hex[:8]}", name=name, device=device,
