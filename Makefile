@@ -11,7 +11,12 @@ TORCH_INDEX ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: run test deps system-deps bench docker-config clean
+# bash with pipefail: a failing command piped into grep fails the recipe, so a
+# broken install is never stamped as installed.
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+
+.PHONY: run test deps system-deps bench docker-config clean purge
 
 run: deps
 	$(PY) -m common.localstack run
@@ -34,8 +39,8 @@ $(STAMP): requirements.txt requirements-api.txt requirements-dev.txt
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 	$(if $(TORCH_INDEX),$(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX),)
-	$(PY) -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import torch, diffusers, flask_smorest, celery, boto3" 
+	$(PY) -m pip install -q -r requirements-dev.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -c "import torch, diffusers, flask_smorest, celery, boto3"
 	touch $(STAMP)
 
 bench: deps
@@ -45,5 +50,11 @@ bench: deps
 docker-config:
 	docker compose config --quiet && echo "docker-compose.yml is valid"
 
+# clean keeps data/: it holds your models, the local API key and Redis's AOF.
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) .pytest_cache
+	find . -path ./data -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# purge is clean plus data/ (models, API key, queued and finished tasks): all gone.
+purge: clean
+	rm -rf data

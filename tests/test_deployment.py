@@ -1,16 +1,24 @@
-"""docker-compose.yml: valid where a compose client exists, and shaped as documented."""
+"""How sdqueue is deployed: docker-compose.yml (valid where a compose client
+exists, shaped as documented) and the local stack's start-up guards."""
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from common.localstack import (LOOPBACK, LocalStack, PortInUse, free_port, local_api_key, local_flower_password,
+                               wait_for)
+
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "SDQ_API_KEYS": "k1", "FLOWER_BASIC_AUTH": "admin:pw"}
+REQUIRED = {"SDQ_API_KEYS": "k1", "MINIO_ROOT_PASSWORD": "minio-secret-1", "FLOWER_BASIC_AUTH": "admin:pw"}
+ENV = {**os.environ, **REQUIRED}
 
 
 def compose_command() -> list[str] | None:
@@ -21,15 +29,43 @@ def compose_command() -> list[str] | None:
     return None
 
 
+def published_ports(service: dict) -> set[int]:
+    """Host ports a service publishes, from short ("9000:9000") or long (rendered) syntax."""
+    ports = set()
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            if port.get("published") not in (None, ""):
+                ports.add(int(port["published"]))
+        else:
+            parts = str(port).split(":")
+            if len(parts) > 1:
+                ports.add(int(parts[-2]))
+    return ports
+
+
+def assert_secure_shape(services: dict) -> None:
+    """What the security review asked for, checked on raw and on rendered compose."""
+    assert 9001 not in published_ports(services["minio"]) and 9000 in published_ports(services["minio"])
+    assert services["flower"]["build"] == services["api"]["build"]
+    assert "SDQ_REDIS_URL" in " ".join(services["flower"]["command"])
+    assert services["flower"]["environment"]["SDQ_REDIS_URL"] == services["api"]["environment"]["SDQ_REDIS_URL"]
+    for i in (0, 1):
+        assert services[f"worker-gpu{i}"]["environment"]["SDQ_WORKER_DEVICE"] == "cuda"
+
+
 def test_compose_config_is_valid():
     command = compose_command()
     if command is None:
         pytest.skip("no docker compose client on this machine")
-    result = subprocess.run([*command, "config", "-q"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    result = subprocess.run([*command, "config"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    unset = {k: v for k, v in ENV.items() if k != "SDQ_API_KEYS"}
-    refused = subprocess.run([*command, "config", "-q"], cwd=ROOT, env=unset, capture_output=True, text=True)
-    assert refused.returncode != 0 and "SDQ_API_KEYS" in refused.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert_secure_shape(services)
+    assert services["minio"]["environment"]["MINIO_ROOT_PASSWORD"] == REQUIRED["MINIO_ROOT_PASSWORD"]
+    for name in REQUIRED:
+        unset = {k: v for k, v in ENV.items() if k != name}
+        refused = subprocess.run([*command, "config", "-q"], cwd=ROOT, env=unset, capture_output=True, text=True)
+        assert refused.returncode != 0 and name in refused.stderr, f"compose must refuse to start without {name}"
 
 
 def test_compose_has_the_production_shape():
@@ -41,6 +77,35 @@ def test_compose_has_the_production_shape():
         devices = services[f"worker-gpu{i}"]["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "device_ids": [str(i)], "capabilities": ["gpu"]}]
     assert "--basic-auth" in " ".join(services["flower"]["command"])
+    assert_secure_shape(services)
     assert "--role" in services["callbacks"]["command"] and "callbacks" in services["callbacks"]["command"]
     for name in ("api.Dockerfile", "worker.Dockerfile"):
         assert (ROOT / "docker" / name).exists()
+
+
+def test_local_secrets_are_private_from_the_start(tmp_path):
+    data_dir = tmp_path / "fresh-clone" / "data"          # does not exist yet
+    password = local_flower_password(data_dir)
+    key = local_api_key(data_dir)
+    for name in ("flower_password", "api_key"):
+        assert stat.S_IMODE((data_dir / name).stat().st_mode) == 0o600
+    assert key.startswith("sdq-") and password
+    assert local_api_key(data_dir) == key and local_flower_password(data_dir) == password
+
+
+def test_a_taken_port_fails_at_once_naming_the_setting(tmp_path):
+    stack = LocalStack(data_dir=tmp_path, redis_port=free_port(), s3_port=free_port(), api_port=free_port(),
+                       flower_port=free_port(), api_keys=["k"], flower_password="pw")
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, stack.redis_port))
+        taken.listen()
+        with pytest.raises(PortInUse, match="SDQ_REDIS_URL"):
+            stack.start_redis()
+    assert "redis" not in stack.services
+
+
+def test_wait_for_fails_when_the_process_exited_even_if_the_check_passes():
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait()
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        wait_for(lambda: True, 5, "redis", proc)
