@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import g, request
 
@@ -20,10 +20,10 @@ class ApiKey:
 
     key: str
     name: str
+    owner: str = field(init=False)
 
-    @property
-    def owner(self) -> str:
-        return "k_" + hashlib.sha256(self.key.encode()).hexdigest()[:20]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "owner", "k_" + hashlib.sha256(self.key.encode()).hexdigest()[:20])
 
 
 def parse_keys(raw: list) -> list[ApiKey]:

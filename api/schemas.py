@@ -7,6 +7,8 @@ Unknown fields are ignored (as the original FastAPI service does).
 from __future__ import annotations
 
 import numbers
+
+import orjson
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate, validates, validates_schema
@@ -78,9 +80,12 @@ class BaseSchema(Schema):
 
     @pre_load
     def refuse_unencodable_text(self, data: Any, **_: Any) -> Any:
-        errors = unencodable_text(data)
-        if errors:
-            raise ValidationError(errors)
+        try:
+            orjson.dumps(data)          # C-speed check: fails only on lone surrogates (or odd types)
+        except TypeError:
+            errors = unencodable_text(data)
+            if errors:
+                raise ValidationError(errors) from None
         return data
 
 
