@@ -354,10 +354,11 @@ def build_default_model(stack: LocalStack) -> None:
     """Build the tiny random-weight model once when no model is configured."""
     settings = stack.settings()
     from common.catalog import default_model_name
+    from worker.tinymodel import TINY_MODEL_NAME   # stdlib-only at import: no torch here
 
     if default_model_name(settings.models_dir, settings.models.default) is None:
         print("no model configured: building the tiny random-weight pipeline (once)...", flush=True)
-        subprocess.run([sys.executable, "-m", "worker.tinymodel", str(settings.models_dir / "sdq-tiny")],
+        subprocess.run([sys.executable, "-m", "worker.tinymodel", str(settings.models_dir / TINY_MODEL_NAME)],
                        check=True, env=stack.env(), cwd=ROOT)
 
 

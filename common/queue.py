@@ -56,11 +56,6 @@ def celery_task_id(task_id: str, attempt: int) -> str:
     return task_id if attempt == 0 else f"{task_id}-r{attempt}"
 
 
-def send_generate(app: Celery, task_id: str, attempt: int, queue: str) -> None:
-    """Enqueue delivery `attempt` of a job through Celery (the reaper's path)."""
-    app.send_task(GENERATE_TASK, args=[task_id, attempt], queue=queue, task_id=celery_task_id(task_id, attempt))
-
-
 @dataclass(frozen=True)
 class BrokerMessage:
     """A Celery task message ready to be pushed onto a Redis list."""

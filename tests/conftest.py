@@ -3,15 +3,11 @@ worker, gunicorn API) on free loopback ports, in a temporary data dir."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import redis
 
 from common.localstack import LocalStack, build_default_model, free_port, free_port_block
-from common.settings import load_settings
 from tests.helpers import Api, build_test_lora
 from tests.single_file import write_single_file_checkpoint
 

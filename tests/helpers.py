@@ -71,10 +71,6 @@ class Api:
         return self.wait(self.submit(**body))
 
 
-def urls_of(task: dict) -> list[str]:
-    return [task["result_url"]] if task["result_url"] else list(task["result_urls"] or [])
-
-
 def fetch(url: str) -> bytes:
     response = requests.get(url, timeout=30)
     assert response.status_code == 200, (url, response.status_code, response.text[:200])

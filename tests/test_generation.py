@@ -8,7 +8,7 @@ from PIL import Image
 
 from common.infotext import parse_infotext
 from common.schedulers import SCHEDULERS
-from tests.helpers import data_url, fetch, gradient, pixels, urls_of
+from tests.helpers import data_url, fetch, gradient, pixels
 from worker.images import read_parameters
 
 

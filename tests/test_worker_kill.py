@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal
 
-from common.queue import create_celery, send_generate
+from common.queue import MessageBuilder, create_celery
 from common.taskstore import task_key
 from tests.helpers import SLOW_JOB
 
@@ -35,7 +35,8 @@ def test_killed_worker_job_is_redelivered_and_completes(stack, api, rds, storage
     # The dead worker's original delivery (attempt 0) may still arrive from the broker
     # later: it must change nothing.
     before = rds.hgetall(task_key(task_id))
-    send_generate(create_celery(settings), task_id, 0, settings.tasks.queue)
+    stale = MessageBuilder(create_celery(settings)).generate(task_id, 0, settings.tasks.queue)
+    rds.lpush(stale.list_key, stale.payload)      # the same message the API enqueued
     assert api.run()["status"] == "completed"     # FIFO: the stale copy was handled first
     assert rds.hgetall(task_key(task_id)) == before
     assert output_keys(storage, task_id) == [f"{storage.prefix}/{task_id}/0.png"]
