@@ -18,6 +18,7 @@ from api.auth import KeyRing, parse_keys
 from api.errors import dialect_error, http_error, unexpected_error
 from api.limits import RateLimits
 from api.services import Catalog, Services
+from api.stage import StagePrefix
 from api.submission import QueueFull, SyncTimeout
 from api.waiter import EventHub, WaitersFull
 from common.errors import StorageError
@@ -121,7 +122,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     except StorageError as exc:   # S3 may come up after the API; uploads answer 503 until then
         log.warning("could not ensure bucket %s: %s", settings.storage.bucket, exc)
 
-    from api import a1111, draw, eks, health, native
+    from api import a1111, aws_inference, aws_models, draw, eks, health, native
 
     api = SdqApi(app, spec_kwargs={"info": {"description": "Distributed Stable Diffusion service"}})
     api.spec.components.security_scheme("ApiKeyAuth", {"type": "apiKey", "in": "header",
@@ -136,5 +137,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(a1111.create_a1111_blueprint(settings, limits, svc.keys))
     api.register_blueprint(draw.create_draw_blueprint(settings, svc.catalog, limits, svc.keys))
     api.register_blueprint(eks.create_eks_blueprint(settings, limits, svc.keys))
+    api.register_blueprint(aws_inference.create_aws_inference_blueprint(settings, limits, svc.keys))
+    api.register_blueprint(aws_models.create_aws_models_blueprint(settings, limits, svc.keys))
     register_error_handlers(app)
+    if settings.api.stage_prefix.strip("/"):
+        app.wsgi_app = StagePrefix(app.wsgi_app, settings.api.stage_prefix)
     return app

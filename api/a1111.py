@@ -26,8 +26,9 @@ from api.errors import DIALECT_RENDERERS, error_response, json_error
 from api.services import Services, services
 from api.submission import new_task_id, resolve_seed, submit_job, wait_for_result
 from common.catalog import ModelInfo, model_sha256
-from common.infotext import VERSION, build_infotext, parse_infotext
-from common.jobspec import JobSpec
+from common.infotext import generation_info, parse_infotext
+from common.jobspec import JobSpec, LoraRef
+from common.loratags import extract_loras
 from common.samplers import SAMPLERS, SCHEDULE_TYPES, find_sampler, find_schedule_type, scheduler_for
 from common.taskstore import Task, TaskStatus
 
@@ -181,8 +182,26 @@ def prepared_mask(data: dict, size: tuple[int, int]) -> bytes:
     return out.getvalue()
 
 
+def prompt_loras(svc: Services, prompt: str, warnings: list[str],
+                 extra: frozenset[str] = frozenset()) -> tuple[str, list[LoraRef]]:
+    """The prompt without its `<lora:name:weight>` tags, and the LoRAs they name that exist.
+
+    As A1111 does, a tag naming an unknown LoRA is skipped with a warning,
+    not refused. `extra`: names the dialect makes available besides the
+    LoRA directory (the AWS extension's uploaded LoRAs).
+    """
+    cleaned, loras, problems = extract_loras(prompt)
+    warnings.extend(problems)
+    known = set(svc.catalog.loras()) | extra
+    for lora in loras:
+        if lora.name not in known:
+            warnings.append(f"<lora:{lora.name}>: no such LoRA; the tag was ignored")
+    return cleaned, [lr for lr in loras if lr.name in known]
+
+
 def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warnings: list[str],
-                        model: ModelInfo | None = None, dialect: str = BLUEPRINT) -> JobSpec:
+                        model: ModelInfo | None = None, dialect: str = BLUEPRINT,
+                        extra_loras: frozenset[str] = frozenset()) -> JobSpec:
     """A1111 request (validated) -> canonical job; uploads the init image and mask first.
 
     Also the translation of the dialects that carry A1111 parameters (SD on
@@ -203,13 +222,14 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         if data.get("mask") is not None:
             mask_key = svc.storage.input_key(task_id, "mask.png")
             svc.storage.put(mask_key, prepared_mask(data, (width, height)), "image/png")
+    prompt, loras = prompt_loras(svc, data["prompt"], warnings, extra_loras)
     return JobSpec(
-        prompt=data["prompt"], negative_prompt=data.get("negative_prompt") or None, model=model.name,
+        prompt=prompt, negative_prompt=data.get("negative_prompt") or None, model=model.name,
         width=width, height=height, num_images=data["batch_size"] * data["n_iter"], batch_size=data["batch_size"],
         num_inference_steps=data["steps"], guidance_scale=data["cfg_scale"], strength=strength,
         scheduler=scheduler, scheduler_config=config, sampler_name=sampler_name, seed=resolve_seed(data["seed"]),
         init_image_key=init_key, mask_image_key=mask_key,
-        loras=[], dialect=dialect, save_copy_dir=OUTDIRS[mode] if data.get("save_images") else None,
+        loras=loras, dialect=dialect, save_copy_dir=OUTDIRS[mode] if data.get("save_images") else None,
     )
 
 
@@ -232,24 +252,19 @@ def build_info(svc: Services, spec: JobSpec, task: Task, data: dict, warnings: l
     """A1111's Processed.js() for a finished task, plus sdqueue's task_id and warnings."""
     model = svc.catalog.model(spec.model)
     seeds = task.seeds or spec.seeds
-    infotexts = [build_infotext(spec, s, spec.width, spec.height, version=VERSION) for s in seeds]
     schedule = "Karras" if spec.scheduler_config.get("use_karras_sigmas") else None
     subseed = data["subseed"] if data.get("subseed") not in (None, -1) else spec.seed
     return {
-        "prompt": spec.prompt, "all_prompts": [spec.prompt] * len(seeds),
-        "negative_prompt": spec.negative_prompt or "", "all_negative_prompts": [spec.negative_prompt or ""] * len(seeds),
-        "seed": spec.seed, "all_seeds": seeds, "subseed": subseed,
+        **generation_info(spec, seeds), "subseed": subseed,
         "all_subseeds": [(subseed + i) % 2**32 for i in range(len(seeds))],
-        "subseed_strength": data.get("subseed_strength") or 0, "width": spec.width, "height": spec.height,
-        "sampler_name": spec.sampler_name, "cfg_scale": spec.guidance_scale, "steps": spec.num_inference_steps,
-        "batch_size": spec.batch_size or len(seeds), "restore_faces": False, "face_restoration_model": None,
+        "subseed_strength": data.get("subseed_strength") or 0, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_stem(model) if model else spec.model,
         "sd_model_hash": model_sha256(model)[:10] if model else None, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": spec.strength,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "extra_generation_params": {"Schedule type": schedule} if schedule else {},
-        "index_of_first_image": 0, "infotexts": infotexts, "styles": data.get("styles") or [],
+        "index_of_first_image": 0, "styles": data.get("styles") or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(task.started_at or task.created_at)),
-        "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": VERSION,
+        "clip_skip": 1, "is_using_inpainting_conditioning": False,
         "task_id": task.id, "interrupted": task.status is TaskStatus.CANCELLED, "warnings": warnings,
     }
 

@@ -87,7 +87,6 @@ def create_eks_blueprint(settings, limits, keys) -> Blueprint:
     blp.before_request(keys.authenticator(BLUEPRINT, None, lambda: eks_error(401, "Unauthorized"),
                                           lambda: eks_error(403, "Forbidden")))
     txt2img, img2img = eks_schemas(settings)
-    stage = "/" + settings.api.eks_stage.strip("/") if settings.api.eks_stage.strip("/") else ""
 
     def submit():
         from flask import request
@@ -123,7 +122,5 @@ def create_eks_blueprint(settings, limits, keys) -> Blueprint:
         return jsonify({"id_task": id_task, "task": scripts["task"], "sd_model_checkpoint": scripts["sd_model_checkpoint"],
                         "output_location": f"s3://{svc.storage.bucket}/{location}"})
 
-    for rule in ["/"] + ([stage, stage + "/"] if stage else []):
-        blp.add_url_rule(rule, endpoint=f"submit{rule.replace('/', '_')}", view_func=limits.submit(submit),
-                         methods=["POST"])
+    blp.add_url_rule("/", endpoint="submit", view_func=limits.submit(submit), methods=["POST"])
     return blp

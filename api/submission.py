@@ -45,14 +45,15 @@ def check_backpressure(svc: Services, queue: str) -> None:
             raise QueueFull(pending, limit)
 
 
-def submit_job(svc: Services, owner: str, spec: JobSpec, task_id: str | None = None) -> str:
+def submit_job(svc: Services, owner: str, spec: JobSpec, task_id: str | None = None, queue: str | None = None) -> str:
     """Write the pending task and its queue message atomically; returns the task id.
 
     With a caller-chosen task_id that exists already, nothing is written and
-    the existing id is returned (idempotent resubmission).
+    the existing id is returned (idempotent resubmission). `queue`: a worker
+    pool's queue (default tasks.queue).
     """
     task_id = task_id or new_task_id()
-    queue = svc.settings.tasks.queue
+    queue = queue or svc.settings.tasks.queue
     check_backpressure(svc, queue)
     svc.store.create(task_id, owner, spec, queue, svc.messages.generate(task_id, 0, queue))
     return task_id

@@ -37,6 +37,20 @@ def build_infotext(spec: JobSpec, seed: int, width: int, height: int, sampler: s
     return f"{text}\n{line}"
 
 
+def generation_info(spec: JobSpec, seeds: list[int]) -> dict:
+    """The generation facts of a finished job in A1111's `info` names (shared by the dialects that report them)."""
+    negative = spec.negative_prompt or ""
+    return {
+        "prompt": spec.prompt, "all_prompts": [spec.prompt] * len(seeds),
+        "negative_prompt": negative, "all_negative_prompts": [negative] * len(seeds),
+        "seed": spec.seed, "all_seeds": seeds, "width": spec.width, "height": spec.height,
+        "sampler_name": spec.sampler_name, "cfg_scale": spec.guidance_scale, "steps": spec.num_inference_steps,
+        "batch_size": spec.batch_size or len(seeds), "denoising_strength": spec.strength,
+        "infotexts": [build_infotext(spec, s, spec.width, spec.height, version=VERSION) for s in seeds],
+        "version": VERSION,
+    }
+
+
 def _quote(value: str) -> str:
     """Quote a value containing separators, as A1111's infotext writer does."""
     if "," not in value and ":" not in value and "\n" not in value:

@@ -14,7 +14,7 @@ from typing import Any
 
 
 _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", "mask_image_key", "output_prefix",
-                              "save_copy_dir", "meta"})
+                              "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key"})
 
 
 @dataclass
@@ -52,6 +52,10 @@ class JobSpec:
     output_prefix: str | None = None
     save_copy_dir: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Files the worker copies from S3 into its model/LoRA directory first: [{"key", "dir", "name"}]
+    assets: list[dict[str, str]] = field(default_factory=list)
+    output_stem: str | None = None   # outputs are {output_prefix}/{stem}{n}.{ext}
+    sidecar_key: str | None = None   # where the worker writes meta["sidecar"] + generation info as JSON
 
     @property
     def mode(self) -> str:

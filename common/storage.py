@@ -6,6 +6,8 @@ URL when the bucket is served publicly).
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote
 
 import boto3
@@ -73,3 +75,60 @@ class Storage:
             return f"{self.public_base_url}/{quote(key)}"
         return self.signer.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expiry)
+
+    # --- large files (model checkpoints) -------------------------------------------
+    def start_multipart(self, key: str) -> str:
+        """Open a multipart upload for `key`; its upload id."""
+        try:
+            return self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot start the upload of {key}: {exc}") from exc
+
+    def part_urls(self, key: str, upload_id: str, parts: int) -> list[str]:
+        """Presigned PUT URLs for parts 1..parts (clients upload straight to S3 and keep each ETag)."""
+        return [self.signer.generate_presigned_url(
+            "upload_part", Params={"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": n},
+            ExpiresIn=self.expiry) for n in range(1, parts + 1)]
+
+    def uploaded_parts(self, key: str, upload_id: str) -> list[dict]:
+        """[{ETag, PartNumber}] of the parts S3 holds for an open upload."""
+        try:
+            pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            return [{"ETag": p["ETag"], "PartNumber": p["PartNumber"]} for page in pages for p in page.get("Parts", [])]
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot list the parts of {key}: {exc}") from exc
+
+    def finish_multipart(self, key: str, upload_id: str, parts: list[dict]) -> None:
+        """Complete an upload from its parts (sorted by PartNumber, as S3 requires)."""
+        ordered = sorted(({"ETag": str(p["ETag"]), "PartNumber": int(p["PartNumber"])} for p in parts),
+                         key=lambda p: p["PartNumber"])
+        try:
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": ordered})
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot complete the upload of {key}: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"cannot stat {key}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot stat {key}: {exc}") from exc
+
+    def put_stream(self, key: str, stream: BinaryIO) -> None:
+        """Upload a stream of unknown length (boto3 switches to multipart for big ones)."""
+        try:
+            self.client.upload_fileobj(stream, self.bucket, key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"upload of {key} failed: {exc}") from exc
+
+    def download(self, key: str, path: Path) -> None:
+        """Copy an object to a local file (ranged, parallel for big ones)."""
+        try:
+            self.client.download_file(self.bucket, key, str(path))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"download of {key} failed: {exc}") from exc

@@ -37,6 +37,7 @@ STACK_ENV = {
     "SDQ_API_READ_LIMIT": "",
     "SDQ_TASKS_PROGRESS_INTERVAL": "0.05",
     "SDQ_DEFAULTS_NUM_INFERENCE_STEPS": "4",
+    "SDQ_DOWNLOADS_ALLOW_HOSTS": "127.0.0.2",  # the model-hub stand-in of test_aws
 }
 
 

@@ -8,6 +8,7 @@ delivery writes nothing, and every ending notifies the webhook queue.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,12 +20,13 @@ from PIL import Image
 
 from common.catalog import find_model, list_loras
 from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt, StorageError
-from common.infotext import VERSION, build_infotext
+from common.infotext import VERSION, build_infotext, generation_info
 from common.jobspec import JobSpec
 from common.queue import send_callback
 from common.storage import Storage
 from common.taskstore import Task, TaskStatus, TaskStore
 from common.workers import WorkerInfo, WorkerState, publish_heartbeat
+from worker.assets import asset_dirs, ensure_assets
 from worker.generation import GenerationResult, generate
 from worker.images import CONTENT_TYPES, encode_image
 from worker.monitor import StepMonitor
@@ -69,7 +71,7 @@ def load_input_image(storage: Storage, key: str | None) -> Image.Image | None:
 def output_key(ctx: JobContext, task_id: str, spec: JobSpec, index: int) -> str:
     """{prefix}/{task_id}/{n}.{ext}, or under the location a dialect promised its client."""
     if spec.output_prefix:
-        return f"{spec.output_prefix.strip('/')}/{index}.{spec.extension}"
+        return f"{spec.output_prefix.strip('/')}/{spec.output_stem or ''}{index}.{spec.extension}"
     return ctx.storage.output_key(task_id, index, spec.extension)
 
 
@@ -100,6 +102,13 @@ def upload_images(ctx: JobContext, task_id: str, spec: JobSpec, result: Generati
             ctx.storage.put(copy, data, CONTENT_TYPES[ext], metadata=metadata)
         keys.append(key)
     return keys
+
+
+def write_sidecar(ctx: JobContext, task_id: str, spec: JobSpec, seeds: list[int], keys: list[str]) -> None:
+    """The JSON a dialect asked for next to the images: its own fields plus what was generated."""
+    document = {**spec.meta.get("sidecar", {}), "info": {**generation_info(spec, seeds), "task_id": task_id},
+                "images": keys}
+    ctx.storage.put(spec.sidecar_key, json.dumps(document, ensure_ascii=False).encode(), "application/json")
 
 
 def announce(ctx: JobContext) -> None:
@@ -143,6 +152,7 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
     monitor = StepMonitor(ctx.store, task.id, attempt, ctx.info.id, ctx.settings.tasks.time_limit,
                           ctx.settings.tasks.progress_interval)
     try:
+        ensure_assets(ctx.storage, spec.assets, asset_dirs(ctx.settings))
         model = find_model(ctx.settings.models_dir, spec.model)
         if model is None:
             raise ModelError(f"model '{spec.model}' is not in the model directory")
@@ -154,6 +164,8 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image)
         compute = time.perf_counter() - started
         keys = upload_images(ctx, task.id, spec, result)
+        if spec.sidecar_key:
+            write_sidecar(ctx, task.id, spec, result.seeds, keys)
     except JobCancelled:
         return TaskStatus.CANCELLED, {"error": "cancelled by client"}
     except (StaleAttempt, redis.RedisError):

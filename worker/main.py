@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (overrides worker.device)")
     parser.add_argument("--name", default=None, help="worker name (overrides worker.name)")
     parser.add_argument("--queues", default=None, help="comma-separated queues to consume")
+    parser.add_argument("--pool", default=None,
+                        help="worker pool to serve (its queue; overrides worker.pool; default tasks.queue)")
     parser.add_argument("--concurrency", type=int, default=8, help="callback worker threads")
     parser.add_argument("--loglevel", default="INFO")
     return parser.parse_args(argv)
@@ -47,6 +49,15 @@ def default_name(role: str, configured_device: str, device: str) -> str:
     else:
         tag = "gpu" + (configured_device.split(":", 1)[1] if ":" in configured_device else "0")
     return f"{tag}@{socket.gethostname()}"
+
+
+def consumed_queues(args: argparse.Namespace, settings) -> list[str]:
+    """--queues, else the pool (--pool / worker.pool), else tasks.queue; callbacks.queue for that role."""
+    if args.queues:
+        return [q for q in args.queues.split(",") if q]
+    if args.role == "callbacks":
+        return [settings.callbacks.queue]
+    return [args.pool or settings.worker.pool or settings.tasks.queue]
 
 
 def prepare_torch(pinned: str, settings) -> str:
@@ -96,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     pinned = pin_device(configured if args.role == "gpu" else "cpu")
     device = prepare_torch(pinned, settings) if args.role == "gpu" else "cpu"
     name = args.name or settings.worker.name or default_name(args.role, configured, device)
-    queues = args.queues.split(",") if args.queues else (
-        [settings.tasks.queue] if args.role == "gpu" else [settings.callbacks.queue])
+    queues = consumed_queues(args, settings)
     info = WorkerInfo(id=f"{name}:{os.getpid()}:{uuid.uuid4().hex[:8]}", name=name, device=device,
                       queues=queues)
     run_worker(settings, args, info)

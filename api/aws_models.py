@@ -1,0 +1,209 @@
+"""The AWS extension middleware's model API (seed 001): checkpoints uploaded into S3.
+
+Why: clients bring their own checkpoints and LoRAs. POST /checkpoint opens
+one S3 multipart upload per file and hands out presigned part URLs (the
+bytes never pass through the API); PUT /checkpoint completes them and makes
+the checkpoint Active; POST /upload_checkpoint has the service fetch files
+from URLs (SSRF-guarded). Inference requests then name the files, and the
+worker that runs them copies them into its model directory. Answers carry
+`statusCode` beside their fields; errors are {"statusCode", "error"}.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import jsonify
+from flask_smorest import Blueprint
+
+from api.auth import bearer_token
+from api.aws_inference import DIALECT, forbidden, gateway_error, not_allowed
+from api.aws_schemas import CheckpointCreate, CheckpointQuery, CheckpointsQuery, CheckpointUpdate, UploadCheckpoint
+from api.downloads import DownloadRefused, open_download
+from api.errors import DIALECT_RENDERERS, detail_text, json_error
+from api.services import Services, services
+from common.catalog import list_models
+from common.checkpoints import Checkpoint, CheckpointStore, filename_problem
+from common.errors import StorageError
+
+BLUEPRINT = "aws_models"
+SECURITY = [{"ApiKeyAuth": []}]
+
+
+def models_error(status: int, detail: Any, headers: dict | None = None):
+    """{"statusCode": N, "error": "..."} with the same HTTP status; validation lists become one line."""
+    if status == 429:
+        return gateway_error(429, "Too Many Requests", headers)
+    status = 400 if status == 422 else status
+    return json_error(status, {"statusCode": status, "error": detail_text(detail)}, headers)
+
+
+DIALECT_RENDERERS[BLUEPRINT] = models_error
+
+
+def checkpoints(svc: Services) -> CheckpointStore:
+    return CheckpointStore(svc.store.redis, svc.settings.aws.models_prefix)
+
+
+def now_text() -> str:
+    return str(datetime.now(timezone.utc).replace(tzinfo=None))
+
+
+def checkpoint_view(svc: Services, checkpoint: Checkpoint) -> dict:
+    """A checkpoint as POST/PUT/GET /checkpoint show it."""
+    return {"id": checkpoint.id, "type": checkpoint.type, "s3_location": f"s3://{svc.storage.bucket}/{checkpoint.prefix}",
+            "status": checkpoint.status, "params": checkpoint.params, "name": checkpoint.names}
+
+
+def listed_view(svc: Services, checkpoint: Checkpoint) -> dict:
+    """A checkpoint as GET /checkpoints lists it (camelCase s3Location, epoch `created`)."""
+    return {"id": checkpoint.id, "s3Location": f"s3://{svc.storage.bucket}/{checkpoint.prefix}",
+            "type": checkpoint.type, "status": checkpoint.status, "name": checkpoint.names,
+            "created": checkpoint.created, "params": checkpoint.params}
+
+
+def local_views(svc: Services) -> list[dict]:
+    """Models and LoRAs already in the workers' directories, listed like Active checkpoints."""
+    out = [{"id": f"local:{m.name}", "s3Location": "", "type": "Stable-diffusion", "status": "Active",
+            "name": [m.name], "created": m.path.stat().st_mtime, "params": {"source": "model directory"}}
+           for m in list_models(svc.settings.models_dir)]
+    out += [{"id": f"local:{p.name}", "s3Location": "", "type": "Lora", "status": "Active", "name": [p.name],
+             "created": p.stat().st_mtime, "params": {"source": "LoRA directory"}}
+            for p in svc.catalog.loras().values()]
+    return out
+
+
+def create_checkpoint(svc: Services, data: dict):
+    """POST /checkpoint: a record in Initial and, per file, a multipart upload with presigned part URLs."""
+    store = checkpoints(svc)
+    files = data["filenames"]
+    checkpoint = store.new(data["checkpoint_type"], [f["filename"] for f in files], data["params"])
+    uploads, presigned = {}, []
+    for item in files:
+        key = checkpoint.key_of(item["filename"])
+        upload_id = svc.storage.start_multipart(key)
+        checkpoint.uploads[item["filename"]] = upload_id
+        uploads[item["filename"]] = {"upload_id": upload_id, "bucket": svc.storage.bucket, "key": key}
+        presigned.append({**uploads[item["filename"]], "filename": item["filename"],
+                          "urls": svc.storage.part_urls(key, upload_id, item["parts_number"])})
+    checkpoint.params = {**checkpoint.params, "created": now_text(), "multipart_upload": uploads}
+    store.save(checkpoint)
+    return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint), "s3PresignUrl": presigned})
+
+
+def complete_uploads(svc: Services, checkpoint: Checkpoint, tags: dict[str, list[dict]]) -> None:
+    """Complete each file's multipart upload from the client's ETags, else from the parts S3 holds."""
+    for name, upload_id in list(checkpoint.uploads.items()):
+        key = checkpoint.key_of(name)
+        parts = tags.get(name) or tags.get(f"{name}.tar") or svc.storage.uploaded_parts(key, upload_id)
+        if not parts:
+            raise ValueError(f"no parts of {name} were uploaded yet")
+        try:
+            svc.storage.finish_multipart(key, upload_id, parts)
+        except StorageError as exc:
+            hint = " (every part but the last must be at least 5 MiB: use fewer parts)" if "EntityTooSmall" in str(exc) else ""
+            raise ValueError(f"{name}: {exc}{hint}") from exc
+        del checkpoint.uploads[name]
+
+
+def update_checkpoint(svc: Services, data: dict):
+    """PUT /checkpoint: Active completes the uploads; Disabled / Initial only set the status."""
+    store = checkpoints(svc)
+    checkpoint = store.get(data["checkpoint_id"])
+    if checkpoint is None:
+        return models_error(404, f"checkpoint not found with id {data['checkpoint_id']}")
+    if data["status"] == "Active" and checkpoint.uploads:
+        try:
+            complete_uploads(svc, checkpoint, data["multi_parts_tags"])
+        except ValueError as exc:
+            store.save(checkpoint)   # files completed so far stay completed
+            return models_error(400, str(exc))
+    checkpoint.status = data["status"]
+    store.save(checkpoint)
+    return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint)})
+
+
+def upload_from_urls(svc: Services, data: dict):
+    """POST /upload_checkpoint: fetch every URL into S3 (synchronously), then an Active checkpoint."""
+    store = checkpoints(svc)
+    checkpoint = store.new(data["checkpointType"], [], data["params"])
+    stored: dict[str, dict] = {}
+    for url in data["modelUrl"]:
+        try:
+            download = open_download(url, svc.settings)
+        except DownloadRefused as exc:
+            return models_error(400, f"contains invalid urls: {exc}")
+        with download.response:
+            if problem := filename_problem(download.name):
+                return models_error(400, f"contains invalid urls: {url}: {problem}")
+            if download.name in stored:
+                return models_error(400, f"contains invalid urls: two URLs give the file {download.name}")
+            key = checkpoint.key_of(download.name)
+            try:
+                svc.storage.put_stream(key, download.stream)
+            except DownloadRefused as exc:
+                return models_error(400, f"contains invalid urls: {exc}")
+            stored[download.name] = {"bucket": svc.storage.bucket, "key": key, "size": download.stream.read_bytes}
+    checkpoint.names = list(stored)
+    checkpoint.status = "Active"
+    checkpoint.params = {**checkpoint.params, "created": now_text(), "multipart_upload": stored}
+    store.save(checkpoint)
+    return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint)})
+
+
+def create_aws_models_blueprint(settings, limits, keys) -> Blueprint:
+    blp = Blueprint(BLUEPRINT, __name__, description="AWS extension middleware (seed 001): checkpoints in S3")
+    blp.before_request(keys.authenticator(DIALECT, bearer_token, forbidden, not_allowed))
+
+    @blp.route("/checkpoints", methods=["GET"])
+    @limits.read
+    @blp.arguments(CheckpointsQuery(), location="query")
+    @blp.doc(security=SECURITY)
+    def list_checkpoints(query: dict):
+        """Uploaded checkpoints and the models already in the workers' directories, filtered by status and types."""
+        svc = services()
+        found = [listed_view(svc, c) for c in checkpoints(svc).all()] + local_views(svc)
+        found = [c for c in found if (not query["status"] or c["status"] in query["status"])
+                 and (not query["types"] or c["type"] in query["types"])]
+        return jsonify({"statusCode": 200, "checkpoints": found})
+
+    @blp.route("/checkpoint", methods=["GET"])
+    @limits.read
+    @blp.arguments(CheckpointQuery(), location="query")
+    @blp.doc(security=SECURITY)
+    def get_checkpoint(query: dict):
+        """One uploaded checkpoint by `id` (or `checkpoint_id`)."""
+        svc = services()
+        wanted = query["id"] or query["checkpoint_id"]
+        if not wanted:
+            return models_error(400, "query parameter id is required")
+        checkpoint = checkpoints(svc).get(wanted)
+        if checkpoint is None:
+            return models_error(404, f"checkpoint not found with id {wanted}")
+        return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint)})
+
+    @blp.route("/checkpoint", methods=["POST"])
+    @limits.submit
+    @blp.arguments(CheckpointCreate(), location="json")
+    @blp.doc(security=SECURITY)
+    def post_checkpoint(data: dict):
+        """Create a checkpoint: presigned part URLs per file (PUT each part, keep its ETag)."""
+        return create_checkpoint(services(), data)
+
+    @blp.route("/checkpoint", methods=["PUT"])
+    @limits.submit
+    @blp.arguments(CheckpointUpdate(), location="json")
+    @blp.doc(security=SECURITY)
+    def put_checkpoint(data: dict):
+        """Set a checkpoint's status; Active completes its uploads (ETags from multi_parts_tags or S3)."""
+        return update_checkpoint(services(), data)
+
+    @blp.route("/upload_checkpoint", methods=["POST"])
+    @limits.submit
+    @blp.arguments(UploadCheckpoint(), location="json")
+    @blp.doc(security=SECURITY)
+    def upload_checkpoint(data: dict):
+        """Fetch model files from public URLs into S3 (private and loopback hosts refused unless allow-listed)."""
+        return upload_from_urls(services(), data)
+
+    return blp

@@ -1,0 +1,139 @@
+"""marshmallow schemas of the AWS extension middleware API (seed 001).
+
+Why its own module: /inference/v2 is A1111's request plus the extension's
+envelope (task_type, models, sagemaker_endpoint_name) with the extension's
+template defaults (28 steps, "Euler a"); the model API has its own bodies
+with the seed's names, camelCase included.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate, validates
+
+from api.a1111_schemas import a1111_request_schemas
+from api.schemas import BaseSchema, LooseInteger
+from common.checkpoints import CHECKPOINT_TYPES, STATUSES, filename_problem
+
+TASK_TYPES = ("txt2img", "img2img")
+POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+MAX_PARTS = 10000   # S3's limit on parts per multipart upload
+
+
+def check_pool_name(value: str) -> None:
+    if not POOL_NAME.match(value):
+        raise ValidationError("an endpoint name is 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit")
+
+
+class ModelsField(fields.Dict):
+    """{"Stable-diffusion": [file], "Lora": [files], ...}: lists of model file names by type."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(keys=fields.String(validate=validate.OneOf(CHECKPOINT_TYPES)),
+                         values=fields.List(fields.String(validate=validate.Length(1, 200))), **kwargs)
+
+    def _deserialize(self, value: Any, attr, data, **kwargs):
+        models = super()._deserialize(value, attr, data, **kwargs)
+        if not models.get("Stable-diffusion"):
+            raise ValidationError({"Stable-diffusion": ["a list with the checkpoint file name is required"]})
+        return models
+
+
+def inference_schemas(settings) -> tuple[Schema, Schema]:
+    """(txt2img, img2img) /inference/v2 schemas: A1111's, with the extension's envelope and defaults."""
+    txt2img, img2img = a1111_request_schemas(settings)
+    steps_range = validate.Range(1, settings.limits.max_steps)
+
+    def envelope(base: type[Schema]) -> type[Schema]:
+        class InferenceRequest(base):
+            task_type = fields.String(required=True, validate=validate.OneOf(TASK_TYPES))
+            models = ModelsField(required=True)
+            sagemaker_endpoint_name = fields.String(required=True, metadata={
+                "description": "Worker pool (GET /endpoints) that runs the job"})
+            steps = LooseInteger(load_default=28, validate=steps_range)
+            sampler_name = fields.String(load_default="Euler a", allow_none=True)
+            sampler_index = fields.String(load_default="Euler a")
+
+            @validates("sagemaker_endpoint_name")
+            def pool_name(self, value: str, **_: Any) -> None:
+                check_pool_name(value)
+
+        return InferenceRequest
+
+    return envelope(txt2img)(), envelope(img2img)()
+
+
+class JobQuery(BaseSchema):
+    jobID = fields.String(required=True, validate=validate.Length(1, 128), metadata={"description": "Job id"})
+
+
+class EndpointCreate(BaseSchema):
+    instance_type = fields.String(load_default="", validate=validate.Length(max=64), metadata={
+        "description": "Recorded for the deployment (e.g. the GPU type a pool should run on)"})
+    initial_instance_count = LooseInteger(load_default=1, validate=validate.Range(0, 1000), metadata={
+        "description": "Worker replicas wanted (a string such as \"1\" is accepted)"})
+    endpoint_name = fields.String(load_default=None, allow_none=True, metadata={
+        "description": "Pool name; default infer-endpoint-<first 7 of the job id>"})
+    autoscaling_enabled = fields.Boolean(load_default=True)
+
+    @validates("endpoint_name")
+    def pool_name(self, value: str | None, **_: Any) -> None:
+        if value is not None:
+            check_pool_name(value)
+
+
+class EndpointDelete(BaseSchema):
+    delete_endpoint_list = fields.List(fields.String(), required=True, validate=validate.Length(max=100))
+
+
+class FileToUpload(BaseSchema):
+    filename = fields.String(required=True)
+    parts_number = LooseInteger(load_default=1, validate=validate.Range(1, MAX_PARTS))
+
+    @validates("filename")
+    def plain_name(self, value: str, **_: Any) -> None:
+        if problem := filename_problem(value):
+            raise ValidationError(problem)
+
+
+class CheckpointCreate(BaseSchema):
+    checkpoint_type = fields.String(required=True, validate=validate.OneOf(CHECKPOINT_TYPES))
+    filenames = fields.List(fields.Nested(FileToUpload), required=True, validate=validate.Length(1, 20))
+    params = fields.Dict(load_default=dict)
+
+    @validates("filenames")
+    def distinct(self, value: list[dict], **_: Any) -> None:
+        names = [f.get("filename") for f in value if isinstance(f, dict)]
+        if len(set(names)) != len(names):
+            raise ValidationError("file names must be distinct")
+
+
+class PartTag(BaseSchema):
+    ETag = fields.String(required=True)
+    PartNumber = LooseInteger(required=True, validate=validate.Range(1, MAX_PARTS))
+
+
+class CheckpointUpdate(BaseSchema):
+    checkpoint_id = fields.String(required=True, validate=validate.Length(1, 64))
+    status = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    multi_parts_tags = fields.Dict(keys=fields.String(), values=fields.List(fields.Nested(PartTag)),
+                                   load_default=dict, metadata={
+                                       "description": "file name -> [{ETag, PartNumber}]; omitted: the parts S3 holds"})
+
+
+class CheckpointQuery(BaseSchema):
+    id = fields.String(load_default=None, metadata={"description": "Checkpoint id"})
+    checkpoint_id = fields.String(load_default=None, metadata={"description": "Same as id"})
+
+
+class CheckpointsQuery(BaseSchema):
+    status = fields.List(fields.String(validate=validate.OneOf(STATUSES)), load_default=list)
+    types = fields.List(fields.String(validate=validate.OneOf(CHECKPOINT_TYPES)), load_default=list)
+
+
+class UploadCheckpoint(BaseSchema):
+    checkpointType = fields.String(required=True, validate=validate.OneOf(CHECKPOINT_TYPES))
+    modelUrl = fields.List(fields.Url(schemes={"http", "https"}, require_tld=False), required=True,
+                           validate=validate.Length(1, 10))
+    params = fields.Dict(load_default=dict)

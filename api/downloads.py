@@ -1,0 +1,93 @@
+"""Model files fetched from client-given URLs (POST /upload_checkpoint), SSRF-guarded.
+
+Why by hand around requests: every redirect hop is checked against the
+guard (civitai answers 307 to a CDN; a hostile server could answer 302 to
+Redis or the cloud metadata address), the file name comes from the final
+URL or Content-Disposition, and a size cap stops an endless body.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+from urllib.parse import unquote, urljoin, urlsplit
+
+import requests
+
+from common.netguard import blocked_reason
+
+MAX_REDIRECTS = 5
+CHUNK = 1 << 20
+DISPOSITION_NAME = re.compile(r"filename\*?=(?:UTF-8'')?\"?([^\";]+)\"?", re.IGNORECASE)
+
+
+class DownloadRefused(Exception):
+    """The URL may not or cannot be fetched; the message says why (shown to the client)."""
+
+
+@dataclass
+class Download:
+    """An open response body and the file name it should be stored as."""
+
+    name: str
+    stream: BinaryIO
+    response: requests.Response
+
+
+class CappedStream:
+    """A file-like view of a response body that refuses to grow past `limit` bytes."""
+
+    def __init__(self, response: requests.Response, limit: int):
+        self._chunks = response.iter_content(CHUNK)
+        self._buffer = b""
+        self.limit, self.read_bytes = limit, 0
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, b"")
+            if not chunk:
+                break
+            self.read_bytes += len(chunk)
+            if self.read_bytes > self.limit:
+                raise DownloadRefused(f"file is larger than downloads.max_bytes ({self.limit} bytes)")
+            self._buffer += chunk
+        if size < 0:
+            out, self._buffer = self._buffer, b""
+        else:
+            out, self._buffer = self._buffer[:size], self._buffer[size:]
+        return out
+
+
+def file_name(response: requests.Response) -> str:
+    """Content-Disposition's filename, else the last path segment of the final URL."""
+    match = DISPOSITION_NAME.search(response.headers.get("Content-Disposition", ""))
+    name = match.group(1) if match else urlsplit(response.url).path.rsplit("/", 1)[-1]
+    return unquote(name).strip().replace("/", "_")
+
+
+def open_download(url: str, settings: Any) -> Download:
+    """GET `url` following at most MAX_REDIRECTS redirects, each hop checked by the SSRF guard."""
+    session = requests.Session()
+    allow = settings.downloads.allow_hosts
+    for _ in range(MAX_REDIRECTS + 1):
+        reason = blocked_reason(url, allow)
+        if reason:
+            raise DownloadRefused(f"{url}: {reason} (allow it in downloads.allow_hosts)")
+        try:
+            response = session.get(url, stream=True, allow_redirects=False, timeout=settings.downloads.timeout,
+                                   headers={"User-Agent": "sdqueue-model-fetch"})
+        except requests.RequestException as exc:
+            raise DownloadRefused(f"{url}: {type(exc).__name__}: {exc}") from exc
+        if response.is_redirect:
+            url = urljoin(url, response.headers["Location"])
+            response.close()
+            continue
+        if response.status_code != 200:
+            response.close()
+            raise DownloadRefused(f"{url}: the server answered HTTP {response.status_code}")
+        declared = int(response.headers.get("Content-Length") or 0)
+        if declared > settings.downloads.max_bytes:
+            response.close()
+            raise DownloadRefused(f"{url}: {declared} bytes is larger than downloads.max_bytes")
+        return Download(file_name(response), CappedStream(response, settings.downloads.max_bytes), response)
+    raise DownloadRefused(f"{url}: more than {MAX_REDIRECTS} redirects")

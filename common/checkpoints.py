@@ -1,0 +1,104 @@
+"""Model files uploaded to S3 (the AWS extension's checkpoints), recorded in Redis.
+
+Why: seed 001's clients upload checkpoints and LoRAs into the service's
+bucket (presigned multipart PUTs, or a server-side download) and then name
+them in inference requests. The record (type, file names, status) lives in
+Redis; the bytes live in S3 under {prefix}/{type}/{id}/{filename}; a worker
+that gets a job naming one copies it into its model or LoRA directory first.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from common.taskstore import PREFIX
+
+CHECKPOINT_TYPES = ("Stable-diffusion", "embeddings", "Lora", "hypernetworks", "ControlNet", "VAE")
+STATUSES = ("Initial", "Active", "Disabled")
+FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".yaml")
+FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ()+\[\]]{0,199}$")
+# Where a worker puts each type it can use (others are stored and listed only).
+LOCAL_DIRS = {"Stable-diffusion": "models", "Lora": "loras"}
+INDEX_KEY = PREFIX + "checkpoints"
+
+
+def record_key(checkpoint_id: str) -> str:
+    return f"{PREFIX}checkpoint:{checkpoint_id}"
+
+
+def filename_problem(name: str) -> str | None:
+    """Why `name` cannot be a checkpoint file name (a plain file name with a model suffix), else None."""
+    if not FILENAME.match(name) or ".." in name:
+        return f"{name!r} is not a plain file name (letters, digits, ' ._-()+[]', at most 200)"
+    if not name.lower().endswith(FILE_SUFFIXES):
+        return f"{name!r} must end in one of {', '.join(FILE_SUFFIXES)}"
+    return None
+
+
+@dataclass
+class Checkpoint:
+    """One uploaded model: its files in S3 and where it stands."""
+
+    id: str
+    type: str
+    names: list[str]
+    prefix: str
+    status: str = "Initial"
+    params: dict[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    uploads: dict[str, str] = field(default_factory=dict)   # file name -> open multipart upload id
+
+    def key_of(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    @property
+    def local_dir(self) -> str | None:
+        return LOCAL_DIRS.get(self.type)
+
+
+class CheckpointStore:
+    """Checkpoint records: one JSON value each plus an index by creation time."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str):
+        self.redis = client
+        self.key_prefix = key_prefix.strip("/")
+
+    def new(self, kind: str, names: list[str], params: dict[str, Any]) -> Checkpoint:
+        checkpoint_id = str(uuid.uuid4())
+        return Checkpoint(checkpoint_id, kind, list(names), f"{self.key_prefix}/{kind}/{checkpoint_id}",
+                          params=dict(params))
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        pipe = self.redis.pipeline()
+        pipe.set(record_key(checkpoint.id), json.dumps(asdict(checkpoint)))
+        pipe.zadd(INDEX_KEY, {checkpoint.id: checkpoint.created})
+        pipe.execute()
+
+    def get(self, checkpoint_id: str) -> Checkpoint | None:
+        raw = self.redis.get(record_key(checkpoint_id))
+        return Checkpoint(**json.loads(raw)) if raw else None
+
+    def all(self) -> list[Checkpoint]:
+        """Every checkpoint, oldest first."""
+        ids = self.redis.zrange(INDEX_KEY, 0, -1)
+        values = self.redis.mget([record_key(i) for i in ids]) if ids else []
+        return [Checkpoint(**json.loads(v)) for v in values if v]
+
+    def find_active(self, kind: str, name: str) -> Checkpoint | None:
+        """The newest Active checkpoint of `kind` holding a file called `name`."""
+        matches = [c for c in self.all() if c.type == kind and c.status == "Active" and name in c.names]
+        return matches[-1] if matches else None
+
+    def active_names(self, kind: str) -> list[str]:
+        """File names of every Active checkpoint of `kind`, each once, oldest first."""
+        seen: dict[str, None] = {}
+        for checkpoint in self.all():
+            if checkpoint.type == kind and checkpoint.status == "Active":
+                seen.update(dict.fromkeys(checkpoint.names))
+        return list(seen)

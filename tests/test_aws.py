@@ -1,0 +1,367 @@
+"""The AWS extension middleware API (seed 001) against the real stack: the seed's examples as written
+(base URL and key substituted, placeholders filled), a worker pool of its own, checkpoints in S3."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY
+from tests.helpers import fetch
+
+POOL = "infer-endpoint-cb821ea"
+ALLOWED_HOST = "127.0.0.2"      # downloads.allow_hosts in the test stack
+API_TOKEN_VALUE = KEY_A
+
+
+@pytest.fixture(scope="module")
+def base(stack) -> str:
+    """`https://{api_id}.execute-api.{region}.amazonaws.com/{basePath}` for this stack."""
+    return stack.api_url + "/prod"
+
+
+def headers(key: str | None = API_TOKEN_VALUE, body: bool = False) -> dict:
+    out = {"Accept": "application/json"}
+    if body:
+        out["Content-Type"] = "application/json"
+    if key:
+        out["x-api-key"] = key
+    return out
+
+
+class FileServer:
+    """Serves a few files (and a redirect) over HTTP on ALLOWED_HOST, as a model hub would."""
+
+    def __init__(self, files: dict[str, bytes], redirects: dict[str, str]):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path in redirects:
+                    self.send_response(307)
+                    self.send_header("Location", redirects[self.path])
+                    self.end_headers()
+                    return
+                data = files.get(self.path)
+                self.send_response(200 if data is not None else 404)
+                self.send_header("Content-Length", str(len(data or b"")))
+                self.end_headers()
+                self.wfile.write(data or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer((ALLOWED_HOST, 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        server.port = self.httpd.server_address[1]
+
+    def url(self, path: str) -> str:
+        return f"http://{ALLOWED_HOST}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def wait_job(base: str, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = requests.get(f"{base}/inference/get-inference-job", params={"jobID": job_id}, headers=headers(),
+                           timeout=10).json()
+        if job["status"] != "inprogress" or time.monotonic() > deadline:
+            return job
+        time.sleep(0.3)
+
+
+def endpoint(base: str, name: str) -> dict | None:
+    views = requests.get(f"{base}/endpoints", headers=headers(), timeout=10).json()
+    return next((v for v in views if v["endpoint_name"] == name), None)
+
+
+def upload_in_parts(base: str, filename: str, data: bytes, parts: int, tag_name: str) -> dict:
+    """POST /checkpoint as the seed shows it, PUT each part to its presigned URL, PUT /checkpoint Active."""
+    inputBody = {"checkpoint_type": "Stable-diffusion", "filenames": [{"filename": filename, "parts_number": parts}],
+                 "params": {"new_model_name": "test_api", "number": 1, "string": "abc"}}
+    r = requests.post(f"{base}/checkpoint", headers=headers(body=True), json=inputBody)
+    assert r.status_code == 200, r.text
+    created = r.json()
+    assert created["statusCode"] == 200 and created["checkpoint"]["status"] == "Initial"
+    assert created["checkpoint"]["params"]["new_model_name"] == "test_api"
+    (upload,) = created["s3PresignUrl"]
+    assert {"upload_id", "bucket", "key"} <= upload.keys() and len(upload["urls"]) == parts
+    size = -(-len(data) // parts)
+    tags = []
+    for n, url in enumerate(upload["urls"], start=1):
+        put = requests.put(url, data=data[(n - 1) * size:n * size], timeout=60)
+        assert put.status_code == 200, put.text
+        tags.append({"ETag": put.headers["ETag"].strip('"'), "PartNumber": n})
+    inputBody = {"checkpoint_id": created["checkpoint"]["id"], "status": "Active",
+                 "multi_parts_tags": {tag_name: list(reversed(tags))}}
+    r = requests.put(f"{base}/checkpoint", headers=headers(body=True), json=inputBody)
+    assert r.status_code == 200, r.text
+    assert r.json()["checkpoint"]["status"] == "Active"
+    return r.json()["checkpoint"]
+
+
+def test_seed_001_scenario_on_a_pool_of_its_own(stack, settings, storage, base, tmp_path):
+    # /inference/test-connection, as written
+    r = requests.get(f"{base}/inference/test-connection", headers=headers())
+    assert r.json() == {"message": "Success"}
+
+    # /endpoints(POST): the pool is recorded; capacity comes from the deployment
+    inputBody = {"instance_type": "ml.g4dn.xlarge", "initial_instance_count": "1", "endpoint_name": POOL}
+    r = requests.post(f"{base}/endpoints", headers=headers(body=True), json=inputBody)
+    assert r.status_code == 200, r.text
+    created = r.json()
+    assert created["endpoint_name"] == POOL and created["endpoint_status"] == "Creating"
+    assert "deployment" in created["message"] and f"--pool {POOL}" in created["message"]
+    assert endpoint(base, POOL)["status"] == "inprogress"
+
+    # /checkpoint(POST) + part upload + /checkpoint(put), with the seed's file name (one part: S3's parts
+    # but the last must be at least 5 MiB, and the tiny model is smaller; test_multipart_upload sends several)
+    model_bytes = (settings.models_dir / "tiny-single.safetensors").read_bytes()
+    checkpoint = upload_in_parts(base, "v1-5-pruned-emaonly.safetensors", model_bytes, 1,
+                                 "v1-5-pruned-emaonly.safetensors.tar")
+    key = checkpoint["s3_location"].split("/", 3)[3] + "/v1-5-pruned-emaonly.safetensors"
+    assert storage.get(key) == model_bytes
+    listed = requests.get(f"{base}/checkpoints", headers=headers()).json()
+    assert listed["statusCode"] == 200
+    assert any(c["id"] == checkpoint["id"] and c["status"] == "Active" and c["s3Location"].startswith("s3://")
+               and isinstance(c["created"], float) for c in listed["checkpoints"])
+    one = requests.get(f"{base}/checkpoint", params={"id": checkpoint["id"]}, headers=headers()).json()
+    assert one["checkpoint"]["name"] == ["v1-5-pruned-emaonly.safetensors"]
+
+    # /inference/v2, as written: queued on the pool, which has no worker yet
+    body = {"task_type": "txt2img", "models": {"Stable-diffusion": ["v1-5-pruned-emaonly.safetensors"]},
+            "sagemaker_endpoint_name": POOL, "prompt": "a cute panda", "denoising_strength": 0.75}
+    r = requests.post(f"{base}/inference/v2", headers=headers(body=True), json=body)
+    assert r.status_code == 200, r.text
+    submitted = r.json()
+    job_id = submitted["inference_id"]
+    assert submitted == {"inference_id": job_id, "status": "inprogress", "endpoint_name": POOL,
+                         "output_path": f"s3://{storage.bucket}/out/{job_id}/result"}
+    pending = requests.get(f"{base}/inference/get-inference-job", params={"jobID": job_id}, headers=headers()).json()
+    assert pending["status"] == "inprogress" and pending["taskType"] == "txt2img" and "completeTime" not in pending
+    assert endpoint(base, POOL)["pending_jobs"] == 1
+
+    # an uploaded LoRA, fetched by the service from a URL on an allow-listed host
+    lora = (settings.lora_dir / "tiny_style.safetensors").read_bytes()
+    server = FileServer({"/files/uploaded_style.safetensors": lora}, {})
+    try:
+        inputBody = {"checkpointType": "Lora", "modelUrl": [server.url("/files/uploaded_style.safetensors")],
+                     "params": {"message": "description"}}
+        r = requests.post(f"{base}/upload_checkpoint", headers=headers(body=True), json=inputBody)
+        assert r.status_code == 200, r.text
+        uploaded = r.json()["checkpoint"]
+        assert uploaded["status"] == "Active" and uploaded["params"]["message"] == "description"
+        assert "uploaded_style.safetensors" in uploaded["params"]["multipart_upload"]
+    finally:
+        server.close()
+    assert "uploaded_style.safetensors" in requests.get(f"{base}/inference/get-lora-list", headers=headers()).json()
+    lora_body = {**body, "prompt": "a cute panda <lora:uploaded_style:0.8>", "steps": 4, "width": 64, "height": 64,
+                 "models": {**body["models"], "Lora": ["uploaded_style.safetensors"]}}
+    lora_job = requests.post(f"{base}/inference/v2", headers=headers(body=True), json=lora_body).json()["inference_id"]
+
+    # a worker for the pool, on a "host" with its own model and LoRA directories
+    models, loras = tmp_path / "models", tmp_path / "loras"
+    shutil.copytree(settings.models_dir / "sdq-tiny", models / "sdq-tiny")
+    worker = stack.start_worker("poolworker", "--pool", POOL, env={
+        "SDQ_MODELS_DIR": str(models), "SDQ_MODELS_LORA_DIR": str(loras), "SDQ_MODELS_DEFAULT": "sdq-tiny"})
+    try:
+        job = wait_job(base, job_id)
+        assert job["status"] == "succeed", job
+        assert job["image_names"] == ["image_0.jpg"] and job["endpoint"] == POOL
+        assert job["inference_info_name"] == f"out/{job_id}/result/{job_id}_param.json"
+        assert (models / "v1-5-pruned-emaonly.safetensors").read_bytes() == model_bytes   # fetched from S3
+        view = endpoint(base, POOL)
+        assert view["endpoint_status"] == "InService" and view["status"] == "success"
+        assert view["current_instance_count"] == 1 and view["endTime"]
+
+        urls = requests.get(f"{base}/inference/get-inference-job-image-output", params={"jobID": job_id},
+                            headers=headers()).json()
+        assert len(urls) == 1 and f"out/{job_id}/result/image_0.jpg" in urls[0]
+        image = Image.open(io.BytesIO(fetch(urls[0])))
+        assert image.format == "JPEG" and image.size == (512, 512)
+        (params_url,) = requests.get(f"{base}/inference/get-inference-job-param-output", params={"jobID": job_id},
+                                     headers=headers()).json()
+        params = json.loads(fetch(params_url))
+        assert params["inference_id"] == job_id and params["endpoint_name"] == POOL
+        assert params["parameters"]["prompt"] == "a cute panda" and params["parameters"]["steps"] == 28
+        assert params["parameters"]["sampler_name"] == "Euler a"
+        assert params["info"]["all_seeds"] == [params["info"]["seed"]] and "Euler a" in params["info"]["infotexts"][0]
+
+        lora_result = wait_job(base, lora_job)
+        assert lora_result["status"] == "succeed", lora_result
+        assert (loras / "uploaded_style.safetensors").read_bytes() == lora
+        (lora_params_url,) = requests.get(f"{base}/inference/get-inference-job-param-output",
+                                          params={"jobID": lora_job}, headers=headers()).json()
+        infotext = json.loads(fetch(lora_params_url))["info"]["infotexts"][0]
+        assert infotext.startswith("a cute panda\n") and "Lora weights: \"uploaded_style: 0.8\"" in infotext
+
+        listed = requests.get(f"{base}/inference/list-inference-jobs", headers=headers()).json()
+        assert [j["InferenceJobId"] for j in listed][:2] == [lora_job, job_id]
+        assert all(j["status"] in ("inprogress", "succeed", "failed") for j in listed)
+
+        # /endpoints(DELETE), as the seed's sample sends it (a POST with the list)
+        inputBody = {"delete_endpoint_list": [POOL, "infer-endpoint-YYYYYY"]}
+        r = requests.post(f"{base}/endpoints", headers=headers(body=True), json=inputBody)
+        assert r.json() == "Endpoint deleted"
+        still = endpoint(base, POOL)   # its worker still serves it until the deployment stops it
+        assert still["endpoint_status"] == "InService" and still["desired_instance_count"] == 1
+    finally:
+        worker.stop()
+    assert endpoint(base, POOL) is None
+
+
+def test_multipart_upload_in_several_parts(base, storage):
+    data = bytes(range(256)) * (3 * 5 * 1024 * 1024 // 256 + 1000)   # three parts of just over 5 MiB
+    checkpoint = upload_in_parts(base, "big-vae.safetensors", data, 3, "big-vae.safetensors")
+    key = checkpoint["s3_location"].split("/", 3)[3] + "/big-vae.safetensors"
+    assert storage.get(key) == data
+
+
+def test_seed_samples_without_job_id_and_lists(base):
+    # the seed's samples for the job GETs send no jobID: a validation error naming it
+    for path in ("get-inference-job", "get-inference-job-image-output", "get-inference-job-param-output"):
+        r = requests.get(f"{base}/inference/{path}", headers=headers())
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["loc"] == ["query", "jobID"]
+    for path in ("get-texual-inversion-list", "get-hypernetwork-list", "get-controlnet-model-list"):
+        assert requests.get(f"{base}/inference/{path}", headers=headers()).json() == []
+    assert "tiny_style.safetensors" in requests.get(f"{base}/inference/get-lora-list", headers=headers()).json()
+    default = endpoint(base, "gpu")
+    assert default["endpoint_status"] == "InService" and default["status"] == "success"
+    one = requests.get(f"{base}/inference/get-endpoint-deployment-job",
+                       params={"jobID": default["EndpointDeploymentJobId"]}, headers=headers())
+    assert one.json()["endpoint_name"] == "gpu"
+    local = requests.get(f"{base}/checkpoints", params={"types": "Stable-diffusion", "status": "Active"},
+                         headers=headers()).json()["checkpoints"]
+    assert {"sdq-tiny", "tiny-single.safetensors"} <= {n for c in local for n in c["name"]}
+
+
+def test_inference_on_the_default_pool_without_stage_prefix(stack):
+    body = {"task_type": "txt2img", "models": {"Stable-diffusion": ["sdq-tiny"]}, "sagemaker_endpoint_name": "gpu",
+            "prompt": "a cute panda", "steps": 3, "width": 64, "height": 64, "seed": 42, "batch_size": 2}
+    r = requests.post(f"{stack.api_url}/inference/v2", headers=headers(body=True), json=body)
+    assert r.status_code == 200, r.text
+    job = wait_job(stack.api_url, r.json()["inference_id"])
+    assert job["status"] == "succeed" and job["image_names"] == ["image_0.jpg", "image_1.jpg"]
+    # another key does not see it
+    other = requests.get(f"{stack.api_url}/inference/get-inference-job", params={"jobID": job["InferenceJobId"]},
+                         headers=headers(KEY_B))
+    assert other.status_code == 404 and "detail" in other.json()
+
+
+def test_img2img(stack, base):
+    from tests.helpers import data_url, gradient
+
+    body = {"task_type": "img2img", "models": {"Stable-diffusion": ["sdq-tiny"]}, "sagemaker_endpoint_name": "gpu",
+            "prompt": "a cute panda", "steps": 4, "width": 64, "height": 64,
+            "init_images": [data_url(gradient(64, 64))], "denoising_strength": 0.5}
+    r = requests.post(f"{base}/inference/v2", headers=headers(body=True), json=body)
+    assert r.status_code == 200, r.text
+    job = wait_job(base, r.json()["inference_id"])
+    assert job["status"] == "succeed" and job["taskType"] == "img2img"
+    missing = {**body, "init_images": []}
+    r = requests.post(f"{base}/inference/v2", headers=headers(body=True), json=missing)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "init_images"]
+
+
+def test_auth_and_validation_errors(base):
+    assert requests.get(f"{base}/inference/test-connection").status_code == 403
+    r = requests.get(f"{base}/inference/test-connection", headers=headers("wrong"))
+    assert r.status_code == 403 and r.json() == {"message": "Forbidden"}
+    assert requests.get(f"{base}/checkpoints", headers=headers("wrong")).json() == {"message": "Forbidden"}
+    r = requests.get(f"{base}/endpoints", headers=headers(KEY_NATIVE_ONLY))
+    assert r.status_code == 403 and "AWS" in r.json()["message"]
+    bearer = requests.get(f"{base}/inference/test-connection", headers={"Authorization": f"Bearer {KEY_A}"})
+    assert bearer.json() == {"message": "Success"}
+
+    def post(body):
+        return requests.post(f"{base}/inference/v2", headers=headers(body=True), json=body)
+
+    r = post({"prompt": "x"})
+    assert r.status_code == 422
+    assert {tuple(e["loc"]) for e in r.json()["detail"]} == {
+        ("body", "task_type"), ("body", "models"), ("body", "sagemaker_endpoint_name")}
+    good = {"task_type": "txt2img", "models": {"Stable-diffusion": ["sdq-tiny"]}, "sagemaker_endpoint_name": "gpu",
+            "prompt": "x"}
+    r = post({**good, "models": {"Lora": ["a.safetensors"]}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", "models"]
+    r = post({**good, "sagemaker_endpoint_name": "infer-endpoint-nothere"})
+    assert r.status_code == 400 and "infer-endpoint-nothere" in r.json()["detail"]
+    r = post({**good, "models": {"Stable-diffusion": ["v9.safetensors"]}})
+    assert r.status_code == 400 and "v9.safetensors" in r.json()["detail"]
+    r = post({**good, "models": {"Stable-diffusion": ["sdq-tiny"], "Lora": ["nope.safetensors"]}})
+    assert r.status_code == 400 and "type Lora is not found" in r.json()["detail"]
+    r = post({**good, "task_type": "upscale"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "task_type"]
+    r = requests.post(f"{base}/inference/v2", headers=headers(body=True), data="{not json")
+    assert r.status_code == 400 and "JSON" in r.json()["detail"]
+    r = requests.get(f"{base}/inference/get-inference-job", params={"jobID": "no-such-job"}, headers=headers())
+    assert r.status_code == 404
+    r = requests.post(f"{base}/endpoints", headers=headers(body=True), json={"initial_instance_count": "1|2|3"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "initial_instance_count"]
+    r = requests.post(f"{base}/endpoints", headers=headers(body=True), json={"endpoint_name": "../etc"})
+    assert r.status_code == 422
+
+
+def test_checkpoint_errors(base):
+    r = requests.post(f"{base}/checkpoint", headers=headers(body=True),
+                      json={"checkpoint_type": "Painting", "filenames": [{"filename": "../x.safetensors"}]})
+    assert r.status_code == 400
+    body = r.json()
+    assert body["statusCode"] == 400 and "checkpoint_type" in body["error"] and "filename" in body["error"]
+    r = requests.put(f"{base}/checkpoint", headers=headers(body=True),
+                     json={"checkpoint_id": "906a5a1f-6833-45aa-8a10-fb0e983e0eae", "status": "Active"})
+    assert r.status_code == 404 and r.json() == {
+        "statusCode": 404, "error": "checkpoint not found with id 906a5a1f-6833-45aa-8a10-fb0e983e0eae"}
+    created = requests.post(f"{base}/checkpoint", headers=headers(body=True), json={
+        "checkpoint_type": "Stable-diffusion", "filenames": [{"filename": "never-sent.safetensors"}]}).json()
+    r = requests.put(f"{base}/checkpoint", headers=headers(body=True),
+                     json={"checkpoint_id": created["checkpoint"]["id"], "status": "Active"})
+    assert r.status_code == 400 and "no parts of never-sent.safetensors" in r.json()["error"]
+    assert requests.get(f"{base}/checkpoint", headers=headers()).status_code == 400
+    assert requests.get(f"{base}/checkpoint", params={"id": "nope"}, headers=headers()).status_code == 404
+    r = requests.get(f"{base}/checkpoints", params={"status": "Sleeping"}, headers=headers())
+    assert r.status_code == 400 and r.json()["statusCode"] == 400
+
+
+def test_upload_checkpoint_refuses_private_addresses(base):
+    server = FileServer({"/ok.safetensors": b"x" * 10, "/model.txt": b"text"},
+                        {"/go": "http://127.0.0.1:1/secret.safetensors"})
+    try:
+        refused = ["http://127.0.0.1:6379/x.safetensors", "http://169.254.169.254/latest/meta-data",
+                   "http://localhost/a.safetensors", server.url("/go"), "file:///etc/passwd"]
+        for url in refused:
+            r = requests.post(f"{base}/upload_checkpoint", headers=headers(body=True),
+                              json={"checkpointType": "Lora", "modelUrl": [url], "params": {}})
+            assert r.status_code == 400, (url, r.text)
+            assert r.json()["statusCode"] == 400, url
+        r = requests.post(f"{base}/upload_checkpoint", headers=headers(body=True),
+                          json={"checkpointType": "Lora", "modelUrl": [server.url("/go")], "params": {}})
+        assert "127.0.0.1" in r.json()["error"]
+        r = requests.post(f"{base}/upload_checkpoint", headers=headers(body=True),
+                          json={"checkpointType": "Lora", "modelUrl": [server.url("/model.txt")], "params": {}})
+        assert r.status_code == 400 and "model.txt" in r.json()["error"]
+        r = requests.post(f"{base}/upload_checkpoint", headers=headers(body=True),
+                          json={"checkpointType": "Lora", "modelUrl": [server.url("/missing.safetensors")]})
+        assert r.status_code == 400 and "404" in r.json()["error"]
+    finally:
+        server.close()
+
+
+def test_rate_limit_in_gateway_shape(base):
+    body = {"task_type": "txt2img", "models": {"Stable-diffusion": ["sdq-tiny"]},
+            "sagemaker_endpoint_name": "infer-endpoint-nothere", "prompt": "x"}
+    codes = [requests.post(f"{base}/inference/v2", headers=headers(KEY_LIMITED, body=True), json=body)
+             for _ in range(4)]
+    limited = [r for r in codes if r.status_code == 429]
+    assert limited and limited[0].json() == {"message": "Too Many Requests"}
+    assert int(limited[0].headers["Retry-After"]) >= 1
