@@ -242,3 +242,14 @@ def test_api_keeps_serving_while_many_synchronous_calls_wait(sd, stack):
     for t in threads:
         t.join(300)
     assert results.count(200) == 60
+
+
+def test_lora_prompt_tags_apply_loras(sd):
+    """A1111 clients pick LoRAs in the prompt; the tags are removed from the text and applied."""
+    plain = sd.post("txt2img", {**SMALL, "prompt": "a fox", "seed": 5}).json()
+    tagged = sd.post("txt2img", {**SMALL, "prompt": "a fox <lora:tiny_style:0.9> <lora:missing:1>", "seed": 5}).json()
+    info = json.loads(tagged["info"])
+    assert info["prompt"] == "a fox"
+    assert "Lora weights: \"tiny_style: 0.9\"" in info["infotexts"][0]
+    assert any("missing" in w for w in info["warnings"])
+    assert decode(tagged["images"][0]).tobytes() != decode(plain["images"][0]).tobytes()

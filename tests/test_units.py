@@ -100,6 +100,38 @@ def test_callback_guard_refuses_private_addresses():
     assert "does not resolve" in blocked_reason("http://no-such-host.invalid/cb")
 
 
+def test_guard_allow_list_and_schemes():
+    from common.netguard import blocked_reason
+
+    assert blocked_reason("http://127.0.0.2:81/m.safetensors", ["127.0.0.2"]) is None
+    assert blocked_reason("http://10.0.0.7/m.safetensors", ["10.0.0.0/8"]) is None
+    assert blocked_reason("http://models.internal/m", ["models.internal"]) is None
+    assert blocked_reason("http://127.0.0.1/m", ["127.0.0.2"])
+    assert "scheme" in blocked_reason("file:///etc/passwd")
+    assert "scheme" in blocked_reason("gopher://8.8.8.8/")
+
+
+def test_lora_prompt_tags():
+    from common.loratags import extract_loras
+
+    prompt, loras, problems = extract_loras("a cat, <lora:style:0.8> in a hat <LoRA:other> <lora:bad:x>")
+    assert prompt == "a cat, in a hat"
+    assert [(lr.name, lr.weight) for lr in loras] == [("style", 0.8), ("other", 1.0), ("bad", 1.0)]
+    assert problems and "bad" in problems[0]
+    assert extract_loras("no tags, <b>bold</b>") == ("no tags, <b>bold</b>", [], [])
+
+
+def test_stage_prefix_serves_every_route_under_the_stage():
+    from api.stage import StagePrefix
+
+    seen = []
+    app = StagePrefix(lambda environ, start: seen.append((environ["SCRIPT_NAME"], environ["PATH_INFO"])) or [], "/prod/")
+    for path in ("/prod/inference/v2", "/prod", "/prod/", "/production/x", "/inference/v2"):
+        app({"PATH_INFO": path, "SCRIPT_NAME": ""}, None)
+    assert seen == [("/prod", "/inference/v2"), ("/prod", "/"), ("/prod", "/"), ("", "/production/x"),
+                    ("", "/inference/v2")]
+
+
 def test_api_refuses_private_callback_unless_allowed(tmp_path):
     from api import create_app
 
