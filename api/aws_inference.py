@@ -177,7 +177,7 @@ def run_inference(svc: Services, raw: Any, schemas: tuple[Schema, Schema]):
     spec.assets = assets + lora_assets
     spec.output_prefix, spec.output_stem, spec.output_format = output_prefix(svc, job_id), "image_", "jpeg"
     spec.sidecar_key = params_key(svc, job_id)
-    spec.meta = {"task_type": mode, "warnings": warnings, "sidecar": {
+    spec.meta = {"task_type": mode, "warnings": warnings, "sidecar_style": "aws-params", "sidecar": {
         "parameters": echo_parameters(data), "endpont_name": pool, "endpoint_name": pool, "inference_id": job_id}}
     submit_job(svc, current_key().owner, spec, job_id, queue=pool)
     return jsonify({"inference_id": job_id, "status": "inprogress", "endpoint_name": pool,

@@ -14,7 +14,9 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 
+from common.errors import StorageError
 from common.netguard import blocked_reason
+from common.storage import Storage
 
 MAX_REDIRECTS = 5
 CHUNK = 1 << 20
@@ -49,7 +51,7 @@ class CappedStream:
                 break
             self.read_bytes += len(chunk)
             if self.read_bytes > self.limit:
-                raise DownloadRefused(f"file is larger than downloads.max_bytes ({self.limit} bytes)")
+                raise DownloadRefused(f"file is larger than the {self.limit} bytes allowed")
             self._buffer += chunk
         if size < 0:
             out, self._buffer = self._buffer, b""
@@ -65,8 +67,12 @@ def file_name(response: requests.Response) -> str:
     return unquote(name).strip().replace("/", "_")
 
 
-def open_download(url: str, settings: Any) -> Download:
-    """GET `url` following at most MAX_REDIRECTS redirects, each hop checked by the SSRF guard."""
+def open_download(url: str, settings: Any, limit: int | None = None) -> Download:
+    """GET `url` following at most MAX_REDIRECTS redirects, each hop checked by the SSRF guard.
+
+    `limit`: most bytes accepted (default downloads.max_bytes).
+    """
+    limit = settings.downloads.max_bytes if limit is None else limit
     session = requests.Session()
     allow = settings.downloads.allow_hosts
     for _ in range(MAX_REDIRECTS + 1):
@@ -86,8 +92,23 @@ def open_download(url: str, settings: Any) -> Download:
             response.close()
             raise DownloadRefused(f"{url}: the server answered HTTP {response.status_code}")
         declared = int(response.headers.get("Content-Length") or 0)
-        if declared > settings.downloads.max_bytes:
+        if declared > limit:
             response.close()
-            raise DownloadRefused(f"{url}: {declared} bytes is larger than downloads.max_bytes")
-        return Download(file_name(response), CappedStream(response, settings.downloads.max_bytes), response)
+            raise DownloadRefused(f"{url}: {declared} bytes is more than the {limit} allowed")
+        return Download(file_name(response), CappedStream(response, limit), response)
     raise DownloadRefused(f"{url}: more than {MAX_REDIRECTS} redirects")
+
+
+def fetch_link(link: str, settings: Any, storage: Storage) -> bytes:
+    """The bytes behind an http(s) URL (guarded, at most api.max_body_bytes) or s3://{our bucket}/key."""
+    if link.startswith("s3://"):
+        bucket, _, key = link[5:].partition("/")
+        if bucket != storage.bucket or not key:
+            raise DownloadRefused(f"{link}: only s3://{storage.bucket}/... objects can be read")
+        try:
+            return storage.get(key)
+        except StorageError as exc:
+            raise DownloadRefused(f"{link}: no such object") from exc
+    download = open_download(link, settings, settings.api.max_body_bytes)
+    with download.response:
+        return download.stream.read()

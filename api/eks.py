@@ -3,24 +3,30 @@
 Why a translator: the body is A1111 parameters plus `alwayson_scripts`
 (task, sd_model_checkpoint, id_task, uid, save_dir); it becomes the same
 canonical job, whose images the worker writes under
-s3://{bucket}/{save_dir}/{id_task}/. The call answers at once. The client's
-id_task is an idempotency key: the task id is derived from (key, id_task),
-and the atomic create refuses a second job with the same id.
+s3://{bucket}/{save_dir}/{id_task}/, with the original's response-<uuid>.out
+JSON beside them. The call answers at once. The client's id_task is an
+idempotency key: the task id is derived from (key, id_task), and the atomic
+create refuses a second job with the same id. image-to-image takes
+init_images, or image_link URLs (http(s), SSRF-guarded, or s3:// in the
+service's bucket) that the API fetches.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from typing import Any
 
 from flask import jsonify
 from flask_smorest import Blueprint
-from marshmallow import Schema, ValidationError, fields, validate, validates
+from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 
-from api.a1111 import build_a1111_jobspec, find_checkpoint, unhonoured
-from api.a1111_schemas import a1111_request_schemas
+from api.a1111 import build_a1111_jobspec, echo_parameters, find_checkpoint, unhonoured
+from api.a1111_schemas import ImageList, a1111_request_schemas
 from api.auth import current_key
+from api.downloads import DownloadRefused, fetch_link
 from api.errors import DIALECT_RENDERERS, detail_text, flatten_messages, json_error
+from api.init_image import InitImage, InitImageError, image_from_bytes
 from api.schemas import BaseSchema
 from api.services import services
 from api.submission import submit_job
@@ -60,9 +66,14 @@ class AlwaysOnScripts(BaseSchema):
             raise ValidationError("save_dir must be a relative path of letters, digits, '-', '_', '.', '/'")
 
     @validates("image_link")
-    def no_links(self, value: str | None, **_: Any) -> None:
-        if value:
-            raise ValidationError("image_link downloads are not supported; send the image base64 in init_images")
+    def plain_links(self, value: str | None, **_: Any) -> None:
+        for link in links_of(value):
+            if not link.startswith(("http://", "https://", "s3://")):
+                raise ValidationError(f"{link[:80]!r}: image_link is a comma-separated list of http(s):// or s3:// URLs")
+
+
+def links_of(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
 def eks_schemas(settings) -> tuple[Schema, Schema]:
@@ -74,8 +85,21 @@ def eks_schemas(settings) -> tuple[Schema, Schema]:
 
     class EksImg2Img(img2img):
         alwayson_scripts = fields.Nested(AlwaysOnScripts, required=True)
+        init_images = ImageList(load_default=list, metadata={
+            "description": "Base64 images; or give alwayson_scripts.image_link (URLs fetched by sdqueue)"})
+
+        @validates_schema
+        def some_image(self, data: dict, **_: Any) -> None:
+            if not data.get("init_images") and not links_of((data.get("alwayson_scripts") or {}).get("image_link")):
+                raise ValidationError("image-to-image needs init_images or alwayson_scripts.image_link",
+                                      field_name="init_images")
 
     return EksTxt2Img(), EksImg2Img()
+
+
+def fetch_images(svc, image_link: str) -> list[InitImage]:
+    """Every image the comma-separated image_link names, fetched and checked (the first is the init image)."""
+    return [image_from_bytes(fetch_link(link, svc.settings, svc.storage)) for link in links_of(image_link)]
 
 
 def eks_task_id(owner: str, id_task: str) -> str:
@@ -111,13 +135,20 @@ def create_eks_blueprint(settings, limits, keys) -> Blueprint:
         id_task = str(scripts["id_task"])
         location = f"{scripts['save_dir'].strip('/')}/{id_task}"
         task_id = eks_task_id(current_key().owner, id_task)
-        if not svc.store.redis.exists(task_key(task_id)):   # a resubmission uploads nothing either
+        if not svc.store.redis.exists(task_key(task_id)):   # a resubmission fetches and uploads nothing either
+            mode = TASKS[scripts["task"]]
+            if mode == "img2img" and scripts["image_link"]:
+                try:
+                    data["init_images"] = fetch_images(svc, scripts["image_link"])
+                except (DownloadRefused, InitImageError) as exc:
+                    return eks_error(400, f"image_link: {exc}")
             data["alwayson_scripts"] = {}
-            warnings = unhonoured(data, TASKS[scripts["task"]])
-            spec = build_a1111_jobspec(svc, data, TASKS[scripts["task"]], task_id, warnings, model=model,
-                                       dialect=BLUEPRINT)
+            warnings = unhonoured(data, mode)
+            spec = build_a1111_jobspec(svc, data, mode, task_id, warnings, model=model, dialect=BLUEPRINT)
             spec.output_prefix = location
-            spec.meta = {"id_task": id_task, "uid": scripts["uid"], "warnings": warnings}
+            spec.sidecar_key = f"{location}/response-{uuid.uuid4()}.out"
+            spec.meta = {"id_task": id_task, "uid": scripts["uid"], "warnings": warnings, "sidecar_style": "eks-response",
+                         "sidecar": {"id_task": id_task, "parameters": echo_parameters(data)}}
             submit_job(svc, current_key().owner, spec, task_id)
         return jsonify({"id_task": id_task, "task": scripts["task"], "sd_model_checkpoint": scripts["sd_model_checkpoint"],
                         "output_location": f"s3://{svc.storage.bucket}/{location}"})

@@ -53,6 +53,11 @@ def decode_init_image(value: str) -> InitImage:
         raw = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InitImageError("not valid base64") from exc
+    return image_from_bytes(raw)
+
+
+def image_from_bytes(raw: bytes) -> InitImage:
+    """Check raw image bytes (fully decoded once, size bounded) -> InitImage, else InitImageError."""
     if not raw:
         raise InitImageError("image is empty")
     try:

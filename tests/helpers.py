@@ -162,3 +162,39 @@ def build_test_lora(model_dir: Path, out_file: Path, seed: int = 7) -> None:
 
 def json_of(data: bytes) -> dict:
     return json.loads(data.decode())
+
+
+ALLOWED_HOST = "127.0.0.2"      # downloads.allow_hosts in the test stack
+
+
+class FileServer:
+    """Serves a few files (and a redirect) over HTTP on ALLOWED_HOST, as a model hub would."""
+
+    def __init__(self, files: dict[str, bytes], redirects: dict[str, str]):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path in redirects:
+                    self.send_response(307)
+                    self.send_header("Location", redirects[self.path])
+                    self.end_headers()
+                    return
+                data = files.get(self.path)
+                self.send_response(200 if data is not None else 404)
+                self.send_header("Content-Length", str(len(data or b"")))
+                self.end_headers()
+                self.wfile.write(data or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer((ALLOWED_HOST, 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        server.port = self.httpd.server_address[1]
+
+    def url(self, path: str) -> str:
+        return f"http://{ALLOWED_HOST}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()

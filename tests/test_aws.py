@@ -5,19 +5,16 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 from PIL import Image
 
 from tests.conftest import KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY
-from tests.helpers import fetch
+from tests.helpers import FileServer, fetch
 
 POOL = "infer-endpoint-cb821ea"
-ALLOWED_HOST = "127.0.0.2"      # downloads.allow_hosts in the test stack
 API_TOKEN_VALUE = KEY_A
 
 
@@ -34,39 +31,6 @@ def headers(key: str | None = API_TOKEN_VALUE, body: bool = False) -> dict:
     if key:
         out["x-api-key"] = key
     return out
-
-
-class FileServer:
-    """Serves a few files (and a redirect) over HTTP on ALLOWED_HOST, as a model hub would."""
-
-    def __init__(self, files: dict[str, bytes], redirects: dict[str, str]):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path in redirects:
-                    self.send_response(307)
-                    self.send_header("Location", redirects[self.path])
-                    self.end_headers()
-                    return
-                data = files.get(self.path)
-                self.send_response(200 if data is not None else 404)
-                self.send_header("Content-Length", str(len(data or b"")))
-                self.end_headers()
-                self.wfile.write(data or b"")
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer((ALLOWED_HOST, 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        server.port = self.httpd.server_address[1]
-
-    def url(self, path: str) -> str:
-        return f"http://{ALLOWED_HOST}:{self.port}{path}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
 
 
 def wait_job(base: str, job_id: str, timeout: float = 180) -> dict:

@@ -1,6 +1,8 @@
 """SD on EKS (seed 000), /v1/draw (seed 003), per-key limits and policies, against the real stack."""
 from __future__ import annotations
 
+import io
+import json
 import time
 
 import pytest
@@ -8,7 +10,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY
-from tests.helpers import fetch
+from tests.helpers import FileServer, fetch
 
 EKS_BODY = {
     "alwayson_scripts": {
@@ -47,8 +49,15 @@ def test_eks_example_answers_at_once_and_images_appear(stack, storage, path):
     id_task = body["alwayson_scripts"]["id_task"]
     assert r.json() == {"id_task": id_task, "task": "text-to-image", "sd_model_checkpoint": "sdq-tiny",
                         "output_location": f"s3://{storage.bucket}/outputs/{id_task}"}
-    keys = wait_for_objects(storage, f"outputs/{id_task}/", 1)
-    assert keys == [f"outputs/{id_task}/0.png"]
+    keys = wait_for_objects(storage, f"outputs/{id_task}/", 2)
+    assert keys[0] == f"outputs/{id_task}/0.png" and len(keys) == 2
+    assert keys[1].startswith(f"outputs/{id_task}/response-") and keys[1].endswith(".out")
+    out = json.loads(storage.get(keys[1]))   # the original's result file, beside the images
+    assert out["images"] == [""] and out["info"] == ""
+    params = out["parameters"]
+    assert params["id_task"] == id_task and params["status"] == 1 and params["error_msg"] == ""
+    assert params["image_url"] == f"s3://{storage.bucket}/{keys[0]}" and params["image_seed"].isdigit()
+    assert params["prompt"] == "A dog" and params["steps"] == 16
 
 
 def test_eks_id_task_is_an_idempotency_key(stack, storage, rds):
@@ -68,7 +77,7 @@ def test_eks_image_to_image_and_errors(stack, storage):
     body = {**EKS_BODY, "init_images": [data_url(gradient(64, 64))],
             "alwayson_scripts": {**EKS_BODY["alwayson_scripts"], "task": "image-to-image", "id_task": "i2i-1"}}
     assert requests.post(stack.api_url + "/", json=body, headers={"x-api-key": KEY_A}, timeout=10).status_code == 200
-    assert wait_for_objects(storage, "outputs/i2i-1/", 1) == ["outputs/i2i-1/0.png"]
+    assert wait_for_objects(storage, "outputs/i2i-1/", 2)[0] == "outputs/i2i-1/0.png"
     no_key = requests.post(stack.api_url + "/", json=EKS_BODY, timeout=10)
     assert no_key.status_code == 401 and "message" in no_key.json()
     missing = requests.post(stack.api_url + "/", json={"prompt": "x"}, headers={"x-api-key": KEY_A}, timeout=10)
@@ -81,6 +90,37 @@ def test_eks_image_to_image_and_errors(stack, storage):
     assert r.status_code == 400 and "save_dir" in r.json()["message"]
     assert requests.post(stack.api_url + "/", data="{bad", headers={"x-api-key": KEY_A,
                          "Content-Type": "application/json"}, timeout=10).status_code == 400
+
+
+def test_eks_image_link_fetches_http_and_s3_images(stack, storage):
+    from tests.helpers import gradient
+
+    png = io.BytesIO()
+    gradient(64, 64).save(png, format="PNG")
+    storage.put("inputs/cat.png", png.getvalue(), "image/png")
+    server = FileServer({"/cat.png": png.getvalue(), "/notes.txt": b"not an image"}, {})
+    try:
+        for n, link in enumerate([server.url("/cat.png"), f"s3://{storage.bucket}/inputs/cat.png"]):
+            scripts = {**EKS_BODY["alwayson_scripts"], "task": "image-to-image", "id_task": f"link-{n}",
+                       "image_link": link}
+            r = requests.post(stack.api_url + "/", json={**EKS_BODY, "alwayson_scripts": scripts},
+                              headers={"x-api-key": KEY_A}, timeout=10)
+            assert r.status_code == 200, r.text
+            assert wait_for_objects(storage, f"outputs/link-{n}/", 2)[0] == f"outputs/link-{n}/0.png"
+        refused = {"http://127.0.0.1:6379/x.png": "non-public", server.url("/notes.txt"): "not a readable",
+                   "s3://another-bucket/x.png": "only s3://", server.url("/gone.png"): "404", "ftp://x/y.png": "http"}
+        for link, reason in refused.items():
+            scripts = {**EKS_BODY["alwayson_scripts"], "task": "image-to-image", "id_task": "refused",
+                       "image_link": link}
+            r = requests.post(stack.api_url + "/", json={**EKS_BODY, "alwayson_scripts": scripts},
+                              headers={"x-api-key": KEY_A}, timeout=10)
+            assert r.status_code == 400 and reason in r.json()["message"], (link, r.text)
+        scripts = {**EKS_BODY["alwayson_scripts"], "task": "image-to-image", "id_task": "no-image"}
+        r = requests.post(stack.api_url + "/", json={**EKS_BODY, "alwayson_scripts": scripts},
+                          headers={"x-api-key": KEY_A}, timeout=10)
+        assert r.status_code == 400 and "image_link" in r.json()["message"]
+    finally:
+        server.close()
 
 
 def draw(stack, body, key=KEY_A):

@@ -20,7 +20,8 @@ from PIL import Image
 
 from common.catalog import find_model, list_loras
 from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt, StorageError
-from common.infotext import VERSION, build_infotext, generation_info
+from common.infotext import VERSION, build_infotext
+from common.sidecars import build_sidecar
 from common.jobspec import JobSpec
 from common.queue import send_callback
 from common.storage import Storage
@@ -104,11 +105,18 @@ def upload_images(ctx: JobContext, task_id: str, spec: JobSpec, result: Generati
     return keys
 
 
-def write_sidecar(ctx: JobContext, task_id: str, spec: JobSpec, seeds: list[int], keys: list[str]) -> None:
-    """The JSON a dialect asked for next to the images: its own fields plus what was generated."""
-    document = {**spec.meta.get("sidecar", {}), "info": {**generation_info(spec, seeds), "task_id": task_id},
-                "images": keys}
-    ctx.storage.put(spec.sidecar_key, json.dumps(document, ensure_ascii=False).encode(), "application/json")
+def write_sidecar(ctx: JobContext, task: Task, status: TaskStatus, fields: dict) -> None:
+    """The JSON a dialect promised next to the images, written before the status turns terminal.
+
+    A storage failure here is logged, never turned into a job failure: the images are there.
+    """
+    urls = [f"s3://{ctx.storage.bucket}/{key}" for key in fields.get("result_keys", [])]
+    error = None if status is TaskStatus.COMPLETED else fields.get("error") or status.value
+    document = build_sidecar(task.spec, task.id, fields.get("seeds") or task.spec.seeds, urls, error)
+    try:
+        ctx.storage.put(task.spec.sidecar_key, json.dumps(document, ensure_ascii=False).encode(), "application/json")
+    except StorageError:
+        log.exception("could not write %s for task %s", task.spec.sidecar_key, task.id)
 
 
 def announce(ctx: JobContext) -> None:
@@ -138,6 +146,8 @@ def run_delivery(ctx: JobContext, task_id: str, attempt: int) -> str:
         ctx.info.state, ctx.info.task_id = WorkerState.READY, None
         ctx.info.models = ctx.registry.names()
         announce(ctx)
+    if task.spec.sidecar_key:
+        write_sidecar(ctx, task, status, fields)
     if ctx.store.finish(task_id, attempt, me, status, **fields):
         log.info("task %s %s", task_id, status.value)
         if task.spec.callback_url:
@@ -164,8 +174,6 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image)
         compute = time.perf_counter() - started
         keys = upload_images(ctx, task.id, spec, result)
-        if spec.sidecar_key:
-            write_sidecar(ctx, task.id, spec, result.seeds, keys)
     except JobCancelled:
         return TaskStatus.CANCELLED, {"error": "cancelled by client"}
     except (StaleAttempt, redis.RedisError):
