@@ -196,3 +196,41 @@ def test_key_policies_limit_dialects_and_models(stack):
                          "num_inference_steps": 1}, headers=headers, timeout=10).status_code == 202
     assert requests.get(f"{stack.api_url}/sdapi/v1/options", headers=headers, timeout=10).status_code == 403
     assert requests.post(stack.api_url + "/", json=EKS_BODY, headers=headers, timeout=10).status_code == 403
+
+
+def test_full_queue_is_refused_at_once_in_every_dialect(stack):
+    """tasks.max_pending reached: native 503 + Retry-After, /v1/draw 529, the others 503 in their shapes."""
+    from api import create_app
+    from common.settings import load_settings
+
+    env = {**stack.env(), "SDQ_TASKS_MAX_PENDING": "1", "SDQ_TASKS_QUEUE": "nobody-consumes-this"}
+    client = create_app(load_settings(env=env)).test_client()
+    native = {"prompt": "x", "width": 64, "height": 64}
+    first = client.post("/api/v1/generate", json=native, headers={"X-API-Key": KEY_A})
+    assert first.status_code == 202
+    try:
+        full = client.post("/api/v1/generate", json=native, headers={"X-API-Key": KEY_A})
+        assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
+        assert "queue is full" in full.get_json()["detail"]
+        drawn = client.post("/v1/draw", json={"prompt": "cat"}, headers={"Authorization": f"Bearer {KEY_A}"})
+        assert drawn.status_code == 529 and drawn.get_json()["error"]["type"] == "overloaded_error"
+        eks = {**EKS_BODY, "alwayson_scripts": {**EKS_BODY["alwayson_scripts"], "id_task": "full-queue"}}
+        r = client.post("/", json=eks, headers={"x-api-key": KEY_A})
+        assert r.status_code == 503 and "queue is full" in r.get_json()["message"]
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "x"}, headers={"X-API-Key": KEY_A})
+        assert r.status_code == 503 and "queue is full" in r.get_json()["detail"]
+        aws = {"task_type": "txt2img", "models": {"Stable-diffusion": ["sdq-tiny"]},
+               "sagemaker_endpoint_name": "nobody-consumes-this", "prompt": "x"}
+        r = client.post("/inference/v2", json=aws, headers={"x-api-key": KEY_A})
+        assert r.status_code == 503 and "queue is full" in r.get_json()["detail"]
+    finally:
+        client.delete(f"/api/v1/tasks/{first.get_json()['task_id']}", headers={"X-API-Key": KEY_A})
+
+
+def test_draw_refuses_oversized_bodies(stack):
+    from api import create_app
+    from common.settings import load_settings
+
+    client = create_app(load_settings(env={**stack.env(), "SDQ_API_MAX_BODY_BYTES": "1000"})).test_client()
+    r = client.post("/v1/draw", json={"prompt": "x" * 2000}, headers={"Authorization": f"Bearer {KEY_A}"})
+    assert r.status_code == 413 and r.get_json()["type"] == "error"
