@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from flask import jsonify, request
-from flask_smorest import Blueprint
+from flask_smorest import Blueprint, abort
 from marshmallow import Schema, ValidationError
 
 from api.a1111 import build_a1111_jobspec, echo_parameters, find_checkpoint, unhonoured
@@ -98,12 +98,22 @@ def job_view(task: Task) -> dict:
     return view
 
 
-def owned_job(svc: Services, job_id: str) -> Task | None:
+def owned_job(svc: Services, job_id: str) -> Task:
+    """The caller's AWS-extension job, else a 404 (another key's job does not exist for this one)."""
     try:
         task = svc.store.get_owned(job_id, current_key().owner)
     except TaskNotFound:
-        return None
-    return task if task.spec.dialect == DIALECT else None
+        task = None
+    if task is None or task.spec.dialect != DIALECT:
+        abort(404, message=f"inference job {job_id} not found")
+    return task
+
+
+def output_urls(job_id: str, keys: Callable[[Task], list[str]]):
+    """Presigned GET URLs of some of a job's objects once it succeeded, else [] (as the seed says: ask after succeed)."""
+    svc = services()
+    task = owned_job(svc, job_id)
+    return jsonify([svc.storage.url_for(k) for k in keys(task)] if task.status is TaskStatus.COMPLETED else [])
 
 
 def resolve_model(svc: Services, store: CheckpointStore, name: str) -> tuple[ModelInfo, list[dict]]:
@@ -260,10 +270,7 @@ def create_aws_inference_blueprint(settings, limits, keys) -> Blueprint:
     @blp.doc(security=SECURITY)
     def get_inference_job(query: dict):
         """One job of this key: inprogress, succeed or failed, with image names once done."""
-        task = owned_job(services(), query["jobID"])
-        if task is None:
-            return inference_error(404, f"inference job {query['jobID']} not found")
-        return jsonify(job_view(task))
+        return jsonify(job_view(owned_job(services(), query["jobID"])))
 
     @blp.route("/inference/list-inference-jobs", methods=["GET"])
     @limits.read
@@ -280,12 +287,7 @@ def create_aws_inference_blueprint(settings, limits, keys) -> Blueprint:
     @blp.doc(security=SECURITY)
     def image_output(query: dict):
         """Presigned GET URLs of a finished job's images ([] until it succeeds)."""
-        svc = services()
-        task = owned_job(svc, query["jobID"])
-        if task is None:
-            return inference_error(404, f"inference job {query['jobID']} not found")
-        done = task.status is TaskStatus.COMPLETED
-        return jsonify([svc.storage.url_for(key) for key in task.result_keys] if done else [])
+        return output_urls(query["jobID"], lambda task: task.result_keys)
 
     @blp.route("/inference/get-inference-job-param-output", methods=["GET"])
     @limits.read
@@ -293,12 +295,7 @@ def create_aws_inference_blueprint(settings, limits, keys) -> Blueprint:
     @blp.doc(security=SECURITY)
     def param_output(query: dict):
         """A presigned GET URL of the job's params JSON (request, seeds, infotexts), once it succeeded."""
-        svc = services()
-        task = owned_job(svc, query["jobID"])
-        if task is None:
-            return inference_error(404, f"inference job {query['jobID']} not found")
-        done = task.status is TaskStatus.COMPLETED and task.spec.sidecar_key
-        return jsonify([svc.storage.url_for(task.spec.sidecar_key)] if done else [])
+        return output_urls(query["jobID"], lambda task: [task.spec.sidecar_key] if task.spec.sidecar_key else [])
 
     @blp.route("/endpoints", methods=["GET"])
     @limits.read
