@@ -329,3 +329,15 @@ def test_rate_limit_in_gateway_shape(base):
     limited = [r for r in codes if r.status_code == 429]
     assert limited and limited[0].json() == {"message": "Too Many Requests"}
     assert int(limited[0].headers["Retry-After"]) >= 1
+
+
+def test_failed_job_reports_failed_and_no_outputs(base):
+    body = {"task_type": "txt2img", "models": {"Stable-diffusion": ["sdq-tiny"], "Lora": ["broken.safetensors"]},
+            "sagemaker_endpoint_name": "gpu", "prompt": "x <lora:broken:1>", "steps": 2, "width": 64, "height": 64}
+    r = requests.post(f"{base}/inference/v2", headers=headers(body=True), json=body)
+    assert r.status_code == 200, r.text
+    job = wait_job(base, r.json()["inference_id"])
+    assert job["status"] == "failed" and job["image_names"] == [] and "broken" in job["error"]
+    for path in ("get-inference-job-image-output", "get-inference-job-param-output"):
+        assert requests.get(f"{base}/inference/{path}", params={"jobID": job["InferenceJobId"]},
+                            headers=headers()).json() == []

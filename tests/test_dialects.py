@@ -234,3 +234,28 @@ def test_draw_refuses_oversized_bodies(stack):
     client = create_app(load_settings(env={**stack.env(), "SDQ_API_MAX_BODY_BYTES": "1000"})).test_client()
     r = client.post("/v1/draw", json={"prompt": "x" * 2000}, headers={"Authorization": f"Bearer {KEY_A}"})
     assert r.status_code == 413 and r.get_json()["type"] == "error"
+
+
+def test_draw_answers_500_when_its_job_does_not_complete(stack, rds):
+    """Seed 003's 500: the synchronous call's job ended without images (here: cancelled while queued)."""
+    import threading
+
+    from api import create_app
+    from common.settings import load_settings
+    from common.taskstore import pending_key
+
+    queue = "nobody-consumes-draws"
+    app = create_app(load_settings(env={**stack.env(), "SDQ_TASKS_QUEUE": queue}))
+    answer = {}
+    caller = threading.Thread(target=lambda: answer.update(r=app.test_client().post(
+        "/v1/draw", json={"prompt": "cat"}, headers={"Authorization": f"Bearer {KEY_A}"})))
+    caller.start()
+    deadline = time.monotonic() + 30
+    while not rds.zcard(pending_key(queue)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (task_id,) = rds.zrange(pending_key(queue), 0, -1)
+    assert app.test_client().delete(f"/api/v1/tasks/{task_id}", headers={"X-API-Key": KEY_A}).status_code == 200
+    caller.join(30)
+    r = answer["r"]
+    assert r.status_code == 500 and r.get_json()["error"]["type"] == "api_error"
+    assert "cancel" in r.get_json()["error"]["message"]
