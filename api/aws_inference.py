@@ -246,6 +246,11 @@ def delete_endpoints(svc: Services, names: list[str]):
 
 
 # --- the blueprint ---------------------------------------------------------------------------
+def json_body(schema: Schema, description: str) -> dict:
+    """An OpenAPI requestBody for views that pick their schema themselves."""
+    return {"description": description, "required": True, "content": {"application/json": {"schema": schema}}}
+
+
 def create_aws_inference_blueprint(settings, limits, keys) -> Blueprint:
     blp = Blueprint(BLUEPRINT, __name__, description="AWS extension middleware (seed 001): inference and endpoints")
     blp.before_request(keys.authenticator(DIALECT, bearer_token, forbidden, not_allowed))
@@ -259,7 +264,7 @@ def create_aws_inference_blueprint(settings, limits, keys) -> Blueprint:
 
     @blp.route("/inference/v2", methods=["POST"])
     @limits.submit
-    @blp.doc(security=SECURITY)
+    @blp.doc(security=SECURITY, requestBody=json_body(schemas[0], "img2img adds init_images (and mask)"))
     def inference_v2():
         """Queue a txt2img/img2img job on the pool `sagemaker_endpoint_name` names; answers at once."""
         return run_inference(services(), request.get_json(silent=True), schemas)
@@ -305,7 +310,7 @@ def create_aws_inference_blueprint(settings, limits, keys) -> Blueprint:
         return jsonify(endpoint_views(services()))
 
     @blp.route("/endpoints", methods=["POST"])
-    @blp.doc(security=SECURITY)
+    @blp.doc(security=SECURITY, requestBody=json_body(EndpointCreate(), "or {\"delete_endpoint_list\": [...]}"))
     def post_endpoints():
         """Record a pool and its desired replicas; with `delete_endpoint_list`, forget pools (as the seed's samples do)."""
         raw = request.get_json(silent=True)

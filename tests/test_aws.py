@@ -190,6 +190,20 @@ def test_multipart_upload_in_several_parts(base, storage):
     assert storage.get(key) == data
 
 
+def test_seed_endpoint_samples_name_the_pool_after_the_job(base):
+    inputBody = {"instance_type": "ml.g4dn.xlarge | ml.g4dn.2xlarge | ml.g4dn.4xlarge", "initial_instance_count": "2"}
+    r = requests.post(f"{base}/endpoints", headers=headers(body=True), json=inputBody)
+    created = r.json()
+    assert created["endpoint_name"] == "infer-endpoint-" + created["EndpointDeploymentJobId"][:7]
+    assert created["desired_instance_count"] == 2 and created["current_instance_count"] == 0
+    job = requests.get(f"{base}/inference/get-endpoint-deployment-job",
+                       params={"jobID": created["EndpointDeploymentJobId"]}, headers=headers()).json()
+    assert job["endpoint_status"] == "Creating" and job["status"] == "inprogress"
+    r = requests.delete(f"{base}/endpoints", headers=headers(body=True),
+                        json={"delete_endpoint_list": [created["endpoint_name"]]})
+    assert r.json() == "Endpoint deleted" and endpoint(base, created["endpoint_name"]) is None
+
+
 def test_seed_samples_without_job_id_and_lists(base):
     # the seed's samples for the job GETs send no jobID: a validation error naming it
     for path in ("get-inference-job", "get-inference-job-image-output", "get-inference-job-param-output"):
