@@ -149,6 +149,9 @@ def resolve_loras(svc: Services, store: CheckpointStore, names: list[str]) -> tu
 
 
 def known_pool(svc: Services, name: str) -> bool:
+    """A pool GPU workers serve or someone recorded (never the webhook queue)."""
+    if name == svc.settings.callbacks.queue:
+        return False
     return (name == svc.settings.tasks.queue or PoolStore(svc.store.redis).get(name) is not None
             or name in serving_queues(svc.store.redis))
 
@@ -323,6 +326,9 @@ def create_aws_inference_blueprint(settings, limits, keys) -> Blueprint:
             return inference_error(422, flatten_messages(exc.messages, ["body"]))
         if "delete_endpoint_list" in data:
             return delete_endpoints(services(), data["delete_endpoint_list"])
+        if data["endpoint_name"] == settings.callbacks.queue:
+            return inference_error(422, flatten_messages(
+                {"endpoint_name": [f"{data['endpoint_name']!r} is the webhook queue, not a worker pool"]}, ["body"]))
         return jsonify(create_endpoint(services(), data))
 
     @blp.route("/endpoints", methods=["DELETE"])

@@ -288,6 +288,10 @@ def test_auth_and_validation_errors(base):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "initial_instance_count"]
     r = requests.post(f"{base}/endpoints", headers=headers(body=True), json={"endpoint_name": "../etc"})
     assert r.status_code == 422
+    r = requests.post(f"{base}/endpoints", headers=headers(body=True), json={"endpoint_name": "callbacks"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "endpoint_name"]
+    r = post({**good, "sagemaker_endpoint_name": "callbacks"})   # the webhook queue is not a pool
+    assert r.status_code == 400
 
 
 def test_checkpoint_errors(base):
@@ -355,3 +359,22 @@ def test_failed_job_reports_failed_and_no_outputs(base):
     for path in ("get-inference-job-image-output", "get-inference-job-param-output"):
         assert requests.get(f"{base}/inference/{path}", params={"jobID": job["InferenceJobId"]},
                             headers=headers()).json() == []
+
+
+def test_worker_refetches_a_model_uploaded_again_under_the_same_name(storage, tmp_path):
+    from worker.assets import ensure_assets
+
+    storage.put("models/Lora/one/style.safetensors", b"first", "application/octet-stream")
+    storage.put("models/Lora/two/style.safetensors", b"second", "application/octet-stream")
+    dirs = {"loras": tmp_path / "loras", "models": tmp_path / "models"}
+    first = {"key": "models/Lora/one/style.safetensors", "dir": "loras", "name": "style.safetensors"}
+    assert ensure_assets(storage, [first], dirs) == []
+    assert ensure_assets(storage, [first], dirs) == []            # once per host
+    assert (dirs["loras"] / "style.safetensors").read_bytes() == b"first"
+    second = {**first, "key": "models/Lora/two/style.safetensors"}
+    assert ensure_assets(storage, [second], dirs) == ["style.safetensors"]
+    assert (dirs["loras"] / "style.safetensors").read_bytes() == b"second"
+    dirs["models"].mkdir()
+    (dirs["models"] / "mine.safetensors").write_bytes(b"operator's own")   # no marker: kept
+    assert ensure_assets(storage, [{"key": second["key"], "dir": "models", "name": "mine.safetensors"}], dirs) == []
+    assert (dirs["models"] / "mine.safetensors").read_bytes() == b"operator's own"

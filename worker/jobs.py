@@ -162,7 +162,8 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
     monitor = StepMonitor(ctx.store, task.id, attempt, ctx.info.id, ctx.settings.tasks.time_limit,
                           ctx.settings.tasks.progress_interval)
     try:
-        ensure_assets(ctx.storage, spec.assets, asset_dirs(ctx.settings))
+        for name in ensure_assets(ctx.storage, spec.assets, asset_dirs(ctx.settings)):
+            ctx.registry.drop(name)   # a re-upload under the same name: never serve the old weights
         model = find_model(ctx.settings.models_dir, spec.model)
         if model is None:
             raise ModelError(f"model '{spec.model}' is not in the model directory")
