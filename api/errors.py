@@ -92,7 +92,7 @@ def dialect_error(status: int, detail: Any, headers: dict | None = None):
 def http_error(error: HTTPException):
     """Render any werkzeug/flask-smorest HTTP error in the serving dialect's shape."""
     data = getattr(error, "data", None) or {}
-    messages = data.get("messages")
+    messages = data.get("messages") or data.get("errors")   # webargs' messages, or abort(..., errors=...)
     code = error.code or 500
     headers = dict(data.get("headers") or {})
     if code == 429:

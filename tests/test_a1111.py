@@ -164,7 +164,8 @@ def test_png_info_reads_the_parameters_chunk(sd):
     info = sd.post("png-info", {"image": "data:image/png;base64," + image}).json()
     assert info["parameters"]["Prompt"] == "a lighthouse" and info["parameters"]["Seed"] == "9"
     assert info["parameters"]["Size-1"] == "64"
-    assert sd.post("png-info", {"image": "not base64!"}).status_code == 422
+    bad = sd.post("png-info", {"image": "not base64!"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "image"]
 
 
 def test_progress_and_interrupt_of_a_running_job(sd):
