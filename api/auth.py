@@ -25,7 +25,7 @@ class ApiKey:
 
     Policy (all optional in config.yaml): `submit_limit` / `read_limit`
     (Flask-Limiter strings, "" for none; default api.submit_limit / api.read_limit),
-    `dialects` and `models` it may use (default: all).
+    `dialects`, `models` and worker `pools` (AWS-extension endpoints) it may use (default: all).
     """
 
     key: str
@@ -34,6 +34,7 @@ class ApiKey:
     read_limit: str | None = None
     dialects: tuple[str, ...] | None = None
     models: tuple[str, ...] | None = None
+    pools: tuple[str, ...] | None = None
     owner: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -44,6 +45,9 @@ class ApiKey:
 
     def may_use_model(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def may_use_pool(self, pool: str) -> bool:
+        return self.pools is None or pool in self.pools
 
 
 def _names(item: dict, field_name: str, i: int) -> tuple[str, ...] | None:
@@ -68,7 +72,7 @@ def parse_keys(raw: list) -> list[ApiKey]:
                 raise ValueError(f"api.keys[{i}].dialects: unknown {sorted(unknown)}; known: {list(DIALECTS)}")
             limits = {f: None if item.get(f) is None else str(item[f]) for f in ("submit_limit", "read_limit")}
             keys.append(ApiKey(str(item["key"]), str(item.get("name") or f"key{i + 1}"), dialects=dialects,
-                               models=_names(item, "models", i), **limits))
+                               models=_names(item, "models", i), pools=_names(item, "pools", i), **limits))
         else:
             raise ValueError(f"api.keys[{i}]: expected a string or a map with 'key'")
     return keys

@@ -27,6 +27,7 @@ from api.services import Services, services
 from api.submission import new_task_id, submit_job
 from common.catalog import WEIGHT_SUFFIXES, ModelInfo
 from common.checkpoints import CheckpointStore
+from common.jobspec import LoraRef
 from common.pools import PoolRecord, PoolStore, serving_queues
 from common.taskstore import Task, TaskNotFound, TaskStatus
 
@@ -35,10 +36,11 @@ DIALECT = "aws"
 SECURITY = [{"ApiKeyAuth": []}]
 STATUS_NAMES = {TaskStatus.PENDING: "inprogress", TaskStatus.PROCESSING: "inprogress",
                 TaskStatus.COMPLETED: "succeed", TaskStatus.FAILED: "failed", TaskStatus.CANCELLED: "failed"}
-CAPACITY_NOTE = ("sdqueue recorded this endpoint (a worker pool) and its desired replicas in Redis; it does not start "
-                 "machines. Capacity comes from the deployment: start workers with `python -m worker.main --pool {name}` "
-                 "(compose: SDQ_WORKER_POOL={name}) or let the KEDA ScaledObject scale them. The endpoint is "
-                 "InService once a worker serves it; jobs sent before then wait in its queue.")
+CAPACITY_NOTE = ("sdqueue recorded this endpoint (a worker pool) and its desired replicas in Redis (hash sdq:pools); "
+                 "it does not start machines. Capacity comes from the deployment: start workers with "
+                 "`python -m worker.main --pool {name}` (compose: SDQ_WORKER_POOL={name}), or have an autoscaler "
+                 "read sdq:pools. The endpoint is InService once a worker serves it; jobs sent before then wait in "
+                 "its queue.")
 
 
 # --- shapes ----------------------------------------------------------------------------
@@ -103,8 +105,8 @@ def owned_job(svc: Services, job_id: str) -> Task:
     try:
         task = svc.store.get_owned(job_id, current_key().owner)
     except TaskNotFound:
-        task = None
-    if task is None or task.spec.dialect != DIALECT:
+        abort(404, message=f"inference job {job_id} not found")
+    if task.spec.dialect != DIALECT:
         abort(404, message=f"inference job {job_id} not found")
     return task
 
@@ -126,25 +128,27 @@ def resolve_model(svc: Services, store: CheckpointStore, name: str) -> tuple[Mod
         raise LookupError(f"checkpoint with name {name}, type Stable-diffusion is not found")
     if not name.endswith(WEIGHT_SUFFIXES):
         raise LookupError(f"checkpoint {name} cannot be loaded: a model is a {' or '.join(WEIGHT_SUFFIXES)} file")
-    path = svc.settings.models_dir / name
-    return (ModelInfo(name, path, "single_file", 512),
-            [{"key": checkpoint.key_of(name), "dir": "models", "name": name}])
+    asset = checkpoint.asset(name)
+    return ModelInfo(asset["name"], svc.settings.models_dir / asset["name"], "single_file", 512), [asset]
 
 
-def resolve_loras(svc: Services, store: CheckpointStore, names: list[str]) -> tuple[set[str], list[dict]]:
-    """LoRA names usable in the prompt's <lora:name:weight> tags, and the files workers must fetch."""
+def resolve_loras(svc: Services, store: CheckpointStore, names: list[str]) -> tuple[dict[str, str], list[dict]]:
+    """LoRAs usable in the prompt's <lora:name:weight> tags (tag name -> local name) and the files to fetch."""
     local = svc.catalog.loras()
-    usable, assets = set(), []
+    usable, assets = {}, []
     for name in names:
-        stem = name.rsplit(".", 1)[0] if name.endswith(WEIGHT_SUFFIXES) else name
+        stem = name.rsplit(".", 1)[0] if "." in name else name
         if stem in local:
-            usable.add(stem)
+            usable[stem] = stem
             continue
         checkpoint = store.find_active("Lora", name)
         if checkpoint is None:
             raise LookupError(f"checkpoint with name {name}, type Lora is not found")
-        usable.add(stem)
-        assets.append({"key": checkpoint.key_of(name), "dir": "loras", "name": name})
+        if not name.endswith(WEIGHT_SUFFIXES):
+            raise LookupError(f"LoRA {name} cannot be loaded: a LoRA is a {' or '.join(WEIGHT_SUFFIXES)} file")
+        asset = checkpoint.asset(name)
+        usable[stem] = asset["name"].rsplit(".", 1)[0]
+        assets.append(asset)
     return usable, assets
 
 
@@ -169,6 +173,8 @@ def run_inference(svc: Services, raw: Any, schemas: tuple[Schema, Schema]):
     pool = data["sagemaker_endpoint_name"]
     if not known_pool(svc, pool):
         return inference_error(400, f"endpoint {pool} not found; GET /endpoints lists them")
+    if not current_key().may_use_pool(pool):
+        return inference_error(403, f"this API key may not use endpoint {pool}")
     store = CheckpointStore(svc.store.redis, svc.settings.aws.models_prefix)
     models = data["models"]
     try:
@@ -187,6 +193,7 @@ def run_inference(svc: Services, raw: Any, schemas: tuple[Schema, Schema]):
     job_id = new_task_id()
     spec = build_a1111_jobspec(svc, data, mode, job_id, warnings, model=model, dialect=DIALECT,
                                extra_loras=frozenset(loras))
+    spec.loras = [LoraRef(loras.get(lr.name, lr.name), lr.weight) for lr in spec.loras]
     spec.assets = assets + lora_assets
     spec.output_prefix, spec.output_stem, spec.output_format = output_prefix(svc, job_id), "image_", "jpeg"
     spec.sidecar_key = params_key(svc, job_id)
@@ -225,7 +232,7 @@ def pool_view(svc: Services, record: PoolRecord, live: int) -> dict:
         "EndpointDeploymentJobId": record.job_id, "startTime": aws_time(record.started_at),
         "endTime": aws_time(record.in_service_at), "endpoint_name": record.name,
         "endpoint_status": "InService" if in_service else "Creating",
-        "status": "success" if in_service else "inprogress", "error": "",
+        "status": "success" if in_service else "inprogress",
         "instance_type": record.instance_type, "desired_instance_count": record.replicas,
         "current_instance_count": live, "pending_jobs": svc.store.pending_count(record.name),
     }
@@ -235,7 +242,9 @@ def create_endpoint(svc: Services, data: dict) -> dict:
     pools = PoolStore(svc.store.redis)
     job_id = str(uuid.uuid4())
     name = data["endpoint_name"] or f"infer-endpoint-{job_id[:7]}"
-    record = pools.get(name) or PoolRecord(name, job_id, data["initial_instance_count"])
+    record = pools.get(name) or PoolRecord(name, job_id, data["initial_instance_count"], owner=current_key().owner)
+    if record.owner and record.owner != current_key().owner:
+        abort(403, message=f"endpoint {name} belongs to another API key")
     record.replicas, record.instance_type = data["initial_instance_count"], data["instance_type"]
     record.extra["autoscaling"] = data["autoscaling_enabled"]
     pools.record(record)
@@ -244,7 +253,10 @@ def create_endpoint(svc: Services, data: dict) -> dict:
 
 
 def delete_endpoints(svc: Services, names: list[str]):
-    PoolStore(svc.store.redis).forget(names)
+    """Forget the caller's recorded pools; unknown names and other keys' pools are skipped (as the original skips)."""
+    pools = PoolStore(svc.store.redis)
+    mine = [n for n in names if (p := pools.get(n)) is not None and p.owner in ("", current_key().owner)]
+    pools.forget(mine)
     return jsonify("Endpoint deleted")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from flask import jsonify
 from flask_smorest import Blueprint
 
-from api.auth import bearer_token
+from api.auth import bearer_token, current_key
 from api.aws_inference import DIALECT, forbidden, gateway_error, not_allowed
 from api.aws_schemas import CheckpointCreate, CheckpointQuery, CheckpointsQuery, CheckpointUpdate, UploadCheckpoint
 from api.downloads import DownloadRefused, open_download
@@ -73,11 +73,26 @@ def local_views(svc: Services) -> list[dict]:
     return out
 
 
+def name_problem(svc: Services, store: CheckpointStore, kind: str, name: str) -> str | None:
+    """Why a new upload may not use this file name: another key's checkpoint or a local model has it."""
+    if store.name_taken(kind, name, current_key().owner):
+        return f"a {kind} checkpoint of another API key already has a file named {name}"
+    local = {m.name for m in svc.catalog.models()} if kind == "Stable-diffusion" else \
+        {p.name for p in svc.catalog.loras().values()} if kind == "Lora" else set()
+    if name in local:
+        return f"{name} is already in the workers' {kind} directory"
+    return None
+
+
 def create_checkpoint(svc: Services, data: dict):
     """POST /checkpoint: a record in Initial and, per file, a multipart upload with presigned part URLs."""
     store = checkpoints(svc)
     files = data["filenames"]
-    checkpoint = store.new(data["checkpoint_type"], [f["filename"] for f in files], data["params"])
+    for item in files:
+        if problem := name_problem(svc, store, data["checkpoint_type"], item["filename"]):
+            return models_error(400, problem)
+    checkpoint = store.new(data["checkpoint_type"], [f["filename"] for f in files], data["params"],
+                           current_key().owner)
     uploads, presigned = {}, []
     for item in files:
         key = checkpoint.key_of(item["filename"])
@@ -92,15 +107,22 @@ def create_checkpoint(svc: Services, data: dict):
 
 
 def complete_uploads(svc: Services, checkpoint: Checkpoint, tags: dict[str, list[dict]]) -> None:
-    """Complete each file's multipart upload from the client's ETags, else from the parts S3 holds."""
+    """Complete each file's multipart upload from the client's ETags, else from the parts S3 holds.
+
+    A file whose upload is gone but whose object exists was completed by an
+    earlier try: it counts as done, so a retried PUT always converges.
+    """
     for name, upload_id in list(checkpoint.uploads.items()):
         key = checkpoint.key_of(name)
-        parts = tags.get(name) or tags.get(f"{name}.tar") or svc.storage.uploaded_parts(key, upload_id)
-        if not parts:
-            raise ValueError(f"no parts of {name} were uploaded yet")
         try:
+            parts = tags.get(name) or tags.get(f"{name}.tar") or svc.storage.uploaded_parts(key, upload_id)
+            if not parts:
+                raise ValueError(f"no parts of {name} were uploaded yet")
             svc.storage.finish_multipart(key, upload_id, parts)
         except StorageError as exc:
+            if "NoSuchUpload" in str(exc) and svc.storage.exists(key):
+                del checkpoint.uploads[name]
+                continue
             hint = " (every part but the last must be at least 5 MiB: use fewer parts)" if "EntityTooSmall" in str(exc) else ""
             raise ValueError(f"{name}: {exc}{hint}") from exc
         del checkpoint.uploads[name]
@@ -109,24 +131,25 @@ def complete_uploads(svc: Services, checkpoint: Checkpoint, tags: dict[str, list
 def update_checkpoint(svc: Services, data: dict):
     """PUT /checkpoint: Active completes the uploads; Disabled / Initial only set the status."""
     store = checkpoints(svc)
-    checkpoint = store.get(data["checkpoint_id"])
-    if checkpoint is None:
-        return models_error(404, f"checkpoint not found with id {data['checkpoint_id']}")
-    if data["status"] == "Active" and checkpoint.uploads:
-        try:
-            complete_uploads(svc, checkpoint, data["multi_parts_tags"])
-        except ValueError as exc:
-            store.save(checkpoint)   # files completed so far stay completed
-            return models_error(400, str(exc))
-    checkpoint.status = data["status"]
-    store.save(checkpoint)
+    with store.lock(data["checkpoint_id"]):
+        checkpoint = store.get(data["checkpoint_id"])
+        if checkpoint is None or checkpoint.owner != current_key().owner:   # another key's: not there for this one
+            return models_error(404, f"checkpoint not found with id {data['checkpoint_id']}")
+        if data["status"] == "Active" and checkpoint.uploads:
+            try:
+                complete_uploads(svc, checkpoint, data["multi_parts_tags"])
+            except ValueError as exc:
+                store.save(checkpoint)   # files completed so far stay completed
+                return models_error(400, str(exc))
+        checkpoint.status = data["status"]
+        store.save(checkpoint)
     return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint)})
 
 
 def upload_from_urls(svc: Services, data: dict):
     """POST /upload_checkpoint: fetch every URL into S3 (synchronously), then an Active checkpoint."""
     store = checkpoints(svc)
-    checkpoint = store.new(data["checkpointType"], [], data["params"])
+    checkpoint = store.new(data["checkpointType"], [], data["params"], current_key().owner)
     stored: dict[str, dict] = {}
     for url in data["modelUrl"]:
         try:
@@ -136,6 +159,8 @@ def upload_from_urls(svc: Services, data: dict):
         with download.response:
             if problem := filename_problem(download.name):
                 return models_error(400, f"contains invalid urls: {url}: {problem}")
+            if problem := name_problem(svc, store, data["checkpointType"], download.name):
+                return models_error(400, problem)
             if download.name in stored:
                 return models_error(400, f"contains invalid urls: two URLs give the file {download.name}")
             key = checkpoint.key_of(download.name)
@@ -143,7 +168,8 @@ def upload_from_urls(svc: Services, data: dict):
                 svc.storage.put_stream(key, download.stream)
             except DownloadRefused as exc:
                 return models_error(400, f"contains invalid urls: {exc}")
-            stored[download.name] = {"bucket": svc.storage.bucket, "key": key, "size": download.stream.read_bytes}
+            stored[download.name] = {"uploadId": None, "bucket": svc.storage.bucket, "key": key,
+                                     "size": download.stream.read_bytes}
     checkpoint.names = list(stored)
     checkpoint.status = "Active"
     checkpoint.params = {**checkpoint.params, "created": now_text(), "multipart_upload": stored}

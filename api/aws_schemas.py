@@ -107,6 +107,8 @@ class CheckpointCreate(BaseSchema):
         names = [f.get("filename") for f in value if isinstance(f, dict)]
         if len(set(names)) != len(names):
             raise ValidationError("file names must be distinct")
+        if sum(f.get("parts_number", 1) for f in value if isinstance(f, dict)) > MAX_PARTS:
+            raise ValidationError(f"at most {MAX_PARTS} parts in all per request")
 
 
 class PartTag(BaseSchema):

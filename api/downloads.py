@@ -8,13 +8,13 @@ URL or Content-Disposition, and a size cap stops an endless body.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 
-from common.errors import StorageError
 from common.netguard import blocked_reason
 from common.storage import Storage
 
@@ -37,16 +37,29 @@ class Download:
 
 
 class CappedStream:
-    """A file-like view of a response body that refuses to grow past `limit` bytes."""
+    """A file-like view of a response body: at most `limit` bytes, finished by `deadline`.
 
-    def __init__(self, response: requests.Response, limit: int):
+    A dropped connection or a server trickling bytes becomes DownloadRefused,
+    never an error page, and never holds an API thread for longer than downloads.timeout
+    per read plus downloads.total_timeout overall.
+    """
+
+    def __init__(self, response: requests.Response, limit: int, deadline: float):
         self._chunks = response.iter_content(CHUNK)
         self._buffer = b""
-        self.limit, self.read_bytes = limit, 0
+        self.limit, self.read_bytes, self.deadline = limit, 0, deadline
+
+    def _next_chunk(self) -> bytes:
+        if time.monotonic() > self.deadline:
+            raise DownloadRefused("the download took longer than downloads.total_timeout")
+        try:
+            return next(self._chunks, b"")
+        except requests.RequestException as exc:
+            raise DownloadRefused(f"the download broke off: {type(exc).__name__}") from exc
 
     def read(self, size: int = -1) -> bytes:
         while size < 0 or len(self._buffer) < size:
-            chunk = next(self._chunks, b"")
+            chunk = self._next_chunk()
             if not chunk:
                 break
             self.read_bytes += len(chunk)
@@ -65,6 +78,26 @@ def file_name(response: requests.Response) -> str:
     match = DISPOSITION_NAME.search(response.headers.get("Content-Disposition", ""))
     name = match.group(1) if match else urlsplit(response.url).path.rsplit("/", 1)[-1]
     return unquote(name).strip().replace("/", "_")
+
+
+def declared_length(response: requests.Response) -> int:
+    """Content-Length if it is one plain number, else 0 (the stream cap still applies)."""
+    value = response.headers.get("Content-Length", "").strip()
+    return int(value) if value.isdigit() else 0
+
+
+def peer_reason(response: requests.Response, allow: list[str]) -> str | None:
+    """Why the address actually connected to is refused (DNS may have changed since the check), else None."""
+    sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
+    if sock is None:   # http.client hands the socket to the response it is reading
+        sock = getattr(getattr(getattr(getattr(response.raw, "_fp", None), "fp", None), "raw", None), "_sock", None)
+    try:
+        address = sock.getpeername()[0] if sock is not None else None
+    except OSError:
+        return None
+    if address is None:
+        return None
+    return blocked_reason(f"http://{'[' + address + ']' if ':' in address else address}/", allow)
 
 
 def open_download(url: str, settings: Any, limit: int | None = None) -> Download:
@@ -91,24 +124,35 @@ def open_download(url: str, settings: Any, limit: int | None = None) -> Download
         if response.status_code != 200:
             response.close()
             raise DownloadRefused(f"{url}: the server answered HTTP {response.status_code}")
-        declared = int(response.headers.get("Content-Length") or 0)
+        declared = declared_length(response)
         if declared > limit:
             response.close()
             raise DownloadRefused(f"{url}: {declared} bytes is more than the {limit} allowed")
-        return Download(file_name(response), CappedStream(response, limit), response)
+        if reason := peer_reason(response, allow):
+            response.close()
+            raise DownloadRefused(f"{url}: {reason}")
+        deadline = time.monotonic() + settings.downloads.total_timeout
+        return Download(file_name(response), CappedStream(response, limit, deadline), response)
     raise DownloadRefused(f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
-def fetch_link(link: str, settings: Any, storage: Storage) -> bytes:
-    """The bytes behind an http(s) URL (guarded, at most api.max_body_bytes) or s3://{our bucket}/key."""
+def fetch_link(link: str, settings: Any, storage: Storage, may_read: Callable[[dict[str, str]], bool]) -> bytes:
+    """The bytes behind an http(s) URL (guarded) or s3://{our bucket}/key, at most api.max_body_bytes.
+
+    `may_read(metadata)`: whether the caller may read an object of the bucket
+    (outputs carry their task id: another key's images do not exist for it).
+    """
+    limit = settings.api.max_body_bytes
     if link.startswith("s3://"):
         bucket, _, key = link[5:].partition("/")
         if bucket != storage.bucket or not key:
             raise DownloadRefused(f"{link}: only s3://{storage.bucket}/... objects can be read")
-        try:
-            return storage.get(key)
-        except StorageError as exc:
-            raise DownloadRefused(f"{link}: no such object") from exc
-    download = open_download(link, settings, settings.api.max_body_bytes)
+        found = storage.head(key)
+        if found is None or not may_read(found[1]):
+            raise DownloadRefused(f"{link}: no such object")
+        if found[0] > limit:
+            raise DownloadRefused(f"{link}: {found[0]} bytes is more than the {limit} allowed")
+        return storage.get(key)
+    download = open_download(link, settings, limit)
     with download.response:
         return download.stream.read()

@@ -67,6 +67,8 @@ class AlwaysOnScripts(BaseSchema):
 
     @validates("image_link")
     def plain_links(self, value: str | None, **_: Any) -> None:
+        if len(links_of(value)) > 16:
+            raise ValidationError("at most 16 links")
         for link in links_of(value):
             if not link.startswith(("http://", "https://", "s3://")):
                 raise ValidationError(f"{link[:80]!r}: image_link is a comma-separated list of http(s):// or s3:// URLs")
@@ -97,9 +99,17 @@ def eks_schemas(settings) -> tuple[Schema, Schema]:
     return EksTxt2Img(), EksImg2Img()
 
 
-def fetch_images(svc, image_link: str) -> list[InitImage]:
-    """Every image the comma-separated image_link names, fetched and checked (the first is the init image)."""
-    return [image_from_bytes(fetch_link(link, svc.settings, svc.storage)) for link in links_of(image_link)]
+def fetch_images(svc, image_link: str, warnings: list[str]) -> list[InitImage]:
+    """The init image: the first of the comma-separated image_link URLs, fetched and checked."""
+    links = links_of(image_link)
+    if len(links) > 1:
+        warnings.append(f"image_link: only the first of {len(links)} links is used")
+
+    def may_read(metadata: dict[str, str]) -> bool:
+        task_id = metadata.get("task-id")
+        return not task_id or svc.store.redis.hget(task_key(task_id), "owner") == current_key().owner
+
+    return [image_from_bytes(fetch_link(links[0], svc.settings, svc.storage, may_read))]
 
 
 def eks_task_id(owner: str, id_task: str) -> str:
@@ -137,13 +147,14 @@ def create_eks_blueprint(settings, limits, keys) -> Blueprint:
         task_id = eks_task_id(current_key().owner, id_task)
         if not svc.store.redis.exists(task_key(task_id)):   # a resubmission fetches and uploads nothing either
             mode = TASKS[scripts["task"]]
+            fetched: list[str] = []
             if mode == "img2img" and scripts["image_link"]:
                 try:
-                    data["init_images"] = fetch_images(svc, scripts["image_link"])
+                    data["init_images"] = fetch_images(svc, scripts["image_link"], fetched)
                 except (DownloadRefused, InitImageError) as exc:
                     return eks_error(400, f"image_link: {exc}")
             data["alwayson_scripts"] = {}
-            warnings = unhonoured(data, mode)
+            warnings = unhonoured(data, mode) + fetched
             spec = build_a1111_jobspec(svc, data, mode, task_id, warnings, model=model, dialect=BLUEPRINT)
             spec.output_prefix = location
             spec.sidecar_key = f"{location}/response-{uuid.uuid4()}.out"

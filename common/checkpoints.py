@@ -53,13 +53,19 @@ class Checkpoint:
     params: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     uploads: dict[str, str] = field(default_factory=dict)   # file name -> open multipart upload id
+    owner: str = ""
 
     def key_of(self, name: str) -> str:
         return f"{self.prefix}/{name}"
 
-    @property
-    def local_dir(self) -> str | None:
-        return LOCAL_DIRS.get(self.type)
+    def local_name(self, name: str) -> str:
+        """The file's name in a worker's directory: the checkpoint id in it, so a re-upload is a new file."""
+        stem, dot, suffix = name.rpartition(".")
+        return f"{stem}-{self.id[:8]}.{suffix}" if dot else f"{name}-{self.id[:8]}"
+
+    def asset(self, name: str) -> dict[str, str]:
+        """What a job needs a worker to fetch for this file (JobSpec.assets)."""
+        return {"key": self.key_of(name), "dir": LOCAL_DIRS[self.type], "name": self.local_name(name)}
 
 
 class CheckpointStore:
@@ -69,10 +75,19 @@ class CheckpointStore:
         self.redis = client
         self.key_prefix = key_prefix.strip("/")
 
-    def new(self, kind: str, names: list[str], params: dict[str, Any]) -> Checkpoint:
+    def new(self, kind: str, names: list[str], params: dict[str, Any], owner: str) -> Checkpoint:
         checkpoint_id = str(uuid.uuid4())
         return Checkpoint(checkpoint_id, kind, list(names), f"{self.key_prefix}/{kind}/{checkpoint_id}",
-                          params=dict(params))
+                          params=dict(params), owner=owner)
+
+    def lock(self, checkpoint_id: str) -> Any:
+        """One writer per checkpoint at a time (a client retrying PUT /checkpoint races itself)."""
+        return self.redis.lock(f"{record_key(checkpoint_id)}:lock", timeout=900, blocking_timeout=30)
+
+    def name_taken(self, kind: str, name: str, owner: str) -> bool:
+        """Another key's live (not Disabled) checkpoint of this type already holds a file of this name."""
+        return any(c.type == kind and c.status != "Disabled" and name in c.names and c.owner != owner
+                   for c in self.all())
 
     def save(self, checkpoint: Checkpoint) -> None:
         pipe = self.redis.pipeline()
@@ -91,7 +106,7 @@ class CheckpointStore:
         return [Checkpoint(**json.loads(v)) for v in values if v]
 
     def find_active(self, kind: str, name: str) -> Checkpoint | None:
-        """The newest Active checkpoint of `kind` holding a file called `name`."""
+        """The newest Active checkpoint of `kind` holding a file called `name` (one key owns a name at a time)."""
         matches = [c for c in self.all() if c.type == kind and c.status == "Active" and name in c.names]
         return matches[-1] if matches else None
 

@@ -33,7 +33,7 @@ def blocked_reason(url: str, allow: Iterable[str] = ()) -> str | None:
     for *_, sockaddr in infos:
         address = ipaddress.ip_address(sockaddr[0].split("%")[0])
         if not address.is_global and not any(net is not None and address in net for net in allowed_nets):
-            return f"host {host!r} resolves to a non-public address ({address})"
+            return f"host {host!r} is or resolves to a non-public address"
     return None
 
 

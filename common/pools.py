@@ -31,9 +31,15 @@ class PoolRecord:
     job_id: str
     replicas: int
     instance_type: str = ""
+    owner: str = ""
     started_at: float = field(default_factory=time.time)
     in_service_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+_UPDATE_IF_PRESENT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+"""
 
 
 class PoolStore:
@@ -54,16 +60,16 @@ class PoolStore:
         raw = self.redis.hget(POOLS_KEY, name)
         return PoolRecord(**json.loads(raw)) if raw else None
 
-    def forget(self, names: list[str]) -> list[str]:
-        """Drop recorded pools; the names that were recorded."""
-        gone = [n for n in names if self.redis.hdel(POOLS_KEY, n)]
-        return gone
+    def forget(self, names: list[str]) -> None:
+        """Drop recorded pools (unknown names are skipped)."""
+        if names:
+            self.redis.hdel(POOLS_KEY, *names)
 
     def mark_in_service(self, pool: PoolRecord) -> PoolRecord:
-        """Remember when a recorded pool first had a serving worker (its endTime)."""
+        """Remember when a recorded pool first had a serving worker (its endTime); never resurrects a deleted one."""
         if pool.in_service_at is None:
             pool.in_service_at = time.time()
-            self.record(pool)
+            self.redis.eval(_UPDATE_IF_PRESENT, 1, POOLS_KEY, pool.name, json.dumps(asdict(pool)))
         return pool
 
 

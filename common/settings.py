@@ -90,7 +90,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("aws.list_limit", int, 1000, "Most jobs GET /inference/list-inference-jobs returns (newest first)."),
     Option("downloads.allow_hosts", list, [], "Hosts or CIDR ranges /upload_checkpoint may fetch from although they are private or loopback."),
     Option("downloads.max_bytes", int, 32 * 1024 ** 3, "Largest file /upload_checkpoint downloads."),
-    Option("downloads.timeout", float, 30.0, "Seconds to connect to / wait for data from a model URL."),
+    Option("downloads.timeout", float, 30.0, "Seconds to connect to / wait for data from a model or image URL."),
+    Option("downloads.total_timeout", float, 3600.0, "Longest one download may take in all."),
     Option("callbacks.queue", str, "callbacks", "Celery queue for webhook delivery (CPU worker)."),
     Option("callbacks.secret", str, "", "HMAC-SHA256 secret for X-SDQueue-Signature; empty: unsigned."),
     Option("callbacks.allow_private", bool, False, "Allow callback URLs on loopback/private/link-local addresses (SSRF guard off)."),
@@ -221,18 +222,18 @@ def example_yaml() -> str:
     for option in OPTIONS:
         parts = option.name.split(".")
         if len(parts) == 1:
-            lines += [f"# {option.help}", f"{option.name}: {_yaml_value(option.default)}", ""]
+            lines += [f"# {option.help}", f"{option.name}: {_yaml_value(option.default, option.name)}", ""]
             continue
         if parts[0] != section:
             section = parts[0]
             lines.append(f"{section}:")
         lines.append(f"  # {option.help} (env {option.env_name})")
-        lines.append(f"  {parts[1]}: {_yaml_value(option.default)}")
+        lines.append(f"  {parts[1]}: {_yaml_value(option.default, option.name)}")
     return "\n".join(lines) + "\n"
 
 
-def _yaml_value(value: Any) -> str:
-    if value == []:
+def _yaml_value(value: Any, name: str = "") -> str:
+    if name == "api.keys":
         return '["change-me-to-a-long-random-key"]'
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").removesuffix("...").strip()
 

@@ -6,6 +6,7 @@ names the style and the static part when it submits the job.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 from common.infotext import generation_info
@@ -14,17 +15,19 @@ from common.jobspec import JobSpec
 
 def aws_params(static: dict, spec: JobSpec, task_id: str, seeds: list[int], urls: list[str],
                error: str | None) -> dict[str, Any]:
-    """The AWS extension's {job}_param.json: the request, the generation info, the endpoint."""
-    return {**static, "info": {**generation_info(spec, seeds), "task_id": task_id}, "images": urls,
-            "error": error or ""}
+    """The AWS extension's {job}_param.json: the request, A1111's info (a JSON string), the endpoint."""
+    info = {**generation_info(spec, seeds), "task_id": task_id}
+    return {**static, "info": json.dumps(info, ensure_ascii=False), "images": urls, "error": error or ""}
 
 
 def eks_response(static: dict, spec: JobSpec, task_id: str, seeds: list[int], urls: list[str],
                  error: str | None) -> dict[str, Any]:
     """SD on EKS's response-<uuid>.out: A1111's echo with the outputs and status added (written on failure too)."""
     parameters = {**static.get("parameters", {}), "id_task": static.get("id_task"), "status": 0 if error else 1,
-                  "image_url": ",".join(urls), "image_seed": ",".join(str(s) for s in seeds),
+                  "image_url": ",".join(urls), "image_seed": ",".join(str(s) for s in seeds) if not error else [],
                   "error_msg": error or "", "image_mask_url": ""}
+    if error:
+        parameters["reason"] = None
     return {"images": [""], "info": "", "parameters": parameters}
 
 

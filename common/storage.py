@@ -108,16 +108,20 @@ class Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"cannot complete the upload of {key}: {exc}") from exc
 
-    def exists(self, key: str) -> bool:
+    def head(self, key: str) -> tuple[int, dict[str, str]] | None:
+        """(size, user metadata) of an object, or None when there is none."""
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-            return True
+            found = self.client.head_object(Bucket=self.bucket, Key=key)
+            return int(found["ContentLength"]), dict(found.get("Metadata") or {})
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
+                return None
             raise StorageError(f"cannot stat {key}: {exc}") from exc
         except BotoCoreError as exc:
             raise StorageError(f"cannot stat {key}: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
 
     def put_stream(self, key: str, stream: BinaryIO) -> None:
         """Upload a stream of unknown length (boto3 switches to multipart for big ones)."""

@@ -16,9 +16,11 @@ KEY_A = "test-key-alpha-0123456789"
 KEY_B = "test-key-bravo-9876543210"
 KEY_LIMITED = "test-key-limited-55555555"     # 2 submissions/s, 4 reads/s
 KEY_NATIVE_ONLY = "test-key-native-only-777"  # may use the native API only, and only the tiny model
+KEY_POOLED = "test-key-pooled-31415926"       # may send AWS-extension jobs to the pool "gpu" only
 POLICIES = {"api": {"keys": [
     {"key": KEY_LIMITED, "name": "limited", "submit_limit": "2/second", "read_limit": "4/second"},
     {"key": KEY_NATIVE_ONLY, "name": "native-only", "dialects": ["native"], "models": ["sdq-tiny"]},
+    {"key": KEY_POOLED, "name": "pooled", "pools": ["gpu"]},
 ]}}
 CALLBACK_SECRET = "test-webhook-secret"
 STACK_ENV = {
@@ -47,7 +49,7 @@ def stack(tmp_path_factory) -> LocalStack:
     config = data / "config.yaml"
     config.write_text(yaml.safe_dump(POLICIES))
     st = LocalStack(data_dir=data, redis_port=free_port(), s3_port=free_port_block(), api_port=free_port(),
-                    flower_port=free_port(), api_keys=[KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY], flower_password="pw",
+                    flower_port=free_port(), api_keys=[KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY, KEY_POOLED], flower_password="pw",
                     extra_env={**STACK_ENV, "SDQ_CONFIG": str(config)})
     try:
         build_default_model(st)

@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY
+from tests.conftest import KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY, KEY_POOLED
 from tests.helpers import FileServer, fetch
 
 POOL = "infer-endpoint-cb821ea"
@@ -142,7 +142,8 @@ def test_seed_001_scenario_on_a_pool_of_its_own(stack, settings, storage, base, 
         assert job["status"] == "succeed", job
         assert job["image_names"] == ["image_0.jpg"] and job["endpoint"] == POOL
         assert job["inference_info_name"] == f"out/{job_id}/result/{job_id}_param.json"
-        assert (models / "v1-5-pruned-emaonly.safetensors").read_bytes() == model_bytes   # fetched from S3
+        local = models / f"v1-5-pruned-emaonly-{checkpoint['id'][:8]}.safetensors"   # fetched from S3
+        assert local.read_bytes() == model_bytes and job["checkpoint"] == local.name
         view = endpoint(base, POOL)
         assert view["endpoint_status"] == "InService" and view["status"] == "success"
         assert view["current_instance_count"] == 1 and view["endTime"]
@@ -158,15 +159,16 @@ def test_seed_001_scenario_on_a_pool_of_its_own(stack, settings, storage, base, 
         assert params["inference_id"] == job_id and params["endpoint_name"] == POOL
         assert params["parameters"]["prompt"] == "a cute panda" and params["parameters"]["steps"] == 28
         assert params["parameters"]["sampler_name"] == "Euler a"
-        assert params["info"]["all_seeds"] == [params["info"]["seed"]] and "Euler a" in params["info"]["infotexts"][0]
+        info = json.loads(params["info"])   # a JSON string, as A1111's info
+        assert info["all_seeds"] == [info["seed"]] and "Euler a" in info["infotexts"][0]
 
         lora_result = wait_job(base, lora_job)
         assert lora_result["status"] == "succeed", lora_result
-        assert (loras / "uploaded_style.safetensors").read_bytes() == lora
+        assert (loras / f"uploaded_style-{uploaded['id'][:8]}.safetensors").read_bytes() == lora
         (lora_params_url,) = requests.get(f"{base}/inference/get-inference-job-param-output",
                                           params={"jobID": lora_job}, headers=headers()).json()
-        infotext = json.loads(fetch(lora_params_url))["info"]["infotexts"][0]
-        assert infotext.startswith("a cute panda\n") and "Lora weights: \"uploaded_style: 0.8\"" in infotext
+        infotext = json.loads(json.loads(fetch(lora_params_url))["info"])["infotexts"][0]
+        assert infotext.startswith("a cute panda\n") and f"uploaded_style-{uploaded['id'][:8]}: 0.8" in infotext
 
         listed = requests.get(f"{base}/inference/list-inference-jobs", headers=headers()).json()
         assert [j["InferenceJobId"] for j in listed][:2] == [lora_job, job_id]
@@ -361,20 +363,46 @@ def test_failed_job_reports_failed_and_no_outputs(base):
                             headers=headers()).json() == []
 
 
-def test_worker_refetches_a_model_uploaded_again_under_the_same_name(storage, tmp_path):
+def test_worker_fetches_each_upload_once_under_its_own_name(storage, tmp_path):
+    from common.checkpoints import Checkpoint
     from worker.assets import ensure_assets
 
-    storage.put("models/Lora/one/style.safetensors", b"first", "application/octet-stream")
-    storage.put("models/Lora/two/style.safetensors", b"second", "application/octet-stream")
+    first = Checkpoint("11111111-aaaa", "Lora", ["style.safetensors"], "models/Lora/one")
+    again = Checkpoint("22222222-bbbb", "Lora", ["style.safetensors"], "models/Lora/two")
+    storage.put(first.key_of("style.safetensors"), b"first", "application/octet-stream")
+    storage.put(again.key_of("style.safetensors"), b"second", "application/octet-stream")
     dirs = {"loras": tmp_path / "loras", "models": tmp_path / "models"}
-    first = {"key": "models/Lora/one/style.safetensors", "dir": "loras", "name": "style.safetensors"}
-    assert ensure_assets(storage, [first], dirs) == []
-    assert ensure_assets(storage, [first], dirs) == []            # once per host
-    assert (dirs["loras"] / "style.safetensors").read_bytes() == b"first"
-    second = {**first, "key": "models/Lora/two/style.safetensors"}
-    assert ensure_assets(storage, [second], dirs) == ["style.safetensors"]
-    assert (dirs["loras"] / "style.safetensors").read_bytes() == b"second"
-    dirs["models"].mkdir()
-    (dirs["models"] / "mine.safetensors").write_bytes(b"operator's own")   # no marker: kept
-    assert ensure_assets(storage, [{"key": second["key"], "dir": "models", "name": "mine.safetensors"}], dirs) == []
-    assert (dirs["models"] / "mine.safetensors").read_bytes() == b"operator's own"
+    for _ in range(2):                                              # once per host
+        ensure_assets(storage, [first.asset("style.safetensors"), again.asset("style.safetensors")], dirs)
+    assert (dirs["loras"] / "style-11111111.safetensors").read_bytes() == b"first"
+    assert (dirs["loras"] / "style-22222222.safetensors").read_bytes() == b"second"
+    assert sorted(p.name for p in dirs["loras"].iterdir()) == ["style-11111111.safetensors", "style-22222222.safetensors"]
+
+
+def test_keys_own_their_checkpoints_and_pools(base):
+    created = requests.post(f"{base}/checkpoint", headers=headers(body=True), json={
+        "checkpoint_type": "Lora", "filenames": [{"filename": "a-only.safetensors"}]}).json()["checkpoint"]
+    other = {"checkpoint_id": created["id"], "status": "Disabled"}
+    r = requests.put(f"{base}/checkpoint", headers=headers(KEY_B, body=True), json=other)
+    assert r.status_code == 404
+    r = requests.post(f"{base}/checkpoint", headers=headers(KEY_B, body=True), json={
+        "checkpoint_type": "Lora", "filenames": [{"filename": "a-only.safetensors"}]})
+    assert r.status_code == 400 and "another API key" in r.json()["error"]
+    r = requests.post(f"{base}/checkpoint", headers=headers(body=True), json={
+        "checkpoint_type": "Lora", "filenames": [{"filename": "tiny_style.safetensors"}]})
+    assert r.status_code == 400 and "already in the workers'" in r.json()["error"]
+    r = requests.post(f"{base}/checkpoint", headers=headers(body=True), json={
+        "checkpoint_type": "VAE", "filenames": [{"filename": f"f{n}.safetensors", "parts_number": 9000} for n in range(2)]})
+    assert r.status_code == 400 and "parts" in r.json()["error"]
+
+    requests.post(f"{base}/endpoints", headers=headers(body=True), json={"endpoint_name": "team-a-pool"})
+    r = requests.post(f"{base}/endpoints", headers=headers(KEY_B, body=True), json={"endpoint_name": "team-a-pool"})
+    assert r.status_code == 403
+    requests.delete(f"{base}/endpoints", headers=headers(KEY_B, body=True), json={"delete_endpoint_list": ["team-a-pool"]})
+    assert endpoint(base, "team-a-pool") is not None                 # not B's to delete
+    body = {"task_type": "txt2img", "models": {"Stable-diffusion": ["sdq-tiny"]},
+            "sagemaker_endpoint_name": "team-a-pool", "prompt": "x"}
+    r = requests.post(f"{base}/inference/v2", headers=headers(KEY_POOLED, body=True), json=body)
+    assert r.status_code == 403 and "team-a-pool" in r.json()["detail"]   # api.keys[].pools
+    requests.delete(f"{base}/endpoints", headers=headers(body=True), json={"delete_endpoint_list": ["team-a-pool"]})
+    assert endpoint(base, "team-a-pool") is None

@@ -107,6 +107,11 @@ def test_eks_image_link_fetches_http_and_s3_images(stack, storage):
                               headers={"x-api-key": KEY_A}, timeout=10)
             assert r.status_code == 200, r.text
             assert wait_for_objects(storage, f"outputs/link-{n}/", 2)[0] == f"outputs/link-{n}/0.png"
+        a_output = f"s3://{storage.bucket}/" + wait_for_objects(storage, "outputs/dog-root/", 1)[0]   # KEY_A's
+        scripts = {**EKS_BODY["alwayson_scripts"], "task": "image-to-image", "id_task": "b-reads-a", "image_link": a_output}
+        r = requests.post(stack.api_url + "/", json={**EKS_BODY, "alwayson_scripts": scripts},
+                          headers={"x-api-key": KEY_B}, timeout=10)
+        assert r.status_code == 400 and "no such object" in r.json()["message"]   # another key's image
         refused = {"http://127.0.0.1:6379/x.png": "non-public", server.url("/notes.txt"): "not a readable",
                    "s3://another-bucket/x.png": "only s3://", server.url("/gone.png"): "404", "ftp://x/y.png": "http"}
         for link, reason in refused.items():

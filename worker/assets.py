@@ -24,29 +24,15 @@ def asset_dirs(settings) -> dict[str, Path]:
     return {"models": settings.models_dir, "loras": settings.lora_dir}
 
 
-def source_marker(target: Path) -> Path:
-    """Beside a fetched file: the S3 key it came from (a re-upload under the same name has another key)."""
-    return target.with_name(f".{target.name}.source")
-
-
-def ensure_assets(storage: Storage, assets: list[dict[str, str]], dirs: dict[str, Path]) -> list[str]:
-    """Download every asset missing locally or fetched from another upload; the names replaced.
-
-    A file an operator put there (no source marker) is kept as it is: local models take precedence.
-    The caller drops replaced models from its warm registry.
-    """
-    replaced = []
+def ensure_assets(storage: Storage, assets: list[dict[str, str]], dirs: dict[str, Path]) -> None:
+    """Download every asset this host does not have yet (local names carry the checkpoint id, so a
+    re-uploaded model is a new file and a warm pipeline never serves stale weights)."""
     for asset in assets:
         folder, name = dirs.get(asset.get("dir", "")), asset.get("name", "")
         if folder is None or filename_problem(name):
             raise ModelError(f"job names an unusable model file {asset!r}")
-        target, marker = folder / name, source_marker(folder / name)
-        if not target.exists():
-            fetch(storage, asset["key"], target)
-        elif marker.exists() and marker.read_text() != asset["key"]:
-            fetch(storage, asset["key"], target)
-            replaced.append(name)
-    return replaced
+        if not (folder / name).exists():
+            fetch(storage, asset["key"], folder / name)
 
 
 def fetch(storage: Storage, key: str, target: Path) -> None:
@@ -56,6 +42,5 @@ def fetch(storage: Storage, key: str, target: Path) -> None:
     try:
         storage.download(key, partial)
         os.replace(partial, target)
-        source_marker(target).write_text(key)
     finally:
         partial.unlink(missing_ok=True)

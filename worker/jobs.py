@@ -108,14 +108,14 @@ def upload_images(ctx: JobContext, task_id: str, spec: JobSpec, result: Generati
 def write_sidecar(ctx: JobContext, task: Task, status: TaskStatus, fields: dict) -> None:
     """The JSON a dialect promised next to the images, written before the status turns terminal.
 
-    A storage failure here is logged, never turned into a job failure: the images are there.
+    A failure here is logged, never turned into a job failure: the images are there.
     """
     urls = [f"s3://{ctx.storage.bucket}/{key}" for key in fields.get("result_keys", [])]
     error = None if status is TaskStatus.COMPLETED else fields.get("error") or status.value
-    document = build_sidecar(task.spec, task.id, fields.get("seeds") or task.spec.seeds, urls, error)
     try:
+        document = build_sidecar(task.spec, task.id, fields.get("seeds") or [], urls, error)
         ctx.storage.put(task.spec.sidecar_key, json.dumps(document, ensure_ascii=False).encode(), "application/json")
-    except StorageError:
+    except Exception:  # noqa: BLE001 - the job's own outcome must still be recorded
         log.exception("could not write %s for task %s", task.spec.sidecar_key, task.id)
 
 
@@ -162,8 +162,8 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
     monitor = StepMonitor(ctx.store, task.id, attempt, ctx.info.id, ctx.settings.tasks.time_limit,
                           ctx.settings.tasks.progress_interval)
     try:
-        for name in ensure_assets(ctx.storage, spec.assets, asset_dirs(ctx.settings)):
-            ctx.registry.drop(name)   # a re-upload under the same name: never serve the old weights
+        ensure_assets(ctx.storage, spec.assets, asset_dirs(ctx.settings))
+        monitor.restart_clock()   # a first download does not count against the job's time limit
         model = find_model(ctx.settings.models_dir, spec.model)
         if model is None:
             raise ModelError(f"model '{spec.model}' is not in the model directory")

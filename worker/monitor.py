@@ -29,6 +29,10 @@ class StepMonitor:
         self.steps = 0
         self._batch, self._batches = 0, 1
 
+    def restart_clock(self) -> None:
+        """Start the time limit now (after fetching model files, which is not generation)."""
+        self.deadline = time.monotonic() + self.time_limit
+
     def begin_batch(self, index: int, count: int) -> None:
         """Progress spans all batches of a job (A1111's n_iter), not just the running one."""
         self._batch, self._batches = index, count

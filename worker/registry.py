@@ -50,12 +50,6 @@ class PipelineRegistry:
     def names(self) -> list[str]:
         return list(self._pipes)
 
-    def drop(self, name: str) -> None:
-        """Forget a warm pipeline whose files changed on disk."""
-        if self._pipes.pop(name, None) is not None:
-            log.info("dropping model %s (its file was replaced)", name)
-            self._free_memory()
-
     def get(self, name: str) -> Any:
         """The warm pipeline for `name`, loading (and evicting) as needed."""
         if name in self._pipes:
