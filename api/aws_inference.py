@@ -118,17 +118,22 @@ def output_urls(job_id: str, keys: Callable[[Task], list[str]]):
     return jsonify([svc.storage.url_for(k) for k in keys(task)] if task.status is TaskStatus.COMPLETED else [])
 
 
+def uploaded_asset(store: CheckpointStore, kind: str, name: str) -> dict[str, str]:
+    """The file a worker must fetch for an Active upload of `kind` called `name`; LookupError says why not."""
+    checkpoint = store.find_active(kind, name)
+    if checkpoint is None:
+        raise LookupError(f"checkpoint with name {name}, type {kind} is not found")
+    if not name.endswith(WEIGHT_SUFFIXES):
+        raise LookupError(f"{kind} {name} cannot be loaded: workers load {' or '.join(WEIGHT_SUFFIXES)} files")
+    return checkpoint.asset(name)
+
+
 def resolve_model(svc: Services, store: CheckpointStore, name: str) -> tuple[ModelInfo, list[dict]]:
     """A model in the model directory, else an Active uploaded checkpoint (fetched by the worker)."""
     model = find_checkpoint(svc, name)
     if model is not None:
         return model, []
-    checkpoint = store.find_active("Stable-diffusion", name)
-    if checkpoint is None:
-        raise LookupError(f"checkpoint with name {name}, type Stable-diffusion is not found")
-    if not name.endswith(WEIGHT_SUFFIXES):
-        raise LookupError(f"checkpoint {name} cannot be loaded: a model is a {' or '.join(WEIGHT_SUFFIXES)} file")
-    asset = checkpoint.asset(name)
+    asset = uploaded_asset(store, "Stable-diffusion", name)
     return ModelInfo(asset["name"], svc.settings.models_dir / asset["name"], "single_file", 512), [asset]
 
 
@@ -141,12 +146,7 @@ def resolve_loras(svc: Services, store: CheckpointStore, names: list[str]) -> tu
         if stem in local:
             usable[stem] = stem
             continue
-        checkpoint = store.find_active("Lora", name)
-        if checkpoint is None:
-            raise LookupError(f"checkpoint with name {name}, type Lora is not found")
-        if not name.endswith(WEIGHT_SUFFIXES):
-            raise LookupError(f"LoRA {name} cannot be loaded: a LoRA is a {' or '.join(WEIGHT_SUFFIXES)} file")
-        asset = checkpoint.asset(name)
+        asset = uploaded_asset(store, "Lora", name)
         usable[stem] = asset["name"].rsplit(".", 1)[0]
         assets.append(asset)
     return usable, assets
