@@ -10,6 +10,7 @@ the Redis call).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from flask import Flask, g
 from flask_limiter import Limiter, RateLimitExceeded
@@ -23,16 +24,21 @@ class RateLimits:
 
     def __init__(self, settings):
         self.settings = settings
+        self.active = limits_configured(settings)
         self.limiter = Limiter(key_func=self._owner, storage_uri=settings.redis.url, strategy="moving-window",
                                key_prefix="sdq:rl", swallow_errors=True, headers_enabled=False,
                                storage_options={"socket_timeout": 2, "socket_connect_timeout": 2})
-        self.submit = self.limiter.shared_limit(self._submit_limit, scope=SUBMIT_SCOPE,
-                                                exempt_when=lambda: not self._submit_limit())
-        self.read = self.limiter.shared_limit(self._read_limit, scope=READ_SCOPE,
-                                              exempt_when=lambda: not self._read_limit())
+        if self.active:
+            self.submit = self.limiter.shared_limit(self._submit_limit, scope=SUBMIT_SCOPE,
+                                                    exempt_when=lambda: not self._submit_limit())
+            self.read = self.limiter.shared_limit(self._read_limit, scope=READ_SCOPE,
+                                                  exempt_when=lambda: not self._read_limit())
+        else:   # nothing to limit: no per-request limiter work at all
+            self.submit = self.read = _unchanged
 
     def init_app(self, app: Flask) -> None:
-        self.limiter.init_app(app)
+        if self.active:
+            self.limiter.init_app(app)
 
     @staticmethod
     def _owner() -> str:
@@ -50,6 +56,17 @@ class RateLimits:
         key = g.get("api_key")
         own = getattr(key, name) if key is not None else None
         return getattr(self.settings.api, name) if own is None else own
+
+
+def _unchanged(view: Callable) -> Callable:
+    return view
+
+
+def limits_configured(settings) -> bool:
+    """Whether any limit exists: a default (api.submit_limit / api.read_limit) or a key's own."""
+    if settings.api.submit_limit or settings.api.read_limit:
+        return True
+    return any(isinstance(k, dict) and (k.get("submit_limit") or k.get("read_limit")) for k in settings.api.keys)
 
 
 def retry_after(error: RateLimitExceeded) -> str:
