@@ -100,6 +100,11 @@ def job_view(task: Task) -> dict:
     return view
 
 
+def checkpoints(svc: Services) -> CheckpointStore:
+    """The uploaded-checkpoint records (shared by the inference and the model API)."""
+    return CheckpointStore(svc.store.redis, svc.settings.aws.models_prefix)
+
+
 def owned_job(svc: Services, job_id: str) -> Task:
     """The caller's AWS-extension job, else a 404 (another key's job does not exist for this one)."""
     try:
@@ -175,7 +180,7 @@ def run_inference(svc: Services, raw: Any, schemas: tuple[Schema, Schema]):
         return inference_error(400, f"endpoint {pool} not found; GET /endpoints lists them")
     if not current_key().may_use_pool(pool):
         return inference_error(403, f"this API key may not use endpoint {pool}")
-    store = CheckpointStore(svc.store.redis, svc.settings.aws.models_prefix)
+    store = checkpoints(svc)
     models = data["models"]
     try:
         model, assets = resolve_model(svc, store, models["Stable-diffusion"][0])
@@ -375,7 +380,7 @@ def model_list_view(kind: str):
     """A bare list of the file names of one model type: the LoRA directory's and every Active upload."""
     def view():
         svc = services()
-        names = CheckpointStore(svc.store.redis, svc.settings.aws.models_prefix).active_names(kind)
+        names = checkpoints(svc).active_names(kind)
         local = [path.name for path in svc.catalog.loras().values()] if kind == "Lora" else []
         return jsonify(local + [n for n in names if n not in local])
     view.__doc__ = f"File names of the {kind} models available"

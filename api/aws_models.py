@@ -17,12 +17,11 @@ from flask import jsonify
 from flask_smorest import Blueprint
 
 from api.auth import bearer_token, current_key
-from api.aws_inference import DIALECT, forbidden, gateway_error, not_allowed
+from api.aws_inference import DIALECT, checkpoints, forbidden, gateway_error, not_allowed
 from api.aws_schemas import CheckpointCreate, CheckpointQuery, CheckpointsQuery, CheckpointUpdate, UploadCheckpoint
 from api.downloads import DownloadRefused, open_download
 from api.errors import DIALECT_RENDERERS, detail_text, json_error
 from api.services import Services, services
-from common.catalog import list_models
 from common.checkpoints import Checkpoint, CheckpointStore, filename_problem
 from common.errors import StorageError
 
@@ -39,10 +38,6 @@ def models_error(status: int, detail: Any, headers: dict | None = None):
 
 
 DIALECT_RENDERERS[BLUEPRINT] = models_error
-
-
-def checkpoints(svc: Services) -> CheckpointStore:
-    return CheckpointStore(svc.store.redis, svc.settings.aws.models_prefix)
 
 
 def now_text() -> str:
@@ -66,7 +61,7 @@ def local_views(svc: Services) -> list[dict]:
     """Models and LoRAs already in the workers' directories, listed like Active checkpoints."""
     out = [{"id": f"local:{m.name}", "s3Location": "", "type": "Stable-diffusion", "status": "Active",
             "name": [m.name], "created": m.path.stat().st_mtime, "params": {"source": "model directory"}}
-           for m in list_models(svc.settings.models_dir)]
+           for m in svc.catalog.models()]
     out += [{"id": f"local:{p.name}", "s3Location": "", "type": "Lora", "status": "Active", "name": [p.name],
              "created": p.stat().st_mtime, "params": {"source": "LoRA directory"}}
             for p in svc.catalog.loras().values()]

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 
-from common.netguard import blocked_reason
+from common.netguard import address_reason, blocked_reason
 from common.storage import Storage
 
 MAX_REDIRECTS = 5
@@ -86,7 +86,7 @@ def declared_length(response: requests.Response) -> int:
     return int(value) if value.isdigit() else 0
 
 
-def peer_reason(response: requests.Response, allow: list[str]) -> str | None:
+def peer_reason(response: requests.Response, host: str, allow: list[str]) -> str | None:
     """Why the address actually connected to is refused (DNS may have changed since the check), else None."""
     sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
     if sock is None:   # http.client hands the socket to the response it is reading
@@ -95,9 +95,7 @@ def peer_reason(response: requests.Response, allow: list[str]) -> str | None:
         address = sock.getpeername()[0] if sock is not None else None
     except OSError:
         return None
-    if address is None:
-        return None
-    return blocked_reason(f"http://{'[' + address + ']' if ':' in address else address}/", allow)
+    return None if address is None else address_reason(host, address, allow)
 
 
 def open_download(url: str, settings: Any, limit: int | None = None) -> Download:
@@ -128,7 +126,7 @@ def open_download(url: str, settings: Any, limit: int | None = None) -> Download
         if declared > limit:
             response.close()
             raise DownloadRefused(f"{url}: {declared} bytes is more than the {limit} allowed")
-        if reason := peer_reason(response, allow):
+        if reason := peer_reason(response, urlsplit(url).hostname or "", allow):
             response.close()
             raise DownloadRefused(f"{url}: {reason}")
         deadline = time.monotonic() + settings.downloads.total_timeout

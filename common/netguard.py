@@ -23,18 +23,34 @@ def blocked_reason(url: str, allow: Iterable[str] = ()) -> str | None:
     host = parts.hostname
     if not host:
         return "URL has no host"
-    allowed_nets = [_network(a) for a in allow]
-    if host.lower() in {a.lower() for a in allow}:
+    if _allowed_by_name(host, allow):
         return None
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         return f"host {host!r} does not resolve"
     for *_, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0].split("%")[0])
-        if not address.is_global and not any(net is not None and address in net for net in allowed_nets):
-            return f"host {host!r} is or resolves to a non-public address"
+        if reason := address_reason(host, sockaddr[0], allow):
+            return reason
     return None
+
+
+def address_reason(host: str, address: str, allow: Iterable[str] = ()) -> str | None:
+    """Why connecting to `address` for `host` is refused (a non-public address not allowed), else None.
+
+    Also the check of the address a connection actually reached, since DNS
+    may answer differently between the check and the connect.
+    """
+    if _allowed_by_name(host, allow):
+        return None
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.is_global or any(net is not None and ip in net for net in map(_network, allow)):
+        return None
+    return f"host {host!r} is or resolves to a non-public address"
+
+
+def _allowed_by_name(host: str, allow: Iterable[str]) -> bool:
+    return host.lower() in {a.lower() for a in allow}
 
 
 def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:

@@ -111,6 +111,15 @@ def test_guard_allow_list_and_schemes():
     assert "scheme" in blocked_reason("gopher://8.8.8.8/")
 
 
+def test_connected_address_check_honours_the_allow_list():
+    from common.netguard import address_reason
+
+    assert address_reason("models.internal", "10.1.2.3", ["models.internal"]) is None   # allowed by name
+    assert address_reason("a.example", "10.1.2.3", ["10.0.0.0/8"]) is None              # allowed by range
+    assert address_reason("a.example", "10.1.2.3")                                     # rebound to private
+    assert address_reason("a.example", "8.8.8.8") is None
+
+
 def test_lora_prompt_tags():
     from common.loratags import extract_loras
 
