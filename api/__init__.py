@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from api.auth import KeyRing, parse_keys
 from api.errors import dialect_error, http_error, unexpected_error
+from api.fastsubmit import FastSubmit
 from api.limits import RateLimits
 from api.services import Catalog, Services
 from api.stage import StagePrefix
@@ -122,12 +123,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     except StorageError as exc:   # S3 may come up after the API; uploads answer 503 until then
         log.warning("could not ensure bucket %s: %s", settings.storage.bucket, exc)
 
-    from api import a1111, aws_inference, aws_models, draw, eks, health, native
+    from api import a1111, aws_inference, aws_models, draw, eks, health, native, schemas
 
     api = SdqApi(app, spec_kwargs={"info": {"description": "Distributed Stable Diffusion service"}})
     api.spec.components.security_scheme("ApiKeyAuth", {"type": "apiKey", "in": "header",
                                                        "name": settings.api.key_header})
-    native_blp = native.create_native_blueprint(settings, svc.catalog, limits)
+    # An instance, not a class: webargs would build (and deep-copy) a schema per request.
+    generate_schema = schemas.generate_request_schema(settings, svc.catalog)()
+    native_blp = native.create_native_blueprint(settings, generate_schema, limits)
     native_blp.before_request(svc.keys.authenticate)
     api.spec.components.security_scheme("BasicAuth", {"type": "http", "scheme": "basic",
                                                       "description": "A1111 --api-auth style: any user, the API key as password"})
@@ -140,6 +143,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(aws_inference.create_aws_inference_blueprint(settings, limits, svc.keys))
     api.register_blueprint(aws_models.create_aws_models_blueprint(settings, limits, svc.keys))
     register_error_handlers(app)
+    if settings.api.fast_submit:
+        app.wsgi_app = FastSubmit(app.wsgi_app, svc, generate_schema, native.build_jobspec, native.created_body)
     if settings.api.stage_prefix.strip("/"):
         app.wsgi_app = StagePrefix(app.wsgi_app, settings.api.stage_prefix)
     return app

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import uuid
 
-from flask import jsonify
+from flask import jsonify, request
 from flask_smorest import abort
 from flask_smorest import Blueprint
 
 from api import schemas
-from api.auth import current_key
+from api.auth import ApiKey, current_key
 from api.errors import error_response
+from api.fastsubmit import TASK_ID_ENVIRON
 from api.services import Services, services
 from api.submission import resolve_seed, submit_job, wait_until_terminal
 from api.task_view import render_task
@@ -31,13 +32,18 @@ CANCEL_WAIT_SECONDS = 5.0
 SECURITY = [{"ApiKeyAuth": []}]
 
 
-def build_jobspec(data: dict, svc: Services, init_image_key: str | None) -> JobSpec:
+def created_body(task_id: str) -> dict:
+    """seed 002's 202 answer to a submission."""
+    return {"task_id": task_id, "status": TaskStatus.PENDING.value, "message": CREATED_MESSAGE}
+
+
+def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | None = None) -> JobSpec:
     """Native request (validated) -> canonical job with every default filled."""
     defaults = svc.settings.defaults
     model_name = data["model"] or svc.catalog.default_model()
     if model_name is None:
         abort(503, message="no model is available yet; add one to the model directory")
-    if not current_key().may_use_model(model_name):
+    if not key.may_use_model(model_name):
         abort(403, message=f"this API key may not use model '{model_name}'")
     model = svc.catalog.model(model_name)
     native = model.native_size if model else 512
@@ -66,11 +72,12 @@ def owned_task_or_404(svc: Services, task_id: str):
         abort(404, message=NOT_FOUND)
 
 
-def create_native_blueprint(settings, catalog, limits) -> Blueprint:
+def create_native_blueprint(settings, generate_schema, limits) -> Blueprint:
+    """`generate_schema`: the request schema instance, shared with api/fastsubmit.py."""
     blp = Blueprint("native", __name__, url_prefix="/api/v1",
                     description="Native API (seed 002): asynchronous jobs, polled or long-polled, with callbacks")
     # Instances, not classes: webargs would build (and deep-copy) a schema per request.
-    GenerateRequest = schemas.generate_request_schema(settings, catalog)()
+    GenerateRequest = generate_schema
     TaskQuery = schemas.task_query_schema(settings)()
 
     @blp.route("/generate", methods=["POST"])
@@ -81,17 +88,17 @@ def create_native_blueprint(settings, catalog, limits) -> Blueprint:
     def generate(data: dict):
         """Queue a txt2img job, or img2img when init_image is given."""
         svc = services()
-        task_id = str(uuid.uuid4())
-        key = None
+        task_id = request.environ.get(TASK_ID_ENVIRON) or str(uuid.uuid4())
+        image_key = None
         if data["init_image"] is not None:
             image = data["init_image"]
-            key = svc.storage.input_key(task_id, f"init.{image.format}")
-            svc.storage.put(key, image.data, image.content_type)
-        spec = build_jobspec(data, svc, key)
+            image_key = svc.storage.input_key(task_id, f"init.{image.format}")
+            svc.storage.put(image_key, image.data, image.content_type)
+        spec = build_jobspec(data, svc, current_key(), image_key)
         submit_job(svc, current_key().owner, spec, task_id)
-        # A ready Response skips flask-smorest's re-serialisation on the hottest path;
-        # TaskCreatedSchema still documents it.
-        response = jsonify(task_id=task_id, status=TaskStatus.PENDING.value, message=CREATED_MESSAGE)
+        # A ready Response skips flask-smorest's re-serialisation; TaskCreatedSchema still documents it.
+        # Well-formed submissions are usually answered before Flask by api/fastsubmit.py (same builder).
+        response = jsonify(created_body(task_id))
         response.status_code = 202
         return response
 

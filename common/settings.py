@@ -47,6 +47,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("api.stage_prefix", str, "/prod", "API Gateway-style stage: every route also answers under it "
            "(/prod/ for SD on EKS, /prod/inference/v2 for the AWS extension); empty: off."),
     Option("api.max_body_bytes", int, 32 * 1024 * 1024, "Largest request body accepted (init images are base64)."),
+    Option("api.fast_submit", bool, True, "Answer well-formed native submissions without Flask's request machinery "
+           "(same schema, same answer; any refusal is still rendered by Flask). Off: every request through Flask."),
     Option("redis.url", str, "redis://127.0.0.1:6379/0", "Redis for task state, heartbeats and notifications."),
     Option("redis.broker_url", str, "", "Celery broker URL; empty means redis.url."),
     Option("storage.endpoint_url", str, "http://127.0.0.1:8333", "S3 endpoint the services use; empty means AWS."),
