@@ -16,13 +16,14 @@ from werkzeug.exceptions import HTTPException
 
 from api.auth import KeyRing, parse_keys
 from api.errors import dialect_error, http_error, unexpected_error
+from api import metrics
 from api.fastsubmit import FastSubmit
 from api.limits import RateLimits
 from api.services import Catalog, Services
 from api.stage import StagePrefix
-from api.submission import QueueFull, SyncTimeout
+from api.submission import SyncTimeout
 from api.waiter import EventHub, WaitersFull
-from common.errors import StorageError
+from common.errors import QueueFull, StorageError
 from common.queue import MessageBuilder, create_celery
 from common.settings import Settings, load_settings
 from common.storage import Storage
@@ -63,7 +64,7 @@ def build_services(settings: Settings) -> Services:
         storage=Storage(settings),
         celery=celery,
         messages=MessageBuilder(celery),
-        keys=KeyRing(keys, settings.api.key_header),
+        keys=KeyRing(keys, settings.api.key_header, settings.tasks.max_pending_per_key),
         catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default),
         waits=EventHub(store.redis, settings.api.max_waiters),
     )
@@ -143,8 +144,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(aws_inference.create_aws_inference_blueprint(settings, limits, svc.keys))
     api.register_blueprint(aws_models.create_aws_models_blueprint(settings, limits, svc.keys))
     register_error_handlers(app)
+    observe_fast_submit = metrics.install(app, settings, svc.store.redis, limits)   # GET /metrics, request timing
     if settings.api.fast_submit:
-        app.wsgi_app = FastSubmit(app.wsgi_app, svc, generate_schema, native.build_jobspec, native.created_body)
+        app.wsgi_app = FastSubmit(app.wsgi_app, svc, generate_schema, native.build_jobspec, native.created_body,
+                                  observe=observe_fast_submit)
     if settings.api.stage_prefix.strip("/"):
         app.wsgi_app = StagePrefix(app.wsgi_app, settings.api.stage_prefix)
     return app

@@ -15,6 +15,7 @@ from typing import Callable
 from flask import g, request
 
 from api.errors import error_response
+from common.taskstore import PRIORITIES
 
 DIALECTS = ("native", "a1111", "eks", "aws", "draw")
 
@@ -25,7 +26,9 @@ class ApiKey:
 
     Policy (all optional in config.yaml): `submit_limit` / `read_limit`
     (Flask-Limiter strings, "" for none; default api.submit_limit / api.read_limit),
-    `dialects`, `models` and worker `pools` (AWS-extension endpoints) it may use (default: all).
+    `dialects`, `models`, worker `pools` (AWS-extension endpoints) and `priorities`
+    it may use (default: all), `max_pending` jobs it may have waiting
+    (default tasks.max_pending_per_key; 0: no limit).
     """
 
     key: str
@@ -35,6 +38,8 @@ class ApiKey:
     dialects: tuple[str, ...] | None = None
     models: tuple[str, ...] | None = None
     pools: tuple[str, ...] | None = None
+    priorities: tuple[str, ...] | None = None
+    max_pending: int | None = None
     owner: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +53,9 @@ class ApiKey:
 
     def may_use_pool(self, pool: str) -> bool:
         return self.pools is None or pool in self.pools
+
+    def may_use_priority(self, priority: str) -> bool:
+        return self.priorities is None or priority in self.priorities
 
 
 def _names(item: dict, field_name: str, i: int) -> tuple[str, ...] | None:
@@ -71,8 +79,16 @@ def parse_keys(raw: list) -> list[ApiKey]:
             if unknown:
                 raise ValueError(f"api.keys[{i}].dialects: unknown {sorted(unknown)}; known: {list(DIALECTS)}")
             limits = {f: None if item.get(f) is None else str(item[f]) for f in ("submit_limit", "read_limit")}
+            priorities = _names(item, "priorities", i)
+            unknown = set(priorities or ()) - set(PRIORITIES)
+            if unknown:
+                raise ValueError(f"api.keys[{i}].priorities: unknown {sorted(unknown)}; known: {list(PRIORITIES)}")
+            max_pending = item.get("max_pending")
+            if max_pending is not None and (not isinstance(max_pending, int) or max_pending < 0):
+                raise ValueError(f"api.keys[{i}].max_pending: expected a whole number >= 0")
             keys.append(ApiKey(str(item["key"]), str(item.get("name") or f"key{i + 1}"), dialects=dialects,
-                               models=_names(item, "models", i), pools=_names(item, "pools", i), **limits))
+                               models=_names(item, "models", i), pools=_names(item, "pools", i),
+                               priorities=priorities, max_pending=max_pending, **limits))
         else:
             raise ValueError(f"api.keys[{i}]: expected a string or a map with 'key'")
     return keys
@@ -99,12 +115,18 @@ def bearer_token() -> str | None:
 class KeyRing:
     """Looks a presented key up among the configured ones."""
 
-    def __init__(self, keys: list[ApiKey], header: str):
+    def __init__(self, keys: list[ApiKey], header: str, default_max_pending: int = 0):
         self.keys = keys
         self.header = header
+        self._max_pending = {k.owner: k.max_pending for k in keys if k.max_pending is not None}
+        self.default_max_pending = default_max_pending
         self._native_check = self.authenticator(
             "native", None, self._native_unauthorized,
             lambda: error_response(403, "this API key may not use the native API"))
+
+    def max_pending(self, owner: str) -> int:
+        """How many waiting jobs this key's owner may have (0: no limit)."""
+        return self._max_pending.get(owner, self.default_max_pending)
 
     def match(self, presented: str | None) -> ApiKey | None:
         """Compare against every key (constant time per key, no early exit)."""

@@ -21,7 +21,8 @@ from api.auth import bearer_token, current_key
 from api.errors import DIALECT_RENDERERS, detail_text, json_error
 from api.schemas import BaseSchema, LooseInteger
 from api.services import services
-from api.submission import QueueFull, new_task_id, resolve_seed, submit_job, wait_for_result
+from api.submission import new_task_id, resolve_seed, submit_job, wait_for_result
+from common.errors import QueueFull
 from common.jobspec import JobSpec
 from api.waiter import WaitersFull
 from common.taskstore import TaskStatus

@@ -13,6 +13,7 @@ refusal, reaches the Flask app untouched (its body re-attached), so errors,
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from typing import Any, Callable, Iterable
 
@@ -22,8 +23,9 @@ from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import HTTPException
 
 from api.auth import ApiKey
+from common.errors import QueueFull
 from api.services import Services
-from api.submission import QueueFull, submit_job
+from api.submission import submit_job
 
 ROUTE = "/api/v1/generate"
 TASK_ID_ENVIRON = "sdqueue.task_id"   # the id a fast attempt chose, reused by the Flask route
@@ -35,8 +37,10 @@ class FastSubmit:
     """WSGI middleware in front of the Flask app for the native submission route."""
 
     def __init__(self, app: Callable, svc: Services, schema: Schema,
-                 build: Callable[[dict, Services, ApiKey], Any], created: Callable[[str], dict]):
+                 build: Callable[[dict, Services, ApiKey], Any], created: Callable[[str], dict],
+                 observe: Callable[[float], None] | None = None):
         self.app = app
+        self.observe = observe or _unobserved   # api/metrics.py: one pre-bound histogram observe per answer
         self.svc = svc
         self.schema = schema
         self.build = build
@@ -47,11 +51,13 @@ class FastSubmit:
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != ROUTE or environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start_response)
+        started = time.perf_counter()
         body = self.read_body(environ)
         if body is not None:
             answer = self.try_submit(environ, body)
             if answer is not None:
                 start_response("202 ACCEPTED", HEADERS + [("Content-Length", str(len(answer)))])
+                self.observe(time.perf_counter() - started)
                 return [answer]
             environ["wsgi.input"] = io.BytesIO(body)
         return self.app(environ, start_response)
@@ -91,3 +97,7 @@ class FastSubmit:
         """A submit rate limit applies to this key: Flask-Limiter (in the Flask route) must count it."""
         own = key.submit_limit
         return bool(self.svc.settings.api.submit_limit if own is None else own)
+
+
+def _unobserved(seconds: float) -> None:
+    """No metrics wired (FastSubmit built without an observer)."""

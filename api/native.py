@@ -45,6 +45,8 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
         abort(503, message="no model is available yet; add one to the model directory")
     if not key.may_use_model(model_name):
         abort(403, message=f"this API key may not use model '{model_name}'")
+    if not key.may_use_priority(data["priority"]):
+        abort(403, message=f"this API key may not use priority '{data['priority']}'")
     model = svc.catalog.model(model_name)
     native = model.native_size if model else 512
     image = data["init_image"]
@@ -61,7 +63,7 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
         scheduler=data["scheduler"] or defaults.scheduler or None,
         seed=resolve_seed(data["seed"]), output_format=data["output_format"],
         init_image_key=init_image_key, loras=[LoraRef(lr["name"], lr["weight"]) for lr in data["loras"]],
-        callback_url=data["callback_url"], dialect="native",
+        callback_url=data["callback_url"], dialect="native", priority=data["priority"],
     )
 
 

@@ -16,6 +16,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, vali
 from api.init_image import InitImageError, decode_init_image
 from common.netguard import blocked_reason
 from common.schedulers import SCHEDULERS
+from common.taskstore import PRIORITIES
 
 OUTPUT_FORMATS = ("png", "jpg", "jpeg", "webp")
 MAX_SEED = 2**32 - 1
@@ -130,6 +131,9 @@ def generate_request_schema(settings, catalog) -> type[Schema]:
                                   metadata={"description": "POSTed the result when the task ends"})
         model = fields.String(allow_none=True, load_default=None, metadata={"description": "Model name (GET /api/v1/models)"})
         loras = fields.List(fields.Nested(LoraSchema), load_default=list, validate=validate.Length(max=MAX_LORAS))
+        priority = fields.String(load_default="normal", validate=validate.OneOf(PRIORITIES), metadata={
+            "description": "high, normal or low: the order workers take waiting jobs in (queue_position shows it); "
+                           "a key may be limited to some (api.keys[].priorities)"})
 
         @validates("callback_url")
         def public_callback(self, value: str | None, **_: Any) -> None:
@@ -186,7 +190,9 @@ class TaskSchema(Schema):
     created_at = fields.String(metadata={"description": "ISO 8601, UTC", "example": "2024-01-01T12:00:00"})
     updated_at = fields.String(metadata={"description": "ISO 8601, UTC"})
     progress = fields.Nested(ProgressSchema)
-    queue_position = fields.Integer(allow_none=True, metadata={"description": "1-based place in the queue while pending"})
+    queue_position = fields.Integer(allow_none=True, metadata={
+        "description": "1-based place in the queue while pending (priority classes first, then arrival)"})
+    priority = fields.String(metadata={"description": "high, normal or low"})
     seeds = fields.List(fields.Integer(), metadata={"description": "The seed of each image, in order"})
     model = fields.String()
     num_images = fields.Integer()
@@ -247,7 +253,8 @@ class WorkerSchema(Schema):
     device = fields.String()
     state = fields.String(metadata={"description": "starting, ready, busy or setup_failed"})
     busy = fields.Boolean()
-    models = fields.List(fields.String())
+    models = fields.List(fields.String(), metadata={"description": "Models held warm, least recently used first"})
+    model_loads = fields.Integer(metadata={"description": "Models this worker process has loaded since it started"})
     queues = fields.List(fields.String())
     error = fields.String(allow_none=True, metadata={"description": "Why a worker is setup_failed"})
     last_seen = fields.String()

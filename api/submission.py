@@ -13,13 +13,6 @@ from common.jobspec import JobSpec
 from common.taskstore import Task
 
 
-class QueueFull(Exception):
-    """tasks.max_pending jobs already wait: refuse now rather than queue for hours."""
-
-    def __init__(self, pending: int, limit: int):
-        super().__init__(f"the queue is full ({pending} jobs waiting, limit {limit}); retry later")
-
-
 class SyncTimeout(Exception):
     """A synchronous call's job did not finish within api.sync_timeout (it still runs)."""
 
@@ -36,26 +29,20 @@ def new_task_id() -> str:
     return str(uuid.uuid4())
 
 
-def check_backpressure(svc: Services, queue: str) -> None:
-    """Raise QueueFull when tasks.max_pending is set and reached (one ZCARD; skipped when 0)."""
-    limit = svc.settings.tasks.max_pending
-    if limit > 0:
-        pending = svc.store.pending_count(queue)
-        if pending >= limit:
-            raise QueueFull(pending, limit)
-
-
 def submit_job(svc: Services, owner: str, spec: JobSpec, task_id: str | None = None, queue: str | None = None) -> str:
     """Write the pending task and its queue message atomically; returns the task id.
 
     With a caller-chosen task_id that exists already, nothing is written and
     the existing id is returned (idempotent resubmission). `queue`: a worker
-    pool's queue (default tasks.queue).
+    pool's queue (default tasks.queue). Raises QueueFull (nothing written)
+    beyond tasks.max_pending waiting jobs in the queue, or the key's own
+    max_pending (api.keys[].max_pending, default tasks.max_pending_per_key),
+    checked inside the same atomic write.
     """
     task_id = task_id or new_task_id()
     queue = queue or svc.settings.tasks.queue
-    check_backpressure(svc, queue)
-    svc.store.create(task_id, owner, spec, queue, svc.messages.generate(task_id, 0, queue))
+    svc.store.create(task_id, owner, spec, queue, svc.messages.generate(task_id, 0, queue),
+                     svc.settings.tasks.max_pending, svc.keys.max_pending(owner))
     return task_id
 
 

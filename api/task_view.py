@@ -36,6 +36,7 @@ def render_task(task: Task, storage: Storage, store: TaskStore) -> dict:
         "progress": {"step": task.progress_step, "total": total,
                      "fraction": round(task.progress_step / total, 4) if total else 0.0},
         "queue_position": store.queue_position(task),
+        "priority": task.spec.priority,
         "seeds": task.seeds or task.spec.seeds,
         "model": task.spec.model,
         "num_images": task.spec.num_images,

@@ -23,7 +23,7 @@ from pathlib import Path
 import requests
 
 from bench.stack import BENCH_KEY, bench_stack
-from common.localstack import LOOPBACK, free_port, gunicorn_argv, wait_for
+from common.localstack import API_GUNICORN_CONF, LOOPBACK, free_port, gunicorn_argv, wait_for
 
 BODY = {"prompt": "a cat sitting on a windowsill", "width": 512, "height": 512, "num_inference_steps": 30,
         "guidance_scale": 7.5}
@@ -82,7 +82,9 @@ def parse_ms(text: str) -> float:
 
 def start_hello(port: int, workers: int, threads: int, log: Path) -> subprocess.Popen:
     """The baseline, served by exactly the gunicorn command line the API uses."""
-    proc = subprocess.Popen(gunicorn_argv("bench.hello_app:create_app()", port, workers, threads),
+    # The API's own gunicorn config too (JSON access log, Prometheus hooks): the same per-request logging.
+    proc = subprocess.Popen(gunicorn_argv("bench.hello_app:create_app()", port, workers, threads,
+                                          config=str(API_GUNICORN_CONF)),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
                             start_new_session=True)
     wait_for(lambda: requests.post(f"http://{LOOPBACK}:{port}/hello", timeout=1).ok, 30, "hello app", proc, log)

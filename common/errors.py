@@ -32,3 +32,11 @@ class ModelError(SdqError):
 
 class StorageError(SdqError):
     """The object store failed (infrastructure, not the job's fault)."""
+
+
+class QueueFull(SdqError):
+    """Too many jobs already wait (in the queue, or of this API key): refuse now rather than queue for hours."""
+
+    def __init__(self, waiting: int, limit: int, per_key: bool = False):
+        what = "this API key already has" if per_key else "the queue is full:"
+        super().__init__(f"{what} {waiting} jobs waiting (limit {limit}); retry later")

@@ -56,6 +56,7 @@ class JobSpec:
     assets: list[dict[str, str]] = field(default_factory=list)
     output_stem: str | None = None   # outputs are {output_prefix}/{stem}{n}.{ext}
     sidecar_key: str | None = None   # where the worker writes meta["sidecar"] + generation info as JSON
+    priority: str = "normal"         # high | normal | low: the order workers take pending jobs in
 
     @property
     def mode(self) -> str:

@@ -28,6 +28,7 @@ import requests
 from common.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+API_GUNICORN_CONF = ROOT / "api" / "gunicorn_conf.py"
 LOOPBACK = "127.0.0.1"
 # weed mini opens a dozen ports; they are s3.port + these offsets.
 _WEED_PORTS = {"s3.port.grpc": 1, "master.port": 2, "master.port.grpc": 3, "filer.port": 4,
@@ -110,6 +111,7 @@ class Service:
     env: dict[str, str]
     log: Path
     proc: subprocess.Popen | None = None
+    metrics_port: int | None = None     # a worker's Prometheus port (metrics.worker_port)
 
     def start(self) -> "Service":
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -252,8 +254,10 @@ class LocalStack:
     # --- sdqueue --------------------------------------------------------
     def start_worker(self, name: str = "worker", *extra: str, env: dict[str, str] | None = None,
                      wait: bool = True) -> Service:
+        env = {**self.worker_metrics_env(), **(env or {})}
         svc = self.add(name, [sys.executable, "-m", "worker.main", "--role", "gpu", "--name", f"{name}@local", *extra],
                        env)
+        svc.metrics_port = int(env["SDQ_METRICS_WORKER_PORT"])
         if wait:
             self.wait_worker_ready(svc)
         return svc
@@ -266,15 +270,25 @@ class LocalStack:
                              and str(svc.proc.pid) in w.id for w in live_workers(client)),
                  timeout, f"worker {svc.name}", svc.proc, svc.log)
 
+    @staticmethod
+    def worker_metrics_env() -> dict[str, str]:
+        """Each worker process serves its Prometheus metrics on a port of its own, on loopback."""
+        return {"SDQ_METRICS_WORKER_PORT": str(free_port()), "SDQ_METRICS_WORKER_ADDR": LOOPBACK}
+
     def start_callback_worker(self) -> Service:
-        return self.add("callbacks", [sys.executable, "-m", "worker.main", "--role", "callbacks",
-                                      "--name", "callbacks@local"])
+        env = self.worker_metrics_env()
+        svc = self.add("callbacks", [sys.executable, "-m", "worker.main", "--role", "callbacks",
+                                     "--name", "callbacks@local"], env)
+        svc.metrics_port = int(env["SDQ_METRICS_WORKER_PORT"])
+        return svc
 
     def start_api(self, workers: int | None = None) -> Service:
         self.check_ports("api")
         settings = self.settings()
+        # api/gunicorn_conf.py: Prometheus multiprocess files (emptied at start) and JSON logs.
         svc = self.add("api", gunicorn_argv("api:create_app()", self.api_port, workers or settings.api.workers,
-                                            settings.api.threads))
+                                            settings.api.threads, config=str(API_GUNICORN_CONF)),
+                       {"PROMETHEUS_MULTIPROC_DIR": str(self.data_dir / "prometheus-api")})
         wait_for(lambda: requests.get(self.api_url + "/health", timeout=2).status_code == 200, 60, "API",
                  svc.proc, svc.log)
         return svc
@@ -303,12 +317,14 @@ class LocalStack:
                 self.services[name].stop()
 
 
-def gunicorn_argv(app: str, port: int, workers: int, threads: int) -> list[str]:
+def gunicorn_argv(app: str, port: int, workers: int, threads: int, config: str | None = None) -> list[str]:
     """How the API is served (also used for the baseline app in bench/ingest.py).
 
     gthread: long-polling readers (?wait=) each hold a thread, not a process.
+    `config`: a gunicorn config file (the API's: api/gunicorn_conf.py); none for a bare app.
     """
-    return [str(Path(sys.executable).parent / "gunicorn"), app, "--bind", f"{LOOPBACK}:{port}",
+    return [str(Path(sys.executable).parent / "gunicorn"), app, *(["-c", config] if config else []),
+            "--bind", f"{LOOPBACK}:{port}",
             "--workers", str(workers), "--worker-class", "gthread", "--threads", str(threads),
             "--timeout", "120", "--graceful-timeout", "30", "--access-logfile", "-"]
 
@@ -397,11 +413,14 @@ def run(settings: Settings) -> None:
 
 def print_banner(stack: LocalStack, settings: Settings) -> None:
     key = stack.api_keys[0]
+    worker_metrics = " ".join(f"http://{LOOPBACK}:{svc.metrics_port}/metrics" for svc in stack.services.values()
+                              if svc.metrics_port and svc.name != "callbacks")
     print(f"""
 sdqueue is running (Ctrl-C stops everything)
   API          {stack.api_url}            (docs: {stack.api_url}/docs)
   API key      {key}        (header {settings.api.key_header})
   Flower       http://{LOOPBACK}:{stack.flower_port}   (user {settings.flower.user}, password {stack.flower_password})
+  Metrics      {stack.api_url}/metrics   worker: {worker_metrics}
   S3           {stack.s3_url}  bucket {settings.storage.bucket}
   Redis        {stack.redis_url}
   Logs         {stack.data_dir / 'logs'}

@@ -9,8 +9,12 @@ delivery (an older `attempt`) can never overwrite the result of a newer one.
 Keys (prefix `sdq:`):
   task:{id}          hash: status, owner, spec, attempt, worker, timestamps,
                      progress, result keys, seeds, error, cancel flag
-  pending:{queue}    zset: tasks waiting on a Celery queue (score: enqueue time)
+  pending:{queue}    zset: tasks waiting in a queue (pool), in the order workers take them:
+                     score = priority rank * 1e15 + µs since 2020 (see pending_score)
+  pending:{queue}:m:{model}  the same, per model (a worker's "own" jobs: model affinity)
+  pending-owner:{owner}      an API key's waiting tasks (per-key backpressure)
   running            zset: tasks being processed (score: claim time)
+  stats:jobs         hash: counters submitted, completed, failed, cancelled, requeued
   owner:{owner}      zset: an owner's tasks (score: creation time)
   worker:{id}        heartbeat key of a live worker process (see workers.py)
 Channel `sdq:events:{id}` carries each new status, for waiters.
@@ -31,7 +35,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from common.errors import JobCancelled, StaleAttempt, TaskNotFound
+from common.errors import JobCancelled, QueueFull, StaleAttempt, TaskNotFound
 from common.jobspec import JobSpec
 from common.queue import BrokerMessage
 
@@ -79,6 +83,15 @@ def pending_key(queue: str) -> str:
 
 
 RUNNING_KEY = PREFIX + "running"
+STATS_KEY = PREFIX + "stats:jobs"
+
+
+def pending_owner_key(owner: str) -> str:
+    return f"{PREFIX}pending-owner:{owner}"
+
+
+def pending_model_key(queue: str, model: str) -> str:
+    return f"{pending_key(queue)}:m:{model}"
 
 
 def owner_key(owner: str) -> str:
@@ -146,23 +159,70 @@ class Task:
         )
 
 
-# KEYS: task, pending, owner, broker list (or '').  ARGV: id, now, retention, message (or ''), fields as JSON
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+# Pending work is ordered by one score: priority class first, then enqueue time.
+PRIORITIES = ("high", "normal", "low")
+SCORE_EPOCH = 1577836800   # 2020-01-01: enqueue times are µs since then, < PRIORITY_SPAN until 2051
+PRIORITY_SPAN = 10 ** 15   # score = rank * PRIORITY_SPAN + enqueue µs; at most 3e15, exact in a double
+
+
+def pending_score(priority: str, enqueued_at: float) -> int:
+    return PRIORITIES.index(priority) * PRIORITY_SPAN + int((enqueued_at - SCORE_EPOCH) * 1e6)
+
+
+# Taking a task off every pending index and onto `running`, shared by claim and pick.
+_TAKE = """
+local function take(key, id, worker, now)
+  local model, owner, queue = unpack(redis.call('HMGET', key, 'model', 'owner', 'queue'))
+  redis.call('HSET', key, 'status', 'processing', 'worker', worker, 'started_at', now, 'updated_at', now,
+             'progress_step', 0)
+  unindex(id, queue, model, owner)
+  redis.call('ZADD', 'sdq:running', now, id)
+  redis.call('PUBLISH', 'sdq:events:' .. id, 'processing')
+end
+"""
+
+_UNINDEX = """
+local function unindex(id, queue, model, owner)
+  if queue then
+    redis.call('ZREM', 'sdq:pending:' .. queue, id)
+    if model then redis.call('ZREM', 'sdq:pending:' .. queue .. ':m:' .. model, id) end
+  end
+  if owner then redis.call('ZREM', 'sdq:pending-owner:' .. owner, id) end
+end
+local function index(id, queue, model, owner, score, retention)
+  redis.call('ZADD', 'sdq:pending:' .. queue, score, id)
+  if model then redis.call('ZADD', 'sdq:pending:' .. queue .. ':m:' .. model, score, id) end
+  if owner then
+    redis.call('ZADD', 'sdq:pending-owner:' .. owner, score, id)
+    redis.call('EXPIRE', 'sdq:pending-owner:' .. owner, retention)
+  end
+end
+"""
+
+# KEYS: task, owner index, broker list (or '').
+# ARGV: id, now, retention, message (or ''), fields as JSON, score, max pending in queue, max pending of owner
+# Returns {1} written, {0} exists, {-1, n} queue full, {-2, n} owner over its limit.
+_CREATE = _UNINDEX + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
 local fields = cjson.decode(ARGV[5])
+local waiting = redis.call('ZCARD', 'sdq:pending:' .. fields.queue)
+if tonumber(ARGV[7]) > 0 and waiting >= tonumber(ARGV[7]) then return {-1, waiting} end
+local mine = redis.call('ZCARD', 'sdq:pending-owner:' .. fields.owner)
+if tonumber(ARGV[8]) > 0 and mine >= tonumber(ARGV[8]) then return {-2, mine} end
 local flat = {}
 for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
 redis.call('HSET', KEYS[1], unpack(flat))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+index(ARGV[1], fields.queue, fields.model, fields.owner, ARGV[6], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[3], ARGV[3])
-if ARGV[4] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[4]) end
-return 1
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('HINCRBY', 'sdq:stats:jobs', 'submitted', 1)
+if ARGV[4] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[4]) end
+return {1}
 """
 
-# KEYS: task, running.  ARGV: attempt, worker, now, worker-key prefix, pending-key prefix
-_CLAIM = """
+# KEYS: task.  ARGV: attempt, worker, now, worker-key prefix
+_CLAIM = _UNINDEX + _TAKE + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'completed' or st == 'failed' or st == 'cancelled' then return 'terminal' end
@@ -171,13 +231,81 @@ if st == 'processing' then
   local w = redis.call('HGET', KEYS[1], 'worker')
   if w and w ~= '' and w ~= ARGV[2] and redis.call('EXISTS', ARGV[4] .. w) == 1 then return 'busy' end
 end
-redis.call('HSET', KEYS[1], 'status', 'processing', 'worker', ARGV[2], 'started_at', ARGV[3],
-           'updated_at', ARGV[3], 'progress_step', 0)
-local id = redis.call('HGET', KEYS[1], 'id')
-redis.call('ZREM', ARGV[5] .. redis.call('HGET', KEYS[1], 'queue'), id)
-redis.call('ZADD', KEYS[2], ARGV[3], id)
-redis.call('PUBLISH', 'sdq:events:' .. id, 'processing')
+take(KEYS[1], redis.call('HGET', KEYS[1], 'id'), ARGV[2], ARGV[3])
 return 'ok'
+"""
+
+# The scheduler: a worker that received a delivery takes the best pending job *for it*.
+# KEYS: pending:{queue}.  ARGV: worker, now (s), models it holds, least recently used first (JSON list),
+# affinity wait (ms; -1: affinity off), queue, scan limit, models it can hold.
+# Returns {id, attempt}, or {'', why}: 'empty' (nothing pending), 'wait' (only jobs for models other live
+# workers hold, not waited long enough yet), 'retry' (dropped a stale entry).
+_PICK = _UNINDEX + _TAKE + """
+local me, queue, wait = ARGV[1], ARGV[5], tonumber(ARGV[4])
+local held = cjson.decode(ARGV[3])
+local now_us = (tonumber(ARGV[2]) - 1577836800) * 1e6
+-- My best own job: the head of the per-model queues of the models I hold warm.
+local best, best_score = nil, nil
+if wait >= 0 then
+  for _, m in ipairs(held) do
+    local head = redis.call('ZRANGE', KEYS[1] .. ':m:' .. m, 0, 0, 'WITHSCORES')
+    if head[1] and (not best or tonumber(head[2]) < best_score) then best, best_score = head[1], tonumber(head[2]) end
+  end
+end
+-- Jobs ahead of it (better priority class, or older): the first one I may take wins. A job is mine to
+-- take when no other live worker of this queue holds its model, or when it has waited `wait` ms for one.
+local bound = '+inf'
+if best then bound = '(' .. string.format('%.0f', best_score) end
+local entries = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', bound, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[6]))
+local pick = nil
+if #entries > 0 then
+  local holders = {}
+  if wait > 0 then
+    for _, wid in ipairs(redis.call('ZRANGE', 'sdq:workers', 0, -1)) do
+      local raw = wid ~= me and redis.call('GET', 'sdq:worker:' .. wid)
+      if raw then
+        local ok, info = pcall(cjson.decode, raw)
+        if ok and type(info.queues) == 'table' and type(info.models) == 'table' then
+          for _, q in ipairs(info.queues) do
+            if q == queue then for _, m in ipairs(info.models) do holders[m] = true end end
+          end
+        end
+      end
+    end
+  end
+  for i = 1, #entries, 2 do
+    local model = redis.call('HGET', 'sdq:task:' .. entries[i], 'model')
+    local waited_ms = (now_us - (tonumber(entries[i + 1]) % 1e15)) / 1000
+    if not model or not holders[model] or waited_ms >= wait then pick = entries[i]; break end
+  end
+end
+pick = pick or best
+if not pick then
+  if redis.call('ZCARD', KEYS[1]) > 0 then return {'', 'wait'} end
+  return {'', 'empty'}
+end
+local key = 'sdq:task:' .. pick
+local st, worker, attempt, model, owner = unpack(redis.call('HMGET', key, 'status', 'worker', 'attempt', 'model', 'owner'))
+if st ~= 'pending' and not (st == 'processing' and (not worker or worker == '')) then
+  unindex(pick, queue, model or nil, owner or nil)   -- expired or already taken: a stale entry
+  return {'', 'retry'}
+end
+take(key, pick, me, ARGV[2])
+redis.call('HINCRBY', key, 'runs', 1)
+-- Say at once which models I will hold, so no other worker picks my next jobs before my heartbeat does.
+local raw = model and redis.call('GET', 'sdq:worker:' .. me)
+if raw then
+  local ok, info = pcall(cjson.decode, raw)
+  if ok and type(info) == 'table' then
+    local models = {}
+    for _, m in ipairs(held) do if m ~= model then models[#models + 1] = m end end
+    models[#models + 1] = model
+    while #models > tonumber(ARGV[7]) do table.remove(models, 1) end
+    info.models = models
+    redis.call('SET', 'sdq:worker:' .. me, cjson.encode(info), 'KEEPTTL')
+  end
+end
+return {pick, attempt}
 """
 
 # KEYS: task, running.  ARGV: attempt, worker, now, status, retention, field/value pairs...
@@ -192,20 +320,22 @@ for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 local id = redis.call('HGET', KEYS[1], 'id')
 redis.call('ZREM', KEYS[2], id)
+redis.call('HINCRBY', 'sdq:stats:jobs', ARGV[4], 1)
 redis.call('PUBLISH', 'sdq:events:' .. id, ARGV[4])
 return 1
 """
 
-# KEYS: task.  ARGV: now, retention, pending-key prefix
-_CANCEL = """
+# KEYS: task.  ARGV: now, retention
+_CANCEL = _UNINDEX + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'pending' then
-  local id = redis.call('HGET', KEYS[1], 'id')
+  local id, queue, model, owner = unpack(redis.call('HMGET', KEYS[1], 'id', 'queue', 'model', 'owner'))
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated_at', ARGV[1], 'finished_at', ARGV[1],
              'error', 'cancelled by client')
   redis.call('EXPIRE', KEYS[1], ARGV[2])
-  redis.call('ZREM', ARGV[3] .. redis.call('HGET', KEYS[1], 'queue'), id)
+  unindex(id, queue, model or nil, owner or nil)
+  redis.call('HINCRBY', 'sdq:stats:jobs', 'cancelled', 1)
   redis.call('PUBLISH', 'sdq:events:' .. id, 'cancelled')
   return 'cancelled'
 end
@@ -217,25 +347,29 @@ return st
 """
 
 # KEYS: task, running, broker list.  ARGV: dead worker, attempt, now, max attempts, retention, message
-_REQUEUE = """
+_REQUEUE = _UNINDEX + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'processing' then return -1 end
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return -1 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return -1 end
-local id = redis.call('HGET', KEYS[1], 'id')
+local id, queue, model, owner, priority = unpack(redis.call('HMGET', KEYS[1], 'id', 'queue', 'model', 'owner', 'priority'))
+redis.call('ZREM', KEYS[2], id)
 if tonumber(ARGV[2]) + 1 >= tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'updated_at', ARGV[3], 'finished_at', ARGV[3],
              'error', 'the worker running this job died ' .. ARGV[4] .. ' times; giving up')
   redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('ZREM', KEYS[2], id)
+  redis.call('HINCRBY', 'sdq:stats:jobs', 'failed', 1)
   redis.call('PUBLISH', 'sdq:events:' .. id, 'failed')
   return 0
 end
 local nxt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'worker', '', 'requeued_at', ARGV[3], 'updated_at', ARGV[3])
-redis.call('RPUSH', KEYS[3], ARGV[6])  -- consumers BRPOP: the rescued job runs next
+-- First in its priority class: the rescued job runs next.
+local rank = ({high = 0, normal = 1, low = 2})[priority or 'normal'] or 1
+index(id, queue, model or nil, owner or nil, string.format('%.0f', rank * 1e15), ARGV[5])
+redis.call('HINCRBY', 'sdq:stats:jobs', 'requeued', 1)
+redis.call('RPUSH', KEYS[3], ARGV[6])  -- consumers BRPOP: a delivery for it comes next
 return nxt
 """
-
 
 
 # KEYS: task.  ARGV: field/value pairs.  Writes only if the task still exists.
@@ -258,6 +392,7 @@ class TaskStore:
         self._create = client.register_script(_CREATE)
         self._local = threading.local()
         self._claim = client.register_script(_CLAIM)
+        self._pick = client.register_script(_PICK)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
         self._requeue = client.register_script(_REQUEUE)
@@ -268,23 +403,31 @@ class TaskStore:
         return cls(redis_client(url), retention_seconds)
 
     # --- API side -------------------------------------------------------
-    def create(self, task_id: str, owner: str, spec: JobSpec, queue: str,
-               message: BrokerMessage | None = None) -> bool:
+    def create(self, task_id: str, owner: str, spec: JobSpec, queue: str, message: BrokerMessage | None = None,
+               max_pending: int = 0, max_pending_owner: int = 0) -> bool:
         """Write a new pending task, index it and (if given) enqueue its message, atomically.
 
         One Lua call: the hit path of every submission, so its fields travel
         as one JSON argument rather than dozens of separately packed ones.
         False (and nothing written or sent) when the task id exists already:
-        client-chosen ids (SD on EKS's id_task) are idempotency keys.
+        client-chosen ids (SD on EKS's id_task) are idempotency keys. Raises
+        QueueFull (nothing written) when `queue` already holds `max_pending`
+        waiting jobs, or the owner `max_pending_owner` (0: no limit).
         """
-        now = repr(time.time())
+        now = time.time()
+        stamp = repr(now)
         fields = {"id": task_id, "status": "pending", "owner": owner, "spec": spec.to_json(), "queue": queue,
-                  "attempt": "0", "created_at": now, "updated_at": now}
-        return self._evalsha_direct(self._create,
-                                    [task_key(task_id), pending_key(queue), owner_key(owner),
-                                     message.list_key if message else ""],
-                                    [task_id, now, self.retention, message.payload if message else "",
-                                     orjson.dumps(fields)]) == 1
+                  "model": spec.model, "priority": spec.priority, "attempt": "0", "created_at": stamp,
+                  "updated_at": stamp}
+        outcome = self._evalsha_direct(
+            self._create, [task_key(task_id), owner_key(owner), message.list_key if message else ""],
+            [task_id, stamp, self.retention, message.payload if message else "", orjson.dumps(fields),
+             pending_score(spec.priority, now), max_pending, max_pending_owner])
+        if outcome[0] == -1:
+            raise QueueFull(outcome[1], max_pending)
+        if outcome[0] == -2:
+            raise QueueFull(outcome[1], max_pending_owner, per_key=True)
+        return outcome[0] == 1
 
     def _evalsha_direct(self, script: Script, keys: list, args: list) -> Any:
         """EVALSHA on this thread's own connection, without redis-py's per-command layers.
@@ -337,6 +480,13 @@ class TaskStore:
         """Jobs waiting in `queue` (not yet claimed by a worker)."""
         return self.redis.zcard(pending_key(queue))
 
+    def pending_by_priority(self, queue: str) -> dict[str, int]:
+        """Waiting jobs of `queue` per priority class (one ZCOUNT each)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for rank in range(len(PRIORITIES)):
+            pipe.zcount(pending_key(queue), rank * PRIORITY_SPAN, f"({(rank + 1) * PRIORITY_SPAN}")
+        return dict(zip(PRIORITIES, pipe.execute()))
+
     def queue_position(self, task: Task) -> int | None:
         """1-based place among pending tasks of its queue, or None."""
         if task.status is not TaskStatus.PENDING:
@@ -374,18 +524,45 @@ class TaskStore:
 
     def request_cancel(self, task_id: str) -> str:
         """'cancelled' (was pending), 'cancelling' (running: stops at next step) or the final status."""
-        return self._cancel(keys=[task_key(task_id)],
-                            args=[repr(time.time()), self.retention, PREFIX + "pending:"])
+        return self._cancel(keys=[task_key(task_id)], args=[repr(time.time()), self.retention])
 
     # --- worker side ----------------------------------------------------
     def claim(self, task_id: str, attempt: int, worker: str) -> str:
-        """Take the job for this delivery: 'ok', or why not ('terminal', 'stale', 'busy', 'missing')."""
-        return self._claim(keys=[task_key(task_id), RUNNING_KEY],
-                           args=[attempt, worker, repr(time.time()), WORKER_KEY_PREFIX, PREFIX + "pending:"])
+        """Take this very job: 'ok', or why not ('terminal', 'stale', 'busy', 'missing')."""
+        return self._claim(keys=[task_key(task_id)], args=[attempt, worker, repr(time.time()), WORKER_KEY_PREFIX])
+
+    def pick(self, queue: str, worker: str, held: list[str], capacity: int, affinity_wait: float | None,
+             scan_limit: int = 200) -> tuple[str, int] | str:
+        """Take the best pending job of `queue` for this worker: (task id, attempt), or why none.
+
+        In priority order, then arrival: the first job that is either for a
+        model this worker holds warm (`held`, least recently used first), or
+        that this worker may load: no other live worker of the queue holds its
+        model, or it has waited `affinity_wait` seconds for one (so two workers
+        never trade models back and forth). None: affinity off (plain priority
+        + arrival order). The worker's heartbeat is updated with the models it
+        will hold (`capacity` at most) in the same call.
+        Returns 'empty' (nothing pending), 'wait' (only others' jobs, for now)
+        or 'retry' (a stale index entry was dropped).
+        """
+        wait_ms = -1 if affinity_wait is None else int(affinity_wait * 1000)
+        for _ in range(8):
+            task_id, detail = self._pick(keys=[pending_key(queue)],
+                                         args=[worker, repr(time.time()), json.dumps(held), wait_ms, queue, scan_limit,
+                                               capacity])
+            if task_id:
+                return task_id, int(detail)
+            if detail != "retry":
+                return detail
+        return "wait"
 
     def report_progress(self, task_id: str, step: int, total: int) -> None:
         self._update(keys=[task_key(task_id)],
                      args=["progress_step", step, "progress_total", total, "updated_at", repr(time.time())])
+
+    def progress_steps(self, task_id: str) -> int:
+        """Denoising steps the current run of a task has reported."""
+        return int(self.redis.hget(task_key(task_id), "progress_step") or 0)
 
     def check_still_mine(self, task_id: str, attempt: int, worker: str) -> None:
         """Raise JobCancelled or StaleAttempt when this run must stop."""

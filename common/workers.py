@@ -38,6 +38,7 @@ class WorkerInfo:
     queues: list[str]
     state: str = WorkerState.STARTING
     models: list[str] = field(default_factory=list)
+    model_loads: int = 0
     task_id: str | None = None
     error: str | None = None
     started_at: float = field(default_factory=time.time)

@@ -15,6 +15,8 @@ COPY common/ common/
 COPY worker/ worker/
 RUN useradd --system --uid 10001 sdq && mkdir -p /data/models /data/loras && chown -R sdq /data
 USER sdq
+# Prometheus metrics of the worker process when SDQ_METRICS_WORKER_PORT is set (compose: 9101).
+EXPOSE 9101
 # SIGTERM = warm shutdown: the current job finishes, no new one is taken.
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "worker.main", "--role", "gpu"]

@@ -15,11 +15,12 @@ from tests.single_file import write_single_file_checkpoint
 KEY_A = "test-key-alpha-0123456789"
 KEY_B = "test-key-bravo-9876543210"
 KEY_LIMITED = "test-key-limited-55555555"     # 2 submissions/s, 4 reads/s
-KEY_NATIVE_ONLY = "test-key-native-only-777"  # may use the native API only, and only the tiny model
+KEY_NATIVE_ONLY = "test-key-native-only-777"  # the native API only, the tiny model only, no high priority
 KEY_POOLED = "test-key-pooled-31415926"       # may send AWS-extension jobs to the pool "gpu" only
 POLICIES = {"api": {"keys": [
     {"key": KEY_LIMITED, "name": "limited", "submit_limit": "2/second", "read_limit": "4/second"},
-    {"key": KEY_NATIVE_ONLY, "name": "native-only", "dialects": ["native"], "models": ["sdq-tiny"]},
+    {"key": KEY_NATIVE_ONLY, "name": "native-only", "dialects": ["native"], "models": ["sdq-tiny"],
+     "priorities": ["normal", "low"]},
     {"key": KEY_POOLED, "name": "pooled", "pools": ["gpu"]},
 ]}}
 CALLBACK_SECRET = "test-webhook-secret"

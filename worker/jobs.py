@@ -23,13 +23,15 @@ from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt, 
 from common.infotext import VERSION, build_infotext
 from common.sidecars import build_sidecar
 from common.jobspec import JobSpec
-from common.queue import send_callback
+from common.logs import log_context
+from common.queue import GENERATE_TASK, send_callback
 from common.storage import Storage
 from common.taskstore import Task, TaskStatus, TaskStore
 from common.workers import WorkerInfo, WorkerState, publish_heartbeat
 from worker.assets import asset_dirs, ensure_assets
 from worker.generation import GenerationResult, generate
 from worker.images import CONTENT_TYPES, encode_image
+from worker.metrics import observe_job
 from worker.monitor import StepMonitor
 from worker.registry import PipelineRegistry
 
@@ -127,15 +129,55 @@ def announce(ctx: JobContext) -> None:
         log.exception("could not publish heartbeat")
 
 
-def run_delivery(ctx: JobContext, task_id: str, attempt: int) -> str:
-    """Process one delivery of a job; returns the outcome for logs and tests."""
-    me = ctx.info.id
-    claim = ctx.store.claim(task_id, attempt, me)
-    if claim != "ok":
-        log.info("skipping delivery of %s attempt %d: %s", task_id, attempt, claim)
-        return claim
+def affinity_wait(settings) -> float | None:
+    """routing.affinity_wait, or None when affinity is off (plain priority + arrival order)."""
+    return settings.routing.affinity_wait if settings.routing.affinity else None
+
+
+def run_delivery(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str) -> str:
+    """Process one delivery: take the best pending job of `queue` for this worker and run it.
+
+    Why deliveries are interchangeable: every pending job put one message on
+    the queue, but which job a free worker should run depends on what it holds
+    warm and on priorities that may have changed since (TaskStore.pick). So a
+    delivery is a wake-up: the job run may not be the one its arguments name
+    (`hint_id`, kept for Flower and logs). A worker that finds only jobs left
+    for others hands its delivery back to the queue, so none is lost.
+    """
+    picked = ctx.store.pick(queue, ctx.info.id, ctx.registry.names(), ctx.registry.capacity,
+                            affinity_wait(ctx.settings))
+    if picked == "wait":
+        hand_back(ctx, hint_id, hint_attempt, queue)
+        return "waiting"
+    if isinstance(picked, str):
+        log.info("delivery for %s found nothing pending in %s", hint_id, queue)
+        return picked
+    task_id, attempt = picked
+    return run_job(ctx, task_id, attempt)
+
+
+def hand_back(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str) -> None:
+    """Put a delivery back at the end of the queue, then pause before looking again."""
+    ctx.celery.send_task(GENERATE_TASK, args=[hint_id, hint_attempt], queue=queue)
+    time.sleep(ctx.settings.routing.poll_interval)
+
+
+def run_job(ctx: JobContext, task_id: str, attempt: int) -> str:
+    """Run a job this worker has claimed; returns the outcome for logs and tests."""
     task = ctx.store.get(task_id)
+    with log_context(task_id=task_id, model=task.spec.model):
+        outcome = run_claimed(ctx, task, attempt)
+        if outcome in (s.value for s in TaskStatus):
+            started = task.started_at or time.time()
+            observe_job(task.spec.model, outcome, started - task.created_at, time.time() - started,
+                        ctx.store.progress_steps(task_id))
+        return outcome
+
+
+def run_claimed(ctx: JobContext, task: Task, attempt: int) -> str:
+    me, task_id = ctx.info.id, task.id
     ctx.info.state, ctx.info.task_id = WorkerState.BUSY, task_id
+    ctx.info.models = ctx.registry.names_after(task.spec.model)   # as pick() announced them
     announce(ctx)
     try:
         status, fields = execute(ctx, task, attempt)
@@ -144,7 +186,7 @@ def run_delivery(ctx: JobContext, task_id: str, attempt: int) -> str:
         return "stale"
     finally:
         ctx.info.state, ctx.info.task_id = WorkerState.READY, None
-        ctx.info.models = ctx.registry.names()
+        ctx.info.models, ctx.info.model_loads = ctx.registry.names(), ctx.registry.loads
         announce(ctx)
     if task.spec.sidecar_key:
         write_sidecar(ctx, task, status, fields)

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from common.catalog import default_model_name, find_model, list_models
+from common.logs import configure_logging, install_celery_logging, set_process_context
 from common.queue import create_celery
 from common.settings import load_settings
 from common.storage import Storage
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pool", default=None,
                         help="worker pool to serve (its queue; overrides worker.pool; default tasks.queue)")
     parser.add_argument("--concurrency", type=int, default=8, help="callback worker threads")
-    parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument("--loglevel", default=None, help="log level (overrides logs.level)")
     return parser.parse_args(argv)
 
 
@@ -101,22 +102,40 @@ def single_file_config(settings, default_name_: str) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = load_settings()
-    logging.basicConfig(level=args.loglevel, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args.loglevel = (args.loglevel or settings.logs.level).upper()
+    configure_logging(settings.logs.format, args.loglevel, sys.stdout)   # JSON lines by default (common/logs.py)
     configured = args.device if args.device is not None else settings.worker.device
     pinned = pin_device(configured if args.role == "gpu" else "cpu")
     device = prepare_torch(pinned, settings) if args.role == "gpu" else "cpu"
     name = args.name or settings.worker.name or default_name(args.role, configured, device)
     queues = consumed_queues(args, settings)
+    set_process_context(worker=name)
     info = WorkerInfo(id=f"{name}:{os.getpid()}:{uuid.uuid4().hex[:8]}", name=name, device=device,
                       queues=queues)
     run_worker(settings, args, info)
+
+
+def mark_ready_when_consuming(info: WorkerInfo, heartbeat) -> None:
+    """Report `ready` once Celery consumes (and handles SIGTERM as a warm shutdown), not before.
+
+    Why: a rolling restart waits for the new worker to be ready before stopping
+    the next one; a worker still starting Celery would be killed outright by a
+    SIGTERM (harmless, it holds no job, but it is not the promised clean exit).
+    """
+    from celery.signals import worker_ready
+
+    @worker_ready.connect(weak=False)
+    def ready(**_) -> None:
+        info.state = WorkerState.READY
+        heartbeat.beat()
+        log.info("worker %s ready on %s, queues %s, models %s", info.name, info.device, info.queues, info.models)
 
 
 def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     from worker.heartbeat import Heartbeat
     from worker.jobs import JobContext
     from worker.registry import PipelineRegistry, load_pipeline
+    from worker.metrics import start_metrics_server
     from worker.tasks import register_tasks
 
     store = TaskStore.from_url(settings.redis.url, settings.tasks.retention_seconds)
@@ -132,6 +151,9 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
         return load_pipeline(model, info.device, sf_config)
 
     registry = PipelineRegistry(settings.models.max_loaded, loader)
+    # Before the default model loads: its load is counted, and a scrape during a long load answers.
+    start_metrics_server(settings.metrics.worker_port, settings.metrics.worker_addr, info.name, info.device,
+                         ",".join(info.queues), registry.names)
     ctx = JobContext(settings, store, storage, registry, celery, info)
     register_tasks(celery, lambda: ctx)
     heartbeat = Heartbeat(store, celery, info, settings)
@@ -148,12 +170,12 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
                 publish_heartbeat(store.redis, info, settings.workers.heartbeat_ttl)
                 log.exception("could not load default model %s", default)
                 raise SystemExit(3) from exc
-            info.models = registry.names()
-        info.state = WorkerState.READY
-        heartbeat.beat()
-        log.info("worker %s ready on %s, queues %s, models %s", info.name, info.device, info.queues, info.models)
+            info.models, info.model_loads = registry.names(), registry.loads
+        mark_ready_when_consuming(info, heartbeat)
         pool = ["--pool=solo"] if args.role == "gpu" else ["--pool=threads", f"--concurrency={args.concurrency}"]
-        celery.worker_main(["worker", *pool, "-Q", ",".join(info.queues), "-n", info.name,
+        install_celery_logging(args.loglevel)   # Celery keeps our handlers; task lines carry task_id
+        quiet = ["--quiet"] if settings.logs.format == "json" else []   # no ASCII-art banner among JSON lines
+        celery.worker_main([*quiet, "worker", *pool, "-Q", ",".join(info.queues), "-n", info.name,
                             "--prefetch-multiplier=1", "--without-gossip", "--without-mingle",
                             "--without-heartbeat", "-E", f"--loglevel={args.loglevel}"])
     finally:

@@ -19,3 +19,6 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as tlogging
     tlogging.set_verbosity_error()
     tlogging.disable_progress_bar()
+    for lib in (dlogging, tlogging):   # their own stderr handler off: what they log goes through ours (JSON)
+        lib.disable_default_handler()
+        lib.enable_propagation()

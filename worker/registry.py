@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.catalog import ModelInfo
+from worker.metrics import observe_model_load
 
 log = logging.getLogger("sdqueue.worker")
 
@@ -48,7 +49,13 @@ class PipelineRegistry:
         self.load_seconds = 0.0
 
     def names(self) -> list[str]:
+        """Models held warm, least recently used first."""
         return list(self._pipes)
+
+    def names_after(self, name: str) -> list[str]:
+        """The models held once `name` has been used (loaded, evicting the least recently used)."""
+        names = [n for n in self._pipes if n != name] + [name]
+        return names[-self.capacity:]
 
     def get(self, name: str) -> Any:
         """The warm pipeline for `name`, loading (and evicting) as needed."""
@@ -62,9 +69,11 @@ class PipelineRegistry:
             self._free_memory()
         started = time.perf_counter()
         pipe = self._loader(name)
+        seconds = time.perf_counter() - started
         self.loads += 1
-        self.load_seconds += time.perf_counter() - started
-        log.info("loaded model %s in %.2fs", name, time.perf_counter() - started)
+        self.load_seconds += seconds
+        observe_model_load(name, seconds)
+        log.info("loaded model %s in %.2fs", name, seconds, extra={"model": name, "load_seconds": round(seconds, 3)})
         self._pipes[name] = pipe
         return pipe
 

@@ -57,7 +57,9 @@ def register_tasks(app: Celery, get_context: Callable[[], JobContext]) -> None:
               autoretry_for=(redis.RedisError, OperationalError), retry_backoff=True, retry_backoff_max=60,
               retry_jitter=False, max_retries=None)
     def generate_task(self, task_id: str, attempt: int = 0) -> str:
-        return run_delivery(get_context(), task_id, int(attempt))
+        ctx = get_context()
+        queue = (self.request.delivery_info or {}).get("routing_key") or ctx.info.queues[0]
+        return run_delivery(ctx, task_id, int(attempt), queue)
 
     @app.task(name=CALLBACK_TASK, bind=True, acks_late=True, max_retries=settings.callbacks.max_retries)
     def deliver_callback(self, task_id: str) -> int | None:

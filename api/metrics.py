@@ -1,0 +1,262 @@
+"""Prometheus `/metrics` for the API: its requests, and the queue as Redis holds it.
+
+Why two kinds: request figures belong to each API process (and gunicorn runs
+several), so they use prometheus_client's multiprocess mode (every process
+writes its own mmap file in PROMETHEUS_MULTIPROC_DIR, set up by
+api/gunicorn_conf.py; the process answering a scrape sums them all). Queue,
+job and worker figures are the cluster's, not a process's: they are read
+from Redis when /metrics is scraped, by a collector registered only on the
+registry that renders the answer, so each scrape has them once whatever
+process answers and however many API replicas there are.
+
+Request latency: `sdq_api_request_duration_seconds{route,method,status}`, a
+histogram whose `_count` is the request counter. `route` is the Flask
+endpoint (`native.generate`, `health.health`, `unmatched` for a 404/405),
+never the raw path. Submissions answered by api/fastsubmit.py before Flask
+are observed there under `native.generate`, POST, 202 (one pre-bound
+observe, ~3 µs).
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import redis
+from flask import Flask, Response, request
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from common import taskstore
+from common.pools import POOLS_KEY
+from common.workers import WorkerState, live_workers
+
+log = logging.getLogger("sdqueue.api")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FAST_ROUTE = "native.generate"
+UNMATCHED = "unmatched"
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0, 900.0)
+_STARTED = "sdq.metrics_t0"
+
+# Pending tasks: sdq:pending:{queue}, score = priority rank * PRIORITY_SPAN + enqueue time (taskstore.pending_score);
+# sdq:pending:{queue}:m:{model} holds the same tasks per model.
+PREFIX = taskstore.PREFIX
+PENDING_PREFIX = PREFIX + "pending:"
+MODEL_INFIX = ":m:"
+RUNNING_KEY = taskstore.RUNNING_KEY
+STATS_KEY = taskstore.STATS_KEY
+PRIORITIES = taskstore.PRIORITIES
+PRIORITY_SPAN = taskstore.PRIORITY_SPAN
+JOB_STATUSES = ("submitted", "completed", "failed", "cancelled", "requeued")
+MAX_SCANNED_KEYS = 2000          # sdq:pending:* keys looked at per scrape (queues and per-model indexes)
+
+REQUESTS = Histogram("sdq_api_request_duration_seconds",
+                     "API request latency by route (Flask endpoint), method and status; _count counts requests",
+                     ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=None)
+_children: dict[tuple[str, str, int], Any] = {}
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    key = (route, method, status)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = REQUESTS.labels(route, method, str(status))
+    child.observe(seconds)
+
+
+def fast_submit_observer() -> Callable[[float], None]:
+    """The one call api/fastsubmit.py makes per submission it answers: observe(seconds)."""
+    return REQUESTS.labels(FAST_ROUTE, "POST", "202").observe
+
+
+# --- queue, jobs and workers from Redis -------------------------------------------
+def _family(kind: str, name: str, doc: str, labels: list[str] | None = None, **kw: Any) -> Metric:
+    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+    return cls(name, doc, labels=labels, **kw)
+
+
+class QueueCollector:
+    """Jobs by status, queue depth per queue and priority, running jobs and live workers, read from Redis.
+
+    Registered on the registry that renders /metrics (never in the multiprocess
+    files), so every scrape has each figure exactly once. With several API
+    replicas each reports the same figures: aggregate with max(), not sum().
+    """
+
+    def __init__(self, client: redis.Redis, default_queue: str, callbacks_queue: str):
+        self.redis = client
+        self.default_queue = default_queue
+        self.callbacks_queue = callbacks_queue
+
+    def describe(self) -> list[Metric]:
+        return list(self._families().values())
+
+    def _families(self) -> dict[str, Metric]:
+        return {
+            "up": _family("gauge", "sdq_redis_up", "1 if the API could read the queue figures from Redis at this scrape"),
+            "jobs": _family("counter", "sdq_jobs", "Jobs by status since the task store began counting "
+                                                   "(submitted, completed, failed, cancelled, requeued)", ["status"]),
+            "depth": _family("gauge", "sdq_queue_depth", "Jobs waiting, per queue (worker pool) and priority",
+                             ["queue", "priority"]),
+            "model_depth": _family("gauge", "sdq_queue_model_depth", "Jobs waiting, per queue and model",
+                                   ["queue", "model"]),
+            "running": _family("gauge", "sdq_jobs_running", "Jobs being processed by a worker"),
+            "workers": _family("gauge", "sdq_workers", "Live worker processes per pool and state", ["pool", "state"]),
+            "info": _family("gauge", "sdq_worker_info", "A live worker process (always 1)",
+                            ["worker", "device", "pool", "role"]),
+            "busy": _family("gauge", "sdq_worker_busy", "1 while a GPU worker runs a job", ["worker", "pool"]),
+            "models": _family("gauge", "sdq_worker_models_loaded", "Warm pipelines a GPU worker holds",
+                              ["worker", "pool"]),
+            "held": _family("gauge", "sdq_worker_model_held", "1 per model a GPU worker holds warm",
+                            ["worker", "model"]),
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        try:
+            self._fill(families)
+        except redis.RedisError as exc:
+            log.warning("metrics: cannot read queue figures from Redis: %s", exc)
+            families["up"].add_metric([], 0)
+            yield families["up"]
+            return
+        families["up"].add_metric([], 1)
+        yield from families.values()
+
+    def _fill(self, f: dict[str, Metric]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(STATS_KEY)
+        pipe.hkeys(POOLS_KEY)
+        pipe.zcard(RUNNING_KEY)
+        stats, pools, running = pipe.execute()
+        for status in JOB_STATUSES:
+            f["jobs"].add_metric([status], _number(stats.get(status)))
+        for status, value in sorted(stats.items()):
+            if status not in JOB_STATUSES:
+                f["jobs"].add_metric([status], _number(value))
+        f["running"].add_metric([], running)
+
+        queues, model_keys = self._queues(pools)
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            for rank in range(len(PRIORITIES)):
+                low = "-inf" if rank == 0 else f"{rank * PRIORITY_SPAN:.0f}"
+                high = "+inf" if rank == len(PRIORITIES) - 1 else f"({(rank + 1) * PRIORITY_SPAN:.0f}"
+                pipe.zcount(PENDING_PREFIX + queue, low, high)
+        for _, _, key in model_keys:
+            pipe.zcard(key)
+        counts = iter(pipe.execute())
+        for queue in queues:
+            for priority in PRIORITIES:
+                f["depth"].add_metric([queue, priority], next(counts))
+        for queue, model, _ in model_keys:
+            f["model_depth"].add_metric([queue, model], next(counts))
+
+        self._workers(f)
+
+    def _queues(self, pools: Iterable[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+        """tasks.queue, the recorded pools and every queue with a pending index; plus the per-model indexes."""
+        queues = {self.default_queue, *pools}
+        model_keys = []
+        for n, key in enumerate(self.redis.scan_iter(match=PENDING_PREFIX + "*", count=500)):
+            if n >= MAX_SCANNED_KEYS:
+                break
+            queue, infix, model = key[len(PENDING_PREFIX):].partition(MODEL_INFIX)
+            if infix:
+                model_keys.append((queue, model, key))
+            else:
+                queues.add(queue)
+        return sorted(queues), sorted(model_keys)
+
+    def _workers(self, f: dict[str, Metric]) -> None:
+        newest = {}
+        for w in live_workers(self.redis):          # one series per worker name: the newest process wins
+            if w.name not in newest or w.last_seen > newest[w.name].last_seen:
+                newest[w.name] = w
+        per_state: dict[tuple[str, str], int] = {}
+        for w in newest.values():
+            pool = ",".join(w.queues)
+            gpu = w.queues != [self.callbacks_queue]
+            per_state[(pool, w.state)] = per_state.get((pool, w.state), 0) + 1
+            f["info"].add_metric([w.name, w.device, pool, "gpu" if gpu else "callbacks"], 1)
+            if gpu:
+                f["busy"].add_metric([w.name, pool], 1 if w.state == WorkerState.BUSY else 0)
+                f["models"].add_metric([w.name, pool], len(w.models))
+                for model in w.models:
+                    f["held"].add_metric([w.name, model], 1)
+        for (pool, state), count in sorted(per_state.items()):
+            f["workers"].add_metric([pool, state], count)
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+# --- the Flask side ------------------------------------------------------------------
+def build_registry(client: redis.Redis, settings) -> CollectorRegistry:
+    """The registry /metrics renders: every API process's request figures, plus the queue collector."""
+    registry = CollectorRegistry()
+    if multiprocess_mode():
+        os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)   # outside gunicorn_conf.py (flask run, tests)
+        MultiProcessCollector(registry)
+    else:
+        registry.register(REQUESTS)
+    registry.register(QueueCollector(client, settings.tasks.queue, settings.callbacks.queue))
+    return registry
+
+
+def exported_names() -> set[str]:
+    """Every metric family name /metrics can show (for dashboards and tests)."""
+    collector = QueueCollector(None, "", "")   # describe() reads nothing
+    return {REQUESTS._name, *(m.name for m in collector.describe())}
+
+
+def install(app: Flask, settings, client: redis.Redis, limits=None) -> Callable[[float], None]:
+    """Time every Flask request, add GET /metrics; returns the fast-path observer for FastSubmit."""
+    registry = build_registry(client, settings)
+    token = settings.metrics.token
+
+    def start_clock() -> None:
+        request.environ[_STARTED] = time.perf_counter()
+
+    def record(response: Response) -> Response:
+        started = request.environ.get(_STARTED)
+        if started is not None:
+            method = request.method if request.method in METHODS else "other"
+            observe_request(request.endpoint or UNMATCHED, method, response.status_code,
+                            time.perf_counter() - started)
+        return response
+
+    def metrics() -> Response:
+        if token and not _bearer_ok(request.headers.get("Authorization", ""), token):
+            return Response('{"detail": "metrics need Authorization: Bearer <metrics.token>"}\n', 401,
+                            {"WWW-Authenticate": "Bearer"}, mimetype="application/json")
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return Response(encoder(registry), 200, {"Content-Type": content_type, "Cache-Control": "no-store"})
+
+    # First of the before_request hooks, so requests refused by an earlier hook (rate limits) are timed too.
+    app.before_request_funcs.setdefault(None, []).insert(0, start_clock)
+    app.after_request(record)
+    app.add_url_rule("/metrics", endpoint="metrics", view_func=metrics, methods=["GET"])
+    if limits is not None and getattr(limits, "active", False):
+        limits.limiter.exempt(metrics)
+    return fast_submit_observer()
+
+
+def _bearer_ok(header: str, token: str) -> bool:
+    scheme, _, value = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
