@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -42,3 +43,46 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[index]
+
+
+def run_batch(stack: LocalStack, bodies: list[dict], timeout: float = 900) -> dict:
+    """Submit every body at once, wait for all to end; images/s from first submit to last finish.
+
+    Finish times come from the task hashes (the worker's own clock), so the
+    client's polling adds nothing to the figure.
+    """
+    import time
+
+    import redis
+    import requests
+
+    from common.taskstore import task_key
+
+    session = requests.Session()
+    session.headers["X-API-Key"] = BENCH_KEY
+    started = time.time()
+    ids = []
+    for body in bodies:
+        response = session.post(stack.api_url + "/api/v1/generate", json=body, timeout=30)
+        response.raise_for_status()
+        ids.append(response.json()["task_id"])
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    deadline = time.monotonic() + timeout
+    for task_id in ids:
+        while client.hget(task_key(task_id), "status") not in ("completed", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"batch not finished after {timeout:.0f} s")
+            time.sleep(0.05)
+    records = [client.hgetall(task_key(i)) for i in ids]
+    failed = [r.get("error") for r in records if r["status"] != "completed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} jobs did not complete: {failed[:3]}")
+    elapsed = max(float(r["finished_at"]) for r in records) - started
+    images = sum(len(json.loads(r["result_keys"])) for r in records)
+    return {"jobs": len(ids), "images": images, "seconds": elapsed, "images_per_s": images / elapsed,
+            "workers": sorted({r["worker"] for r in records})}
+
+
+def stop_workers(stack: LocalStack, names: list[str]) -> None:
+    for name in names:
+        stack.services.pop(name).stop()

@@ -181,10 +181,10 @@ def test_rolling_restart_loses_and_duplicates_nothing(stack, rds, storage):
             worker.stop()
 
 
-@pytest.mark.parametrize("wait, expected", [(None, "head"), (60.0, "own")])
-def test_pick_rules(stack, wait, expected):
-    """TaskStore.pick directly: a better class beats affinity; then, with affinity, a job for a model
-    the worker holds beats an older one whose model another live worker holds; without, the head."""
+@pytest.mark.parametrize("wait", [None, 60.0])
+def test_pick_rules(stack, wait):
+    """TaskStore.pick directly. Affinity off: priority, then arrival. On: a job whose model another live
+    worker holds waits for it (routing.affinity_wait, whatever its priority); the worker takes its own."""
     from common.taskstore import TaskStatus, TaskStore
     from common.workers import WorkerInfo, publish_heartbeat, remove_heartbeat
 
@@ -198,12 +198,23 @@ def test_pick_rules(stack, wait, expected):
     urgent_foreign = api.submit(model="tiny-single.safetensors", priority="high")
     taken = []
     try:
-        taken.append(store.pick(api.queue, "unit-me", ["sdq-tiny"], 1, wait))
-        assert taken[-1][0] == urgent_foreign
-        taken.append(store.pick(api.queue, "unit-me", ["sdq-tiny"], 1, wait))
-        assert taken[-1][0] == (head if expected == "head" else own)
+        for _ in range(3):
+            picked = store.pick(api.queue, "unit-me", ["sdq-tiny"], 1, wait)
+            if isinstance(picked, str):
+                break
+            taken.append(picked)
+        order = [task_id for task_id, _ in taken]
+        if wait is None:
+            assert order == [urgent_foreign, head, own]
+        else:
+            assert order == [own] and picked == "wait"
+            assert store.pick(api.queue, "unit-other", ["tiny-single.safetensors"], 1, wait)[0] == urgent_foreign
+            taken.append((urgent_foreign, 0))
+            other_view = store.redis.get("sdq:worker:unit-me")
+            assert other_view is None      # no heartbeat of unit-me to update: nothing invented
     finally:
         remove_heartbeat(store.redis, other.id)
         for task_id, attempt in taken:
             store.finish(task_id, attempt, "unit-me", TaskStatus.CANCELLED)
+            store.finish(task_id, attempt, "unit-other", TaskStatus.CANCELLED)
         api.cancel([head, own, urgent_foreign])

@@ -1,0 +1,67 @@
+"""Redis durability: after a Redis restart (AOF everysec), pending and finished tasks are all still
+there, pending ones still run, and a worker that stayed up across the restart carries on.
+
+Its own Redis and worker (the session stack's S3 and models), so restarting Redis disturbs no other test.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from common.localstack import LocalStack, free_port
+from tests.conftest import KEY_A, STACK_ENV
+from tests.test_routing import PoolApi
+
+QUEUE = "durable"
+
+
+@pytest.fixture
+def own_redis(stack, tmp_path):
+    own = LocalStack(data_dir=tmp_path, redis_port=free_port(), s3_port=stack.s3_port, api_port=free_port(),
+                     flower_port=free_port(), api_keys=[KEY_A], flower_password="pw",
+                     extra_env={**STACK_ENV, "SDQ_MODELS_DIR": str(stack.settings().models_dir),
+                                "SDQ_MODELS_LORA_DIR": str(stack.settings().lora_dir)})
+    own.start_redis()
+    try:
+        yield own
+    finally:
+        own.stop()
+
+
+def restart_redis(own: LocalStack) -> None:
+    """SIGTERM (Redis flushes its AOF and exits), then the same server on the same data dir."""
+    own.services.pop("redis").stop()
+    own.start_redis()
+
+
+def test_tasks_survive_a_redis_restart_and_pending_ones_still_run(own_redis):
+    api = PoolApi(own_redis, QUEUE)
+    worker = own_redis.start_worker("durable-worker", "--pool", QUEUE)
+    done = api.wait_all([api.submit(seed=1)])[0]
+    assert done["status"] == "completed"
+    worker.stop()                                       # nobody consumes: the next jobs stay pending
+    pending = [api.submit(seed=2), api.submit(seed=3, priority="high")]
+    before = [api.task(i) for i in pending]
+
+    restart_redis(own_redis)
+
+    after_done = api.task(done["task_id"])
+    assert after_done["status"] == "completed" and after_done["result_url"]
+    assert after_done["seeds"] == done["seeds"]
+    after = [api.task(i) for i in pending]
+    assert [t["status"] for t in after] == ["pending", "pending"]
+    assert [t["queue_position"] for t in after] == [t["queue_position"] for t in before] == [2, 1]
+
+    worker = own_redis.start_worker("durable-worker-2", "--pool", QUEUE)
+    assert [t["status"] for t in api.wait_all(pending)] == ["completed", "completed"]
+
+    restart_redis(own_redis)                            # now with a worker up across the restart
+    time.sleep(1)
+    late = api.submit(seed=4)
+    assert api.wait_all([late], timeout=120)[0]["status"] == "completed"
+    client = redis.Redis.from_url(own_redis.redis_url, decode_responses=True)
+    assert client.config_get("appendonly") == {"appendonly": "yes"}
+    assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+    worker.stop()
