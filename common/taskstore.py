@@ -480,6 +480,10 @@ class TaskStore:
         """Jobs waiting in `queue` (not yet claimed by a worker)."""
         return self.redis.zcard(pending_key(queue))
 
+    def oldest_pending(self, queue: str, count: int) -> list[str]:
+        """The first `count` waiting jobs of `queue`, in the order workers take them."""
+        return self.redis.zrange(pending_key(queue), 0, count - 1)
+
     def pending_by_priority(self, queue: str) -> dict[str, int]:
         """Waiting jobs of `queue` per priority class (one ZCOUNT each)."""
         pipe = self.redis.pipeline(transaction=False)

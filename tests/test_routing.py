@@ -218,3 +218,27 @@ def test_pick_rules(stack, wait):
             store.finish(task_id, attempt, "unit-me", TaskStatus.CANCELLED)
             store.finish(task_id, attempt, "unit-other", TaskStatus.CANCELLED)
         api.cancel([head, own, urgent_foreign])
+
+
+def test_a_waiting_job_without_a_delivery_gets_one(stack, api, rds, settings):
+    """The reaper fills a gap between waiting jobs and deliveries (a lost or stuck message)."""
+    from common.jobspec import JobSpec
+    from common.taskstore import TaskStore
+
+    store = TaskStore.from_url(stack.redis_url, 3600)
+    task_id = "orphan-" + uuid.uuid4().hex
+    spec = JobSpec(prompt="an orphaned job", model="sdq-tiny", width=64, height=64, num_inference_steps=2,
+                   guidance_scale=7.5, seed=5)
+    owner = api_owner(KEY_A)
+    assert store.create(task_id, owner, spec, settings.tasks.queue, message=None)   # no delivery at all
+    deadline = time.monotonic() + 60
+    while rds.hget(f"sdq:task:{task_id}", "status") != "completed" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rds.hget(f"sdq:task:{task_id}", "status") == "completed"
+    assert api.task(task_id)["result_url"]
+
+
+def api_owner(key: str) -> str:
+    from api.auth import ApiKey
+
+    return ApiKey(key, "x").owner

@@ -18,10 +18,37 @@ from celery import Celery
 
 from common.queue import MessageBuilder
 from common.taskstore import PREFIX, TaskStore
-from common.workers import WorkerInfo, is_alive, publish_heartbeat, remove_heartbeat
+from common.workers import WorkerInfo, is_alive, live_workers, publish_heartbeat, remove_heartbeat
 
 log = logging.getLogger("sdqueue.reaper")
 REAPER_LOCK = PREFIX + "reaper-lock"
+DEFICIT_PREFIX = PREFIX + "deficit:"   # per queue: deliveries found missing at the previous pass
+
+
+def reissue_deliveries(store: TaskStore, messages: MessageBuilder, queues: set[str]) -> dict[str, int]:
+    """Give waiting jobs that have no delivery on their queue a new one; {queue: deliveries sent}.
+
+    Waiting jobs and deliveries are one-to-one (TaskStore.pick), but a
+    delivery can go missing: a worker killed between receiving one and picking
+    leaves it unacked until the broker's visibility timeout (> the job time
+    limit), and a Redis crash can lose the last second of its AOF. A gap seen
+    on two passes in a row is filled (one pass alone may be a worker that is
+    picking right now); a surplus is harmless, since a delivery that finds
+    nothing waiting is dropped.
+    """
+    client = store.redis
+    sent = {}
+    for queue in sorted(queues):
+        missing = max(0, store.pending_count(queue) - client.llen(queue))
+        seen_before = int(client.set(DEFICIT_PREFIX + queue, missing, ex=3600, get=True) or 0)
+        count = min(missing, seen_before)
+        if count:
+            for hint in store.oldest_pending(queue, count):
+                message = messages.generate(hint, 0, queue)
+                client.lpush(message.list_key, message.payload)
+            log.warning("queue %s: %d waiting jobs had no delivery; sent %d", queue, missing, count)
+            sent[queue] = count
+    return sent
 
 
 def reap_once(store: TaskStore, messages: MessageBuilder, me: str, ttl: float, max_attempts: int) -> list[str]:
@@ -39,6 +66,7 @@ def reap_once(store: TaskStore, messages: MessageBuilder, me: str, ttl: float, m
             requeued.append(task_id)
         elif nxt == 0:
             log.error("task %s failed: %d workers died running it", task_id, max_attempts)
+    reissue_deliveries(store, messages, {q for w in live_workers(client) for q in w.queues})
     return requeued
 
 
