@@ -57,6 +57,15 @@ class ApiKey:
     def may_use_priority(self, priority: str) -> bool:
         return self.priorities is None or priority in self.priorities
 
+    def priority_for(self, requested: str) -> str:
+        """`requested` if allowed, else the key's own default: normal when allowed, else its first listed.
+
+        For dialects whose clients cannot choose a priority (they ask for normal).
+        """
+        if self.may_use_priority(requested):
+            return requested
+        return "normal" if self.may_use_priority("normal") else self.priorities[0]
+
 
 def _names(item: dict, field_name: str, i: int) -> tuple[str, ...] | None:
     value = item.get(field_name)
@@ -118,7 +127,7 @@ class KeyRing:
     def __init__(self, keys: list[ApiKey], header: str, default_max_pending: int = 0):
         self.keys = keys
         self.header = header
-        self._max_pending = {k.owner: k.max_pending for k in keys if k.max_pending is not None}
+        self._by_owner = {k.owner: k for k in keys}
         self.default_max_pending = default_max_pending
         self._native_check = self.authenticator(
             "native", None, self._native_unauthorized,
@@ -126,7 +135,13 @@ class KeyRing:
 
     def max_pending(self, owner: str) -> int:
         """How many waiting jobs this key's owner may have (0: no limit)."""
-        return self._max_pending.get(owner, self.default_max_pending)
+        key = self._by_owner.get(owner)
+        return self.default_max_pending if key is None or key.max_pending is None else key.max_pending
+
+    def priority_for(self, owner: str, requested: str) -> str:
+        """The priority a job of this owner gets (see ApiKey.priority_for)."""
+        key = self._by_owner.get(owner)
+        return requested if key is None else key.priority_for(requested)
 
     def match(self, presented: str | None) -> ApiKey | None:
         """Compare against every key (constant time per key, no early exit)."""

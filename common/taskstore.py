@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable
@@ -84,6 +85,7 @@ def pending_key(queue: str) -> str:
 
 RUNNING_KEY = PREFIX + "running"
 STATS_KEY = PREFIX + "stats:jobs"
+DELIVERY_TTL = 24 * 3600   # how long a delivery remembers the job it took (beyond any job time limit)
 
 
 def pending_owner_key(owner: str) -> str:
@@ -189,11 +191,11 @@ local function unindex(id, queue, model, owner)
   end
   if owner then redis.call('ZREM', 'sdq:pending-owner:' .. owner, id) end
 end
-local function index(id, queue, model, owner, score, retention)
+local function index(id, queue, model, owner, score, now, retention)
   redis.call('ZADD', 'sdq:pending:' .. queue, score, id)
   if model then redis.call('ZADD', 'sdq:pending:' .. queue .. ':m:' .. model, score, id) end
-  if owner then
-    redis.call('ZADD', 'sdq:pending-owner:' .. owner, score, id)
+  if owner then   -- scored by time, so entries of tasks that expired while waiting can be pruned
+    redis.call('ZADD', 'sdq:pending-owner:' .. owner, now, id)
     redis.call('EXPIRE', 'sdq:pending-owner:' .. owner, retention)
   end
 end
@@ -207,13 +209,14 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
 local fields = cjson.decode(ARGV[5])
 local waiting = redis.call('ZCARD', 'sdq:pending:' .. fields.queue)
 if tonumber(ARGV[7]) > 0 and waiting >= tonumber(ARGV[7]) then return {-1, waiting} end
+redis.call('ZREMRANGEBYSCORE', 'sdq:pending-owner:' .. fields.owner, '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
 local mine = redis.call('ZCARD', 'sdq:pending-owner:' .. fields.owner)
 if tonumber(ARGV[8]) > 0 and mine >= tonumber(ARGV[8]) then return {-2, mine} end
 local flat = {}
 for k, v in pairs(fields) do flat[#flat + 1] = k; flat[#flat + 1] = v end
 redis.call('HSET', KEYS[1], unpack(flat))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-index(ARGV[1], fields.queue, fields.model, fields.owner, ARGV[6], ARGV[3])
+index(ARGV[1], fields.queue, fields.model, fields.owner, ARGV[6], ARGV[2], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('HINCRBY', 'sdq:stats:jobs', 'submitted', 1)
@@ -236,12 +239,20 @@ return 'ok'
 """
 
 # The scheduler: a worker that received a delivery takes the best pending job *for it*.
-# KEYS: pending:{queue}.  ARGV: worker, now (s), models it holds, least recently used first (JSON list),
-# affinity wait (ms; -1: affinity off), queue, scan limit, models it can hold.
-# Returns {id, attempt}, or {'', why}: 'empty' (nothing pending), 'wait' (only jobs for models other live
-# workers hold, not waited long enough yet), 'retry' (dropped a stale entry).
+# KEYS: pending:{queue}, the queue's broker list, delivery:{token}.  ARGV: worker, now (s), models it holds,
+# least recently used first (JSON list), affinity wait (ms; -1: affinity off), queue, scan limit, models it
+# can hold, delivery token ttl (s).
+# Returns {id, attempt, model}, or {'', why}: 'empty' (nothing waits, or enough other deliveries are queued
+# for what waits: this one is surplus), 'wait' (only jobs for models other live workers hold, not waited
+# long enough yet), 'retry' (dropped a stale entry).
+# The same delivery (token) asking again (a lost reply, a Celery retry) gets the job it took before.
 _PICK = _UNINDEX + _TAKE + """
 local me, queue, wait = ARGV[1], ARGV[5], tonumber(ARGV[4])
+local before = redis.call('GET', KEYS[3])
+if before then
+  local st, worker, attempt, model = unpack(redis.call('HMGET', 'sdq:task:' .. before, 'status', 'worker', 'attempt', 'model'))
+  if st == 'processing' and worker == me then return {before, attempt, model or ''} end
+end
 local held = cjson.decode(ARGV[3])
 local now_us = (tonumber(ARGV[2]) - 1577836800) * 1e6
 -- My best own job: the head of the per-model queues of the models I hold warm.
@@ -265,7 +276,7 @@ if #entries > 0 then
       local raw = wid ~= me and redis.call('GET', 'sdq:worker:' .. wid)
       if raw then
         local ok, info = pcall(cjson.decode, raw)
-        if ok and type(info.queues) == 'table' and type(info.models) == 'table' then
+        if ok and type(info) == 'table' and type(info.queues) == 'table' and type(info.models) == 'table' then
           for _, q in ipairs(info.queues) do
             if q == queue then for _, m in ipairs(info.models) do holders[m] = true end end
           end
@@ -281,17 +292,21 @@ if #entries > 0 then
 end
 pick = pick or best
 if not pick then
-  if redis.call('ZCARD', KEYS[1]) > 0 then return {'', 'wait'} end
+  local waiting = redis.call('ZCARD', KEYS[1])
+  if waiting > 0 and redis.call('LLEN', KEYS[2]) < waiting then return {'', 'wait'} end
   return {'', 'empty'}
 end
 local key = 'sdq:task:' .. pick
 local st, worker, attempt, model, owner = unpack(redis.call('HMGET', key, 'status', 'worker', 'attempt', 'model', 'owner'))
 if st ~= 'pending' and not (st == 'processing' and (not worker or worker == '')) then
-  unindex(pick, queue, model or nil, owner or nil)   -- expired or already taken: a stale entry
+  -- expired or already taken: a stale entry, dropped from every index it may be in
+  unindex(pick, queue, model or nil, owner or nil)
+  for _, m in ipairs(held) do redis.call('ZREM', KEYS[1] .. ':m:' .. m, pick) end
   return {'', 'retry'}
 end
 take(key, pick, me, ARGV[2])
 redis.call('HINCRBY', key, 'runs', 1)
+redis.call('SET', KEYS[3], pick, 'EX', ARGV[8])
 -- Say at once which models I will hold, so no other worker picks my next jobs before my heartbeat does.
 local raw = model and redis.call('GET', 'sdq:worker:' .. me)
 if raw then
@@ -305,7 +320,7 @@ if raw then
     redis.call('SET', 'sdq:worker:' .. me, cjson.encode(info), 'KEEPTTL')
   end
 end
-return {pick, attempt}
+return {pick, attempt, model or ''}
 """
 
 # KEYS: task, running.  ARGV: attempt, worker, now, status, retention, field/value pairs...
@@ -329,8 +344,10 @@ return 1
 _CANCEL = _UNINDEX + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
-if st == 'pending' then
+local holder = redis.call('HGET', KEYS[1], 'worker')
+if st == 'pending' or (st == 'processing' and (not holder or holder == '')) then   -- waiting, or requeued
   local id, queue, model, owner = unpack(redis.call('HMGET', KEYS[1], 'id', 'queue', 'model', 'owner'))
+  redis.call('ZREM', 'sdq:running', id)
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated_at', ARGV[1], 'finished_at', ARGV[1],
              'error', 'cancelled by client')
   redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -353,6 +370,14 @@ if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return -1 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return -1 end
 local id, queue, model, owner, priority = unpack(redis.call('HMGET', KEYS[1], 'id', 'queue', 'model', 'owner', 'priority'))
 redis.call('ZREM', KEYS[2], id)
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then   -- the client cancelled it while it ran
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated_at', ARGV[3], 'finished_at', ARGV[3],
+             'error', 'cancelled by client')
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('HINCRBY', 'sdq:stats:jobs', 'cancelled', 1)
+  redis.call('PUBLISH', 'sdq:events:' .. id, 'cancelled')
+  return -2
+end
 if tonumber(ARGV[2]) + 1 >= tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'updated_at', ARGV[3], 'finished_at', ARGV[3],
              'error', 'the worker running this job died ' .. ARGV[4] .. ' times; giving up')
@@ -365,7 +390,7 @@ local nxt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'worker', '', 'requeued_at', ARGV[3], 'updated_at', ARGV[3])
 -- First in its priority class: the rescued job runs next.
 local rank = ({high = 0, normal = 1, low = 2})[priority or 'normal'] or 1
-index(id, queue, model or nil, owner or nil, string.format('%.0f', rank * 1e15), ARGV[5])
+index(id, queue, model or nil, owner or nil, string.format('%.0f', rank * 1e15), ARGV[3], ARGV[5])
 redis.call('HINCRBY', 'sdq:stats:jobs', 'requeued', 1)
 redis.call('RPUSH', KEYS[3], ARGV[6])  -- consumers BRPOP: a delivery for it comes next
 return nxt
@@ -536,7 +561,7 @@ class TaskStore:
         return self._claim(keys=[task_key(task_id)], args=[attempt, worker, repr(time.time()), WORKER_KEY_PREFIX])
 
     def pick(self, queue: str, worker: str, held: list[str], capacity: int, affinity_wait: float | None,
-             scan_limit: int = 200) -> tuple[str, int] | str:
+             delivery: str = "", scan_limit: int = 200) -> tuple[str, int, str] | str:
         """Take the best pending job of `queue` for this worker: (task id, attempt), or why none.
 
         In priority order, then arrival: the first job that is either for a
@@ -545,17 +570,22 @@ class TaskStore:
         model, or it has waited `affinity_wait` seconds for one (so two workers
         never trade models back and forth). None: affinity off (plain priority
         + arrival order). The worker's heartbeat is updated with the models it
-        will hold (`capacity` at most) in the same call.
+        will hold (`capacity` at most) in the same call. `delivery` (Celery's
+        message id, kept across its retries) makes a repeated call return the
+        job it took the first time, so a lost reply or a retried delivery never
+        leaves a job claimed by nobody. Returns (task id, attempt, model).
         Returns 'empty' (nothing pending), 'wait' (only others' jobs, for now)
         or 'retry' (a stale index entry was dropped).
         """
         wait_ms = -1 if affinity_wait is None else int(affinity_wait * 1000)
+        token = f"{PREFIX}delivery:{delivery or uuid.uuid4().hex}"
         for _ in range(8):
-            task_id, detail = self._pick(keys=[pending_key(queue)],
-                                         args=[worker, repr(time.time()), json.dumps(held), wait_ms, queue, scan_limit,
-                                               capacity])
+            task_id, detail, *model = self._pick(
+                keys=[pending_key(queue), queue, token],
+                args=[worker, repr(time.time()), json.dumps(held), wait_ms, queue, scan_limit, capacity,
+                      DELIVERY_TTL])
             if task_id:
-                return task_id, int(detail)
+                return task_id, int(detail), model[0] if model else ""
             if detail != "retry":
                 return detail
         return "wait"
@@ -606,13 +636,15 @@ class TaskStore:
         return out
 
     def requeue(self, task_id: str, dead_worker: str, attempt: int, message: BrokerMessage,
-                max_attempts: int) -> int | None:
+                max_attempts: int) -> int | str | None:
         """Take a job from a dead worker and put `message` (the next attempt) first in its queue.
 
         Returns the new attempt, 0 if the job was failed for having killed
-        `max_attempts` workers, or None if another reaper got there first.
+        `max_attempts` workers, "cancelled" if the client had cancelled it
+        while it ran, or None if another reaper got there first.
         """
         nxt = self._requeue(keys=[task_key(task_id), RUNNING_KEY, message.list_key],
                             args=[dead_worker, attempt, repr(time.time()), max_attempts, self.retention,
                                   message.payload])
-        return None if int(nxt) < 0 else int(nxt)
+        nxt = int(nxt)
+        return "cancelled" if nxt == -2 else None if nxt < 0 else nxt

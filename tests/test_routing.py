@@ -203,18 +203,21 @@ def test_pick_rules(stack, wait):
             if isinstance(picked, str):
                 break
             taken.append(picked)
-        order = [task_id for task_id, _ in taken]
+        order = [t[0] for t in taken]
         if wait is None:
             assert order == [urgent_foreign, head, own]
         else:
-            assert order == [own] and picked == "wait"
+            # The two jobs left wait for the other worker; their own deliveries are still queued, so this
+            # (surplus) one is dropped rather than handed back.
+            assert order == [own] and picked == "empty"
             assert store.pick(api.queue, "unit-other", ["tiny-single.safetensors"], 1, wait)[0] == urgent_foreign
-            taken.append((urgent_foreign, 0))
+            taken.append((urgent_foreign, 0, ""))
             other_view = store.redis.get("sdq:worker:unit-me")
             assert other_view is None      # no heartbeat of unit-me to update: nothing invented
     finally:
         remove_heartbeat(store.redis, other.id)
-        for task_id, attempt in taken:
+        store.redis.delete(api.queue)
+        for task_id, attempt, _ in taken:
             store.finish(task_id, attempt, "unit-me", TaskStatus.CANCELLED)
             store.finish(task_id, attempt, "unit-other", TaskStatus.CANCELLED)
         api.cancel([head, own, urgent_foreign])

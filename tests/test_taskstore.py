@@ -167,3 +167,58 @@ def test_updates_never_resurrect_an_expired_task(store, rds):
     rds.hset(task_key(task_id), "progress_step", 1)                 # a partial hash is not a task
     with pytest.raises(TaskNotFound):
         store.get(task_id)
+
+
+def queue_of_own(store: TaskStore, count: int) -> tuple[str, list[str]]:
+    queue = "unit-pick-" + uuid.uuid4().hex[:6]
+    ids = []
+    for _ in range(count):
+        ids.append(str(uuid.uuid4()))
+        store.create(ids[-1], "owner-p", spec(), queue)
+    return queue, ids
+
+
+def test_a_repeated_delivery_gets_back_the_job_it_took(store):
+    """A lost reply or a Celery retry asks again with the same delivery id: same job, nothing else taken."""
+    queue, ids = queue_of_own(store, 2)
+    first = store.pick(queue, "w", ["m"], 1, 10.0, delivery="d-1")
+    assert first == (ids[0], 0, "m")
+    assert store.pick(queue, "w", ["m"], 1, 10.0, delivery="d-1") == first
+    assert store.get(ids[1]).status is TaskStatus.PENDING
+    assert store.pick(queue, "w2", ["m"], 1, 10.0, delivery="d-1")[0] == ids[1]   # another worker: not its job
+
+
+def test_surplus_delivery_is_dropped_and_missing_one_waits(store, rds):
+    queue, ids = queue_of_own(store, 1)
+    publish_heartbeat(rds, WorkerInfo(id="holder", name="holder", device="cpu", queues=[queue], models=["m"]), 30)
+    assert store.pick(queue, "other", ["x"], 1, 60.0) == "wait"       # its job waits for the holder; no spare
+    rds.lpush(queue, "a-delivery")                                     # another delivery is queued for it
+    assert store.pick(queue, "other", ["x"], 1, 60.0) == "empty"      # so this one is surplus: dropped
+    rds.delete(queue)
+
+
+def test_stale_entries_are_dropped_from_every_index(store, rds):
+    queue, ids = queue_of_own(store, 2)
+    rds.delete(task_key(ids[0]))                                       # expired while waiting
+    assert store.pick(queue, "w", ["m"], 1, 10.0)[0] == ids[1]
+    assert rds.zcard(f"sdq:pending:{queue}:m:m") == 0 and rds.zcard(f"sdq:pending:{queue}") == 0
+    # The owner's index cannot know the hash is gone; an entry older than the retention is pruned at the
+    # owner's next submission, so it never counts against the key's max_pending for long.
+    rds.zadd("sdq:pending-owner:owner-p", {ids[0]: time.time() - 500})
+    queue_of_own(store, 1)
+    assert ids[0] not in rds.zrange("sdq:pending-owner:owner-p", 0, -1)
+
+
+def test_cancel_of_a_requeued_job_is_immediate_and_requeue_honours_a_cancel(store, rds):
+    message = BrokerMessage("unit-requeue-list", "next")
+    requeued = new_task(store)
+    assert store.claim(requeued, 0, "dead") == "ok"
+    assert store.requeue(requeued, "dead", 0, message, max_attempts=3) == 1
+    assert store.request_cancel(requeued) == "cancelled"               # waiting again: cancelled at once
+    assert rds.zscore("sdq:pending:unit-queue", requeued) is None
+    cancelled_while_running = new_task(store)
+    assert store.claim(cancelled_while_running, 0, "dead") == "ok"
+    assert store.request_cancel(cancelled_while_running) == "cancelling"
+    assert store.requeue(cancelled_while_running, "dead", 0, message, max_attempts=3) == "cancelled"
+    assert store.get(cancelled_while_running).status is TaskStatus.CANCELLED
+    rds.delete("unit-requeue-list")

@@ -16,7 +16,7 @@ import time
 
 from celery import Celery
 
-from common.queue import MessageBuilder
+from common.queue import MessageBuilder, send_callback
 from common.taskstore import PREFIX, TaskStore
 from common.workers import WorkerInfo, is_alive, live_workers, publish_heartbeat, remove_heartbeat
 
@@ -51,7 +51,14 @@ def reissue_deliveries(store: TaskStore, messages: MessageBuilder, queues: set[s
     return sent
 
 
-def reap_once(store: TaskStore, messages: MessageBuilder, me: str, ttl: float, max_attempts: int) -> list[str]:
+def notify_callback(store: TaskStore, messages: MessageBuilder, task_id: str, callbacks_queue: str) -> None:
+    """A job the reaper ended: its callback_url (if any) hears of it like any other ending."""
+    if store.get(task_id).spec.callback_url:
+        send_callback(messages.app, task_id, callbacks_queue)
+
+
+def reap_once(store: TaskStore, messages: MessageBuilder, me: str, ttl: float, max_attempts: int,
+              callbacks_queue: str) -> list[str]:
     """One pass: requeue (to the front of its queue) every job whose worker is dead."""
     client = store.redis
     if not client.set(REAPER_LOCK, me, nx=True, px=int(max(ttl / 2, 1) * 1000)):
@@ -61,11 +68,15 @@ def reap_once(store: TaskStore, messages: MessageBuilder, me: str, ttl: float, m
         if not worker or is_alive(client, worker):
             continue
         nxt = store.requeue(task_id, worker, attempt, messages.generate(task_id, attempt + 1, queue), max_attempts)
-        if nxt:
+        if nxt == "cancelled":
+            log.warning("worker %s died running %s, which the client had cancelled: cancelled", worker, task_id)
+            notify_callback(store, messages, task_id, callbacks_queue)
+        elif nxt:
             log.warning("worker %s died running %s; resent as attempt %d", worker, task_id, nxt)
             requeued.append(task_id)
         elif nxt == 0:
             log.error("task %s failed: %d workers died running it", task_id, max_attempts)
+            notify_callback(store, messages, task_id, callbacks_queue)
     reissue_deliveries(store, messages, {q for w in live_workers(client) for q in w.queues})
     return requeued
 
@@ -78,6 +89,7 @@ class Heartbeat(threading.Thread):
         self.store = store
         self.messages = MessageBuilder(celery)
         self.max_attempts = settings.tasks.max_attempts
+        self.callbacks_queue = settings.callbacks.queue
         self.info = info
         self.interval = settings.workers.heartbeat_interval
         self.ttl = settings.workers.heartbeat_ttl
@@ -93,7 +105,8 @@ class Heartbeat(threading.Thread):
             try:
                 self.beat()
                 if time.monotonic() >= next_reap:
-                    reap_once(self.store, self.messages, self.info.id, self.ttl, self.max_attempts)
+                    reap_once(self.store, self.messages, self.info.id, self.ttl, self.max_attempts,
+                              self.callbacks_queue)
                     next_reap = time.monotonic() + self.reap_interval
             except Exception:  # Redis blips must not kill the heartbeat thread
                 log.exception("heartbeat failed")

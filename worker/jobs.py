@@ -134,7 +134,7 @@ def affinity_wait(settings) -> float | None:
     return settings.routing.affinity_wait if settings.routing.affinity else None
 
 
-def run_delivery(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str) -> str:
+def run_delivery(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str, delivery: str = "") -> str:
     """Process one delivery: take the best pending job of `queue` for this worker and run it.
 
     Why deliveries are interchangeable: every pending job put one message on
@@ -143,16 +143,18 @@ def run_delivery(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str) -
     delivery is a wake-up: the job run may not be the one its arguments name
     (`hint_id`, kept for Flower and logs). A worker that finds only jobs left
     for others hands its delivery back to the queue, so none is lost.
+    `delivery`: Celery's message id; a retried delivery gets back the job it took.
     """
     picked = ctx.store.pick(queue, ctx.info.id, ctx.registry.names(), ctx.registry.capacity,
-                            affinity_wait(ctx.settings))
+                            affinity_wait(ctx.settings), delivery)
     if picked == "wait":
         hand_back(ctx, hint_id, hint_attempt, queue)
         return "waiting"
     if isinstance(picked, str):
         log.info("delivery for %s found nothing pending in %s", hint_id, queue)
         return picked
-    task_id, attempt = picked
+    task_id, attempt, model = picked
+    ctx.info.models = ctx.registry.names_after(model) if model else ctx.info.models   # as pick() announced
     return run_job(ctx, task_id, attempt)
 
 
@@ -177,7 +179,6 @@ def run_job(ctx: JobContext, task_id: str, attempt: int) -> str:
 def run_claimed(ctx: JobContext, task: Task, attempt: int) -> str:
     me, task_id = ctx.info.id, task.id
     ctx.info.state, ctx.info.task_id = WorkerState.BUSY, task_id
-    ctx.info.models = ctx.registry.names_after(task.spec.model)   # as pick() announced them
     announce(ctx)
     try:
         status, fields = execute(ctx, task, attempt)
@@ -204,6 +205,7 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
     monitor = StepMonitor(ctx.store, task.id, attempt, ctx.info.id, ctx.settings.tasks.time_limit,
                           ctx.settings.tasks.progress_interval)
     try:
+        ctx.store.check_still_mine(task.id, attempt, ctx.info.id)   # cancelled while it waited: no model load
         ensure_assets(ctx.storage, spec.assets, asset_dirs(ctx.settings))
         monitor.restart_clock()   # a first download does not count against the job's time limit
         model = find_model(ctx.settings.models_dir, spec.model)

@@ -59,7 +59,7 @@ def register_tasks(app: Celery, get_context: Callable[[], JobContext]) -> None:
     def generate_task(self, task_id: str, attempt: int = 0) -> str:
         ctx = get_context()
         queue = (self.request.delivery_info or {}).get("routing_key") or ctx.info.queues[0]
-        return run_delivery(ctx, task_id, int(attempt), queue)
+        return run_delivery(ctx, task_id, int(attempt), queue, self.request.id or "")
 
     @app.task(name=CALLBACK_TASK, bind=True, acks_late=True, max_retries=settings.callbacks.max_retries)
     def deliver_callback(self, task_id: str) -> int | None:
