@@ -5,9 +5,9 @@
 - Kubernetes objects: `kubernetes-validate`, which bundles the Kubernetes JSON
   schemas, in strict mode (unknown fields refused), for the oldest Kubernetes the
   manifests target and the newest the package knows.
-- KEDA objects: KEDA's CRD openAPIV3Schema (deploy/k8s/crds/keda, source
-  and version in its README) with `jsonschema`, unknown fields refused as
-  `kubectl apply` refuses them.
+- KEDA objects: JSON Schemas of KEDA's documented v1alpha1 ScaledObject and
+  TriggerAuthentication (deploy/k8s/crds/keda) with `jsonschema`, unknown
+  fields refused as `kubectl apply` refuses them.
 - Then what the design relies on: one GPU per worker pod, a grace period longer
   than a job, the KEDA trigger on the very Redis list the workers consume, Redis
   with AOF everysec, every SDQ_* variable a real option, commands as
