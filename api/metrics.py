@@ -53,7 +53,6 @@ MODEL_INFIX = ":m:"
 RUNNING_KEY = taskstore.RUNNING_KEY
 STATS_KEY = taskstore.STATS_KEY
 PRIORITIES = taskstore.PRIORITIES
-PRIORITY_SPAN = taskstore.PRIORITY_SPAN
 JOB_STATUSES = ("submitted", "completed", "failed", "cancelled", "requeued")
 MAX_SCANNED_KEYS = 2000          # sdq:pending:* keys looked at per scrape (queues and per-model indexes)
 
@@ -149,10 +148,9 @@ class QueueCollector:
 
         queues, model_keys = self._queues(pools)
         pipe = self.redis.pipeline(transaction=False)
+        ranges = taskstore.priority_score_ranges()
         for queue in queues:
-            for rank in range(len(PRIORITIES)):
-                low = "-inf" if rank == 0 else f"{rank * PRIORITY_SPAN:.0f}"
-                high = "+inf" if rank == len(PRIORITIES) - 1 else f"({(rank + 1) * PRIORITY_SPAN:.0f}"
+            for _, low, high in ranges:
                 pipe.zcount(PENDING_PREFIX + queue, low, high)
         for _, _, key in model_keys:
             pipe.zcard(key)

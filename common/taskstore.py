@@ -171,6 +171,13 @@ def pending_score(priority: str, enqueued_at: float) -> int:
     return PRIORITIES.index(priority) * PRIORITY_SPAN + int((enqueued_at - SCORE_EPOCH) * 1e6)
 
 
+def priority_score_ranges() -> list[tuple[str, str, str]]:
+    """(priority, min, max) ZCOUNT bounds of each class in a pending:{queue} zset; the outer classes are open-ended."""
+    last = len(PRIORITIES) - 1
+    return [(p, "-inf" if rank == 0 else str(rank * PRIORITY_SPAN),
+             "+inf" if rank == last else f"({(rank + 1) * PRIORITY_SPAN}") for rank, p in enumerate(PRIORITIES)]
+
+
 # Taking a task off every pending index and onto `running`, shared by claim and pick.
 _TAKE = """
 local function take(key, id, worker, now)
@@ -512,8 +519,8 @@ class TaskStore:
     def pending_by_priority(self, queue: str) -> dict[str, int]:
         """Waiting jobs of `queue` per priority class (one ZCOUNT each)."""
         pipe = self.redis.pipeline(transaction=False)
-        for rank in range(len(PRIORITIES)):
-            pipe.zcount(pending_key(queue), rank * PRIORITY_SPAN, f"({(rank + 1) * PRIORITY_SPAN}")
+        for _, low, high in priority_score_ranges():
+            pipe.zcount(pending_key(queue), low, high)
         return dict(zip(PRIORITIES, pipe.execute()))
 
     def queue_position(self, task: Task) -> int | None:

@@ -95,7 +95,8 @@ def test_fast_path_is_timed(stack, api):
 
 
 def test_queue_depth_per_queue_and_priority(stack, rds):
-    from api.metrics import PENDING_PREFIX, PRIORITY_SPAN
+    from api.metrics import PENDING_PREFIX
+    from common.taskstore import PRIORITY_SPAN
 
     queue = "metrics-test-queue"
     key = PENDING_PREFIX + queue
