@@ -46,6 +46,9 @@ $(STAMP): requirements.txt requirements-api.txt requirements-dev.txt
 bench: deps
 	$(PY) -m bench.overhead
 	$(PY) -m bench.ingest
+	$(PY) -m bench.scale
+	$(PY) -m bench.affinity
+	$(PY) -m bench.redelivery
 
 docker-config:
 	docker compose config --quiet && echo "docker-compose.yml is valid"

@@ -26,7 +26,8 @@ def test_killed_worker_job_is_redelivered_and_completes(stack, api, rds, storage
     killed.proc.wait(10)
 
     stack.start_worker("worker")                  # a fresh process (new identity)
-    done = api.wait(task_id, timeout=60)          # the bound for redelivery
+    # A hang guard, not a timing claim: the 60 s bound is measured by bench/redelivery.py.
+    done = api.wait(task_id, timeout=240)
     assert done["status"] == "completed", done
     assert rds.hget(task_key(task_id), "attempt") == "1"
     assert rds.hget(task_key(task_id), "worker") != killed_worker_id
