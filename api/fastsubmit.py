@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import time
-import uuid
 from typing import Any, Callable, Iterable
 
 import orjson
@@ -25,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 from api.auth import ApiKey
 from common.errors import QueueFull
 from api.services import Services
-from api.submission import submit_job
+from api.submission import new_task_id, submit_job
 
 ROUTE = "/api/v1/generate"
 TASK_ID_ENVIRON = "sdqueue.task_id"   # the id a fast attempt chose, reused by the Flask route
@@ -84,7 +83,7 @@ class FastSubmit:
             if data["init_image"] is not None:
                 return None
             spec = self.build(data, self.svc, key)
-            task_id = str(uuid.uuid4())
+            task_id = new_task_id()
             environ[TASK_ID_ENVIRON] = task_id
             submit_job(self.svc, key.owner, spec, task_id)
         except (ValueError, ValidationError, HTTPException, QueueFull, redis.RedisError):

@@ -6,8 +6,6 @@ nothing about generation happens here.
 """
 from __future__ import annotations
 
-import uuid
-
 from flask import jsonify, request
 from flask_smorest import abort
 from flask_smorest import Blueprint
@@ -17,7 +15,7 @@ from api.auth import ApiKey, current_key
 from api.errors import error_response
 from api.fastsubmit import TASK_ID_ENVIRON
 from api.services import Services, services
-from api.submission import resolve_seed, submit_job, wait_until_terminal
+from api.submission import new_task_id, resolve_seed, submit_job, wait_until_terminal
 from api.task_view import render_task
 from common.errors import TaskNotFound
 from common.jobspec import JobSpec, LoraRef
@@ -90,7 +88,7 @@ def create_native_blueprint(settings, generate_schema, limits) -> Blueprint:
     def generate(data: dict):
         """Queue a txt2img job, or img2img when init_image is given."""
         svc = services()
-        task_id = request.environ.get(TASK_ID_ENVIRON) or str(uuid.uuid4())
+        task_id = request.environ.get(TASK_ID_ENVIRON) or new_task_id()
         image_key = None
         if data["init_image"] is not None:
             image = data["init_image"]
