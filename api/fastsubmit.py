@@ -22,6 +22,7 @@ from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import HTTPException
 
 from api.auth import ApiKey
+from api.limits import key_limit
 from common.errors import QueueFull
 from api.services import Services
 from api.submission import new_task_id, submit_job
@@ -62,7 +63,10 @@ class FastSubmit:
         return self.app(environ, start_response)
 
     def read_body(self, environ: dict[str, Any]) -> bytes | None:
-        """The JSON body when its length is declared and within api.max_body_bytes; None leaves it unread."""
+        """The JSON body when its length is declared and within api.max_body_bytes; None leaves it unread.
+
+        Whatever is read is handed to Flask if the fast path does not answer.
+        """
         mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
         try:
             length = int(environ.get("CONTENT_LENGTH") or -1)
@@ -70,8 +74,7 @@ class FastSubmit:
             return None
         if mimetype not in JSON_TYPES or not 0 < length <= self.max_body:
             return None
-        body = environ["wsgi.input"].read(length)
-        return body if len(body) == length else None
+        return environ["wsgi.input"].read(length)   # a short body fails to parse and goes to Flask as read
 
     def try_submit(self, environ: dict[str, Any], body: bytes) -> bytes | None:
         """Submit and return the 202 body, or None (nothing written) for the Flask route to answer."""
@@ -94,8 +97,7 @@ class FastSubmit:
 
     def limited(self, key: ApiKey) -> bool:
         """A submit rate limit applies to this key: Flask-Limiter (in the Flask route) must count it."""
-        own = key.submit_limit
-        return bool(self.svc.settings.api.submit_limit if own is None else own)
+        return bool(key_limit(self.svc.settings, key, "submit_limit"))
 
 
 def _unobserved(seconds: float) -> None:

@@ -52,10 +52,13 @@ class RateLimits:
         return self._key_limit("read_limit")
 
     def _key_limit(self, name: str) -> str:
-        """The calling key's own limit string, else the api.<name> default ("" = unlimited)."""
-        key = g.get("api_key")
-        own = getattr(key, name) if key is not None else None
-        return getattr(self.settings.api, name) if own is None else own
+        return key_limit(self.settings, g.get("api_key"), name)
+
+
+def key_limit(settings, key, name: str) -> str:
+    """A key's own `name` limit ("submit_limit", "read_limit"), else the api.<name> default ("" = unlimited)."""
+    own = getattr(key, name) if key is not None else None
+    return getattr(settings.api, name) if own is None else own
 
 
 def _unchanged(view: Callable) -> Callable:
