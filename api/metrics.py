@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from api.auth import bearer_token
 from common import taskstore
 from common.pools import POOLS_KEY
 from common.workers import WorkerState, live_workers
@@ -240,7 +241,7 @@ def install(app: Flask, settings, client: redis.Redis, limits=None) -> Callable[
         return response
 
     def metrics() -> Response:
-        if token and not _bearer_ok(request.headers.get("Authorization", ""), token):
+        if token and not _token_ok(bearer_token(), token):
             return Response('{"detail": "metrics need Authorization: Bearer <metrics.token>"}\n', 401,
                             {"WWW-Authenticate": "Bearer"}, mimetype="application/json")
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
@@ -255,6 +256,6 @@ def install(app: Flask, settings, client: redis.Redis, limits=None) -> Callable[
     return fast_submit_observer()
 
 
-def _bearer_ok(header: str, token: str) -> bool:
-    scheme, _, value = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+def _token_ok(presented: str | None, token: str) -> bool:
+    """The presented Bearer token equals metrics.token (constant-time comparison)."""
+    return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
