@@ -601,10 +601,6 @@ class TaskStore:
         self._update(keys=[task_key(task_id)],
                      args=["progress_step", step, "progress_total", total, "updated_at", repr(time.time())])
 
-    def progress_steps(self, task_id: str) -> int:
-        """Denoising steps the current run of a task has reported."""
-        return int(self.redis.hget(task_key(task_id), "progress_step") or 0)
-
     def check_still_mine(self, task_id: str, attempt: int, worker: str) -> None:
         """Raise JobCancelled or StaleAttempt when this run must stop."""
         cancel, current, holder = self.redis.hmget(task_key(task_id), "cancel_requested", "attempt", "worker")

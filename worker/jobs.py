@@ -168,12 +168,7 @@ def run_job(ctx: JobContext, task_id: str, attempt: int) -> str:
     """Run a job this worker has claimed; returns the outcome for logs and tests."""
     task = ctx.store.get(task_id)
     with log_context(task_id=task_id, model=task.spec.model):
-        outcome = run_claimed(ctx, task, attempt)
-        if outcome in (s.value for s in TaskStatus):
-            started = task.started_at or time.time()
-            observe_job(task.spec.model, outcome, started - task.created_at, time.time() - started,
-                        ctx.store.progress_steps(task_id))
-        return outcome
+        return run_claimed(ctx, task, attempt)
 
 
 def run_claimed(ctx: JobContext, task: Task, attempt: int) -> str:
@@ -193,6 +188,9 @@ def run_claimed(ctx: JobContext, task: Task, attempt: int) -> str:
         write_sidecar(ctx, task, status, fields)
     if ctx.store.finish(task_id, attempt, me, status, **fields):
         log.info("task %s %s", task_id, status.value)
+        started = task.started_at or time.time()
+        observe_job(task.spec.model, status.value, started - task.created_at, time.time() - started,
+                    fields.get("progress_step", 0))
         if task.spec.callback_url:
             send_callback(ctx.celery, task_id, ctx.settings.callbacks.queue)
         return status.value
