@@ -19,7 +19,7 @@ SHELL       := /bin/bash
 .PHONY: run test deps system-deps bench docker-config clean purge
 
 run: deps
-	$(PY) -m common.localstack run
+	$(PY) -m dev.localstack run
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)

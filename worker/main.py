@@ -83,7 +83,7 @@ def ensure_default_model(settings) -> str:
     """The default model's name; builds the tiny random-weight model if none exists."""
     name = default_model_name(settings.models_dir, settings.models.default)
     if name is None:
-        from worker.tinymodel import TINY_MODEL_NAME, ensure_tiny_model
+        from dev.tinymodel import TINY_MODEL_NAME, ensure_tiny_model
 
         ensure_tiny_model(settings.models_dir / TINY_MODEL_NAME)
         name = TINY_MODEL_NAME

@@ -3,7 +3,7 @@
 Why one module: `make run` and the test suite start exactly the same
 processes the same way, all bound to 127.0.0.1. Every process gets its
 settings through SDQ_* environment variables and logs to {data_dir}/logs.
-Usage: `python -m common.localstack run` (Ctrl-C stops everything).
+Usage: `python -m dev.localstack run` (Ctrl-C stops everything).
 """
 from __future__ import annotations
 
@@ -370,11 +370,11 @@ def build_default_model(stack: LocalStack) -> None:
     """Build the tiny random-weight model once when no model is configured."""
     settings = stack.settings()
     from common.catalog import default_model_name
-    from worker.tinymodel import TINY_MODEL_NAME   # stdlib-only at import: no torch here
+    from dev.tinymodel import TINY_MODEL_NAME   # stdlib-only at import: no torch here
 
     if default_model_name(settings.models_dir, settings.models.default) is None:
         print("no model configured: building the tiny random-weight pipeline (once)...", flush=True)
-        subprocess.run([sys.executable, "-m", "worker.tinymodel", str(settings.models_dir / TINY_MODEL_NAME)],
+        subprocess.run([sys.executable, "-m", "dev.tinymodel", str(settings.models_dir / TINY_MODEL_NAME)],
                        check=True, env=stack.env(), cwd=ROOT)
 
 
