@@ -27,7 +27,7 @@ from common.errors import QueueFull, StorageError
 from common.queue import MessageBuilder, create_celery
 from common.settings import Settings, load_settings
 from common.storage import Storage
-from common.taskstore import TaskStore
+from common.store import open_stores
 
 log = logging.getLogger("sdqueue.api")
 SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
@@ -57,16 +57,20 @@ def build_services(settings: Settings) -> Services:
     if not keys:
         log.warning("no API keys configured (api.keys / SDQ_API_KEYS): every authenticated call will get 401")
     celery = create_celery(settings, name="sdqueue-api")
-    store = TaskStore.from_url(settings.redis.url, settings.tasks.retention_seconds)
+    stores = open_stores(settings.redis.url, settings.tasks.retention_seconds, settings.aws.models_prefix)
     return Services(
         settings=settings,
-        store=store,
+        store=stores.tasks,
+        workers=stores.workers,
+        pools=stores.pools,
+        checkpoints=stores.checkpoints,
+        a1111=stores.a1111,
         storage=Storage(settings),
         celery=celery,
         messages=MessageBuilder(celery),
         keys=KeyRing(keys, settings.api.key_header, settings.tasks.max_pending_per_key),
         catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default),
-        waits=EventHub(store.redis, settings.api.max_waiters),
+        waits=EventHub(stores.tasks, settings.api.max_waiters),
     )
 
 
@@ -144,7 +148,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(aws_inference.create_aws_inference_blueprint(settings, limits, svc.keys))
     api.register_blueprint(aws_models.create_aws_models_blueprint(settings, limits, svc.keys))
     register_error_handlers(app)
-    observe_fast_submit = metrics.install(app, settings, svc.store.redis, limits)   # GET /metrics, request timing
+    observe_fast_submit = metrics.install(app, settings, svc, limits)   # GET /metrics, request timing
     if settings.api.fast_submit:
         app.wsgi_app = FastSubmit(app.wsgi_app, svc, generate_schema, native.build_jobspec, native.created_body,
                                   observe=observe_fast_submit)

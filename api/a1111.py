@@ -30,13 +30,12 @@ from common.infotext import generation_info, parse_infotext
 from common.jobspec import JobSpec, LoraRef
 from common.loratags import extract_loras
 from common.samplers import SAMPLERS, SCHEDULE_TYPES, find_sampler, find_schedule_type, scheduler_for
-from common.taskstore import Task, TaskStatus
+from common.store.tasks import Task, TaskStatus
 
 BLUEPRINT = "a1111"
 SECURITY = [{"ApiKeyAuth": []}, {"BasicAuth": []}]
 OUTDIRS = {"txt2img": "outputs/txt2img-images", "img2img": "outputs/img2img-images"}
 FALLBACK_SAMPLER = "DPM++ 2M"    # what A1111 1.9+ silently uses for an unknown sampler name
-CURRENT_JOB_TTL = 3600
 HONOURED_OVERRIDES = {"sd_model_checkpoint"}
 SCHEDULE_NAMES = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "karras", "Exponential": "exponential",
                   "SGM Uniform": "sgm_uniform"}
@@ -83,16 +82,8 @@ def find_checkpoint(svc: Services, title: str) -> ModelInfo | None:
     return None
 
 
-def options_key(owner: str) -> str:
-    return f"sdq:a1111:options:{owner}"
-
-
-def current_job_key(owner: str) -> str:
-    return f"sdq:a1111:current:{owner}"
-
-
 def stored_options(svc: Services, owner: str) -> dict[str, Any]:
-    return {k: json.loads(v) for k, v in svc.store.redis.hgetall(options_key(owner)).items()}
+    return svc.a1111.options(owner)
 
 
 def default_options(svc: Services) -> dict[str, Any]:
@@ -277,7 +268,7 @@ def run_generation(data: dict, mode: str):
     task_id = new_task_id()
     spec = build_a1111_jobspec(svc, data, mode, task_id, warnings)
     submit_job(svc, owner, spec, task_id)
-    svc.store.redis.set(current_job_key(owner), task_id, ex=CURRENT_JOB_TTL)
+    svc.a1111.set_current_job(owner, task_id)
     task = wait_for_result(svc, task_id)
     if task.status is TaskStatus.FAILED:
         return json_error(500, {"error": "RuntimeError", "detail": task.error or "generation failed", "body": "",
@@ -313,7 +304,7 @@ def progress_of(svc: Services, task: Task | None) -> dict:
 
 
 def current_task(svc: Services) -> Task | None:
-    task_id = svc.store.redis.get(current_job_key(current_key().owner))
+    task_id = svc.a1111.current_job(current_key().owner)
     if not task_id:
         return None
     try:
@@ -325,7 +316,7 @@ def current_task(svc: Services) -> Task | None:
 def cancel_current(svc: Services) -> None:
     task = current_task(svc)
     if task is not None and not task.status.terminal:
-        svc.store.request_cancel(task.id)
+        svc.store.request_cancel(task)
 
 
 # --- PNG info -------------------------------------------------------------------------
@@ -398,7 +389,7 @@ def create_a1111_blueprint(settings, limits, keys) -> Blueprint:
                 return a1111_error(422, f"model {checkpoint!r} not found; see GET /sdapi/v1/sd-models")
             data["sd_model_checkpoint"] = model_title(model)
         if data:
-            svc.store.redis.hset(options_key(current_key().owner), mapping={k: json.dumps(v) for k, v in data.items()})
+            svc.a1111.save_options(current_key().owner, data)
         return jsonify(None)
 
     @blp.route("/sd-models", methods=["GET"])

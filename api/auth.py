@@ -15,7 +15,7 @@ from typing import Callable
 from flask import g, request
 
 from api.errors import error_response
-from common.taskstore import PRIORITIES
+from common.store.tasks import PRIORITIES
 
 DIALECTS = ("native", "a1111", "eks", "aws", "draw")
 

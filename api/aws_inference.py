@@ -26,10 +26,10 @@ from api.errors import DIALECT_RENDERERS, error_response, flatten_messages, json
 from api.services import Services, services
 from api.submission import new_task_id, submit_job
 from common.catalog import WEIGHT_SUFFIXES, ModelInfo
-from common.checkpoints import CheckpointStore
+from common.store.checkpoints import CheckpointStore
 from common.jobspec import LoraRef
-from common.pools import PoolRecord, PoolStore, serving_queues
-from common.taskstore import Task, TaskNotFound, TaskStatus
+from common.store.pools import PoolRecord
+from common.store.tasks import Task, TaskNotFound, TaskStatus
 
 BLUEPRINT = "aws_inference"
 DIALECT = "aws"
@@ -100,11 +100,6 @@ def job_view(task: Task) -> dict:
     return view
 
 
-def checkpoints(svc: Services) -> CheckpointStore:
-    """The uploaded-checkpoint records (shared by the inference and the model API)."""
-    return CheckpointStore(svc.store.redis, svc.settings.aws.models_prefix)
-
-
 def owned_job(svc: Services, job_id: str) -> Task:
     """The caller's AWS-extension job, else a 404 (another key's job does not exist for this one)."""
     try:
@@ -161,8 +156,8 @@ def known_pool(svc: Services, name: str) -> bool:
     """A pool GPU workers serve or someone recorded (never the webhook queue)."""
     if name == svc.settings.callbacks.queue:
         return False
-    return (name == svc.settings.tasks.queue or PoolStore(svc.store.redis).get(name) is not None
-            or name in serving_queues(svc.store.redis))
+    return (name == svc.settings.tasks.queue or svc.pools.get(name) is not None
+            or name in svc.workers.serving_queues())
 
 
 def run_inference(svc: Services, raw: Any, schemas: tuple[Schema, Schema]):
@@ -180,7 +175,7 @@ def run_inference(svc: Services, raw: Any, schemas: tuple[Schema, Schema]):
         return inference_error(400, f"endpoint {pool} not found; GET /endpoints lists them")
     if not current_key().may_use_pool(pool):
         return inference_error(403, f"this API key may not use endpoint {pool}")
-    store = checkpoints(svc)
+    store = svc.checkpoints
     models = data["models"]
     try:
         model, assets = resolve_model(svc, store, models["Stable-diffusion"][0])
@@ -212,8 +207,8 @@ def run_inference(svc: Services, raw: Any, schemas: tuple[Schema, Schema]):
 # --- endpoints (worker pools) ---------------------------------------------------------------
 def endpoint_views(svc: Services) -> list[dict]:
     """Every pool: recorded ones (with their desired replicas) and any queue a live worker serves."""
-    pools = PoolStore(svc.store.redis)
-    serving = serving_queues(svc.store.redis)
+    pools = svc.pools
+    serving = svc.workers.serving_queues()
     views = []
     for record in pools.desired():
         workers = serving.pop(record.name, [])
@@ -244,7 +239,7 @@ def pool_view(svc: Services, record: PoolRecord, live: int) -> dict:
 
 
 def create_endpoint(svc: Services, data: dict) -> dict:
-    pools = PoolStore(svc.store.redis)
+    pools = svc.pools
     job_id = str(uuid.uuid4())
     name = data["endpoint_name"] or f"infer-endpoint-{job_id[:7]}"
     record = pools.get(name) or PoolRecord(name, job_id, data["initial_instance_count"], owner=current_key().owner)
@@ -253,13 +248,13 @@ def create_endpoint(svc: Services, data: dict) -> dict:
     record.replicas, record.instance_type = data["initial_instance_count"], data["instance_type"]
     record.extra["autoscaling"] = data["autoscaling_enabled"]
     pools.record(record)
-    live = len(serving_queues(svc.store.redis).get(name, []))
+    live = len(svc.workers.serving_queues().get(name, []))
     return {**pool_view(svc, record, live), "message": CAPACITY_NOTE.format(name=name)}
 
 
 def delete_endpoints(svc: Services, names: list[str]):
     """Forget the caller's recorded pools; unknown names and other keys' pools are skipped (as the original skips)."""
-    pools = PoolStore(svc.store.redis)
+    pools = svc.pools
     mine = [n for n in names if (p := pools.get(n)) is not None and p.owner in ("", current_key().owner)]
     pools.forget(mine)
     return jsonify("Endpoint deleted")
@@ -380,7 +375,7 @@ def model_list_view(kind: str):
     """A bare list of the file names of one model type: the LoRA directory's and every Active upload."""
     def view():
         svc = services()
-        names = checkpoints(svc).active_names(kind)
+        names = svc.checkpoints.active_names(kind)
         local = [path.name for path in svc.catalog.loras().values()] if kind == "Lora" else []
         return jsonify(local + [n for n in names if n not in local])
     view.__doc__ = f"File names of the {kind} models available"

@@ -17,12 +17,12 @@ from flask import jsonify
 from flask_smorest import Blueprint
 
 from api.auth import bearer_token, current_key
-from api.aws_inference import DIALECT, checkpoints, forbidden, gateway_error, not_allowed
+from api.aws_inference import DIALECT, forbidden, gateway_error, not_allowed
 from api.aws_schemas import CheckpointCreate, CheckpointQuery, CheckpointsQuery, CheckpointUpdate, UploadCheckpoint
 from api.downloads import DownloadRefused, open_download
 from api.errors import DIALECT_RENDERERS, detail_text, json_error
 from api.services import Services, services
-from common.checkpoints import Checkpoint, CheckpointStore, filename_problem
+from common.store.checkpoints import Checkpoint, CheckpointStore, filename_problem
 from common.errors import StorageError
 
 BLUEPRINT = "aws_models"
@@ -81,7 +81,7 @@ def name_problem(svc: Services, store: CheckpointStore, kind: str, name: str) ->
 
 def create_checkpoint(svc: Services, data: dict):
     """POST /checkpoint: a record in Initial and, per file, a multipart upload with presigned part URLs."""
-    store = checkpoints(svc)
+    store = svc.checkpoints
     files = data["filenames"]
     for item in files:
         if problem := name_problem(svc, store, data["checkpoint_type"], item["filename"]):
@@ -125,7 +125,7 @@ def complete_uploads(svc: Services, checkpoint: Checkpoint, tags: dict[str, list
 
 def update_checkpoint(svc: Services, data: dict):
     """PUT /checkpoint: Active completes the uploads; Disabled / Initial only set the status."""
-    store = checkpoints(svc)
+    store = svc.checkpoints
     with store.lock(data["checkpoint_id"]):
         checkpoint = store.get(data["checkpoint_id"])
         if checkpoint is None or checkpoint.owner != current_key().owner:   # another key's: not there for this one
@@ -143,7 +143,7 @@ def update_checkpoint(svc: Services, data: dict):
 
 def upload_from_urls(svc: Services, data: dict):
     """POST /upload_checkpoint: fetch every URL into S3 (synchronously), then an Active checkpoint."""
-    store = checkpoints(svc)
+    store = svc.checkpoints
     checkpoint = store.new(data["checkpointType"], [], data["params"], current_key().owner)
     stored: dict[str, dict] = {}
     for url in data["modelUrl"]:
@@ -183,7 +183,7 @@ def create_aws_models_blueprint(settings, limits, keys) -> Blueprint:
     def list_checkpoints(query: dict):
         """Uploaded checkpoints and the models already in the workers' directories, filtered by status and types."""
         svc = services()
-        found = [listed_view(svc, c) for c in checkpoints(svc).all()] + local_views(svc)
+        found = [listed_view(svc, c) for c in svc.checkpoints.all()] + local_views(svc)
         found = [c for c in found if (not query["status"] or c["status"] in query["status"])
                  and (not query["types"] or c["type"] in query["types"])]
         return jsonify({"statusCode": 200, "checkpoints": found})
@@ -198,7 +198,7 @@ def create_aws_models_blueprint(settings, limits, keys) -> Blueprint:
         wanted = query["id"] or query["checkpoint_id"]
         if not wanted:
             return models_error(400, "query parameter id is required")
-        checkpoint = checkpoints(svc).get(wanted)
+        checkpoint = svc.checkpoints.get(wanted)
         if checkpoint is None:
             return models_error(404, f"checkpoint not found with id {wanted}")
         return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint)})

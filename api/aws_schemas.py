@@ -14,7 +14,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates
 
 from api.a1111_schemas import a1111_request_schemas
 from api.schemas import BaseSchema, LooseInteger
-from common.checkpoints import CHECKPOINT_TYPES, STATUSES, filename_problem
+from common.store.checkpoints import CHECKPOINT_TYPES, STATUSES, filename_problem
 
 TASK_TYPES = ("txt2img", "img2img")
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")

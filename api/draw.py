@@ -25,7 +25,7 @@ from api.submission import new_task_id, resolve_seed, submit_job, wait_for_resul
 from common.errors import QueueFull
 from common.jobspec import JobSpec
 from api.waiter import WaitersFull
-from common.taskstore import TaskStatus
+from common.store.tasks import TaskStatus
 
 BLUEPRINT = "draw"
 RATIOS = {"16:9": (16, 9), "1:1": (1, 1), "9:16": (9, 16), "3:4": (3, 4), "4:3": (4, 3)}

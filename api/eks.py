@@ -30,7 +30,6 @@ from api.init_image import InitImage, InitImageError, image_from_bytes
 from api.schemas import BaseSchema
 from api.services import services
 from api.submission import submit_job
-from common.taskstore import task_key
 
 BLUEPRINT = "eks"
 TASKS = {"text-to-image": "txt2img", "image-to-image": "img2img"}
@@ -107,7 +106,7 @@ def fetch_images(svc, image_link: str, warnings: list[str]) -> list[InitImage]:
 
     def may_read(metadata: dict[str, str]) -> bool:
         task_id = metadata.get("task-id")
-        return not task_id or svc.store.redis.hget(task_key(task_id), "owner") == current_key().owner
+        return not task_id or svc.store.owner_of(task_id) == current_key().owner
 
     return [image_from_bytes(fetch_link(links[0], svc.settings, svc.storage, may_read))]
 
@@ -145,7 +144,7 @@ def create_eks_blueprint(settings, limits, keys) -> Blueprint:
         id_task = str(scripts["id_task"])
         location = f"{scripts['save_dir'].strip('/')}/{id_task}"
         task_id = eks_task_id(current_key().owner, id_task)
-        if not svc.store.redis.exists(task_key(task_id)):   # a resubmission fetches and uploads nothing either
+        if not svc.store.exists(task_id):   # a resubmission fetches and uploads nothing either
             mode = TASKS[scripts["task"]]
             fetched: list[str] = []
             if mode == "img2img" and scripts["image_link"]:

@@ -9,13 +9,13 @@ from flask_smorest import Blueprint
 from api import schemas
 from api.services import services
 from api.task_view import iso
-from common.workers import WorkerState, live_workers
+from common.store.workers import WorkerState
 
 blp = Blueprint("health", __name__, description="Service and worker health (no auth)")
 
 
 def health_body() -> dict:
-    workers = live_workers(services().store.redis)
+    workers = services().workers.live()
     return {
         "status": "ok",
         "model_loaded": any(w.models and w.state in (WorkerState.READY, WorkerState.BUSY) for w in workers),

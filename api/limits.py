@@ -15,6 +15,8 @@ from typing import Callable
 from flask import Flask, g
 from flask_limiter import Limiter, RateLimitExceeded
 
+from common.store import keys
+
 SUBMIT_SCOPE = "submit"
 READ_SCOPE = "read"
 
@@ -26,7 +28,7 @@ class RateLimits:
         self.settings = settings
         self.active = limits_configured(settings)
         self.limiter = Limiter(key_func=self._owner, storage_uri=settings.redis.url, strategy="moving-window",
-                               key_prefix="sdq:rl", swallow_errors=True, headers_enabled=False,
+                               key_prefix=keys.RATE_LIMIT_PREFIX, swallow_errors=True, headers_enabled=False,
                                storage_options={"socket_timeout": 2, "socket_connect_timeout": 2})
         if self.active:
             self.submit = self.limiter.shared_limit(self._submit_limit, scope=SUBMIT_SCOPE,

@@ -22,7 +22,7 @@ import hmac
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import redis
 from flask import Flask, Response, request
@@ -32,9 +32,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from api.auth import bearer_token
-from common import taskstore
-from common.pools import POOLS_KEY
-from common.workers import WorkerState, live_workers
+from common.store import PRIORITIES, PoolStore, TaskStore, WorkerRegistry, WorkerState
 
 log = logging.getLogger("sdqueue.api")
 
@@ -46,16 +44,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    120.0, 300.0, 900.0)
 _STARTED = "sdq.metrics_t0"
 
-# Pending tasks: sdq:pending:{queue}, score = priority rank * PRIORITY_SPAN + enqueue time (taskstore.pending_score);
-# sdq:pending:{queue}:m:{model} holds the same tasks per model.
-PREFIX = taskstore.PREFIX
-PENDING_PREFIX = PREFIX + "pending:"
-MODEL_INFIX = ":m:"
-RUNNING_KEY = taskstore.RUNNING_KEY
-STATS_KEY = taskstore.STATS_KEY
-PRIORITIES = taskstore.PRIORITIES
 JOB_STATUSES = ("submitted", "completed", "failed", "cancelled", "requeued")
-MAX_SCANNED_KEYS = 2000          # sdq:pending:* keys looked at per scrape (queues and per-model indexes)
 
 REQUESTS = Histogram("sdq_api_request_duration_seconds",
                      "API request latency by route (Flask endpoint), method and status; _count counts requests",
@@ -94,8 +83,9 @@ class QueueCollector:
     replicas each reports the same figures: aggregate with max(), not sum().
     """
 
-    def __init__(self, client: redis.Redis, default_queue: str, callbacks_queue: str):
-        self.redis = client
+    def __init__(self, store: TaskStore | None, pools: PoolStore | None, workers: WorkerRegistry | None,
+                 default_queue: str, callbacks_queue: str):
+        self.store, self.pools, self.workers = store, pools, workers
         self.default_queue = default_queue
         self.callbacks_queue = callbacks_queue
 
@@ -135,52 +125,22 @@ class QueueCollector:
         yield from families.values()
 
     def _fill(self, f: dict[str, Metric]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(STATS_KEY)
-        pipe.hkeys(POOLS_KEY)
-        pipe.zcard(RUNNING_KEY)
-        stats, pools, running = pipe.execute()
+        figures = self.store.queue_figures([self.default_queue, *self.pools.names()])
         for status in JOB_STATUSES:
-            f["jobs"].add_metric([status], _number(stats.get(status)))
-        for status, value in sorted(stats.items()):
+            f["jobs"].add_metric([status], _number(figures.stats.get(status)))
+        for status, value in sorted(figures.stats.items()):
             if status not in JOB_STATUSES:
                 f["jobs"].add_metric([status], _number(value))
-        f["running"].add_metric([], running)
-
-        queues, model_keys = self._queues(pools)
-        pipe = self.redis.pipeline(transaction=False)
-        ranges = taskstore.priority_score_ranges()
-        for queue in queues:
-            for _, low, high in ranges:
-                pipe.zcount(PENDING_PREFIX + queue, low, high)
-        for _, _, key in model_keys:
-            pipe.zcard(key)
-        counts = iter(pipe.execute())
-        for queue in queues:
-            for priority in PRIORITIES:
-                f["depth"].add_metric([queue, priority], next(counts))
-        for queue, model, _ in model_keys:
-            f["model_depth"].add_metric([queue, model], next(counts))
-
+        f["running"].add_metric([], figures.running)
+        for (queue, priority), count in figures.depth.items():
+            f["depth"].add_metric([queue, priority], count)
+        for (queue, model), count in figures.model_depth.items():
+            f["model_depth"].add_metric([queue, model], count)
         self._workers(f)
-
-    def _queues(self, pools: Iterable[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
-        """tasks.queue, the recorded pools and every queue with a pending index; plus the per-model indexes."""
-        queues = {self.default_queue, *pools}
-        model_keys = []
-        for n, key in enumerate(self.redis.scan_iter(match=PENDING_PREFIX + "*", count=500)):
-            if n >= MAX_SCANNED_KEYS:
-                break
-            queue, infix, model = key[len(PENDING_PREFIX):].partition(MODEL_INFIX)
-            if infix:
-                model_keys.append((queue, model, key))
-            else:
-                queues.add(queue)
-        return sorted(queues), sorted(model_keys)
 
     def _workers(self, f: dict[str, Metric]) -> None:
         newest = {}
-        for w in live_workers(self.redis):          # one series per worker name: the newest process wins
+        for w in self.workers.live():          # one series per worker name: the newest process wins
             if w.name not in newest or w.last_seen > newest[w.name].last_seen:
                 newest[w.name] = w
         per_state: dict[tuple[str, str], int] = {}
@@ -206,7 +166,7 @@ def _number(value: Any) -> float:
 
 
 # --- the Flask side ------------------------------------------------------------------
-def build_registry(client: redis.Redis, settings) -> CollectorRegistry:
+def build_registry(svc, settings) -> CollectorRegistry:
     """The registry /metrics renders: every API process's request figures, plus the queue collector."""
     registry = CollectorRegistry()
     if multiprocess_mode():
@@ -214,19 +174,19 @@ def build_registry(client: redis.Redis, settings) -> CollectorRegistry:
         MultiProcessCollector(registry)
     else:
         registry.register(REQUESTS)
-    registry.register(QueueCollector(client, settings.tasks.queue, settings.callbacks.queue))
+    registry.register(QueueCollector(svc.store, svc.pools, svc.workers, settings.tasks.queue, settings.callbacks.queue))
     return registry
 
 
 def exported_names() -> set[str]:
     """Every metric family name /metrics can show (for dashboards and tests)."""
-    collector = QueueCollector(None, "", "")   # describe() reads nothing
+    collector = QueueCollector(None, None, None, "", "")   # describe() reads nothing
     return {REQUESTS._name, *(m.name for m in collector.describe())}
 
 
-def install(app: Flask, settings, client: redis.Redis, limits=None) -> Callable[[float], None]:
+def install(app: Flask, settings, svc, limits=None) -> Callable[[float], None]:
     """Time every Flask request, add GET /metrics; returns the fast-path observer for FastSubmit."""
-    registry = build_registry(client, settings)
+    registry = build_registry(svc, settings)
     token = settings.metrics.token
 
     def start_clock() -> None:

@@ -21,8 +21,7 @@ from common.errors import TaskNotFound
 from common.jobspec import JobSpec, LoraRef
 from common.queue import send_callback
 from common.schedulers import SCHEDULERS
-from common.taskstore import TaskStatus
-from common.workers import live_workers
+from common.store import CancelOutcome, TaskStatus
 
 CREATED_MESSAGE = "任务已创建，正在处理中"   # seed 002's exact message
 NOT_FOUND = "任务不存在"                    # seed 002's exact detail
@@ -125,10 +124,10 @@ def create_native_blueprint(settings, generate_schema, limits) -> Blueprint:
         """Cancel a pending task at once, or a running one at its next denoising step."""
         svc = services()
         task = owned_task_or_404(svc, task_id)
-        outcome = svc.store.request_cancel(task.id)
-        if outcome == "cancelled" and task.spec.callback_url:
+        outcome = svc.store.request_cancel(task)
+        if outcome is CancelOutcome.CANCELLED and task.spec.callback_url:
             send_callback(svc.celery, task.id, svc.settings.callbacks.queue)
-        if outcome == "cancelling":
+        if outcome is CancelOutcome.CANCELLING:
             wait_until_terminal(svc, task.id, CANCEL_WAIT_SECONDS)
         task = svc.store.get(task.id)
         if task.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
@@ -155,7 +154,7 @@ def create_native_blueprint(settings, generate_schema, limits) -> Blueprint:
     def list_models():
         """Models in the model directory; `loaded` when a live worker holds it warm."""
         svc = services()
-        warm = {m for w in live_workers(svc.store.redis) for m in w.models}
+        warm = {m for w in svc.workers.live() for m in w.models}
         default = svc.catalog.default_model()
         return {"default": default, "models": [
             {**m.to_dict(), "default": m.name == default, "loaded": m.name in warm} for m in svc.catalog.models()]}

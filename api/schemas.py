@@ -16,7 +16,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, vali
 from api.init_image import InitImageError, decode_init_image
 from common.netguard import blocked_reason
 from common.schedulers import SCHEDULERS
-from common.taskstore import PRIORITIES
+from common.store.tasks import PRIORITIES
 
 OUTPUT_FORMATS = ("png", "jpg", "jpeg", "webp")
 MAX_SEED = 2**32 - 1

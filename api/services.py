@@ -18,7 +18,7 @@ from api.waiter import EventHub
 from common.catalog import ModelInfo, list_loras, list_models, pick_default
 from common.queue import MessageBuilder
 from common.storage import Storage
-from common.taskstore import TaskStore
+from common.store import A1111Store, CheckpointStore, PoolStore, TaskStore, WorkerRegistry
 
 CATALOG_TTL = 2.0
 
@@ -64,6 +64,10 @@ class Catalog:
 class Services:
     settings: Any
     store: TaskStore
+    workers: WorkerRegistry
+    pools: PoolStore
+    checkpoints: CheckpointStore
+    a1111: A1111Store
     storage: Storage
     celery: Celery
     messages: MessageBuilder

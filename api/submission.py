@@ -10,7 +10,7 @@ import uuid
 
 from api.services import Services
 from common.jobspec import JobSpec
-from common.taskstore import Task
+from common.store.tasks import Task
 
 
 class SyncTimeout(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from common.storage import Storage
-from common.taskstore import Task, TaskStatus, TaskStore
+from common.store.tasks import Task, TaskStatus, TaskStore
 
 
 def iso(ts: float | None) -> str | None:

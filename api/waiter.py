@@ -17,7 +17,7 @@ from typing import Callable
 
 import redis
 
-from common.taskstore import EVENTS_PATTERN, task_id_of_channel
+from common.store import TaskStore
 
 log = logging.getLogger("sdqueue.api")
 RECHECK_SECONDS = 5.0
@@ -32,8 +32,8 @@ class WaitersFull(Exception):
 class EventHub:
     """One pub/sub listener thread per process, waking the requests that wait on a task."""
 
-    def __init__(self, client: redis.Redis, max_waiters: int):
-        self._client = client
+    def __init__(self, store: TaskStore, max_waiters: int):
+        self._store = store
         self._slots = threading.BoundedSemaphore(max(1, max_waiters))
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
@@ -105,18 +105,17 @@ class EventHub:
             time.sleep(RECONNECT_SECONDS)
 
     def _listen(self) -> None:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        events = self._store.watch_events()
         try:
-            pubsub.psubscribe(EVENTS_PATTERN)
-            pubsub.get_message(timeout=SUBSCRIBE_WAIT_SECONDS)   # the psubscribe confirmation
+            events.start(timeout=SUBSCRIBE_WAIT_SECONDS)
             self._subscribed.set()
             self._wake_all()
             while True:
-                message = pubsub.get_message(timeout=RECHECK_SECONDS)
-                if message and message.get("type") == "pmessage":
-                    self._wake(task_id_of_channel(message["channel"]))
+                task_id = events.next_task(timeout=RECHECK_SECONDS)
+                if task_id is not None:
+                    self._wake(task_id)
         finally:
-            pubsub.close()
+            events.close()
 
     def _wake(self, task_id: str) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ import shutil
 import redis
 
 from bench.stack import bench_stack, run_batch, stop_workers
-from common.workers import live_workers
+from common.store import WorkerRegistry
 
 MODELS = ("sdq-tiny", "sdq-tiny-b")
 
@@ -32,7 +32,7 @@ def measure(stack, jobs: int, affinity: bool, tag: str) -> dict:
         stack.wait_worker_ready(stack.services[name])
     result = run_batch(stack, stream(jobs, 0))
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
-    mine = [w for w in live_workers(client) if w.name.split("@")[0] in names]
+    mine = [w for w in WorkerRegistry(client).live() if w.name.split("@")[0] in names]
     result["extra_loads"] = sum(w.model_loads - 1 for w in mine)     # each loaded its default at start
     result["loads_per_worker"] = {w.name: w.model_loads for w in mine}
     stop_workers(stack, names)

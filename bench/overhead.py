@@ -14,7 +14,7 @@ import redis
 import requests
 
 from bench.stack import BENCH_KEY, bench_stack, percentile
-from common.taskstore import task_key
+from common.store import keys
 
 JOB = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "num_inference_steps": 4, "seed": 1}
 
@@ -48,7 +48,7 @@ def main() -> None:
         totals, computes, overheads = [], [], []
         for _ in range(args.jobs):
             task_id, total = run_job(session, stack.api_url)
-            compute = float(client.hget(task_key(task_id), "compute_seconds"))
+            compute = float(client.hget(keys.TASK(task_id), "compute_seconds"))
             totals.append(total * 1000)
             computes.append(compute * 1000)
             overheads.append((total - compute) * 1000)

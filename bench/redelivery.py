@@ -16,7 +16,7 @@ import redis
 import requests
 
 from bench.stack import BENCH_KEY, bench_stack
-from common.taskstore import task_key
+from common.store import keys
 
 SLOW_JOB = {"prompt": "a slow painting of a harbour", "width": 256, "height": 256, "num_inference_steps": 150}
 
@@ -35,7 +35,7 @@ def trial(stack, client: redis.Redis, seed: int) -> dict:
     response = requests.post(stack.api_url + "/api/v1/generate", json={**SLOW_JOB, "seed": seed},
                              headers={"X-API-Key": BENCH_KEY}, timeout=30)
     response.raise_for_status()
-    key = task_key(response.json()["task_id"])
+    key = keys.TASK(response.json()["task_id"])
     wait_until(lambda: int(client.hget(key, "progress_step") or 0) > 0, 120, "job running")
     stack.services["worker"].signal(signal.SIGKILL)
     stack.services["worker"].proc.wait(10)

@@ -56,7 +56,7 @@ def run_batch(stack: LocalStack, bodies: list[dict], timeout: float = 900) -> di
     import redis
     import requests
 
-    from common.taskstore import task_key
+    from common.store import keys
 
     session = requests.Session()
     session.headers["X-API-Key"] = BENCH_KEY
@@ -69,11 +69,11 @@ def run_batch(stack: LocalStack, bodies: list[dict], timeout: float = 900) -> di
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     deadline = time.monotonic() + timeout
     for task_id in ids:
-        while client.hget(task_key(task_id), "status") not in ("completed", "failed", "cancelled"):
+        while client.hget(keys.TASK(task_id), "status") not in ("completed", "failed", "cancelled"):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"batch not finished after {timeout:.0f} s")
             time.sleep(0.05)
-    records = [client.hgetall(task_key(i)) for i in ids]
+    records = [client.hgetall(keys.TASK(i)) for i in ids]
     failed = [r.get("error") for r in records if r["status"] != "completed"]
     if failed:
         raise RuntimeError(f"{len(failed)} jobs did not complete: {failed[:3]}")

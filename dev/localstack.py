@@ -263,11 +263,11 @@ class LocalStack:
         return svc
 
     def wait_worker_ready(self, svc: Service, timeout: float = 180) -> None:
-        from common.workers import WorkerState, live_workers
+        from common.store import WorkerRegistry, WorkerState
 
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        workers = WorkerRegistry(redis.Redis.from_url(self.redis_url, decode_responses=True))
         wait_for(lambda: any(w.name == svc.name + "@local" and w.state == WorkerState.READY
-                             and str(svc.proc.pid) in w.id for w in live_workers(client)),
+                             and str(svc.proc.pid) in w.id for w in workers.live()),
                  timeout, f"worker {svc.name}", svc.proc, svc.log)
 
     @staticmethod

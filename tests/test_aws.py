@@ -364,7 +364,7 @@ def test_failed_job_reports_failed_and_no_outputs(base):
 
 
 def test_worker_fetches_each_upload_once_under_its_own_name(storage, tmp_path):
-    from common.checkpoints import Checkpoint
+    from common.store.checkpoints import Checkpoint
     from worker.assets import ensure_assets
 
     first = Checkpoint("11111111-aaaa", "Lora", ["style.safetensors"], "models/Lora/one")

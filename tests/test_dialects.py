@@ -247,7 +247,7 @@ def test_draw_answers_500_when_its_job_does_not_complete(stack, rds):
 
     from api import create_app
     from common.settings import load_settings
-    from common.taskstore import pending_key
+    from common.store import keys
 
     queue = "nobody-consumes-draws"
     app = create_app(load_settings(env={**stack.env(), "SDQ_TASKS_QUEUE": queue}))
@@ -256,9 +256,9 @@ def test_draw_answers_500_when_its_job_does_not_complete(stack, rds):
         "/v1/draw", json={"prompt": "cat"}, headers={"Authorization": f"Bearer {KEY_A}"})))
     caller.start()
     deadline = time.monotonic() + 30
-    while not rds.zcard(pending_key(queue)) and time.monotonic() < deadline:
+    while not rds.zcard(keys.PENDING(queue)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    (task_id,) = rds.zrange(pending_key(queue), 0, -1)
+    (task_id,) = rds.zrange(keys.PENDING(queue), 0, -1)
     assert app.test_client().delete(f"/api/v1/tasks/{task_id}", headers={"X-API-Key": KEY_A}).status_code == 200
     caller.join(30)
     r = answer["r"]

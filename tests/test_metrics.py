@@ -95,11 +95,11 @@ def test_fast_path_is_timed(stack, api):
 
 
 def test_queue_depth_per_queue_and_priority(stack, rds):
-    from api.metrics import PENDING_PREFIX
-    from common.taskstore import PRIORITY_SPAN
+    from common.store import keys
+    from common.store.tasks import PRIORITY_SPAN
 
     queue = "metrics-test-queue"
-    key = PENDING_PREFIX + queue
+    key = keys.PENDING(queue)
     now_ms = int(time.time() * 1000)
     rds.zadd(key, {"h1": now_ms, "n1": PRIORITY_SPAN + now_ms, "l1": 2 * PRIORITY_SPAN + now_ms,
                    "l2": 2 * PRIORITY_SPAN + now_ms + 1})

@@ -65,9 +65,9 @@ def start_pool_workers(stack, pool: str, count: int, **env: str) -> list:
 
 
 def pool_workers(rds, pool: str):
-    from common.workers import live_workers
+    from common.store import WorkerRegistry
 
-    return [w for w in live_workers(rds) if pool in w.queues]
+    return [w for w in WorkerRegistry(rds).live() if pool in w.queues]
 
 
 def test_priority_reorders_pending_work_and_queue_position_shows_it(stack, rds):
@@ -185,14 +185,14 @@ def test_rolling_restart_loses_and_duplicates_nothing(stack, rds, storage):
 def test_pick_rules(stack, wait):
     """TaskStore.pick directly. Affinity off: priority, then arrival. On: a job whose model another live
     worker holds waits for it (routing.affinity_wait, whatever its priority); the worker takes its own."""
-    from common.taskstore import TaskStatus, TaskStore
-    from common.workers import WorkerInfo, publish_heartbeat, remove_heartbeat
+    from common.store import NoPick, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, keys, redis_client
 
-    store = TaskStore.from_url(stack.redis_url, 3600)
+    client = redis_client(stack.redis_url)
+    store, workers = TaskStore(client, 3600), WorkerRegistry(client)
     api = PoolApi(stack, "pick-" + uuid.uuid4().hex[:6])
     other = WorkerInfo(id="unit-other", name="unit-other", device="cpu", queues=[api.queue],
                        models=["tiny-single.safetensors"])
-    publish_heartbeat(store.redis, other, ttl=30)
+    workers.publish(other, ttl=30)
     head = api.submit(model="tiny-single.safetensors")
     own = api.submit(model="sdq-tiny")
     urgent_foreign = api.submit(model="tiny-single.safetensors", priority="high")
@@ -200,35 +200,35 @@ def test_pick_rules(stack, wait):
     try:
         for _ in range(3):
             picked = store.pick(api.queue, "unit-me", ["sdq-tiny"], 1, wait)
-            if isinstance(picked, str):
+            if isinstance(picked, NoPick):
                 break
             taken.append(picked)
-        order = [t[0] for t in taken]
+        order = [t.task_id for t in taken]
         if wait is None:
             assert order == [urgent_foreign, head, own]
         else:
             # The two jobs left wait for the other worker; their own deliveries are still queued, so this
             # (surplus) one is dropped rather than handed back.
-            assert order == [own] and picked == "empty"
-            assert store.pick(api.queue, "unit-other", ["tiny-single.safetensors"], 1, wait)[0] == urgent_foreign
-            taken.append((urgent_foreign, 0, ""))
-            other_view = store.redis.get("sdq:worker:unit-me")
-            assert other_view is None      # no heartbeat of unit-me to update: nothing invented
+            assert order == [own] and picked is NoPick.EMPTY
+            foreign = store.pick(api.queue, "unit-other", ["tiny-single.safetensors"], 1, wait)
+            assert foreign.task_id == urgent_foreign
+            taken.append(foreign)
+            assert workers.get("unit-me") is None      # no heartbeat of unit-me to update: nothing invented
     finally:
-        remove_heartbeat(store.redis, other.id)
-        store.redis.delete(api.queue)
-        for task_id, attempt, _ in taken:
-            store.finish(task_id, attempt, "unit-me", TaskStatus.CANCELLED)
-            store.finish(task_id, attempt, "unit-other", TaskStatus.CANCELLED)
+        workers.remove(other.id)
+        client.delete(api.queue)
+        for t in taken:
+            store.finish(t.task_id, t.attempt, "unit-me", TaskStatus.CANCELLED)
+            store.finish(t.task_id, t.attempt, "unit-other", TaskStatus.CANCELLED)
         api.cancel([head, own, urgent_foreign])
 
 
 def test_a_waiting_job_without_a_delivery_gets_one(stack, api, rds, settings):
     """The reaper fills a gap between waiting jobs and deliveries (a lost or stuck message)."""
     from common.jobspec import JobSpec
-    from common.taskstore import TaskStore
+    from common.store import TaskStore, redis_client
 
-    store = TaskStore.from_url(stack.redis_url, 3600)
+    store = TaskStore(redis_client(stack.redis_url), 3600)
     task_id = "orphan-" + uuid.uuid4().hex
     spec = JobSpec(prompt="an orphaned job", model="sdq-tiny", width=64, height=64, num_inference_steps=2,
                    guidance_scale=7.5, seed=5)

@@ -9,8 +9,8 @@ import pytest
 from common.errors import JobCancelled, JobTimeLimit, StaleAttempt, TaskNotFound
 from common.jobspec import JobSpec
 from common.queue import BrokerMessage
-from common.taskstore import TaskStatus, TaskStore, task_key
-from common.workers import WorkerInfo, live_workers, publish_heartbeat
+from common.store import (CancelOutcome, NoPick, Picked, RequeueOutcome, RunningJob, TaskStatus, TaskStore,
+                          WorkerInfo, WorkerRegistry, keys)
 from worker.monitor import StepMonitor
 
 
@@ -19,57 +19,73 @@ def store(rds) -> TaskStore:
     return TaskStore(rds, retention_seconds=120)
 
 
+@pytest.fixture
+def queue() -> str:
+    """A queue of the test's own, so a pick takes only the test's jobs."""
+    return "unit-" + uuid.uuid4().hex[:8]
+
+
 def spec() -> JobSpec:
     return JobSpec(prompt="p", model="m", width=64, height=64, num_inference_steps=4, guidance_scale=7.5, seed=1)
 
 
-def new_task(store: TaskStore, owner: str = "owner-x") -> str:
+def new_task(store: TaskStore, owner: str = "owner-x", queue: str = "unit-queue") -> str:
     task_id = str(uuid.uuid4())
-    store.create(task_id, owner, spec(), "unit-queue")
+    store.create(task_id, owner, spec(), queue)
     return task_id
+
+
+def take(store: TaskStore, queue: str, worker: str) -> Picked | NoPick:
+    """What a worker's delivery does first: pick the best waiting job of the queue (affinity off)."""
+    return store.pick(queue, worker, ["m"], 1, None)
+
+
+def running_job(store: TaskStore, task_id: str) -> RunningJob:
+    return next(job for job in store.running() if job.task_id == task_id)
 
 
 def test_create_get_and_expiry(store, rds):
     task_id = new_task(store)
     task = store.get(task_id)
     assert task.status is TaskStatus.PENDING and task.attempt == 0 and task.spec == spec()
-    assert 0 < rds.ttl(task_key(task_id)) <= 120
+    assert 0 < rds.ttl(keys.TASK(task_id)) <= 120
     with pytest.raises(TaskNotFound):
         store.get("missing")
     with pytest.raises(TaskNotFound):
         store.get_owned(task_id, "someone-else")
 
 
-def test_completed_never_goes_back(store):
-    task_id = new_task(store)
-    assert store.claim(task_id, 0, "w1") == "ok"
+def test_completed_never_goes_back(store, queue):
+    task_id = new_task(store, queue=queue)
+    assert take(store, queue, "w1") == Picked(task_id, 0, "m")
     assert store.finish(task_id, 0, "w1", TaskStatus.COMPLETED, result_keys=["k"])
-    assert store.claim(task_id, 0, "w1") == "terminal"
-    assert store.claim(task_id, 0, "w2") == "terminal"
+    assert take(store, queue, "w1") is NoPick.EMPTY
+    assert take(store, queue, "w2") is NoPick.EMPTY
     assert not store.finish(task_id, 0, "w1", TaskStatus.FAILED, error="late")
-    assert store.request_cancel(task_id) == "completed"
+    assert store.request_cancel(store.get(task_id)) is CancelOutcome.COMPLETED
     task = store.get(task_id)
     assert task.status is TaskStatus.COMPLETED and task.result_keys == ["k"] and task.error is None
 
 
-def test_claim_by_other_live_worker_is_busy(store, rds):
-    task_id = new_task(store)
-    publish_heartbeat(rds, WorkerInfo(id="live-1", name="w", device="cpu", queues=[]), ttl=5)
-    assert store.claim(task_id, 0, "live-1") == "ok"
-    assert store.claim(task_id, 0, "other") == "busy"      # duplicate delivery while it runs
+def test_a_running_job_is_not_taken_again(store, rds, queue):
+    task_id = new_task(store, queue=queue)
+    WorkerRegistry(rds).publish(WorkerInfo(id="live-1", name="w", device="cpu", queues=[]), ttl=5)
+    assert take(store, queue, "live-1").task_id == task_id
+    assert take(store, queue, "other") is NoPick.EMPTY        # a duplicate delivery while it runs
+    assert store.get(task_id).worker == "live-1"
 
 
-def test_requeue_from_dead_worker_makes_old_attempt_stale(store, rds):
-    task_id = new_task(store)
-    assert store.claim(task_id, 0, "dead-worker") == "ok"
+def test_requeue_from_dead_worker_makes_old_attempt_stale(store, rds, queue):
+    task_id = new_task(store, queue=queue)
+    assert take(store, queue, "dead-worker").task_id == task_id
     message = BrokerMessage("unit-requeue-list", "attempt-1")
     rds.delete("unit-requeue-list")
     rds.lpush("unit-requeue-list", "older-job")
-    assert store.requeue(task_id, "dead-worker", 0, message, max_attempts=3) == 1
-    assert store.requeue(task_id, "dead-worker", 0, message, max_attempts=3) is None   # only one reaper wins
+    job = running_job(store, task_id)
+    assert store.requeue(job, message, max_attempts=3).attempt == 1
+    assert store.requeue(job, message, max_attempts=3).outcome is RequeueOutcome.TAKEN   # only one reaper wins
     assert rds.rpop("unit-requeue-list") == "attempt-1"           # BRPOP order: the rescued job runs next
-    assert store.claim(task_id, 0, "dead-worker") == "stale"
-    assert store.claim(task_id, 1, "new-worker") == "ok"
+    assert take(store, queue, "new-worker") == Picked(task_id, 1, "m")
     with pytest.raises(StaleAttempt):
         store.check_still_mine(task_id, 0, "dead-worker")
     with pytest.raises(StaleAttempt):
@@ -80,46 +96,47 @@ def test_requeue_from_dead_worker_makes_old_attempt_stale(store, rds):
     assert store.get(task_id).result_keys == ["new"]
 
 
-def test_cancel_pending_and_running(store):
-    pending = new_task(store)
+def test_cancel_pending_and_running(store, queue):
+    pending = new_task(store, queue=queue)
     assert store.queue_position(store.get(pending)) is not None
-    assert store.request_cancel(pending) == "cancelled"
-    assert store.claim(pending, 0, "w") == "terminal"
+    assert store.request_cancel(store.get(pending)) is CancelOutcome.CANCELLED
+    assert take(store, queue, "w") is NoPick.EMPTY
     assert store.queue_position(store.get(pending)) is None
-    running = new_task(store)
-    store.claim(running, 0, "w")
-    assert store.request_cancel(running) == "cancelling"
+    running = new_task(store, queue=queue)
+    take(store, queue, "w")
+    assert store.request_cancel(store.get(running)) is CancelOutcome.CANCELLING
     with pytest.raises(JobCancelled):
         store.check_still_mine(running, 0, "w")
 
 
-def test_queue_positions_follow_submission_order(store):
-    ids = [new_task(store) for _ in range(3)]
+def test_queue_positions_follow_submission_order(store, queue):
+    ids = [new_task(store, queue=queue) for _ in range(3)]
     positions = [store.queue_position(store.get(i)) for i in ids]
-    assert positions == sorted(positions) and len(set(positions)) == 3
-    store.claim(ids[0], 0, "w")
-    assert store.queue_position(store.get(ids[1])) == positions[1] - 1
+    assert positions == [1, 2, 3]
+    assert take(store, queue, "w").task_id == ids[0]
+    assert store.queue_position(store.get(ids[1])) == 1
 
 
 def test_listing_drops_expired_tasks(store, rds):
     owner = f"owner-{uuid.uuid4().hex}"
     ids = [new_task(store, owner) for _ in range(3)]
-    rds.delete(task_key(ids[1]))
+    rds.delete(keys.TASK(ids[1]))
     tasks, total = store.list_owned(owner, 0, 10)
     assert [t.id for t in tasks] == [ids[2], ids[0]]
     assert store.list_owned(owner, 0, 10)[1] == 2
 
 
 def test_dead_heartbeat_drops_out_of_live_workers(rds):
-    publish_heartbeat(rds, WorkerInfo(id="short-lived", name="w", device="cpu", queues=[]), ttl=0.2)
-    assert "short-lived" in [w.id for w in live_workers(rds)]
+    workers = WorkerRegistry(rds)
+    workers.publish(WorkerInfo(id="short-lived", name="w", device="cpu", queues=[]), ttl=0.2)
+    assert "short-lived" in [w.id for w in workers.live()]
     time.sleep(0.4)
-    assert "short-lived" not in [w.id for w in live_workers(rds)]
+    assert "short-lived" not in [w.id for w in workers.live()]
 
 
-def test_monitor_enforces_time_limit_and_reports_progress(store):
-    task_id = new_task(store)
-    store.claim(task_id, 0, "w")
+def test_monitor_enforces_time_limit_and_reports_progress(store, queue):
+    task_id = new_task(store, queue=queue)
+    take(store, queue, "w")
     monitor = StepMonitor(store, task_id, 0, "w", time_limit=60, progress_interval=0)
     monitor.on_step(3, 10)
     assert (store.get(task_id).progress_step, store.get(task_id).progress_total) == (3, 10)
@@ -128,10 +145,10 @@ def test_monitor_enforces_time_limit_and_reports_progress(store):
         expired.on_step(1, 10)
 
 
-def test_create_never_overwrites_an_existing_task(store):
-    task_id = new_task(store)
-    assert store.claim(task_id, 0, "w") == "ok"
-    store.create(task_id, "owner-x", spec(), "unit-queue")       # e.g. a retried submission
+def test_create_never_overwrites_an_existing_task(store, queue):
+    task_id = new_task(store, queue=queue)
+    assert take(store, queue, "w").task_id == task_id
+    assert not store.create(task_id, "owner-x", spec(), queue)       # e.g. a retried submission
     assert store.get(task_id).status is TaskStatus.PROCESSING
 
 
@@ -146,25 +163,26 @@ def test_create_survives_a_redis_connection_drop(store, rds):
     assert store.get(new_task(store)).status is TaskStatus.PENDING
 
 
-def test_job_that_kills_every_worker_is_failed_after_max_attempts(store, rds):
-    task_id = new_task(store)
+def test_job_that_kills_every_worker_is_failed_after_max_attempts(store, queue):
+    task_id = new_task(store, queue=queue)
     message = BrokerMessage("unit-requeue-list", "next")
     for attempt in range(2):
-        assert store.claim(task_id, attempt, f"doomed-{attempt}") == "ok"
-        assert store.requeue(task_id, f"doomed-{attempt}", attempt, message, max_attempts=3) == attempt + 1
-    assert store.claim(task_id, 2, "doomed-2") == "ok"
-    assert store.requeue(task_id, "doomed-2", 2, message, max_attempts=3) == 0
+        assert take(store, queue, f"doomed-{attempt}") == Picked(task_id, attempt, "m")
+        requeued = store.requeue(running_job(store, task_id), message, max_attempts=3)
+        assert requeued.outcome is RequeueOutcome.REQUEUED and requeued.attempt == attempt + 1
+    assert take(store, queue, "doomed-2") == Picked(task_id, 2, "m")
+    assert store.requeue(running_job(store, task_id), message, max_attempts=3).outcome is RequeueOutcome.FAILED
     task = store.get(task_id)
     assert task.status is TaskStatus.FAILED and "died 3 times" in task.error
 
 
 def test_updates_never_resurrect_an_expired_task(store, rds):
     task_id = new_task(store)
-    rds.delete(task_key(task_id))
+    rds.delete(keys.TASK(task_id))
     store.report_progress(task_id, 1, 4)
     store.set_fields(task_id, callback_status="late")
-    assert not rds.exists(task_key(task_id))
-    rds.hset(task_key(task_id), "progress_step", 1)                 # a partial hash is not a task
+    assert not rds.exists(keys.TASK(task_id))
+    rds.hset(keys.TASK(task_id), "progress_step", 1)                 # a partial hash is not a task
     with pytest.raises(TaskNotFound):
         store.get(task_id)
 
@@ -182,25 +200,27 @@ def test_a_repeated_delivery_gets_back_the_job_it_took(store):
     """A lost reply or a Celery retry asks again with the same delivery id: same job, nothing else taken."""
     queue, ids = queue_of_own(store, 2)
     first = store.pick(queue, "w", ["m"], 1, 10.0, delivery="d-1")
-    assert first == (ids[0], 0, "m")
+    assert first == Picked(ids[0], 0, "m")
     assert store.pick(queue, "w", ["m"], 1, 10.0, delivery="d-1") == first
     assert store.get(ids[1]).status is TaskStatus.PENDING
-    assert store.pick(queue, "w2", ["m"], 1, 10.0, delivery="d-1")[0] == ids[1]   # another worker: not its job
+    assert store.pick(queue, "w2", ["m"], 1, 10.0, delivery="d-1").task_id == ids[1]   # another worker: not its job
 
 
 def test_surplus_delivery_is_dropped_and_missing_one_waits(store, rds):
     queue, ids = queue_of_own(store, 1)
-    publish_heartbeat(rds, WorkerInfo(id="holder", name="holder", device="cpu", queues=[queue], models=["m"]), 30)
-    assert store.pick(queue, "other", ["x"], 1, 60.0) == "wait"       # its job waits for the holder; no spare
+    workers = WorkerRegistry(rds)
+    workers.publish(WorkerInfo(id="holder", name="holder", device="cpu", queues=[queue], models=["m"]), 30)
+    assert store.pick(queue, "other", ["x"], 1, 60.0) is NoPick.WAIT    # its job waits for the holder; no spare
     rds.lpush(queue, "a-delivery")                                     # another delivery is queued for it
-    assert store.pick(queue, "other", ["x"], 1, 60.0) == "empty"      # so this one is surplus: dropped
+    assert store.pick(queue, "other", ["x"], 1, 60.0) is NoPick.EMPTY   # so this one is surplus: dropped
     rds.delete(queue)
+    workers.remove("holder")
 
 
 def test_stale_entries_are_dropped_from_every_index(store, rds):
     queue, ids = queue_of_own(store, 2)
-    rds.delete(task_key(ids[0]))                                       # expired while waiting
-    assert store.pick(queue, "w", ["m"], 1, 10.0)[0] == ids[1]
+    rds.delete(keys.TASK(ids[0]))                                      # expired while waiting
+    assert store.pick(queue, "w", ["m"], 1, 10.0).task_id == ids[1]
     assert rds.zcard(f"sdq:pending:{queue}:m:m") == 0 and rds.zcard(f"sdq:pending:{queue}") == 0
     # The owner's index cannot know the hash is gone; an entry older than the retention is pruned at the
     # owner's next submission, so it never counts against the key's max_pending for long.
@@ -209,16 +229,28 @@ def test_stale_entries_are_dropped_from_every_index(store, rds):
     assert ids[0] not in rds.zrange("sdq:pending-owner:owner-p", 0, -1)
 
 
-def test_cancel_of_a_requeued_job_is_immediate_and_requeue_honours_a_cancel(store, rds):
+def test_cancel_of_a_requeued_job_is_immediate_and_requeue_honours_a_cancel(store, rds, queue):
     message = BrokerMessage("unit-requeue-list", "next")
-    requeued = new_task(store)
-    assert store.claim(requeued, 0, "dead") == "ok"
-    assert store.requeue(requeued, "dead", 0, message, max_attempts=3) == 1
-    assert store.request_cancel(requeued) == "cancelled"               # waiting again: cancelled at once
-    assert rds.zscore("sdq:pending:unit-queue", requeued) is None
-    cancelled_while_running = new_task(store)
-    assert store.claim(cancelled_while_running, 0, "dead") == "ok"
-    assert store.request_cancel(cancelled_while_running) == "cancelling"
-    assert store.requeue(cancelled_while_running, "dead", 0, message, max_attempts=3) == "cancelled"
+    requeued = new_task(store, queue=queue)
+    assert take(store, queue, "dead").task_id == requeued
+    assert store.requeue(running_job(store, requeued), message, max_attempts=3).attempt == 1
+    assert store.request_cancel(store.get(requeued)) is CancelOutcome.CANCELLED   # waiting again: cancelled at once
+    assert rds.zscore(f"sdq:pending:{queue}", requeued) is None
+    cancelled_while_running = new_task(store, queue=queue)
+    assert take(store, queue, "dead").task_id == cancelled_while_running
+    assert store.request_cancel(store.get(cancelled_while_running)) is CancelOutcome.CANCELLING
+    outcome = store.requeue(running_job(store, cancelled_while_running), message, max_attempts=3).outcome
+    assert outcome is RequeueOutcome.CANCELLED
     assert store.get(cancelled_while_running).status is TaskStatus.CANCELLED
     rds.delete("unit-requeue-list")
+
+
+def test_every_key_a_pick_touches_stays_where_older_releases_put_it(store, rds, queue):
+    """Redis data stay compatible: the key names of common/store/keys.py are the ones already in use."""
+    task_id = new_task(store, owner="owner-compat", queue=queue)
+    assert rds.zscore(f"sdq:pending:{queue}", task_id) is not None
+    assert rds.zscore(f"sdq:pending:{queue}:m:m", task_id) is not None
+    assert rds.zscore("sdq:pending-owner:owner-compat", task_id) is not None
+    assert rds.zscore("sdq:owner:owner-compat", task_id) is not None
+    assert take(store, queue, "w").task_id == task_id
+    assert rds.zscore("sdq:running", task_id) is not None and rds.hget(f"sdq:task:{task_id}", "status") == "processing"

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from common.checkpoints import filename_problem
+from common.store.checkpoints import filename_problem
 from common.errors import ModelError
 from common.storage import Storage
 

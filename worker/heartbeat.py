@@ -17,12 +17,9 @@ import time
 from celery import Celery
 
 from common.queue import MessageBuilder, send_callback
-from common.taskstore import PREFIX, TaskStore
-from common.workers import WorkerInfo, is_alive, live_workers, publish_heartbeat, remove_heartbeat
+from common.store import RequeueOutcome, TaskStore, WorkerInfo, WorkerRegistry
 
 log = logging.getLogger("sdqueue.reaper")
-REAPER_LOCK = PREFIX + "reaper-lock"
-DEFICIT_PREFIX = PREFIX + "deficit:"   # per queue: deliveries found missing at the previous pass
 
 
 def reissue_deliveries(store: TaskStore, messages: MessageBuilder, queues: set[str]) -> dict[str, int]:
@@ -36,16 +33,13 @@ def reissue_deliveries(store: TaskStore, messages: MessageBuilder, queues: set[s
     picking right now); a surplus is harmless, since a delivery that finds
     nothing waiting is dropped.
     """
-    client = store.redis
     sent = {}
     for queue in sorted(queues):
-        missing = max(0, store.pending_count(queue) - client.llen(queue))
-        seen_before = int(client.set(DEFICIT_PREFIX + queue, missing, ex=3600, get=True) or 0)
-        count = min(missing, seen_before)
+        missing = max(0, store.pending_count(queue) - store.queued_deliveries(queue))
+        count = min(missing, store.record_deficit(queue, missing))
         if count:
             for hint in store.oldest_pending(queue, count):
-                message = messages.generate(hint, 0, queue)
-                client.lpush(message.list_key, message.payload)
+                store.push_delivery(messages.generate(hint, 0, queue))
             log.warning("queue %s: %d waiting jobs had no delivery; sent %d", queue, missing, count)
             sent[queue] = count
     return sent
@@ -57,36 +51,36 @@ def notify_callback(store: TaskStore, messages: MessageBuilder, task_id: str, ca
         send_callback(messages.app, task_id, callbacks_queue)
 
 
-def reap_once(store: TaskStore, messages: MessageBuilder, me: str, ttl: float, max_attempts: int,
-              callbacks_queue: str) -> list[str]:
+def reap_once(store: TaskStore, workers: WorkerRegistry, messages: MessageBuilder, me: str, ttl: float,
+              max_attempts: int, callbacks_queue: str) -> list[str]:
     """One pass: requeue (to the front of its queue) every job whose worker is dead."""
-    client = store.redis
-    if not client.set(REAPER_LOCK, me, nx=True, px=int(max(ttl / 2, 1) * 1000)):
+    if not store.take_reaper_turn(me, max(ttl / 2, 1)):
         return []
     requeued = []
-    for task_id, worker, attempt, queue in store.running():
-        if not worker or is_alive(client, worker):
+    for job in store.running():
+        if not job.worker or workers.is_alive(job.worker):
             continue
-        nxt = store.requeue(task_id, worker, attempt, messages.generate(task_id, attempt + 1, queue), max_attempts)
-        if nxt == "cancelled":
-            log.warning("worker %s died running %s, which the client had cancelled: cancelled", worker, task_id)
-            notify_callback(store, messages, task_id, callbacks_queue)
-        elif nxt:
-            log.warning("worker %s died running %s; resent as attempt %d", worker, task_id, nxt)
-            requeued.append(task_id)
-        elif nxt == 0:
-            log.error("task %s failed: %d workers died running it", task_id, max_attempts)
-            notify_callback(store, messages, task_id, callbacks_queue)
-    reissue_deliveries(store, messages, {q for w in live_workers(client) for q in w.queues})
+        result = store.requeue(job, messages.generate(job.task_id, job.attempt + 1, job.queue), max_attempts)
+        if result.outcome is RequeueOutcome.CANCELLED:
+            log.warning("worker %s died running %s, which the client had cancelled: cancelled", job.worker, job.task_id)
+            notify_callback(store, messages, job.task_id, callbacks_queue)
+        elif result.outcome is RequeueOutcome.REQUEUED:
+            log.warning("worker %s died running %s; resent as attempt %d", job.worker, job.task_id, result.attempt)
+            requeued.append(job.task_id)
+        elif result.outcome is RequeueOutcome.FAILED:
+            log.error("task %s failed: %d workers died running it", job.task_id, max_attempts)
+            notify_callback(store, messages, job.task_id, callbacks_queue)
+    reissue_deliveries(store, messages, {q for w in workers.live() for q in w.queues})
     return requeued
 
 
 class Heartbeat(threading.Thread):
     """Daemon thread: publish this worker's heartbeat and run the reaper."""
 
-    def __init__(self, store: TaskStore, celery: Celery, info: WorkerInfo, settings):
+    def __init__(self, store: TaskStore, workers: WorkerRegistry, celery: Celery, info: WorkerInfo, settings):
         super().__init__(name="sdq-heartbeat", daemon=True)
         self.store = store
+        self.workers = workers
         self.messages = MessageBuilder(celery)
         self.max_attempts = settings.tasks.max_attempts
         self.callbacks_queue = settings.callbacks.queue
@@ -97,7 +91,7 @@ class Heartbeat(threading.Thread):
         self._stop_event = threading.Event()
 
     def beat(self) -> None:
-        publish_heartbeat(self.store.redis, self.info, self.ttl)
+        self.workers.publish(self.info, self.ttl)
 
     def run(self) -> None:
         next_reap = 0.0
@@ -105,7 +99,7 @@ class Heartbeat(threading.Thread):
             try:
                 self.beat()
                 if time.monotonic() >= next_reap:
-                    reap_once(self.store, self.messages, self.info.id, self.ttl, self.max_attempts,
+                    reap_once(self.store, self.workers, self.messages, self.info.id, self.ttl, self.max_attempts,
                               self.callbacks_queue)
                     next_reap = time.monotonic() + self.reap_interval
             except Exception:  # Redis blips must not kill the heartbeat thread
@@ -120,6 +114,6 @@ class Heartbeat(threading.Thread):
         if not forget:
             return
         try:
-            remove_heartbeat(self.store.redis, self.info.id)
+            self.workers.remove(self.info.id)
         except Exception:
             log.exception("could not remove heartbeat")

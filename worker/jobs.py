@@ -26,8 +26,7 @@ from common.jobspec import JobSpec
 from common.logs import log_context
 from common.queue import GENERATE_TASK, send_callback
 from common.storage import Storage
-from common.taskstore import Task, TaskStatus, TaskStore
-from common.workers import WorkerInfo, WorkerState, publish_heartbeat
+from common.store import NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
 from worker.assets import asset_dirs, ensure_assets
 from worker.generation import GenerationResult, generate
 from worker.images import CONTENT_TYPES, encode_image
@@ -44,6 +43,7 @@ class JobContext:
 
     settings: Any
     store: TaskStore
+    workers: WorkerRegistry
     storage: Storage
     registry: PipelineRegistry
     celery: Celery
@@ -81,12 +81,11 @@ def output_key(ctx: JobContext, task_id: str, spec: JobSpec, index: int) -> str:
 def copy_keys(ctx: JobContext, spec: JobSpec, seeds: list[int]) -> list[str]:
     """A1111's save_images names: {dir}/YYYY-MM-DD/NNNNN-SEED.ext, numbered on in that folder.
 
-    The counter is one Redis INCRBY per job, so workers on many hosts never
+    The counter is one Redis increment per job, so workers on many hosts never
     hand out the same number.
     """
     folder = f"{spec.save_copy_dir.strip('/')}/{time.strftime('%Y-%m-%d')}"
-    last = ctx.store.redis.incrby(f"sdq:seq:{folder}", len(seeds))
-    first = last - len(seeds)
+    first = ctx.store.reserve_numbers(folder, len(seeds))
     return [f"{folder}/{first + i:05d}-{seed}.{spec.extension}" for i, seed in enumerate(seeds)]
 
 
@@ -124,7 +123,7 @@ def write_sidecar(ctx: JobContext, task: Task, status: TaskStatus, fields: dict)
 def announce(ctx: JobContext) -> None:
     """Publish the heartbeat now, so health and `loaded` reflect a change at once."""
     try:
-        publish_heartbeat(ctx.store.redis, ctx.info, ctx.settings.workers.heartbeat_ttl)
+        ctx.workers.publish(ctx.info, ctx.settings.workers.heartbeat_ttl)
     except Exception:  # the heartbeat thread will retry; a job must not fail for this
         log.exception("could not publish heartbeat")
 
@@ -147,15 +146,15 @@ def run_delivery(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str, d
     """
     picked = ctx.store.pick(queue, ctx.info.id, ctx.registry.names(), ctx.registry.capacity,
                             affinity_wait(ctx.settings), delivery)
-    if picked == "wait":
+    if picked is NoPick.WAIT:
         hand_back(ctx, hint_id, hint_attempt, queue)
         return "waiting"
-    if isinstance(picked, str):
+    if picked is NoPick.EMPTY:
         log.info("delivery for %s found nothing pending in %s", hint_id, queue)
-        return picked
-    task_id, attempt, model = picked
-    ctx.info.models = ctx.registry.names_after(model) if model else ctx.info.models   # as pick() announced
-    return run_job(ctx, task_id, attempt)
+        return picked.value
+    if picked.model:
+        ctx.info.models = ctx.registry.names_after(picked.model)   # as pick() announced
+    return run_job(ctx, picked.task_id, picked.attempt)
 
 
 def hand_back(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str) -> None:

@@ -21,8 +21,7 @@ from common.logs import configure_logging, install_celery_logging, set_process_c
 from common.queue import create_celery
 from common.settings import load_settings
 from common.storage import Storage
-from common.taskstore import TaskStore
-from common.workers import WorkerInfo, WorkerState, publish_heartbeat
+from common.store import WorkerInfo, WorkerState, open_stores
 from worker.device import pin_device
 
 log = logging.getLogger("sdqueue.worker")
@@ -138,7 +137,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     from worker.metrics import start_metrics_server
     from worker.tasks import register_tasks
 
-    store = TaskStore.from_url(settings.redis.url, settings.tasks.retention_seconds)
+    stores = open_stores(settings.redis.url, settings.tasks.retention_seconds)
     storage = Storage(settings)
     celery = create_celery(settings, name="sdqueue-worker")
     default = ensure_default_model(settings) if args.role == "gpu" else ""
@@ -154,9 +153,9 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     # Before the default model loads: its load is counted, and a scrape during a long load answers.
     start_metrics_server(settings.metrics.worker_port, settings.metrics.worker_addr, info.name, info.device,
                          ",".join(info.queues), registry.names)
-    ctx = JobContext(settings, store, storage, registry, celery, info)
+    ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info)
     register_tasks(celery, lambda: ctx)
-    heartbeat = Heartbeat(store, celery, info, settings)
+    heartbeat = Heartbeat(stores.tasks, stores.workers, celery, info, settings)
     heartbeat.beat()
     heartbeat.start()
     try:
@@ -167,7 +166,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
             except Exception as exc:
                 heartbeat.stop(forget=False)   # /health shows setup_failed until the key expires
                 info.state, info.error = WorkerState.SETUP_FAILED, f"{type(exc).__name__}: {exc}"
-                publish_heartbeat(store.redis, info, settings.workers.heartbeat_ttl)
+                stores.workers.publish(info, settings.workers.heartbeat_ttl)
                 log.exception("could not load default model %s", default)
                 raise SystemExit(3) from exc
             info.models, info.model_loads = registry.names(), registry.loads

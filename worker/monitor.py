@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from common.errors import JobTimeLimit
-from common.taskstore import TaskStore
+from common.store.tasks import TaskStore
 
 
 class StepMonitor:

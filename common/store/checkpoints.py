@@ -1,6 +1,6 @@
 """Model files uploaded to S3 (the AWS extension's checkpoints), recorded in Redis.
 
-Why: seed 001's clients upload checkpoints and LoRAs into the service's
+Why: the AWS SD extension's clients upload checkpoints and LoRAs into the service's
 bucket (presigned multipart PUTs, or a server-side download) and then name
 them in inference requests. The record (type, file names, status) lives in
 Redis; the bytes live in S3 under {prefix}/{type}/{id}/{filename}; a worker
@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from common.taskstore import PREFIX
+from common.store import keys
 
 CHECKPOINT_TYPES = ("Stable-diffusion", "embeddings", "Lora", "hypernetworks", "ControlNet", "VAE")
 STATUSES = ("Initial", "Active", "Disabled")
@@ -25,12 +25,6 @@ FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".yaml")
 FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ()+\[\]]{0,199}$")
 # Where a worker puts each type it can use (others are stored and listed only).
 LOCAL_DIRS = {"Stable-diffusion": "models", "Lora": "loras"}
-INDEX_KEY = PREFIX + "checkpoints"
-
-
-def record_key(checkpoint_id: str) -> str:
-    return f"{PREFIX}checkpoint:{checkpoint_id}"
-
 
 def filename_problem(name: str) -> str | None:
     """Why `name` cannot be a checkpoint file name (a plain file name with a model suffix), else None."""
@@ -72,7 +66,7 @@ class CheckpointStore:
     """Checkpoint records: one JSON value each plus an index by creation time."""
 
     def __init__(self, client: redis.Redis, key_prefix: str):
-        self.redis = client
+        self.client = client
         self.key_prefix = key_prefix.strip("/")
 
     def new(self, kind: str, names: list[str], params: dict[str, Any], owner: str) -> Checkpoint:
@@ -82,7 +76,7 @@ class CheckpointStore:
 
     def lock(self, checkpoint_id: str) -> Any:
         """One writer per checkpoint at a time (a client retrying PUT /checkpoint races itself)."""
-        return self.redis.lock(f"{record_key(checkpoint_id)}:lock", timeout=900, blocking_timeout=30)
+        return self.client.lock(keys.CHECKPOINT_LOCK(checkpoint_id), timeout=900, blocking_timeout=30)
 
     def name_taken(self, kind: str, name: str, owner: str) -> bool:
         """Another key's live (not Disabled) checkpoint of this type already holds a file of this name."""
@@ -90,19 +84,19 @@ class CheckpointStore:
                    for c in self.all())
 
     def save(self, checkpoint: Checkpoint) -> None:
-        pipe = self.redis.pipeline()
-        pipe.set(record_key(checkpoint.id), json.dumps(asdict(checkpoint)))
-        pipe.zadd(INDEX_KEY, {checkpoint.id: checkpoint.created})
+        pipe = self.client.pipeline()
+        pipe.set(keys.CHECKPOINT(checkpoint.id), json.dumps(asdict(checkpoint)))
+        pipe.zadd(keys.CHECKPOINTS(), {checkpoint.id: checkpoint.created})
         pipe.execute()
 
     def get(self, checkpoint_id: str) -> Checkpoint | None:
-        raw = self.redis.get(record_key(checkpoint_id))
+        raw = self.client.get(keys.CHECKPOINT(checkpoint_id))
         return Checkpoint(**json.loads(raw)) if raw else None
 
     def all(self) -> list[Checkpoint]:
         """Every checkpoint, oldest first."""
-        ids = self.redis.zrange(INDEX_KEY, 0, -1)
-        values = self.redis.mget([record_key(i) for i in ids]) if ids else []
+        ids = self.client.zrange(keys.CHECKPOINTS(), 0, -1)
+        values = self.client.mget([keys.CHECKPOINT(i) for i in ids]) if ids else []
         return [Checkpoint(**json.loads(v)) for v in values if v]
 
     def find_active(self, kind: str, name: str) -> Checkpoint | None:

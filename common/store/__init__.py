@@ -1,0 +1,40 @@
+"""Everything sdqueue keeps in Redis, and the only code that talks to it.
+
+Why one package: keys are named once (keys.py), the atomic transitions are
+Lua files that receive every key through KEYS (lua/, loaded by scripts.py),
+and each store owns one noun: tasks, worker heartbeats, pools, uploaded
+checkpoints, A1111 per-key state. `open_stores` builds them all on one client.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.store.a1111 import A1111Store
+from common.store.checkpoints import CheckpointStore
+from common.store.connection import redis_client
+from common.store.pools import PoolRecord, PoolStore
+from common.store.results import CancelOutcome, NoPick, Picked, Requeue, RequeueOutcome, RunningJob
+from common.store.tasks import PRIORITIES, Task, TaskStatus, TaskStore
+from common.store.workers import WorkerInfo, WorkerRegistry, WorkerState
+
+__all__ = ["A1111Store", "CancelOutcome", "CheckpointStore", "NoPick", "PRIORITIES", "Picked", "PoolRecord",
+           "PoolStore", "Requeue", "RequeueOutcome", "RunningJob", "Stores", "Task", "TaskStatus", "TaskStore",
+           "WorkerInfo", "WorkerRegistry", "WorkerState", "open_stores", "redis_client"]
+
+
+@dataclass
+class Stores:
+    """The stores of one process, sharing one Redis client (and its connection pool)."""
+
+    tasks: TaskStore
+    workers: WorkerRegistry
+    pools: PoolStore
+    checkpoints: CheckpointStore
+    a1111: A1111Store
+
+
+def open_stores(url: str, retention_seconds: int, checkpoints_prefix: str = "models") -> Stores:
+    """Every store on one new client for `url`."""
+    client = redis_client(url)
+    return Stores(tasks=TaskStore(client, retention_seconds), workers=WorkerRegistry(client), pools=PoolStore(client),
+                  checkpoints=CheckpointStore(client, checkpoints_prefix), a1111=A1111Store(client))

@@ -1,0 +1,36 @@
+-- lib: functions shared by the scripts that `-- include: lib`.
+-- Every function receives the keys it touches as arguments; the scripts get them through KEYS.
+
+-- '' stands for "no such key" (KEYS cannot carry nil).
+local function opt(key)
+  if key == '' or key == false then return nil end
+  return key
+end
+
+-- Drop a task from the waiting indexes it is in (nil keys are skipped).
+local function unindex(id, pending, pending_model, pending_owner)
+  if pending then
+    redis.call('ZREM', pending, id)
+    if pending_model then redis.call('ZREM', pending_model, id) end
+  end
+  if pending_owner then redis.call('ZREM', pending_owner, id) end
+end
+
+-- Put a task in the waiting indexes: by score in its queue and model, by time in its owner's.
+local function index(id, score, now, retention, pending, pending_model, pending_owner)
+  redis.call('ZADD', pending, score, id)
+  if pending_model then redis.call('ZADD', pending_model, score, id) end
+  if pending_owner then   -- scored by time, so entries of tasks that expired while waiting can be pruned
+    redis.call('ZADD', pending_owner, now, id)
+    redis.call('EXPIRE', pending_owner, retention)
+  end
+end
+
+-- The terminal step, written once: status and times, retention, off `running`, counted, announced.
+local function conclude(task, id, status, now, retention, running, stats, events)
+  redis.call('HSET', task, 'status', status, 'updated_at', now, 'finished_at', now)
+  redis.call('EXPIRE', task, retention)
+  redis.call('ZREM', running, id)
+  redis.call('HINCRBY', stats, status, 1)
+  redis.call('PUBLISH', events, status)
+end

@@ -1,0 +1,65 @@
+"""Small typed results of the store's transitions (as cog's `Done(canceled, error)`), never bare strings.
+
+Why: a caller branching on `'wait'`, `'empty'` or a `-2` sentinel breaks
+silently when a script changes; an enum or dataclass is checked where used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class Picked:
+    """The job a worker took: run attempt `attempt` of `task_id` on `model`."""
+
+    task_id: str
+    attempt: int
+    model: str
+
+
+class NoPick(str, Enum):
+    """Why a delivery took no job."""
+
+    EMPTY = "empty"   # nothing waits, or other deliveries are queued for what waits: this one is surplus
+    WAIT = "wait"     # only jobs for models other live workers hold, not waited long enough yet
+
+
+class CancelOutcome(str, Enum):
+    """What a cancel request did."""
+
+    CANCELLED = "cancelled"     # was waiting (or is already cancelled)
+    CANCELLING = "cancelling"   # running: stops at its next step
+    COMPLETED = "completed"     # too late: already ended
+    FAILED = "failed"
+    MISSING = "missing"
+
+
+class RequeueOutcome(str, Enum):
+    """What the reaper did with a dead worker's job."""
+
+    REQUEUED = "requeued"     # waiting again, first in its priority class, as a new attempt
+    FAILED = "failed"         # it had killed tasks.max_attempts workers
+    CANCELLED = "cancelled"   # the client cancelled it while it ran
+    TAKEN = "taken"           # not that worker's attempt any more: another reaper was first
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """The reaper's outcome for one job; `attempt` is the new attempt when requeued."""
+
+    outcome: RequeueOutcome
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A task in `processing`, as the reaper sees it."""
+
+    task_id: str
+    worker: str
+    attempt: int
+    queue: str
+    model: str
+    owner: str
+    priority: str
