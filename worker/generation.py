@@ -1,9 +1,10 @@
 """Run one canonical job on a warm pipeline and return its images.
 
-Why small steps (as diffusers' own pipelines do): choose the view
-(txt2img/img2img, scheduler), apply LoRAs, make one seeded generator per
-image, run, always unload LoRAs. Per-request schedulers use `from_pipe`
-views that share the weights, never an assignment on the shared pipe.
+Why small steps (as diffusers' own pipelines do): ask the pipeline's family
+(worker/pipelines) for the view (txt2img/img2img/inpaint, scheduler) and the
+call's arguments, apply LoRAs, make one seeded generator per image, run,
+always unload LoRAs. This part is the same for every family; views share
+the base's weights, so a per-request scheduler never touches the shared pipe.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from common.errors import ModelError
 from common.jobspec import JobSpec, LoraRef
+from worker.pipelines import family_of
 
 
 @dataclass
@@ -27,32 +29,6 @@ class GenerationResult:
     seeds: list[int]
     scheduler: str
     strength: float | None
-
-
-def make_scheduler(base: Any, name: str | None, overrides: dict[str, Any] | None = None) -> Any:
-    """A fresh scheduler instance: the named diffusers class, or a copy of the model's own.
-
-    `overrides` (e.g. use_karras_sigmas, algorithm_type) turn one class into
-    the A1111 sampler variants, as diffusers' scheduler docs map them.
-    """
-    import diffusers
-
-    cls = getattr(diffusers, name) if name else type(base.scheduler)
-    return cls.from_config(base.scheduler.config, **(overrides or {}))
-
-
-def make_view(base: Any, spec: JobSpec, scheduler: Any) -> Any:
-    """A per-request pipeline sharing `base`'s weights (txt2img, img2img or inpaint)."""
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
-
-    if spec.mode == "inpaint":
-        view = AutoPipelineForInpainting.from_pipe(base, scheduler=scheduler)
-    elif spec.mode == "img2img":
-        view = AutoPipelineForImage2Image.from_pipe(base, scheduler=scheduler)
-    else:
-        view = type(base).from_pipe(base, scheduler=scheduler)
-    view.set_progress_bar_config(disable=True)
-    return view
 
 
 def adapter_name(index: int, lora: LoraRef) -> str:
@@ -87,11 +63,6 @@ def make_generators(seeds: list[int]) -> list[Any]:
     return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
 
-def effective_strength(strength: float, steps: int) -> float:
-    """Strength that runs at least one denoising step (0.0 would run none and crash)."""
-    return max(strength, 1.0 / steps)
-
-
 def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_files: dict[str, Path],
              on_step: Any, mask_image: Image.Image | None = None) -> GenerationResult:
     """Run the job, batch by batch; exceptions from on_step (cancel, time limit) propagate unchanged.
@@ -99,26 +70,11 @@ def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_file
     `on_step` is the step callback; if it has `begin_batch(index, count)`, it
     is told which batch runs, so progress spans the whole job.
     """
-    scheduler = make_scheduler(base, spec.scheduler, spec.scheduler_config)
-    view = make_view(base, spec, scheduler)
-    kwargs: dict[str, Any] = dict(
-        prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
-        num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-        callback_on_step_end=on_step, output_type="pil",
-    )
-    strength = None
-    if spec.mode in ("img2img", "inpaint"):
-        if init_image is None:
-            raise ModelError(f"{spec.mode} job without its init image")
-        strength = effective_strength(spec.strength if spec.strength is not None else 0.75, spec.num_inference_steps)
-        kwargs.update(image=init_image.convert("RGB").resize((spec.width, spec.height)), strength=strength)
-        if spec.mode == "inpaint":
-            if mask_image is None:
-                raise ModelError("inpaint job without its mask")
-            kwargs.update(mask_image=mask_image.convert("L").resize((spec.width, spec.height)),
-                          width=spec.width, height=spec.height)
-    else:
-        kwargs.update(width=spec.width, height=spec.height)
+    family = family_of(base)
+    scheduler = family.make_scheduler(base, spec.scheduler, spec.scheduler_config)
+    view = family.make_view(base, spec, scheduler)
+    kwargs = family.build_call_kwargs(spec, init_image, mask_image)
+    kwargs.update(callback_on_step_end=on_step, output_type="pil")
     images: list[Image.Image] = []
     seeds = spec.seeds
     batches = spec.batches
@@ -129,4 +85,5 @@ def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_file
             batch_seeds = seeds[len(images):len(images) + count]
             output = view(**kwargs, num_images_per_prompt=count, generator=make_generators(batch_seeds))
             images += list(output.images)
-    return GenerationResult(images=images, seeds=seeds, scheduler=type(scheduler).__name__, strength=strength)
+    return GenerationResult(images=images, seeds=seeds, scheduler=type(scheduler).__name__,
+                            strength=kwargs.get("strength"))

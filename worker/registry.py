@@ -2,9 +2,8 @@
 
 Why: loading a checkpoint takes seconds to minutes; a worker loads its
 default model once at start and keeps the few most recently used models
-warm, so a request pays only for denoising. Diffusers folders load with
-AutoPipeline (SD 1.x/2.x/XL); single .safetensors files load offline with
-`from_single_file(config=<local diffusers folder>)`.
+warm, so a request pays only for denoising. How a model loads (dtype,
+folder or single file) is its family's business: worker/pipelines.
 """
 from __future__ import annotations
 
@@ -16,26 +15,14 @@ from typing import Any, Callable
 
 from common.catalog import ModelInfo
 from worker.metrics import observe_model_load
+from worker.pipelines import family_for
 
 log = logging.getLogger("sdqueue.worker")
 
 
 def load_pipeline(model: ModelInfo, device: str, single_file_config: Path | None) -> Any:
-    """Load one model onto `device` (fp16 on CUDA, fp32 on CPU)."""
-    import torch
-    from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
-
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    common = dict(torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False)
-    if model.kind == "diffusers":
-        pipe = AutoPipelineForText2Image.from_pretrained(str(model.path), **common)
-    else:
-        if single_file_config is None:
-            raise FileNotFoundError("a single-file checkpoint needs models.single_file_config (a local diffusers folder)")
-        pipe = StableDiffusionPipeline.from_single_file(str(model.path), config=str(single_file_config), **common)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """Load one model onto `device` the way its family loads it (worker/pipelines)."""
+    return family_for(model).load(model, device, single_file_config)
 
 
 class PipelineRegistry:
