@@ -77,9 +77,9 @@ def test_no_code_outside_the_store_reaches_into_its_redis_client():
 
 
 def test_architecture_doc_carries_the_key_map_of_keys_py():
-    """docs/architecture.md's table is `python -m common.store.keys`'s output."""
+    """docs/architecture.md's table is `python -m common.store`'s output."""
     doc = (ROOT / "docs" / "architecture.md").read_text()
     block = re.search(r"<!-- keys:begin -->\n(.*?)<!-- keys:end -->", doc, re.S)
     assert block, "docs/architecture.md lacks the <!-- keys:begin --> ... <!-- keys:end --> block"
     assert block.group(1).strip() == keys.key_map_markdown().strip(), \
-        "regenerate the key map: python -m common.store.keys"
+        "regenerate the key map: python -m common.store"

@@ -4,7 +4,7 @@ Why one module: a key spelled in two places drifts, and a newcomer asking
 "what is in Redis?" should read one table. Python code builds keys with
 these `Key` objects; the Lua scripts never spell a key: they receive each
 key (or, for keys that depend on what the script reads, the key's prefix)
-through KEYS. `python -m common.store.keys` prints the table that
+through KEYS. `python -m common.store` prints the table that
 docs/architecture.md carries (a test keeps the two equal).
 """
 from __future__ import annotations
@@ -44,46 +44,70 @@ class Key:
 
 # --- tasks and their indexes ------------------------------------------------------------------
 TASK = Key("task:{id}", "hash",
-           "A task: status, owner, spec (JobSpec JSON), queue, model, priority, attempt, worker, timestamps, "
-           "progress, result keys, seeds, error, cancel flag, callback state")
-EVENTS = Key("events:{id}", "channel", "Pub/sub: each new status of a task, for waiters (long polls, synchronous calls)")
-OWNER_TASKS = Key("owner:{owner}", "zset", "An API key's tasks by creation time (listing)")
-PENDING = Key("pending:{queue}", "zset",
-              "Waiting tasks of a queue (worker pool) in the order workers take them: "
-              "score = priority rank * 1e15 + µs since 2020")
-PENDING_MODEL = Key("pending:{queue}:m:{model}", "zset", "The same tasks per model (a worker's own jobs: model affinity)")
-PENDING_OWNER = Key("pending-owner:{owner}", "zset", "An API key's waiting tasks by time (per-key backpressure)")
-RUNNING = Key("running", "zset", "Tasks a worker is processing, by claim time (the reaper's list)")
-STATS = Key("stats:jobs", "hash", "Counters: submitted, completed, failed, cancelled, requeued")
-DELIVERY = Key("delivery:{token}", "string", "The task a Celery delivery took (24 h), so a retried delivery gets it back")
-SEQUENCE = Key("seq:{folder}", "string", "A1111 saved-image numbering counter per output folder and day")
+           "one task: `id`, `status`, `owner` (hash of the API key), `spec` (the JobSpec as JSON), `queue`, `model`, "
+           "`priority`, `attempt`, `worker`, `runs`, timestamps (`created_at`, `updated_at`, `started_at`, "
+           "`finished_at`, `requeued_at`), `progress_step`, `progress_total`, `result_keys`, `seeds`, `error`, "
+           "`cancel_requested`, `compute_seconds`, `scheduler_used`, `callback_status`; expires "
+           "`tasks.retention_seconds` after its last change")
+EVENTS = Key("events:{id}", "pub/sub channel",
+             "each new status of a task (waiters of `?wait=` and the synchronous dialects listen)")
+PENDING = Key("pending:{queue}", "sorted set",
+              "the tasks waiting in a queue (worker pool); score = priority rank × 10^15 + µs since 2020-01-01, "
+              "so the order is the order workers take them in")
+PENDING_MODEL = Key("pending:{queue}:m:{model}", "sorted set",
+                    "the same tasks, per model (model affinity: a worker's own jobs)")
+PENDING_OWNER = Key("pending-owner:{owner}", "sorted set", "an API key's waiting tasks, by time (per-key backpressure)")
+RUNNING = Key("running", "sorted set", "tasks being processed, by claim time (the reaper scans it)")
+STATS = Key("stats:jobs", "hash", "counters: `submitted`, `completed`, `failed`, `cancelled`, `requeued`")
+OWNER_TASKS = Key("owner:{owner}", "sorted set", "an API key's tasks by creation time (listings)")
+DELIVERY = Key("delivery:{token}", "string",
+               "the task a delivery (Celery message id) took, so a retried delivery gets the same job; 24 h")
 
 # --- workers, pools, the reaper -----------------------------------------------------------------
-WORKER = Key("worker:{id}", "string", "A live worker process's heartbeat (JSON, short TTL): state, queues, models held")
-WORKERS = Key("workers", "zset", "Index of worker ids by last heartbeat (stale entries pruned on read)")
-POOLS = Key("pools", "hash", "Worker pools asked for (AWS extension endpoints): name -> JSON with desired replicas")
-REAPER_LOCK = Key("reaper-lock", "string", "Which worker runs the reaper pass now (short TTL)")
-DEFICIT = Key("deficit:{queue}", "string", "Deliveries found missing at the reaper's previous pass")
+WORKER = Key("worker:{id}", "string (JSON)",
+             "a live worker process's heartbeat: name, device, queues, state, models held, current task; expires "
+             "after `workers.heartbeat_ttl`")
+WORKERS = Key("workers", "sorted set", "index of worker ids by last heartbeat (dead entries pruned on read)")
+POOLS = Key("pools", "hash",
+            "worker pools recorded through the AWS SD extension API's `/endpoints`: name → JSON (desired replicas, "
+            "instance type, owner, ...)")
 
-# --- uploaded models and per-key dialect state --------------------------------------------------
-CHECKPOINT = Key("checkpoint:{id}", "string", "An uploaded model's record (JSON): type, files in S3, status, owner")
-CHECKPOINT_LOCK = Key("checkpoint:{id}:lock", "string", "One writer per checkpoint record (redis-py lock)")
-CHECKPOINTS = Key("checkpoints", "zset", "Index of checkpoint ids by creation time")
-A1111_OPTIONS = Key("a1111:options:{owner}", "hash", "An API key's A1111 /options values (JSON each)")
-A1111_CURRENT = Key("a1111:current:{owner}", "string", "An API key's latest A1111 job (for /progress, /interrupt; 1 h)")
-RATE_LIMITS = Key("rl*", "strings", "Flask-Limiter's moving-window counters (prefix passed to the limiter)")
+# --- uploaded models ------------------------------------------------------------------------------
+CHECKPOINT = Key("checkpoint:{id}", "string (JSON)", "an uploaded checkpoint (AWS SD extension API)")
+CHECKPOINT_LOCK = Key("checkpoint:{id}:lock", "string", "lock while a checkpoint is changed")
+CHECKPOINTS = Key("checkpoints", "sorted set", "index of checkpoint ids by creation time")
+
+# --- the reaper ----------------------------------------------------------------------------------
+REAPER_LOCK = Key("reaper-lock", "string", "one reaper at a time (expires after half the heartbeat TTL)")
+DEFICIT = Key("deficit:{queue}", "string",
+              "waiting jobs found without a message at the reaper's previous pass; 1 h")
+
+# --- per-key dialect state -----------------------------------------------------------------------
+SEQUENCE = Key("seq:{folder}", "string (counter)", "AUTOMATIC1111 `save_images` file numbering, per output folder")
+A1111_OPTIONS = Key("a1111:options:{owner}", "hash", "an API key's AUTOMATIC1111 `/options`")
+A1111_CURRENT = Key("a1111:current:{owner}", "string",
+                    "an API key's latest AUTOMATIC1111 job (for `/progress`, `/interrupt`); 1 h")
 
 ALL: tuple[Key, ...] = tuple(v for v in dict(globals()).values() if isinstance(v, Key))
+
+# Keys that libraries name (sdqueue only chooses a prefix or a queue name): listed for the key map.
 RATE_LIMIT_PREFIX = PREFIX + "rl"
-BROKER_KEYS = "Celery's own keys (not named here): one list per queue, `unacked`, `unacked_index`, `_kombu.binding.*`"
+LIBRARY_KEYS = (
+    (f"LIMITS:LIMITER/{RATE_LIMIT_PREFIX}/...", "list",
+     f"Flask-Limiter's moving-window counters per API key and scope (named by the library, with sdqueue's "
+     f"prefix `{RATE_LIMIT_PREFIX}`)"),
+    ("{queue} (e.g. `gpu`, `callbacks`, a pool name)", "list",
+     "Celery's queue: the wake-up messages (and webhook tasks) waiting for a worker; KEDA scales on its length"),
+    ("unacked`, `unacked_index`, `unacked_mutex", "hash, sorted set, string",
+     "Celery's messages delivered but not yet acknowledged"),
+    ("_kombu.binding.{queue}", "set", "kombu's routing table"),
+)
 
 
 def key_map_markdown() -> str:
-    """The key table for docs/architecture.md."""
-    rows = ["| key | type | what it holds |", "|---|---|---|"]
+    """The key table of docs/architecture.md (between its keys:begin / keys:end markers)."""
+    rows = ["| key | type | what |", "|---|---|---|"]
     rows += [f"| `{PREFIX}{k.pattern}` | {k.kind} | {k.doc} |" for k in ALL]
-    return "\n".join(rows) + f"\n\nAlso: {BROKER_KEYS}.\n"
+    rows += [f"| `{name}` | {kind} | {doc} |" for name, kind, doc in LIBRARY_KEYS]
+    return "\n".join(rows) + "\n"
 
-
-if __name__ == "__main__":
-    print(key_map_markdown(), end="")
