@@ -36,7 +36,7 @@ RETRY_AFTER_SECONDS = "5"
 
 
 class SdqApi(Api):
-    """flask-smorest's Api, rendering errors in seed 002's {"detail": ...} shape."""
+    """flask-smorest's Api, rendering errors in the native API's {"detail": ...} shape."""
 
     def handle_http_exception(self, error: HTTPException):
         return http_error(error)
@@ -120,38 +120,42 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     svc = build_services(settings)
     app.extensions["sdq"] = svc
-    limits = RateLimits(settings)
-    limits.init_app(app)
-    app.extensions["sdq_limits"] = limits
     try:
         svc.storage.ensure_bucket()
     except StorageError as exc:   # S3 may come up after the API; uploads answer 503 until then
         log.warning("could not ensure bucket %s: %s", settings.storage.bucket, exc)
+    register_blueprints(app, settings)
+    limits = RateLimits(settings)
+    limits.init_app(app)              # after the blueprints: it wraps the views marked with a limit scope
+    app.extensions["sdq_limits"] = limits
+    register_error_handlers(app)
+    observe_fast_submit = metrics.install(app, settings, svc, limits)   # GET /metrics, request timing
+    if settings.api.fast_submit:
+        from api.dialects import native
 
-    from api import a1111, aws_inference, aws_models, draw, eks, health, native, schemas
+        app.wsgi_app = FastSubmit(app.wsgi_app, svc, native.GENERATE_REQUEST, native.build_jobspec,
+                                  native.created_body, observe=observe_fast_submit)
+    if settings.api.stage_prefix.strip("/"):
+        app.wsgi_app = StagePrefix(app.wsgi_app, settings.api.stage_prefix)
+    return app
+
+
+def register_blueprints(app: Flask, settings: Settings) -> None:
+    """Health and every dialect (api/dialects), with the OpenAPI document's security schemes.
+
+    Inside the app context: the schemas' bounds are this app's settings
+    (api/schemas.py: Setting), read while the document is built.
+    """
+    from api import health
+    from api.dialects import BLUEPRINTS
 
     api = SdqApi(app, spec_kwargs={"info": {"description": "Distributed Stable Diffusion service"}})
     api.spec.components.security_scheme("ApiKeyAuth", {"type": "apiKey", "in": "header",
                                                        "name": settings.api.key_header})
-    # An instance, not a class: webargs would build (and deep-copy) a schema per request.
-    generate_schema = schemas.generate_request_schema(settings, svc.catalog)()
-    native_blp = native.create_native_blueprint(settings, generate_schema, limits)
-    native_blp.before_request(svc.keys.authenticate)
     api.spec.components.security_scheme("BasicAuth", {"type": "http", "scheme": "basic",
                                                       "description": "A1111 --api-auth style: any user, the API key as password"})
-    api.register_blueprint(health.blp)
-    api.register_blueprint(native_blp)
     api.spec.components.security_scheme("BearerAuth", {"type": "http", "scheme": "bearer"})
-    api.register_blueprint(a1111.create_a1111_blueprint(settings, limits, svc.keys))
-    api.register_blueprint(draw.create_draw_blueprint(settings, svc.catalog, limits, svc.keys))
-    api.register_blueprint(eks.create_eks_blueprint(settings, limits, svc.keys))
-    api.register_blueprint(aws_inference.create_aws_inference_blueprint(settings, limits, svc.keys))
-    api.register_blueprint(aws_models.create_aws_models_blueprint(settings, limits, svc.keys))
-    register_error_handlers(app)
-    observe_fast_submit = metrics.install(app, settings, svc, limits)   # GET /metrics, request timing
-    if settings.api.fast_submit:
-        app.wsgi_app = FastSubmit(app.wsgi_app, svc, generate_schema, native.build_jobspec, native.created_body,
-                                  observe=observe_fast_submit)
-    if settings.api.stage_prefix.strip("/"):
-        app.wsgi_app = StagePrefix(app.wsgi_app, settings.api.stage_prefix)
-    return app
+    with app.app_context():
+        api.register_blueprint(health.blp)
+        for blueprint in BLUEPRINTS:
+            api.register_blueprint(blueprint)

@@ -14,7 +14,6 @@ from typing import Callable
 
 from flask import g, request
 
-from api.errors import error_response
 from common.store.tasks import PRIORITIES
 
 DIALECTS = ("native", "a1111", "eks", "aws", "draw")
@@ -77,7 +76,7 @@ def _names(item: dict, field_name: str, i: int) -> tuple[str, ...] | None:
 
 
 def parse_keys(raw: list) -> list[ApiKey]:
-    """Accept seed 002's list of strings, or maps with `key`, optional `name` and policy fields."""
+    """Accept the native API's list of strings, or maps with `key`, optional `name` and policy fields."""
     keys = []
     for i, item in enumerate(raw):
         if isinstance(item, str):
@@ -129,9 +128,6 @@ class KeyRing:
         self.header = header
         self._by_owner = {k.owner: k for k in keys}
         self.default_max_pending = default_max_pending
-        self._native_check = self.authenticator(
-            "native", None, self._native_unauthorized,
-            lambda: error_response(403, "this API key may not use the native API"))
 
     def max_pending(self, owner: str) -> int:
         """How many waiting jobs this key's owner may have (0: no limit)."""
@@ -154,31 +150,22 @@ class KeyRing:
                 found = key
         return found
 
-    def authenticate(self):
-        """before_request hook of the native API: set g.api_key, or answer 401 / 403 in seed 002's shape."""
-        return self._native_check()
-
-    def _native_unauthorized(self):
-        return error_response(401, f"Invalid or missing API key (header {self.header})",
-                              {"WWW-Authenticate": f'ApiKey header="{self.header}"'})
-
-    def authenticator(self, dialect: str, extra: Callable[[], str | None] | None,
-                      unauthorized: Callable[[], object], forbidden: Callable[[], object]) -> Callable[[], object]:
-        """A before_request hook for a dialect: the key header or the dialect's own scheme.
+    def check(self, dialect: str, extra: Callable[[], str | None] | None,
+              unauthorized: Callable[[], object], forbidden: Callable[[], object]) -> object | None:
+        """A dialect's before_request check: the key header or the dialect's own scheme.
 
         `extra` reads the dialect's scheme (Basic, Bearer); `unauthorized` and
         `forbidden` render 401/403 in the dialect's error shape; a key not
-        allowed this dialect (api.keys[].dialects) gets 403.
+        allowed this dialect (api.keys[].dialects) gets 403. None: go on,
+        with g.api_key set.
         """
-        def check():
-            key = self.match(request.headers.get(self.header)) or (self.match(extra()) if extra else None)
-            if key is None:
-                return unauthorized()
-            if not key.may_use_dialect(dialect):
-                return forbidden()
-            g.api_key = key
-            return None
-        return check
+        key = self.match(request.headers.get(self.header)) or (self.match(extra()) if extra else None)
+        if key is None:
+            return unauthorized()
+        if not key.may_use_dialect(dialect):
+            return forbidden()
+        g.api_key = key
+        return None
 
 
 def current_key() -> ApiKey:

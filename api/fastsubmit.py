@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 from api.auth import ApiKey
 from api.limits import key_limit
 from common.errors import QueueFull
-from api.services import Services
+from api.services import Services, done_serving, serve_with
 from api.submission import new_task_id, submit_job
 
 ROUTE = "/api/v1/generate"
@@ -81,6 +81,7 @@ class FastSubmit:
         key = self.svc.keys.match(environ.get(self.header_env))
         if key is None or not key.may_use_dialect("native") or self.limited(key):
             return None
+        serving = serve_with(self.svc)   # the schema's bounds and validators read services()
         try:
             data = self.schema.load(orjson.loads(body))
             if data["init_image"] is not None:
@@ -93,6 +94,8 @@ class FastSubmit:
             # orjson's JSONDecodeError is a ValueError; Flask renders every refusal. After a Redis
             # error the Flask route retries under the same task id: idempotent if the write landed.
             return None
+        finally:
+            done_serving(serving)
         return orjson.dumps(self.created(task_id)) + b"\n"
 
     def limited(self, key: ApiKey) -> bool:

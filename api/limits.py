@@ -6,6 +6,10 @@ starved by their own submissions). Each scope is ONE counter per key across
 all dialects: a key cannot double its rate by switching API. A key's own
 limits come from api.keys[] in config.yaml ("" = unlimited, which also skips
 the Redis call).
+
+Routes declare their scope with `@submit_limited` / `@read_limited` (module
+level, no limiter needed); `RateLimits.init_app` wraps exactly those views
+with the app's own limiter once the blueprints are registered.
 """
 from __future__ import annotations
 
@@ -19,10 +23,23 @@ from common.store import keys
 
 SUBMIT_SCOPE = "submit"
 READ_SCOPE = "read"
+SCOPE_ATTRIBUTE = "sdq_limit_scope"
+
+
+def submit_limited(view: Callable) -> Callable:
+    """Mark a route as counted against its key's submission limit (placed under @blp.route)."""
+    setattr(view, SCOPE_ATTRIBUTE, SUBMIT_SCOPE)
+    return view
+
+
+def read_limited(view: Callable) -> Callable:
+    """Mark a route as counted against its key's read limit (placed under @blp.route)."""
+    setattr(view, SCOPE_ATTRIBUTE, READ_SCOPE)
+    return view
 
 
 class RateLimits:
-    """The limiter and the two shared decorators the dialect blueprints put on their routes."""
+    """The app's limiter and its two shared limits, applied to the views marked with a scope."""
 
     def __init__(self, settings):
         self.settings = settings
@@ -39,8 +56,15 @@ class RateLimits:
             self.submit = self.read = _unchanged
 
     def init_app(self, app: Flask) -> None:
-        if self.active:
-            self.limiter.init_app(app)
+        """Attach the limiter and wrap every marked view (call after the blueprints are registered)."""
+        if not self.active:
+            return
+        self.limiter.init_app(app)
+        decorators = {SUBMIT_SCOPE: self.submit, READ_SCOPE: self.read}
+        for endpoint, view in list(app.view_functions.items()):
+            scope = getattr(view, SCOPE_ATTRIBUTE, None)
+            if scope is not None:
+                app.view_functions[endpoint] = decorators[scope](view)
 
     @staticmethod
     def _owner() -> str:

@@ -32,7 +32,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from api.auth import bearer_token
-from common.store import PRIORITIES, PoolStore, TaskStore, WorkerRegistry, WorkerState
+from common.store import PoolStore, TaskStore, WorkerRegistry, WorkerState
 
 log = logging.getLogger("sdqueue.api")
 

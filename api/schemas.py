@@ -1,8 +1,10 @@
-"""marshmallow schemas: each one validates a request and documents it.
+"""What every dialect's schemas are built from: the base schema, lenient field types, bounds from settings.
 
-Why built by a function: the bounds (sizes, steps, images) come from
-settings, and the OpenAPI document must show the bounds that are enforced.
-Unknown fields are ignored (as the original FastAPI service does).
+Why bounds read at use: a schema is declared once, at module level, next to
+the routes it validates; its limits (sizes, steps, images, prompt length)
+are the running service's settings, read when a request is validated and
+when the OpenAPI document is built, so the document shows the bounds that
+are enforced. Unknown fields are ignored (as the original services do).
 """
 from __future__ import annotations
 
@@ -11,16 +13,65 @@ import numbers
 import orjson
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate, validates, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validate
 
 from api.init_image import InitImageError, decode_init_image
-from common.netguard import blocked_reason
-from common.schedulers import SCHEDULERS
-from common.store.tasks import PRIORITIES
+from api.services import services
 
-OUTPUT_FORMATS = ("png", "jpg", "jpeg", "webp")
 MAX_SEED = 2**32 - 1
-MAX_LORAS = 8
+
+
+class Setting:
+    """A bound read from the running service's settings when used: `Setting("limits.max_images")`."""
+
+    def __init__(self, path: str, plus: int = 0):
+        self.path = path.split(".")
+        self.plus = plus
+
+    def value(self) -> Any:
+        node = services().settings
+        for part in self.path:
+            node = getattr(node, part)
+        return node + self.plus
+
+
+def _resolved(bound: Any) -> Any:
+    return bound.value() if isinstance(bound, Setting) else bound
+
+
+class _SettingBounds:
+    """`min` / `max` that may be Settings; marshmallow's checks and apispec's document read them the same way."""
+
+    _bounds: tuple[Any, Any] = (None, None)
+
+    @property
+    def min(self) -> Any:
+        return _resolved(self._bounds[0])
+
+    @min.setter
+    def min(self, bound: Any) -> None:
+        self._bounds = (bound, self._bounds[1])
+
+    @property
+    def max(self) -> Any:
+        return _resolved(self._bounds[1])
+
+    @max.setter
+    def max(self, bound: Any) -> None:
+        self._bounds = (self._bounds[0], bound)
+
+
+class SettingRange(_SettingBounds, validate.Range):
+    """validate.Range whose bounds may be Settings."""
+
+
+class SettingLength(_SettingBounds, validate.Length):
+    """validate.Length whose bounds may be Settings."""
+
+
+def limit(name: str, plus: int = 0) -> Setting:
+    """A bound from the `limits.*` settings."""
+    return Setting(f"limits.{name}", plus)
 
 
 class LooseInteger(fields.Integer):
@@ -93,159 +144,6 @@ class BaseSchema(Schema):
 def multiple_of_8(value: int | None) -> None:
     if value is not None and value % 8:
         raise ValidationError("must be a multiple of 8")
-
-
-class LoraSchema(BaseSchema):
-    name = fields.String(required=True, metadata={"description": "LoRA file name (without extension) in the LoRA directory"})
-    weight = StrictFloat(load_default=1.0, validate=validate.Range(-10, 10),
-                         metadata={"description": "Adapter weight"})
-
-
-def generate_request_schema(settings, catalog) -> type[Schema]:
-    """The native `/api/v1/generate` request (seed 002's table plus model and loras)."""
-    lim = settings.limits
-    size = dict(allow_none=True, load_default=None,
-                validate=[validate.Range(lim.min_size, lim.max_size), multiple_of_8])
-
-    class GenerateRequest(BaseSchema):
-        prompt = fields.String(required=True, validate=validate.Length(max=lim.max_prompt_chars),
-                               metadata={"description": "What to draw", "example": "a cat sitting on a windowsill"})
-        init_image = InitImageField(allow_none=True, load_default=None, metadata={
-            "description": "Base64 image with its data:image/png;base64, (or jpeg) prefix: makes the job img2img; "
-                           "the output has the init image's size (rounded down to a multiple of 8)"})
-        negative_prompt = fields.String(allow_none=True, load_default=None, validate=validate.Length(max=lim.max_prompt_chars))
-        width = LooseInteger(**size, metadata={"description": "txt2img width; default: the model's native size"})
-        height = LooseInteger(**size, metadata={"description": "txt2img height; default: the model's native size"})
-        num_images = LooseInteger(load_default=1, validate=validate.Range(1, lim.max_images))
-        num_inference_steps = LooseInteger(allow_none=True, load_default=None, validate=validate.Range(1, lim.max_steps),
-                                           metadata={"description": f"default {settings.defaults.num_inference_steps}"})
-        guidance_scale = StrictFloat(allow_none=True, load_default=None, validate=validate.Range(0, 50),
-                                     metadata={"description": f"CFG scale; default {settings.defaults.guidance_scale}"})
-        strength = StrictFloat(allow_none=True, load_default=None, validate=validate.Range(0, 1),
-                               metadata={"description": f"img2img strength; default {settings.defaults.strength}"})
-        scheduler = fields.String(allow_none=True, load_default=None, validate=validate.OneOf(list(SCHEDULERS)))
-        seed = LooseInteger(allow_none=True, load_default=None, validate=validate.Range(-1, MAX_SEED),
-                            metadata={"description": "null or -1: random (recorded); image n uses seed + n"})
-        output_format = fields.String(load_default="png", validate=validate.OneOf(OUTPUT_FORMATS))
-        callback_url = fields.Url(allow_none=True, load_default=None, require_tld=False, schemes={"http", "https"},
-                                  metadata={"description": "POSTed the result when the task ends"})
-        model = fields.String(allow_none=True, load_default=None, metadata={"description": "Model name (GET /api/v1/models)"})
-        loras = fields.List(fields.Nested(LoraSchema), load_default=list, validate=validate.Length(max=MAX_LORAS))
-        priority = fields.String(load_default="normal", validate=validate.OneOf(PRIORITIES), metadata={
-            "description": "high, normal or low: the order workers take waiting jobs in (queue_position shows it); "
-                           "a key may be limited to some (api.keys[].priorities)"})
-
-        @validates("callback_url")
-        def public_callback(self, value: str | None, **_: Any) -> None:
-            if value is not None and not settings.callbacks.allow_private:
-                reason = blocked_reason(value)
-                if reason:
-                    raise ValidationError(f"callback_url refused: {reason} (see callbacks.allow_private)")
-
-        @validates("model")
-        def known_model(self, value: str | None, **_: Any) -> None:
-            if value is not None and catalog.model(value) is None:
-                raise ValidationError(f"unknown model '{value}'; see GET /api/v1/models")
-
-        @validates("loras")
-        def known_loras(self, value: list[dict], **_: Any) -> None:
-            available = catalog.loras()
-            errors = {i: {"name": [f"unknown LoRA '{lr['name']}'; see GET /api/v1/loras"]}
-                      for i, lr in enumerate(value) if lr["name"] not in available}
-            if errors:
-                raise ValidationError(errors)
-
-        @validates_schema
-        def init_image_size(self, data: dict, **_: Any) -> None:
-            image = data.get("init_image")
-            if image is None:
-                return
-            w, h = image.width // 8 * 8, image.height // 8 * 8
-            if not (lim.min_size <= w <= lim.max_size and lim.min_size <= h <= lim.max_size):
-                raise ValidationError(
-                    f"init image is {image.width}x{image.height}; each side must be within "
-                    f"{lim.min_size}..{lim.max_size} pixels", field_name="init_image")
-
-    return GenerateRequest
-
-
-class TaskCreatedSchema(Schema):
-    task_id = fields.String(metadata={"example": "550e8400-e29b-41d4-a716-446655440000"})
-    status = fields.String(metadata={"example": "pending"})
-    message = fields.String(metadata={"example": "任务已创建，正在处理中"})
-
-
-class ProgressSchema(Schema):
-    step = fields.Integer()
-    total = fields.Integer()
-    fraction = fields.Float()
-
-
-class TaskSchema(Schema):
-    task_id = fields.String()
-    status = fields.String(metadata={"description": "pending, processing, completed, failed or cancelled"})
-    result_url = fields.String(allow_none=True, metadata={"description": "The image URL when num_images is 1"})
-    result_urls = fields.List(fields.String(), allow_none=True, metadata={"description": "Image URLs when num_images > 1"})
-    error_message = fields.String(allow_none=True)
-    created_at = fields.String(metadata={"description": "ISO 8601, UTC", "example": "2024-01-01T12:00:00"})
-    updated_at = fields.String(metadata={"description": "ISO 8601, UTC"})
-    progress = fields.Nested(ProgressSchema)
-    queue_position = fields.Integer(allow_none=True, metadata={
-        "description": "1-based place in the queue while pending (priority classes first, then arrival)"})
-    priority = fields.String(metadata={"description": "high, normal or low"})
-    seeds = fields.List(fields.Integer(), metadata={"description": "The seed of each image, in order"})
-    model = fields.String()
-    num_images = fields.Integer()
-
-
-class TaskListSchema(Schema):
-    tasks = fields.List(fields.Nested(TaskSchema))
-    total = fields.Integer()
-    limit = fields.Integer()
-    offset = fields.Integer()
-
-
-class TaskListQuery(BaseSchema):
-    limit = LooseInteger(load_default=20, validate=validate.Range(1, 100))
-    offset = LooseInteger(load_default=0, validate=validate.Range(0, 1_000_000))
-    status = fields.String(load_default=None, validate=validate.OneOf(
-        ["pending", "processing", "completed", "failed", "cancelled"]))
-
-
-def task_query_schema(settings) -> type[Schema]:
-    class TaskQuery(BaseSchema):
-        wait = StrictFloat(load_default=0, validate=validate.Range(0, settings.api.max_wait_seconds), metadata={
-            "description": "Seconds to wait for the task to finish before answering (long polling)"})
-
-    return TaskQuery
-
-
-class ModelSchema(Schema):
-    name = fields.String()
-    type = fields.String(metadata={"description": "diffusers (folder) or single_file"})
-    width = fields.Integer(metadata={"description": "Native width (the default)"})
-    height = fields.Integer()
-    default = fields.Boolean()
-    loaded = fields.Boolean(metadata={"description": "Warm on at least one live worker"})
-
-
-class ModelListSchema(Schema):
-    models = fields.List(fields.Nested(ModelSchema))
-    default = fields.String(allow_none=True)
-
-
-class SchedulerSchema(Schema):
-    name = fields.String()
-    description = fields.String()
-
-
-class SchedulerListSchema(Schema):
-    schedulers = fields.List(fields.Nested(SchedulerSchema))
-    default = fields.String(allow_none=True)
-
-
-class LoraListSchema(Schema):
-    loras = fields.List(fields.Nested(Schema.from_dict({"name": fields.String()})))
 
 
 class WorkerSchema(Schema):

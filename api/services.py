@@ -1,11 +1,13 @@
 """What the API process holds for its life: settings, store, storage, queue, catalog.
 
 Why one object: create_app builds it once from settings and every view
-reaches it through `services()`; nothing is global at import time.
+(and every schema bound) reaches it through `services()` at request time;
+nothing is global at import time.
 """
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,5 +78,18 @@ class Services:
     waits: EventHub
 
 
+_serving: ContextVar[Services | None] = ContextVar("sdq_services", default=None)
+
+
 def services() -> Services:
-    return current_app.extensions["sdq"]
+    """The services of the app serving this request (Flask's app context, or api/fastsubmit.py's)."""
+    return _serving.get() or current_app.extensions["sdq"]
+
+
+def serve_with(svc: Services) -> Token:
+    """Make `services()` answer `svc` outside Flask (the fast submission path); undo with `done_serving`."""
+    return _serving.set(svc)
+
+
+def done_serving(token: Token) -> None:
+    _serving.reset(token)

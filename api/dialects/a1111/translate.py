@@ -1,67 +1,37 @@
-"""AUTOMATIC1111's /sdapi/v1 (seed 004): synchronous for the client, queued underneath.
+"""The AUTOMATIC1111 web UI API's translation: A1111 request -> canonical JobSpec, task -> A1111's answer.
 
-Why a translator: txt2img/img2img requests become the canonical JobSpec and
-go through the same queue, workers and S3 as every other dialect (so they
-scale with workers); the call then waits on the event hub and answers in
-A1111's shape: base64 images, the request echoed as `parameters`, and
-`info` as A1111's Processed.js() JSON string.
+Why public: SD on EKS and the AWS SD extension API carry A1111 parameters;
+they import `build_a1111_jobspec`, `echo_parameters`, `find_checkpoint` and
+`unhonoured` from this package rather than translating a second time.
 """
 from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import time
 from typing import Any
 
-from flask import jsonify, request
-from flask_smorest import Blueprint, abort
+from flask_smorest import abort
 from PIL import Image, ImageFilter, ImageOps
 
-from api.a1111_schemas import (A1111Response, OptionsUpdate, PngInfoRequest, ProgressQuery,
-                               a1111_request_schemas)
-from api.auth import basic_auth_password, current_key
-from api.errors import DIALECT_RENDERERS, error_response, json_error
-from api.services import Services, services
-from api.submission import new_task_id, resolve_seed, submit_job, wait_for_result
+from api.auth import current_key
+from api.services import Services
+from api.submission import resolve_seed
 from common.catalog import ModelInfo, model_sha256
 from common.infotext import generation_info, parse_infotext
 from common.jobspec import JobSpec, LoraRef
 from common.loratags import extract_loras
-from common.samplers import SAMPLERS, SCHEDULE_TYPES, find_sampler, find_schedule_type, scheduler_for
-from common.store.tasks import Task, TaskStatus
+from common.samplers import find_sampler, find_schedule_type, scheduler_for
+from common.store import Task, TaskStatus
 
-BLUEPRINT = "a1111"
-SECURITY = [{"ApiKeyAuth": []}, {"BasicAuth": []}]
+
+DIALECT = "a1111"
 OUTDIRS = {"txt2img": "outputs/txt2img-images", "img2img": "outputs/img2img-images"}
 FALLBACK_SAMPLER = "DPM++ 2M"    # what A1111 1.9+ silently uses for an unknown sampler name
 HONOURED_OVERRIDES = {"sd_model_checkpoint"}
-SCHEDULE_NAMES = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "karras", "Exponential": "exponential",
-                  "SGM Uniform": "sgm_uniform"}
 
 
-# --- errors and auth, in A1111's shapes ---------------------------------------
-def a1111_error(status: int, detail: Any, headers: dict | None = None):
-    """FastAPI's {"detail": [...]} for validation, A1111's handle_exception shape for the rest."""
-    if status == 422 and isinstance(detail, list):
-        return error_response(422, detail, headers)
-    return json_error(status, {"error": "HTTPException", "detail": detail, "body": "", "errors": ""}, headers)
-
-
-def unauthorized():
-    text = "Incorrect username or password" if request.headers.get("Authorization") else "Not authenticated"
-    return a1111_error(401, text, {"WWW-Authenticate": "Basic"})
-
-
-def forbidden():
-    return a1111_error(403, "this API key may not use the A1111 API")
-
-
-DIALECT_RENDERERS[BLUEPRINT] = a1111_error
-
-
-# --- models and options ---------------------------------------------------------
 def model_title(model: ModelInfo) -> str:
     return f"{model.name} [{model_sha256(model)[:10]}]"
 
@@ -117,7 +87,6 @@ def chosen_model(svc: Services, owner: str, overrides: dict | None, warnings: li
     return model
 
 
-# --- translation ------------------------------------------------------------------
 def unhonoured(data: dict, mode: str) -> list[str]:
     """Fields sdqueue accepts but cannot honour, named for `info` (never an error)."""
     notes = []
@@ -191,7 +160,7 @@ def prompt_loras(svc: Services, prompt: str, warnings: list[str],
 
 
 def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warnings: list[str],
-                        model: ModelInfo | None = None, dialect: str = BLUEPRINT,
+                        model: ModelInfo | None = None, dialect: str = DIALECT,
                         extra_loras: frozenset[str] = frozenset()) -> JobSpec:
     """A1111 request (validated) -> canonical job; uploads the init image and mask first.
 
@@ -260,27 +229,6 @@ def build_info(svc: Services, spec: JobSpec, task: Task, data: dict, warnings: l
     }
 
 
-def run_generation(data: dict, mode: str):
-    """Submit, wait on the event hub, answer in A1111's shape."""
-    svc = services()
-    owner = current_key().owner
-    warnings = unhonoured(data, mode)
-    task_id = new_task_id()
-    spec = build_a1111_jobspec(svc, data, mode, task_id, warnings)
-    submit_job(svc, owner, spec, task_id)
-    svc.a1111.set_current_job(owner, task_id)
-    task = wait_for_result(svc, task_id)
-    if task.status is TaskStatus.FAILED:
-        return json_error(500, {"error": "RuntimeError", "detail": task.error or "generation failed", "body": "",
-                                "errors": task.error or "", "task_id": task.id})
-    images = []
-    if data["send_images"] and task.status is TaskStatus.COMPLETED:
-        images = [base64.b64encode(svc.storage.get(key)).decode() for key in task.result_keys]
-    info = build_info(svc, spec, task, data, warnings)
-    return jsonify({"images": images, "parameters": echo_parameters(data), "info": json.dumps(info)})
-
-
-# --- progress ------------------------------------------------------------------------
 def progress_of(svc: Services, task: Task | None) -> dict:
     """GET /progress for the caller's current job, with A1111's formula for progress and ETA."""
     idle = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
@@ -303,23 +251,6 @@ def progress_of(svc: Services, task: Task | None) -> dict:
             "textinfo": "waiting in queue" if task.status is TaskStatus.PENDING else None}
 
 
-def current_task(svc: Services) -> Task | None:
-    task_id = svc.a1111.current_job(current_key().owner)
-    if not task_id:
-        return None
-    try:
-        return svc.store.get_owned(task_id, current_key().owner)
-    except Exception:   # noqa: BLE001 - expired or foreign: no current job
-        return None
-
-
-def cancel_current(svc: Services) -> None:
-    task = current_task(svc)
-    if task is not None and not task.status.terminal:
-        svc.store.request_cancel(task)
-
-
-# --- PNG info -------------------------------------------------------------------------
 def png_info(text: str) -> dict:
     """POST /png-info: the parameters chunk, other text chunks, and the parsed infotext."""
     from api.init_image import InitImageError, decode_init_image
@@ -341,165 +272,3 @@ def png_info(text: str) -> dict:
             else:
                 parsed[key] = value
     return {"info": info, "items": chunks, "parameters": parsed}
-
-
-# --- the blueprint --------------------------------------------------------------------
-def create_a1111_blueprint(settings, limits, keys) -> Blueprint:
-    blp = Blueprint(BLUEPRINT, __name__, url_prefix="/sdapi/v1",
-                    description="AUTOMATIC1111 API (seed 004): synchronous calls, queued and run by the workers")
-    blp.before_request(keys.authenticator(BLUEPRINT, basic_auth_password, unauthorized, forbidden))
-    txt2img_schema, img2img_schema = a1111_request_schemas(settings)
-    Txt2Img, Img2Img = txt2img_schema(), img2img_schema()
-
-    @blp.route("/txt2img", methods=["POST"])
-    @limits.submit
-    @blp.arguments(Txt2Img, location="json")
-    @blp.response(200, A1111Response)
-    @blp.doc(security=SECURITY)
-    def txt2img(data: dict):
-        """Generate images from a prompt; waits for the job and returns base64 PNGs."""
-        return run_generation(data, "txt2img")
-
-    @blp.route("/img2img", methods=["POST"])
-    @limits.submit
-    @blp.arguments(Img2Img, location="json")
-    @blp.response(200, A1111Response)
-    @blp.doc(security=SECURITY)
-    def img2img(data: dict):
-        """Generate from init_images[0] (inpainting with `mask`); waits for the job."""
-        return run_generation(data, "img2img")
-
-    @blp.route("/options", methods=["GET"])
-    @blp.doc(security=SECURITY)
-    def get_options():
-        """A1111's options; sd_model_checkpoint is this key's default model."""
-        svc = services()
-        return jsonify({**default_options(svc), **stored_options(svc, current_key().owner)})
-
-    @blp.route("/options", methods=["POST"])
-    @blp.arguments(OptionsUpdate(), location="json")
-    @blp.doc(security=SECURITY)
-    def set_options(data: dict):
-        """Set options for this key; sd_model_checkpoint becomes its default model. Answers null."""
-        svc = services()
-        checkpoint = data.get("sd_model_checkpoint")
-        if checkpoint is not None:
-            model = find_checkpoint(svc, str(checkpoint))
-            if model is None:
-                return a1111_error(422, f"model {checkpoint!r} not found; see GET /sdapi/v1/sd-models")
-            data["sd_model_checkpoint"] = model_title(model)
-        if data:
-            svc.a1111.save_options(current_key().owner, data)
-        return jsonify(None)
-
-    @blp.route("/sd-models", methods=["GET"])
-    @blp.doc(security=SECURITY)
-    def sd_models():
-        """Models in the model directory, titled `name [shorthash]` as A1111 does."""
-        svc = services()
-        out = []
-        for model in svc.catalog.models():
-            sha = model_sha256(model)
-            out.append({"title": model_title(model), "model_name": model_stem(model), "hash": sha[:10],
-                        "sha256": sha, "filename": str(model.path.resolve()), "config": None})
-        return jsonify(out)
-
-    @blp.route("/samplers", methods=["GET"])
-    @blp.doc(security=SECURITY)
-    def samplers():
-        return jsonify([{"name": s.name, "aliases": list(s.aliases), "options": {"scheduler": s.scheduler}}
-                        for s in SAMPLERS])
-
-    @blp.route("/schedulers", methods=["GET"])
-    @blp.doc(security=SECURITY)
-    def schedulers():
-        return jsonify([{"name": SCHEDULE_NAMES[label], "label": label, "aliases": None,
-                         "default_rho": 7.0 if label == "Karras" else -1.0, "need_inner_model": False}
-                        for label in SCHEDULE_TYPES])
-
-    @blp.route("/loras", methods=["GET"])
-    @blp.doc(security=SECURITY)
-    def loras():
-        return jsonify([{"name": name, "alias": name, "path": str(path.resolve()), "metadata": {}}
-                        for name, path in services().catalog.loras().items()])
-
-    @blp.route("/sd-vae", methods=["GET"])
-    @blp.doc(security=SECURITY)
-    def sd_vae():
-        """Every model's own VAE is used; there are no separate VAE files."""
-        return jsonify([])
-
-    @blp.route("/upscalers", methods=["GET"])
-    @blp.doc(security=SECURITY)
-    def upscalers():
-        return jsonify([{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
-                        for n in ("None", "Lanczos", "Nearest")])
-
-    @blp.route("/embeddings", methods=["GET"])
-    @blp.doc(security=SECURITY)
-    def embeddings():
-        return jsonify({"loaded": {}, "skipped": {}})
-
-    @blp.route("/memory", methods=["GET"])
-    @blp.doc(security=SECURITY)
-    def memory():
-        """RAM of this API host; GPU memory lives on the workers (see GET /health)."""
-        return jsonify({"ram": ram_figures(), "cuda": {"error": "GPU memory is held by the workers; see GET /health"}})
-
-    @blp.route("/cmd-flags", methods=["GET"])
-    @blp.doc(security=SECURITY)
-    def cmd_flags():
-        return jsonify({"api": True, "api_auth": None, "nowebui": True, "listen": False, "port": settings.api.port,
-                        "ckpt_dir": str(settings.models_dir), "lora_dir": str(settings.lora_dir),
-                        "data_dir": str(settings.data_dir), "skip_torch_cuda_test": True, "no_half": False,
-                        "medvram": False, "lowvram": False, "xformers": False, "api_log": False})
-
-    @blp.route("/progress", methods=["GET"])
-    @limits.read
-    @blp.arguments(ProgressQuery(), location="query")
-    @blp.doc(security=SECURITY)
-    def progress(query: dict):
-        """Progress of the caller's current (latest) A1111 job."""
-        svc = services()
-        return jsonify(progress_of(svc, current_task(svc)))
-
-    @blp.route("/interrupt", methods=["POST"])
-    @blp.doc(security=SECURITY)
-    def interrupt():
-        """Stop the caller's current job at its next step; its call answers with no images."""
-        cancel_current(services())
-        return jsonify({})
-
-    @blp.route("/skip", methods=["POST"])
-    @blp.doc(security=SECURITY)
-    def skip():
-        """As interrupt: a job's batches run as one unit in sdqueue."""
-        cancel_current(services())
-        return jsonify(None)
-
-    @blp.route("/refresh-checkpoints", methods=["POST"])
-    @blp.doc(security=SECURITY)
-    def refresh_checkpoints():
-        services().catalog.refresh_now()
-        return jsonify(None)
-
-    @blp.route("/png-info", methods=["POST"])
-    @blp.arguments(PngInfoRequest(), location="json")
-    @blp.doc(security=SECURITY)
-    def png_info_route(data: dict):
-        """Generation parameters embedded in a PNG."""
-        return jsonify(png_info(data["image"]))
-
-    return blp
-
-
-def ram_figures() -> dict:
-    """free/used/total bytes of this host from /proc/meminfo (no psutil needed)."""
-    try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
-        total = int(info["MemTotal"].split()[0]) * 1024
-        free = int(info["MemAvailable"].split()[0]) * 1024
-        return {"free": float(free), "used": total - free, "total": float(total)}
-    except (OSError, KeyError, ValueError):
-        return {"free": 0.0, "used": 0, "total": 0.0}
-

@@ -1,20 +1,21 @@
-"""marshmallow schemas of the AWS extension middleware API (seed 001).
+"""The AWS SD extension API's schemas.
 
 Why its own module: /inference/v2 is A1111's request plus the extension's
 envelope (task_type, models, sagemaker_endpoint_name) with the extension's
 template defaults (28 steps, "Euler a"); the model API has its own bodies
-with the seed's names, camelCase included.
+with the extension's names, camelCase included.
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from marshmallow import Schema, ValidationError, fields, validate, validates
+from marshmallow import ValidationError, fields, validate, validates
 
-from api.a1111_schemas import a1111_request_schemas
-from api.schemas import BaseSchema, LooseInteger
+from api.dialects.a1111 import Img2ImgRequest, Txt2ImgRequest
+from api.schemas import BaseSchema, LooseInteger, SettingRange, limit
 from common.store.checkpoints import CHECKPOINT_TYPES, STATUSES, filename_problem
+
 
 TASK_TYPES = ("txt2img", "img2img")
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
@@ -40,28 +41,33 @@ class ModelsField(fields.Dict):
         return models
 
 
-def inference_schemas(settings) -> tuple[Schema, Schema]:
-    """(txt2img, img2img) /inference/v2 schemas: A1111's, with the extension's envelope and defaults."""
-    txt2img, img2img = a1111_request_schemas(settings)
-    steps_range = validate.Range(1, settings.limits.max_steps)
+class InferenceEnvelope(BaseSchema):
+    """The extension's fields around A1111's parameters, with its template's defaults (28 steps, "Euler a")."""
 
-    def envelope(base: type[Schema]) -> type[Schema]:
-        class InferenceRequest(base):
-            task_type = fields.String(required=True, validate=validate.OneOf(TASK_TYPES))
-            models = ModelsField(required=True)
-            sagemaker_endpoint_name = fields.String(required=True, metadata={
-                "description": "Worker pool (GET /endpoints) that runs the job"})
-            steps = LooseInteger(load_default=28, validate=steps_range)
-            sampler_name = fields.String(load_default="Euler a", allow_none=True)
-            sampler_index = fields.String(load_default="Euler a")
+    task_type = fields.String(required=True, validate=validate.OneOf(TASK_TYPES))
+    models = ModelsField(required=True)
+    sagemaker_endpoint_name = fields.String(required=True, metadata={
+        "description": "Worker pool (GET /endpoints) that runs the job"})
+    steps = LooseInteger(load_default=28, validate=SettingRange(1, limit("max_steps")))
+    sampler_name = fields.String(load_default="Euler a", allow_none=True)
+    sampler_index = fields.String(load_default="Euler a")
 
-            @validates("sagemaker_endpoint_name")
-            def pool_name(self, value: str, **_: Any) -> None:
-                check_pool_name(value)
+    @validates("sagemaker_endpoint_name")
+    def pool_name(self, value: str, **_: Any) -> None:
+        check_pool_name(value)
 
-        return InferenceRequest
 
-    return envelope(txt2img)(), envelope(img2img)()
+class InferenceRequest(InferenceEnvelope, Txt2ImgRequest):
+    """POST /inference/v2 with task_type txt2img."""
+
+
+class InferenceImg2Img(InferenceEnvelope, Img2ImgRequest):
+    """POST /inference/v2 with task_type img2img (init_images, and mask for inpainting)."""
+
+
+# Instances, not classes: webargs would build (and deep-copy) a schema per request.
+TXT2IMG_REQUEST = InferenceRequest()
+IMG2IMG_REQUEST = InferenceImg2Img()
 
 
 class JobQuery(BaseSchema):

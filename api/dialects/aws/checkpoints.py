@@ -1,4 +1,4 @@
-"""The AWS extension middleware's model API (seed 001): checkpoints uploaded into S3.
+"""The AWS SD extension API's model routes: checkpoints uploaded into S3.
 
 Why: clients bring their own checkpoints and LoRAs. POST /checkpoint opens
 one S3 multipart upload per file and hands out presigned part URLs (the
@@ -10,62 +10,30 @@ worker that runs them copies them into its model directory. Answers carry
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any
-
 from flask import jsonify
 from flask_smorest import Blueprint
 
 from api.auth import bearer_token, current_key
-from api.aws_inference import DIALECT, forbidden, gateway_error, not_allowed
-from api.aws_schemas import CheckpointCreate, CheckpointQuery, CheckpointsQuery, CheckpointUpdate, UploadCheckpoint
+from api.dialects.aws import schemas
+from api.dialects.aws.errors import CHECKPOINTS_BLUEPRINT, DIALECT, forbidden, models_error, not_allowed
+from api.dialects.aws.translate import checkpoint_view, listed_view, local_views, now_text
 from api.downloads import DownloadRefused, open_download
-from api.errors import DIALECT_RENDERERS, detail_text, json_error
+from api.limits import read_limited, submit_limited
 from api.services import Services, services
-from common.store.checkpoints import Checkpoint, CheckpointStore, filename_problem
 from common.errors import StorageError
+from common.store import CheckpointStore
+from common.store.checkpoints import Checkpoint, filename_problem
 
-BLUEPRINT = "aws_models"
+
 SECURITY = [{"ApiKeyAuth": []}]
 
-
-def models_error(status: int, detail: Any, headers: dict | None = None):
-    """{"statusCode": N, "error": "..."} with the same HTTP status; validation lists become one line."""
-    if status == 429:
-        return gateway_error(429, "Too Many Requests", headers)
-    status = 400 if status == 422 else status
-    return json_error(status, {"statusCode": status, "error": detail_text(detail)}, headers)
+blp = Blueprint(CHECKPOINTS_BLUEPRINT, __name__, description="AWS SD extension API: checkpoints in S3")
 
 
-DIALECT_RENDERERS[BLUEPRINT] = models_error
-
-
-def now_text() -> str:
-    return str(datetime.now(timezone.utc).replace(tzinfo=None))
-
-
-def checkpoint_view(svc: Services, checkpoint: Checkpoint) -> dict:
-    """A checkpoint as POST/PUT/GET /checkpoint show it."""
-    return {"id": checkpoint.id, "type": checkpoint.type, "s3_location": f"s3://{svc.storage.bucket}/{checkpoint.prefix}",
-            "status": checkpoint.status, "params": checkpoint.params, "name": checkpoint.names}
-
-
-def listed_view(svc: Services, checkpoint: Checkpoint) -> dict:
-    """A checkpoint as GET /checkpoints lists it (camelCase s3Location, epoch `created`)."""
-    return {"id": checkpoint.id, "s3Location": f"s3://{svc.storage.bucket}/{checkpoint.prefix}",
-            "type": checkpoint.type, "status": checkpoint.status, "name": checkpoint.names,
-            "created": checkpoint.created, "params": checkpoint.params}
-
-
-def local_views(svc: Services) -> list[dict]:
-    """Models and LoRAs already in the workers' directories, listed like Active checkpoints."""
-    out = [{"id": f"local:{m.name}", "s3Location": "", "type": "Stable-diffusion", "status": "Active",
-            "name": [m.name], "created": m.path.stat().st_mtime, "params": {"source": "model directory"}}
-           for m in svc.catalog.models()]
-    out += [{"id": f"local:{p.name}", "s3Location": "", "type": "Lora", "status": "Active", "name": [p.name],
-             "created": p.stat().st_mtime, "params": {"source": "LoRA directory"}}
-            for p in svc.catalog.loras().values()]
-    return out
+@blp.before_request
+def authenticate():
+    """The key header, or `Authorization: Bearer <key>`."""
+    return services().keys.check(DIALECT, bearer_token, forbidden, not_allowed)
 
 
 def name_problem(svc: Services, store: CheckpointStore, kind: str, name: str) -> str | None:
@@ -172,59 +140,58 @@ def upload_from_urls(svc: Services, data: dict):
     return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint)})
 
 
-def create_aws_models_blueprint(settings, limits, keys) -> Blueprint:
-    blp = Blueprint(BLUEPRINT, __name__, description="AWS extension middleware (seed 001): checkpoints in S3")
-    blp.before_request(keys.authenticator(DIALECT, bearer_token, forbidden, not_allowed))
+# --- routes --------------------------------------------------------------------------------
+@blp.route("/checkpoints", methods=["GET"])
+@read_limited
+@blp.arguments(schemas.CheckpointsQuery(), location="query")
+@blp.doc(security=SECURITY)
+def list_checkpoints(query: dict):
+    """Uploaded checkpoints and the models already in the workers' directories, filtered by status and types."""
+    svc = services()
+    found = [listed_view(svc, c) for c in svc.checkpoints.all()] + local_views(svc)
+    found = [c for c in found if (not query["status"] or c["status"] in query["status"])
+             and (not query["types"] or c["type"] in query["types"])]
+    return jsonify({"statusCode": 200, "checkpoints": found})
 
-    @blp.route("/checkpoints", methods=["GET"])
-    @limits.read
-    @blp.arguments(CheckpointsQuery(), location="query")
-    @blp.doc(security=SECURITY)
-    def list_checkpoints(query: dict):
-        """Uploaded checkpoints and the models already in the workers' directories, filtered by status and types."""
-        svc = services()
-        found = [listed_view(svc, c) for c in svc.checkpoints.all()] + local_views(svc)
-        found = [c for c in found if (not query["status"] or c["status"] in query["status"])
-                 and (not query["types"] or c["type"] in query["types"])]
-        return jsonify({"statusCode": 200, "checkpoints": found})
 
-    @blp.route("/checkpoint", methods=["GET"])
-    @limits.read
-    @blp.arguments(CheckpointQuery(), location="query")
-    @blp.doc(security=SECURITY)
-    def get_checkpoint(query: dict):
-        """One uploaded checkpoint by `id` (or `checkpoint_id`)."""
-        svc = services()
-        wanted = query["id"] or query["checkpoint_id"]
-        if not wanted:
-            return models_error(400, "query parameter id is required")
-        checkpoint = svc.checkpoints.get(wanted)
-        if checkpoint is None:
-            return models_error(404, f"checkpoint not found with id {wanted}")
-        return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint)})
+@blp.route("/checkpoint", methods=["GET"])
+@read_limited
+@blp.arguments(schemas.CheckpointQuery(), location="query")
+@blp.doc(security=SECURITY)
+def get_checkpoint(query: dict):
+    """One uploaded checkpoint by `id` (or `checkpoint_id`)."""
+    svc = services()
+    wanted = query["id"] or query["checkpoint_id"]
+    if not wanted:
+        return models_error(400, "query parameter id is required")
+    checkpoint = svc.checkpoints.get(wanted)
+    if checkpoint is None:
+        return models_error(404, f"checkpoint not found with id {wanted}")
+    return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint)})
 
-    @blp.route("/checkpoint", methods=["POST"])
-    @limits.submit
-    @blp.arguments(CheckpointCreate(), location="json")
-    @blp.doc(security=SECURITY)
-    def post_checkpoint(data: dict):
-        """Create a checkpoint: presigned part URLs per file (PUT each part, keep its ETag)."""
-        return create_checkpoint(services(), data)
 
-    @blp.route("/checkpoint", methods=["PUT"])
-    @limits.submit
-    @blp.arguments(CheckpointUpdate(), location="json")
-    @blp.doc(security=SECURITY)
-    def put_checkpoint(data: dict):
-        """Set a checkpoint's status; Active completes its uploads (ETags from multi_parts_tags or S3)."""
-        return update_checkpoint(services(), data)
+@blp.route("/checkpoint", methods=["POST"])
+@submit_limited
+@blp.arguments(schemas.CheckpointCreate(), location="json")
+@blp.doc(security=SECURITY)
+def post_checkpoint(data: dict):
+    """Create a checkpoint: presigned part URLs per file (PUT each part, keep its ETag)."""
+    return create_checkpoint(services(), data)
 
-    @blp.route("/upload_checkpoint", methods=["POST"])
-    @limits.submit
-    @blp.arguments(UploadCheckpoint(), location="json")
-    @blp.doc(security=SECURITY)
-    def upload_checkpoint(data: dict):
-        """Fetch model files from public URLs into S3 (private and loopback hosts refused unless allow-listed)."""
-        return upload_from_urls(services(), data)
 
-    return blp
+@blp.route("/checkpoint", methods=["PUT"])
+@submit_limited
+@blp.arguments(schemas.CheckpointUpdate(), location="json")
+@blp.doc(security=SECURITY)
+def put_checkpoint(data: dict):
+    """Set a checkpoint's status; Active completes its uploads (ETags from multi_parts_tags or S3)."""
+    return update_checkpoint(services(), data)
+
+
+@blp.route("/upload_checkpoint", methods=["POST"])
+@submit_limited
+@blp.arguments(schemas.UploadCheckpoint(), location="json")
+@blp.doc(security=SECURITY)
+def upload_checkpoint(data: dict):
+    """Fetch model files from public URLs into S3 (private and loopback hosts refused unless allow-listed)."""
+    return upload_from_urls(services(), data)

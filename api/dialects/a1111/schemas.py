@@ -1,0 +1,169 @@
+"""The AUTOMATIC1111 web UI API's schemas (names and defaults as A1111's own API models).
+
+Why its own module: A1111 clients send dozens of fields sdqueue must accept
+with A1111's defaults (modules/api/models.py + StableDiffusionProcessing);
+the same schemas document the dialect in /openapi.json.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+
+from api.init_image import InitImageError, decode_init_image
+from api.schemas import (MAX_SEED, BaseSchema, InitImageField, LooseInteger, SettingLength, SettingRange, StrictFloat,
+                         limit)
+from api.services import services
+
+
+class ImageList(fields.List):
+    """A list of base64 images (A1111: bare base64 or data URLs), decoded and checked on load."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(fields.String(), **kwargs)
+
+    def _deserialize(self, value: Any, attr, data, **kwargs):
+        texts = super()._deserialize(value, attr, data, **kwargs)
+        images, errors = [], {}
+        for i, text in enumerate(texts):
+            try:
+                images.append(decode_init_image(text))
+            except InitImageError as exc:
+                errors[i] = [str(exc)]
+        if errors:
+            raise ValidationError(errors)
+        return images
+
+
+SIZE = dict(load_default=512, validate=SettingRange(limit("min_size"), limit("max_size", plus=7)), metadata={
+    "description": "Pixels; rounded down to a multiple of 8 as A1111's latent space does"})
+
+
+class Txt2ImgRequest(BaseSchema):
+    """POST /sdapi/v1/txt2img: A1111's StableDiffusionTxt2ImgProcessingAPI fields and defaults."""
+
+    prompt = fields.String(load_default="", validate=SettingLength(max=limit("max_prompt_chars")))
+    negative_prompt = fields.String(load_default="", allow_none=True, validate=SettingLength(max=limit("max_prompt_chars")))
+    styles = fields.List(fields.String(), load_default=list, allow_none=True,
+                         metadata={"description": "Accepted; sdqueue has no style presets (reported in info)"})
+    seed = LooseInteger(load_default=-1, allow_none=True, validate=validate.Range(-1, MAX_SEED),
+                        metadata={"description": "-1: random; image n uses seed + n"})
+    subseed = LooseInteger(load_default=-1, allow_none=True)
+    subseed_strength = StrictFloat(load_default=0.0, allow_none=True)
+    seed_resize_from_h = LooseInteger(load_default=-1, allow_none=True)
+    seed_resize_from_w = LooseInteger(load_default=-1, allow_none=True)
+    sampler_name = fields.String(load_default=None, allow_none=True, metadata={
+        "description": "A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras' (GET /sdapi/v1/samplers)"})
+    sampler_index = fields.String(load_default="Euler",
+                                  metadata={"description": "Used when sampler_name is not given"})
+    scheduler = fields.String(load_default=None, allow_none=True, metadata={
+        "description": "Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform"})
+    batch_size = LooseInteger(load_default=1, validate=SettingRange(1, limit("max_images")))
+    n_iter = LooseInteger(load_default=1, validate=SettingRange(1, limit("max_images")))
+    steps = LooseInteger(load_default=50, validate=SettingRange(1, limit("max_steps")))
+    cfg_scale = StrictFloat(load_default=7.0, validate=validate.Range(0, 50))
+    width = LooseInteger(**SIZE)
+    height = LooseInteger(**SIZE)
+    restore_faces = fields.Boolean(load_default=None, allow_none=True)
+    tiling = fields.Boolean(load_default=None, allow_none=True)
+    do_not_save_samples = fields.Boolean(load_default=False)
+    do_not_save_grid = fields.Boolean(load_default=False)
+    eta = StrictFloat(load_default=None, allow_none=True)
+    denoising_strength = StrictFloat(load_default=None, allow_none=True, validate=validate.Range(0, 1))
+    s_min_uncond = StrictFloat(load_default=None, allow_none=True)
+    s_churn = StrictFloat(load_default=None, allow_none=True)
+    s_tmax = StrictFloat(load_default=None, allow_none=True)
+    s_tmin = StrictFloat(load_default=None, allow_none=True)
+    s_noise = StrictFloat(load_default=None, allow_none=True)
+    override_settings = fields.Dict(keys=fields.String(), load_default=None, allow_none=True, metadata={
+        "description": "sd_model_checkpoint picks the model for this request; others are reported in info"})
+    override_settings_restore_afterwards = fields.Boolean(load_default=True)
+    refiner_checkpoint = fields.String(load_default=None, allow_none=True)
+    refiner_switch_at = StrictFloat(load_default=None, allow_none=True)
+    disable_extra_networks = fields.Boolean(load_default=False)
+    comments = fields.Dict(load_default=None, allow_none=True)
+    enable_hr = fields.Boolean(load_default=False)
+    firstphase_width = LooseInteger(load_default=0)
+    firstphase_height = LooseInteger(load_default=0)
+    hr_scale = StrictFloat(load_default=2.0)
+    hr_upscaler = fields.String(load_default=None, allow_none=True)
+    hr_second_pass_steps = LooseInteger(load_default=0)
+    hr_resize_x = LooseInteger(load_default=0)
+    hr_resize_y = LooseInteger(load_default=0)
+    force_task_id = fields.String(load_default=None, allow_none=True)
+    script_name = fields.String(load_default=None, allow_none=True)
+    script_args = fields.List(fields.Raw(), load_default=list)
+    send_images = fields.Boolean(load_default=True)
+    save_images = fields.Boolean(load_default=False, metadata={
+        "description": "Also store the images as outputs/txt2img-images/YYYY-MM-DD/NNNNN-SEED.png in the bucket"})
+    alwayson_scripts = fields.Dict(keys=fields.String(), load_default=dict, metadata={
+        "description": "Accepted; scripts sdqueue does not run are named in info's warnings"})
+    infotext = fields.String(load_default=None, allow_none=True)
+
+    @validates_schema
+    def image_count(self, data: dict, **_: Any) -> None:
+        most = services().settings.limits.max_images
+        if data["batch_size"] * data["n_iter"] > most:
+            raise ValidationError(f"batch_size * n_iter must be at most {most}", field_name="n_iter")
+
+    @post_load
+    def round_sizes(self, data: dict, **_: Any) -> dict:
+        data["width"], data["height"] = data["width"] // 8 * 8, data["height"] // 8 * 8
+        return data
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """POST /sdapi/v1/img2img: txt2img's fields plus the init images, mask and inpainting options."""
+
+    init_images = ImageList(required=True, validate=validate.Length(min=1), metadata={
+        "description": "Base64 images (bare or data URLs); the first is the init image"})
+    resize_mode = LooseInteger(load_default=0, validate=validate.Range(0, 3))
+    image_cfg_scale = StrictFloat(load_default=None, allow_none=True)
+    mask = InitImageField(load_default=None, allow_none=True,
+                         metadata={"description": "Base64 mask: white is repainted (inpainting)"})
+    mask_blur_x = LooseInteger(load_default=4)
+    mask_blur_y = LooseInteger(load_default=4)
+    mask_blur = LooseInteger(load_default=None, allow_none=True, validate=validate.Range(0, 64))
+    mask_round = fields.Boolean(load_default=True)
+    inpainting_fill = LooseInteger(load_default=0, validate=validate.Range(0, 3))
+    inpaint_full_res = fields.Raw(load_default=True)
+    inpaint_full_res_padding = LooseInteger(load_default=0)
+    inpainting_mask_invert = LooseInteger(load_default=0, validate=validate.Range(0, 1))
+    initial_noise_multiplier = StrictFloat(load_default=None, allow_none=True)
+    latent_mask = fields.String(load_default=None, allow_none=True)
+    include_init_images = fields.Boolean(load_default=False)
+    denoising_strength = StrictFloat(load_default=0.75, allow_none=True, validate=validate.Range(0, 1))
+
+    @validates_schema
+    def init_image_size(self, data: dict, **_: Any) -> None:
+        largest = services().settings.limits.max_size * 4
+        for image in data.get("init_images") or []:
+            if max(image.width, image.height) > largest:
+                raise ValidationError(f"init image {image.width}x{image.height} is too large",
+                                      field_name="init_images")
+
+
+class OptionsUpdate(BaseSchema):
+    """POST /sdapi/v1/options: any option names; sd_model_checkpoint must name a model."""
+
+    class Meta:
+        unknown = "include"
+
+
+class PngInfoRequest(BaseSchema):
+    image = fields.String(required=True, metadata={"description": "Base64 PNG (bare or data URL)"})
+
+
+class ProgressQuery(BaseSchema):
+    skip_current_image = fields.Boolean(load_default=False)
+
+
+class A1111Response(Schema):
+    images = fields.List(fields.String(), metadata={"description": "Base64 PNGs with their parameters chunk"})
+    parameters = fields.Dict(metadata={"description": "The request, with defaults filled in"})
+    info = fields.String(metadata={"description": "JSON string: seed, all_seeds, infotexts, ..."})
+
+
+# Instances, not classes: webargs would build (and deep-copy) a schema per request.
+TXT2IMG_REQUEST = Txt2ImgRequest()
+IMG2IMG_REQUEST = Img2ImgRequest()

@@ -1,0 +1,10 @@
+"""The AWS SD extension API: /inference/v2 jobs on worker pools (its endpoints), and uploaded checkpoints.
+
+Two blueprints: `inference_blp` (inference, endpoints, model lists) and
+`checkpoints_blp` (checkpoints uploaded into S3), as the extension's
+middleware splits them; errors differ between the two (see errors.py).
+"""
+from api.dialects.aws.checkpoints import blp as checkpoints_blp
+from api.dialects.aws.routes import blp as inference_blp
+
+__all__ = ["checkpoints_blp", "inference_blp"]

@@ -1,0 +1,72 @@
+"""SD on EKS's request schemas: A1111's parameters with the `alwayson_scripts` envelope required."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from marshmallow import ValidationError, fields, validate, validates, validates_schema
+
+from api.dialects.a1111 import ImageList, Img2ImgRequest, Txt2ImgRequest
+from api.schemas import BaseSchema
+
+
+TASKS = {"text-to-image": "txt2img", "image-to-image": "img2img"}
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+SAVE_DIR_PATTERN = re.compile(r"^[A-Za-z0-9_.\-/]{1,256}$")
+MAX_LINKS = 16
+
+
+class AlwaysOnScripts(BaseSchema):
+    task = fields.String(required=True, validate=validate.OneOf(list(TASKS)))
+    sd_model_checkpoint = fields.String(required=True)
+    id_task = fields.Raw(required=True, metadata={"description": "Client-chosen job id; resubmitting it creates no second job"})
+    uid = fields.Raw(load_default=None)
+    save_dir = fields.String(load_default="outputs")
+    image_link = fields.String(load_default=None, allow_none=True)
+
+    @validates("id_task")
+    def plain_id(self, value: Any, **_: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not ID_PATTERN.match(str(value)):
+            raise ValidationError("id_task must be letters, digits, '-', '_' or '.' (at most 128)")
+
+    @validates("save_dir")
+    def plain_dir(self, value: str, **_: Any) -> None:
+        if not SAVE_DIR_PATTERN.match(value) or ".." in value.split("/") or value.startswith("/"):
+            raise ValidationError("save_dir must be a relative path of letters, digits, '-', '_', '.', '/'")
+
+    @validates("image_link")
+    def plain_links(self, value: str | None, **_: Any) -> None:
+        if len(links_of(value)) > MAX_LINKS:
+            raise ValidationError(f"at most {MAX_LINKS} links")
+        for link in links_of(value):
+            if not link.startswith(("http://", "https://", "s3://")):
+                raise ValidationError(f"{link[:80]!r}: image_link is a comma-separated list of http(s):// or s3:// URLs")
+
+
+def links_of(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+class EksTxt2Img(Txt2ImgRequest):
+    """A text-to-image job."""
+
+    alwayson_scripts = fields.Nested(AlwaysOnScripts, required=True)
+
+
+class EksImg2Img(Img2ImgRequest):
+    """An image-to-image job: init_images, or URLs in alwayson_scripts.image_link."""
+
+    alwayson_scripts = fields.Nested(AlwaysOnScripts, required=True)
+    init_images = ImageList(load_default=list, metadata={
+        "description": "Base64 images; or give alwayson_scripts.image_link (URLs fetched by sdqueue)"})
+
+    @validates_schema
+    def some_image(self, data: dict, **_: Any) -> None:
+        if not data.get("init_images") and not links_of((data.get("alwayson_scripts") or {}).get("image_link")):
+            raise ValidationError("image-to-image needs init_images or alwayson_scripts.image_link",
+                                  field_name="init_images")
+
+
+# Instances, not classes: webargs would build (and deep-copy) a schema per request.
+TXT2IMG_REQUEST = EksTxt2Img()
+IMG2IMG_REQUEST = EksImg2Img()

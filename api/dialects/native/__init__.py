@@ -1,0 +1,10 @@
+"""The native API (`/api/v1`): asynchronous jobs, polled, long-polled or called back.
+
+Public: `blp` (registered by api/dialects), and what api/fastsubmit.py shares
+with the route: the request schema, the JobSpec builder and the 202 body.
+"""
+from api.dialects.native.routes import blp
+from api.dialects.native.schemas import GENERATE_REQUEST
+from api.dialects.native.translate import build_jobspec, created_body, render_task
+
+__all__ = ["GENERATE_REQUEST", "blp", "build_jobspec", "created_body", "render_task"]

@@ -1,0 +1,151 @@
+"""The native API: /api/v1/generate, tasks, models, schedulers, LoRAs.
+
+Why a thin translator: the request is validated by its schema, turned into
+the canonical JobSpec, written as a pending task and sent to the queue;
+nothing about generation happens here. Most well-formed submissions are
+answered before Flask by api/fastsubmit.py, with the same schema and builder.
+"""
+from __future__ import annotations
+
+from flask import jsonify, request
+from flask_smorest import Blueprint, abort
+
+from api.auth import current_key
+from api.dialects.native import schemas
+from api.dialects.native.translate import build_jobspec, created_body, render_task
+from api.errors import error_response
+from api.fastsubmit import TASK_ID_ENVIRON
+from api.limits import read_limited, submit_limited
+from api.services import Services, services
+from api.submission import new_task_id, submit_job, wait_until_terminal
+from common.errors import TaskNotFound
+from common.queue import send_callback
+from common.schedulers import SCHEDULERS
+from common.store import CancelOutcome, Task, TaskStatus
+
+
+DIALECT = "native"
+NOT_FOUND = "任务不存在"                    # the original service's exact detail
+CANCEL_WAIT_SECONDS = 5.0
+SECURITY = [{"ApiKeyAuth": []}]
+
+blp = Blueprint(DIALECT, __name__, url_prefix="/api/v1",
+                description="Native API: asynchronous jobs, polled or long-polled, with callbacks")
+
+
+@blp.before_request
+def authenticate():
+    """Every native route needs a key (X-API-Key by default); 401 / 403 in the native error shape."""
+    keys = services().keys
+    return keys.check(DIALECT, None,
+                      lambda: error_response(401, f"Invalid or missing API key (header {keys.header})",
+                                             {"WWW-Authenticate": f'ApiKey header="{keys.header}"'}),
+                      lambda: error_response(403, "this API key may not use the native API"))
+
+
+def owned_task_or_404(svc: Services, task_id: str) -> Task:
+    try:
+        return svc.store.get_owned(task_id, current_key().owner)
+    except TaskNotFound:
+        abort(404, message=NOT_FOUND)
+
+
+@blp.route("/generate", methods=["POST"])
+@submit_limited
+@blp.arguments(schemas.GENERATE_REQUEST, location="json")
+@blp.response(202, schemas.TaskCreatedSchema)
+@blp.doc(security=SECURITY)
+def generate(data: dict):
+    """Queue a txt2img job, or img2img when init_image is given."""
+    svc = services()
+    task_id = request.environ.get(TASK_ID_ENVIRON) or new_task_id()
+    image_key = None
+    if data["init_image"] is not None:
+        image = data["init_image"]
+        image_key = svc.storage.input_key(task_id, f"init.{image.format}")
+        svc.storage.put(image_key, image.data, image.content_type)
+    spec = build_jobspec(data, svc, current_key(), image_key)
+    submit_job(svc, current_key().owner, spec, task_id)
+    # A ready Response skips flask-smorest's re-serialisation; TaskCreatedSchema still documents it.
+    response = jsonify(created_body(task_id))
+    response.status_code = 202
+    return response
+
+
+@blp.route("/tasks/<string:task_id>", methods=["GET"])
+@read_limited
+@blp.arguments(schemas.TaskQuery(), location="query")
+@blp.response(200, schemas.TaskSchema)
+@blp.doc(security=SECURITY)
+def get_task(query: dict, task_id: str):
+    """A task's status, progress, queue position and image URLs."""
+    svc = services()
+    task = owned_task_or_404(svc, task_id)
+    if query["wait"] and not task.status.terminal:
+        wait_until_terminal(svc, task_id, query["wait"])
+        task = svc.store.get(task_id)
+    return render_task(task, svc.storage, svc.store)
+
+
+@blp.route("/tasks/<string:task_id>", methods=["DELETE"])
+@blp.response(200, schemas.TaskSchema)
+@blp.alt_response(202, schema=schemas.TaskSchema, description="Cancel requested; the job stops at its next step")
+@blp.alt_response(409, description="The task already completed or failed")
+@blp.doc(security=SECURITY)
+def cancel_task(task_id: str):
+    """Cancel a pending task at once, or a running one at its next denoising step."""
+    svc = services()
+    task = owned_task_or_404(svc, task_id)
+    outcome = svc.store.request_cancel(task)
+    if outcome is CancelOutcome.CANCELLED and task.spec.callback_url:
+        send_callback(svc.celery, task.id, svc.settings.callbacks.queue)
+    if outcome is CancelOutcome.CANCELLING:
+        wait_until_terminal(svc, task.id, CANCEL_WAIT_SECONDS)
+    task = svc.store.get(task.id)
+    if task.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
+        return error_response(409, f"task already {task.status.value}; it cannot be cancelled")
+    body = render_task(task, svc.storage, svc.store)
+    return body, (200 if task.status is TaskStatus.CANCELLED else 202)
+
+
+@blp.route("/tasks", methods=["GET"])
+@read_limited
+@blp.arguments(schemas.TaskListQuery(), location="query")
+@blp.response(200, schemas.TaskListSchema)
+@blp.doc(security=SECURITY)
+def list_tasks(query: dict):
+    """The caller's tasks, newest first."""
+    svc = services()
+    status = TaskStatus(query["status"]) if query["status"] else None
+    tasks, total = svc.store.list_owned(current_key().owner, query["offset"], query["limit"], status)
+    return {"tasks": [render_task(t, svc.storage, svc.store) for t in tasks], "total": total,
+            "limit": query["limit"], "offset": query["offset"]}
+
+
+@blp.route("/models", methods=["GET"])
+@blp.response(200, schemas.ModelListSchema)
+@blp.doc(security=SECURITY)
+def list_models():
+    """Models in the model directory; `loaded` when a live worker holds it warm."""
+    svc = services()
+    warm = {m for w in svc.workers.live() for m in w.models}
+    default = svc.catalog.default_model()
+    return {"default": default, "models": [
+        {**m.to_dict(), "default": m.name == default, "loaded": m.name in warm} for m in svc.catalog.models()]}
+
+
+@blp.route("/schedulers", methods=["GET"])
+@blp.response(200, schemas.SchedulerListSchema)
+@blp.doc(security=SECURITY)
+def list_schedulers():
+    """Scheduler names accepted by `scheduler`."""
+    return {"default": services().settings.defaults.scheduler or None,
+            "schedulers": [{"name": n, "description": d} for n, d in SCHEDULERS.items()]}
+
+
+@blp.route("/loras", methods=["GET"])
+@blp.response(200, schemas.LoraListSchema)
+@blp.doc(security=SECURITY)
+def list_loras():
+    """LoRAs in the LoRA directory, usable in `loras`."""
+    return {"loras": [{"name": n} for n in services().catalog.loras()]}

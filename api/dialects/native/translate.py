@@ -1,0 +1,80 @@
+"""The native API's translation: a validated request -> the canonical JobSpec, a task -> its JSON.
+
+Why public (the package exports these): api/fastsubmit.py answers well-formed
+submissions before Flask with the same builder and the same 202 body.
+"""
+from __future__ import annotations
+
+from flask_smorest import abort
+
+from api.auth import ApiKey
+from api.services import Services
+from api.submission import resolve_seed
+from api.timestamps import iso
+from common.jobspec import JobSpec, LoraRef
+from common.storage import Storage
+from common.store import Task, TaskStatus, TaskStore
+
+
+CREATED_MESSAGE = "任务已创建，正在处理中"   # the original service's exact message
+
+
+def created_body(task_id: str) -> dict:
+    """The 202 answer to a submission."""
+    return {"task_id": task_id, "status": TaskStatus.PENDING.value, "message": CREATED_MESSAGE}
+
+
+def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | None = None) -> JobSpec:
+    """Native request (validated) -> canonical job with every default filled."""
+    defaults = svc.settings.defaults
+    model_name = data["model"] or svc.catalog.default_model()
+    if model_name is None:
+        abort(503, message="no model is available yet; add one to the model directory")
+    if not key.may_use_model(model_name):
+        abort(403, message=f"this API key may not use model '{model_name}'")
+    if not key.may_use_priority(data["priority"]):
+        abort(403, message=f"this API key may not use priority '{data['priority']}'")
+    model = svc.catalog.model(model_name)
+    native = model.native_size if model else 512
+    image = data["init_image"]
+    if image is not None:
+        width, height = image.width // 8 * 8, image.height // 8 * 8
+    else:
+        width, height = data["width"] or native, data["height"] or native
+    return JobSpec(
+        prompt=data["prompt"], negative_prompt=data["negative_prompt"], model=model_name,
+        width=width, height=height, num_images=data["num_images"],
+        num_inference_steps=data["num_inference_steps"] or defaults.num_inference_steps,
+        guidance_scale=data["guidance_scale"] if data["guidance_scale"] is not None else defaults.guidance_scale,
+        strength=(data["strength"] if data["strength"] is not None else defaults.strength) if image else None,
+        scheduler=data["scheduler"] or defaults.scheduler or None,
+        seed=resolve_seed(data["seed"]), output_format=data["output_format"],
+        init_image_key=init_image_key, loras=[LoraRef(lr["name"], lr["weight"]) for lr in data["loras"]],
+        callback_url=data["callback_url"], dialect="native", priority=data["priority"],
+    )
+
+
+def image_urls(task: Task, storage: Storage) -> list[str]:
+    return [storage.url_for(key) for key in task.result_keys]
+
+
+def render_task(task: Task, storage: Storage, store: TaskStore) -> dict:
+    """A task as GET /api/v1/tasks/{id} shows it (the original's fields plus progress, priority, seeds)."""
+    urls = image_urls(task, storage) if task.status is TaskStatus.COMPLETED else []
+    total = task.progress_total
+    return {
+        "task_id": task.id,
+        "status": task.status.value,
+        "result_url": urls[0] if len(urls) == 1 else None,
+        "result_urls": urls if len(urls) > 1 else None,
+        "error_message": task.error if task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED) else None,
+        "created_at": iso(task.created_at),
+        "updated_at": iso(task.updated_at),
+        "progress": {"step": task.progress_step, "total": total,
+                     "fraction": round(task.progress_step / total, 4) if total else 0.0},
+        "queue_position": store.queue_position(task),
+        "priority": task.spec.priority,
+        "seeds": task.seeds or task.spec.seeds,
+        "model": task.spec.model,
+        "num_images": task.spec.num_images,
+    }
