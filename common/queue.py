@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import orjson
 from celery import Celery
-from kombu.serialization import dumps as serialize
 
 GENERATE_TASK = "sdq.generate"
 CALLBACK_TASK = "sdq.deliver_callback"
@@ -20,6 +19,12 @@ CALLBACK_TASK = "sdq.deliver_callback"
 # Seconds beyond the job time limit before the broker redelivers an unacked
 # message; the reaper (heartbeats) rescues killed workers' jobs long before.
 VISIBILITY_MARGIN = 300
+
+# Message priorities kombu's virtual transports accept (sdqueue orders jobs by
+# its own priority classes, in Redis; broker messages use 0).
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
+# Scratch keys under which MessageBuilder has Celery publish its templates.
+TEMPLATE_KEY_PREFIX = "sdq:message-template:"
 
 
 def celery_config(settings) -> dict:
@@ -69,23 +74,27 @@ class MessageBuilder:
 
     Why: the API writes a new task's hash and its queue message in one Redis
     call, so a submission is atomic (never a hash without a message or the
-    reverse) and costs one round trip. Celery's own protocol code
-    (`amqp.as_task_v2`) and kombu's channel build a template once per task
-    name and queue; each submission only fills in its ids, arguments and
-    delivery tag (tests compare the result with what `send_task` writes).
+    reverse) and costs one round trip. So the API cannot let Celery publish
+    (kombu would LPUSH on its own connection); it needs the message's bytes.
+    A template is made once per task name, queue and priority; each
+    submission only fills in its ids, arguments and delivery tag (tests
+    compare the result with what `send_task` writes).
+
+    How the template is made, with public Celery/kombu calls only (no
+    `channel._inplace_augment_message`, `channel._q_for_pri`): Celery's
+    `send_task` publishes one real message for that name, queue and priority
+    through a kombu connection with a scratch `global_keyprefix` (a documented
+    Redis transport option), so it lands beside the real queue's lists where
+    no worker reads it; the builder pops it and keeps it. It is popped from
+    the list that the documented Redis priority scheme names (see
+    `redis_list_key`), so finding it there also checks that scheme against the
+    installed kombu at the first submission. This costs a connection and two
+    Redis commands once per template; `build` does no Redis call at all.
     """
 
     def __init__(self, app: Celery):
         self.app = app
-        self._channel = None
         self._templates: dict[tuple[str, str, int], dict] = {}
-
-    @property
-    def channel(self):
-        """kombu's virtual channel, opened on first use (the API may start before Redis)."""
-        if self._channel is None:
-            self._channel = self.app.connection_for_write().default_channel
-        return self._channel
 
     def generate(self, task_id: str, attempt: int, queue: str, priority: int = 0) -> BrokerMessage:
         return self.build(GENERATE_TASK, celery_task_id(task_id, attempt), [task_id, attempt], queue, priority)
@@ -108,20 +117,50 @@ class MessageBuilder:
         return self._templates[key]
 
     def _celery_message(self, name: str, queue: str, priority: int) -> dict:
-        """One message made by Celery and kombu themselves, kept as the template."""
-        headers, properties, body, _ = self.app.amqp.as_task_v2(
-            "template", name, args=[], kwargs={}, reply_to=self.app.thread_oid, ignore_result=None,
-            argsrepr="[]", kwargsrepr="{}")
-        content_type, content_encoding, data = serialize(body, serializer="json")
-        properties = {**properties, "delivery_mode": 2}
-        message = self.channel.prepare_message(data, priority, content_type, content_encoding, headers, properties)
-        # Celery publishes direct-routed tasks on the anonymous exchange, keyed by queue name.
-        self.channel._inplace_augment_message(message, "", queue)
+        """One message published by Celery and kombu themselves, read back and kept as the template."""
+        if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+            raise ValueError(f"broker priority {priority} outside {MIN_PRIORITY}..{MAX_PRIORITY}")
+        if self.app.current_worker_task is not None:
+            # send_task would copy that task's ids (parent_id) into every message built from the template.
+            raise RuntimeError("MessageBuilder makes its templates outside Celery tasks (API threads, the heartbeat)")
+        scratch = f"{TEMPLATE_KEY_PREFIX}{uuid.uuid4().hex}:"
+        with self.app.connection_for_write() as conn, \
+                self.app.connection_for_write(transport_options={"global_keyprefix": scratch}) as scratch_conn:
+            # declare=[]: no binding sets are written for the scratch queue, only the message's list.
+            self.app.send_task(name, args=[], kwargs={}, queue=queue, priority=priority, task_id="template",
+                               connection=scratch_conn, declare=[], add_to_parent=False)
+            channel = conn.default_channel      # no key prefix: reads the scratch key by its full name
+            list_key = redis_list_key(queue, priority, channel.sep, channel.priority_steps)
+            raw = channel.client.rpop(scratch + list_key)
+            if raw is None:
+                stray = list(channel.client.scan_iter(match=scratch + "*"))   # once, on a failure: may be slow
+                if stray:
+                    channel.client.delete(*stray)
+                found = [key.decode(errors="replace")[len(scratch):] for key in stray]
+                raise RuntimeError(f"kombu put a priority-{priority} message for queue {queue!r} on {found}, "
+                                   f"not on {list_key!r}; update redis_list_key")
+        message = json.loads(raw)
+        properties = message["properties"]
+        if properties.get("body_encoding") != "base64" or message.get("content-type") != "application/json":
+            raise RuntimeError("kombu's Redis transport no longer writes base64-encoded JSON bodies; "
+                               "update MessageBuilder")
+        body = json.loads(base64.b64decode(message["body"]))
         envelope = {k: v for k, v in message.items() if k not in ("headers", "properties", "body")}
-        if message["properties"]["body_encoding"] != "base64":
-            raise RuntimeError("kombu's Redis transport no longer base64-encodes bodies; update MessageBuilder")
-        return {"headers": message["headers"], "properties": message["properties"], "envelope": envelope,
-                "embed_json": json.dumps(body[2]), "list_key": self.channel._q_for_pri(queue, priority)}
+        return {"headers": message["headers"], "properties": properties, "envelope": envelope,
+                "embed_json": json.dumps(body[2]), "list_key": list_key}
+
+
+def redis_list_key(queue: str, priority: int, sep: str, priority_steps: list[int]) -> str:
+    """The Redis list that kombu's Redis transport pushes a message of this priority onto.
+
+    Documented by Celery ("Redis Message Priorities") and kombu's `sep` and
+    `priority_steps` transport options: priorities are consolidated into
+    steps (default 0, 3, 6, 9; a priority goes to the highest step not above
+    it); step 0 is the list named like the queue, step n is queue + sep + n.
+    MessageBuilder checks this against a real publish for every template.
+    """
+    step = max((s for s in priority_steps if s <= priority), default=min(priority_steps))
+    return f"{queue}{sep}{step}" if step else queue
 
 
 def send_callback(app: Celery, task_id: str, queue: str) -> None:

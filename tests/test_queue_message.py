@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-from common.queue import GENERATE_TASK, MessageBuilder, create_celery
+import pytest
+
+from common.queue import GENERATE_TASK, TEMPLATE_KEY_PREFIX, MessageBuilder, create_celery
 
 
 def comparable(raw: str) -> dict:
@@ -24,3 +26,18 @@ def test_built_message_equals_celery_send_task(settings, rds):
         built = builder.generate(task_id, attempt, queue)
         assert built.list_key == queue
         assert comparable(built.payload) == comparable(real)
+
+
+@pytest.mark.parametrize("priority", [1, 3, 5, 9])
+def test_built_message_with_a_priority_goes_where_send_task_puts_it(settings, rds, priority):
+    """Broker priorities use kombu's per-step lists; the builder finds the same list for two queues."""
+    app = create_celery(settings)
+    builder = MessageBuilder(app)
+    for queue in ("message-priority.a", "message-priority.b"):
+        app.send_task(GENERATE_TASK, args=["prio-task", 1], queue=queue, task_id="prio-task-r1", priority=priority)
+        [real_key] = rds.scan_iter(match=f"{queue}*", _type="list")
+        real = rds.lpop(real_key)
+        built = builder.generate("prio-task", 1, queue, priority)
+        assert built.list_key == real_key
+        assert comparable(built.payload) == comparable(real)
+    assert not list(rds.scan_iter(match=f"{TEMPLATE_KEY_PREFIX}*"))     # the templates' scratch lists are gone
