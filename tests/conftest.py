@@ -34,8 +34,8 @@ STACK_ENV = {
     "SDQ_CALLBACKS_ALLOW_PRIVATE": "1",       # the test receiver listens on loopback
     "SDQ_CALLBACKS_TIMEOUT": "3",
     "SDQ_API_WORKERS": "2",
-    "SDQ_API_THREADS": "48",
-    "SDQ_API_MAX_WAITERS": "40",
+    "SDQ_API_THREADS": "80",                  # one API process alone holds test_a1111's 60 waiting calls
+    "SDQ_API_MAX_WAITERS": "64",              # (the kernel, not sdqueue, spreads connections over processes)
     "SDQ_API_SUBMIT_LIMIT": "",               # rate limits are tested with keys that have their own
     "SDQ_API_READ_LIMIT": "",
     "SDQ_TASKS_PROGRESS_INTERVAL": "0.05",

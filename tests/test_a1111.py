@@ -228,21 +228,32 @@ def test_seed_004_script_runs_unmodified(sd, stack, storage):
     assert saved.size == (480, 264) and "parameters" in saved.info
 
 
-def test_api_keeps_serving_while_many_synchronous_calls_wait(sd, stack):
-    """Sixty A1111 calls wait on the event hub at once; health and reads still answer meanwhile."""
+def test_api_keeps_serving_while_many_synchronous_calls_wait(sd, stack, settings):
+    """Sixty A1111 calls wait on the event hub at once; health and reads still answer meanwhile.
+
+    None may be refused: the kernel, not sdqueue, spreads the connections over
+    the API processes, unevenly and possibly all onto one, so the premise is
+    that one process alone has a wait slot (api.max_waiters) and a thread
+    (api.threads) for each call, and a thread to spare for /health.
+    """
+    crowd = 60
+    assert settings.api.max_waiters >= crowd and settings.api.threads > crowd, "tests/conftest.py sizes the API"
     results = []
 
     def call():
-        results.append(sd.post("txt2img", {"prompt": "crowd", "width": 64, "height": 64, "steps": 2}).status_code)
+        try:
+            results.append(sd.post("txt2img", {"prompt": "crowd", "width": 64, "height": 64, "steps": 2}).status_code)
+        except requests.RequestException as exc:
+            results.append(repr(exc))
 
-    threads = [threading.Thread(target=call) for _ in range(60)]
+    threads = [threading.Thread(target=call) for _ in range(crowd)]
     for t in threads:
         t.start()
     health = requests.get(f"{stack.api_url}/health", timeout=10)
     assert health.status_code == 200
     for t in threads:
         t.join(300)
-    assert results.count(200) == 60
+    assert results.count(200) == crowd, results
 
 
 def test_lora_prompt_tags_apply_loras(sd):
