@@ -23,8 +23,6 @@ VISIBILITY_MARGIN = 300
 # Message priorities kombu's virtual transports accept (sdqueue orders jobs by
 # its own priority classes, in Redis; broker messages use 0).
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
-# Scratch keys under which MessageBuilder has Celery publish its templates.
-TEMPLATE_KEY_PREFIX = "sdq:message-template:"
 
 
 def celery_config(settings) -> dict:
@@ -123,7 +121,9 @@ class MessageBuilder:
         if self.app.current_worker_task is not None:
             # send_task would copy that task's ids (parent_id) into every message built from the template.
             raise RuntimeError("MessageBuilder makes its templates outside Celery tasks (API threads, the heartbeat)")
-        scratch = f"{TEMPLATE_KEY_PREFIX}{uuid.uuid4().hex}:"
+        from common.store import keys   # here: the store imports this module
+
+        scratch = keys.MESSAGE_TEMPLATE.prefix(uuid.uuid4().hex)
         with self.app.connection_for_write() as conn, \
                 self.app.connection_for_write(transport_options={"global_keyprefix": scratch}) as scratch_conn:
             # declare=[]: no binding sets are written for the scratch queue, only the message's list.

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from common.queue import GENERATE_TASK, TEMPLATE_KEY_PREFIX, MessageBuilder, create_celery
+from common.queue import GENERATE_TASK, MessageBuilder, create_celery
+from common.store import keys
 
 
 def comparable(raw: str) -> dict:
@@ -40,4 +41,4 @@ def test_built_message_with_a_priority_goes_where_send_task_puts_it(settings, rd
         built = builder.generate("prio-task", 1, queue, priority)
         assert built.list_key == real_key
         assert comparable(built.payload) == comparable(real)
-    assert not list(rds.scan_iter(match=f"{TEMPLATE_KEY_PREFIX}*"))     # the templates' scratch lists are gone
+    assert not list(rds.scan_iter(match=keys.MESSAGE_TEMPLATE.prefix() + "*"))     # the templates' scratch lists are gone

@@ -62,6 +62,9 @@ STATS = Key("stats:jobs", "hash", "counters: `submitted`, `completed`, `failed`,
 OWNER_TASKS = Key("owner:{owner}", "sorted set", "an API key's tasks by creation time (listings)")
 DELIVERY = Key("delivery:{token}", "string",
                "the task a delivery (Celery message id) took, so a retried delivery gets the same job; 24 h")
+MESSAGE_TEMPLATE = Key("message-template:{nonce}:{queue}", "list",
+                       "scratch: a Celery message that common/queue.py has Celery publish once per message template "
+                       "(under kombu's `global_keyprefix`) and pops at once")
 
 # --- workers, pools, the reaper -----------------------------------------------------------------
 WORKER = Key("worker:{id}", "string (JSON)",
