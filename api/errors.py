@@ -1,6 +1,6 @@
 """Every error is JSON in the native API's shape: {"detail": ...}.
 
-Why: seed 002 documents `{"detail": "..."}` and, for validation, the list
+Why: the native API documents `{"detail": "..."}` and, for validation, the list
 form `[{"loc", "msg", "type"}]`; clients parse those. No HTML error page
 and no 500 for anything a client can send.
 """
@@ -84,7 +84,7 @@ def detail_text(detail: Any) -> Any:
 
 
 def dialect_error(status: int, detail: Any, headers: dict | None = None):
-    """An error in the shape of the dialect that serves this request (seed 002's by default)."""
+    """An error in the shape of the dialect that serves this request (the native API's by default)."""
     render = DIALECT_RENDERERS.get(request.blueprint or "", error_response)
     return render(status, detail, headers)
 

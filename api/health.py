@@ -1,6 +1,6 @@
 """Health: is the service up, and does any worker hold a warm pipeline?
 
-Why no auth: load balancers and orchestrators probe it (seed 002).
+Why no auth: load balancers and orchestrators probe it (as the native API documents).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Per-key rate limits shared by every dialect (Flask-Limiter, Redis storage).
 
-Why two scopes: submissions (seed 000's 10 requests/s by default) and reads
+Why two scopes: submissions (SD on EKS's 10 requests/s by default) and reads
 (status polls, listings: a higher default, so polling clients are never
 starved by their own submissions). Each scope is ONE counter per key across
 all dialects: a key cannot double its rate by switching API. A key's own

@@ -1,6 +1,6 @@
 """An API Gateway-style stage prefix: every route also answers under /{stage}/.
 
-Why: clients of seeds 000 and 001 are configured with a base URL such as
+Why: clients of SD on EKS and of the AWS SD extension API are configured with a base URL such as
 https://host/prod and append their paths to it; stripping the stage in
 WSGI serves them with the same routes, without registering each twice.
 """

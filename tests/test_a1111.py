@@ -1,4 +1,4 @@
-"""The A1111 dialect (/sdapi/v1, seed 004) against the real stack."""
+"""The A1111 dialect (/sdapi/v1, the AUTOMATIC1111 web UI API) against the real stack."""
 from __future__ import annotations
 
 import base64
@@ -190,8 +190,8 @@ def test_progress_and_interrupt_of_a_running_job(sd):
     assert json.loads(body["info"])["interrupted"] is True
 
 
-def test_seed_004_script_runs_unmodified(sd, stack, storage):
-    """Seed 004's script, host substituted, model title taken from /sd-models, loop bounded to 2."""
+def test_a1111_client_script_runs_unmodified(sd, stack, storage):
+    """The A1111 API's documented client script, host substituted, model title taken from /sd-models, loop bounded to 2."""
     host = stack.api_url
     session = requests.Session()
     session.auth = ("user", KEY_B)

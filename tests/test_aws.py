@@ -1,4 +1,4 @@
-"""The AWS extension middleware API (seed 001) against the real stack: the seed's examples as written
+"""The AWS SD extension API against the real stack: its documented examples as written
 (base URL and key substituted, placeholders filled), a worker pool of its own, checkpoints in S3."""
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def endpoint(base: str, name: str) -> dict | None:
 
 
 def upload_in_parts(base: str, filename: str, data: bytes, parts: int, tag_name: str) -> dict:
-    """POST /checkpoint as the seed shows it, PUT each part to its presigned URL, PUT /checkpoint Active."""
+    """POST /checkpoint as the extension documents it, PUT each part to its presigned URL, PUT /checkpoint Active."""
     inputBody = {"checkpoint_type": "Stable-diffusion", "filenames": [{"filename": filename, "parts_number": parts}],
                  "params": {"new_model_name": "test_api", "number": 1, "string": "abc"}}
     r = requests.post(f"{base}/checkpoint", headers=headers(body=True), json=inputBody)
@@ -73,7 +73,7 @@ def upload_in_parts(base: str, filename: str, data: bytes, parts: int, tag_name:
     return r.json()["checkpoint"]
 
 
-def test_seed_001_scenario_on_a_pool_of_its_own(stack, settings, storage, base, tmp_path):
+def test_aws_extension_scenario_on_a_pool_of_its_own(stack, settings, storage, base, tmp_path):
     # /inference/test-connection, as written
     r = requests.get(f"{base}/inference/test-connection", headers=headers())
     assert r.json() == {"message": "Success"}
@@ -87,7 +87,7 @@ def test_seed_001_scenario_on_a_pool_of_its_own(stack, settings, storage, base, 
     assert "deployment" in created["message"] and f"--pool {POOL}" in created["message"]
     assert endpoint(base, POOL)["status"] == "inprogress"
 
-    # /checkpoint(POST) + part upload + /checkpoint(put), with the seed's file name (one part: S3's parts
+    # /checkpoint(POST) + part upload + /checkpoint(put), with the documented file name (one part: S3's parts
     # but the last must be at least 5 MiB, and the tiny model is smaller; test_multipart_upload sends several)
     model_bytes = (settings.models_dir / "tiny-single.safetensors").read_bytes()
     checkpoint = upload_in_parts(base, "v1-5-pruned-emaonly.safetensors", model_bytes, 1,
@@ -174,7 +174,7 @@ def test_seed_001_scenario_on_a_pool_of_its_own(stack, settings, storage, base, 
         assert [j["InferenceJobId"] for j in listed][:2] == [lora_job, job_id]
         assert all(j["status"] in ("inprogress", "succeed", "failed") for j in listed)
 
-        # /endpoints(DELETE), as the seed's sample sends it (a POST with the list)
+        # /endpoints(DELETE), as the documented sample sends it (a POST with the list)
         inputBody = {"delete_endpoint_list": [POOL, "infer-endpoint-YYYYYY"]}
         r = requests.post(f"{base}/endpoints", headers=headers(body=True), json=inputBody)
         assert r.json() == "Endpoint deleted"
@@ -207,7 +207,7 @@ def test_seed_endpoint_samples_name_the_pool_after_the_job(base):
 
 
 def test_seed_samples_without_job_id_and_lists(base):
-    # the seed's samples for the job GETs send no jobID: a validation error naming it
+    # the documented samples for the job GETs send no jobID: a validation error naming it
     for path in ("get-inference-job", "get-inference-job-image-output", "get-inference-job-param-output"):
         r = requests.get(f"{base}/inference/{path}", headers=headers())
         assert r.status_code == 422

@@ -1,4 +1,4 @@
-"""SD on EKS (seed 000), /v1/draw (seed 003), per-key limits and policies, against the real stack."""
+"""SD on EKS, /v1/draw, per-key limits and policies, against the real stack."""
 from __future__ import annotations
 
 import io
@@ -151,7 +151,7 @@ def test_draw_size_and_quantity(stack):
     assert width % 8 == 0 and height % 8 == 0 and width > height
 
 
-def test_draw_errors_use_seed_003_codes(stack):
+def test_draw_errors_use_the_draw_api_codes(stack):
     assert draw(stack, {"prompt": "cat"}, key="wrong").status_code == 401
     no_auth = requests.post(f"{stack.api_url}/v1/draw", json={"prompt": "cat"}, timeout=10)
     assert no_auth.status_code == 401 and no_auth.json()["error"]["type"] == "authentication_error"
@@ -242,7 +242,7 @@ def test_draw_refuses_oversized_bodies(stack):
 
 
 def test_draw_answers_500_when_its_job_does_not_complete(stack, rds):
-    """Seed 003's 500: the synchronous call's job ended without images (here: cancelled while queued)."""
+    """The /v1/draw API's 500: the synchronous call's job ended without images (here: cancelled while queued)."""
     import threading
 
     from api import create_app

@@ -12,7 +12,7 @@ from tests.helpers import data_url, fetch, gradient, pixels
 from worker.images import read_parameters
 
 
-def test_txt2img_one_image_seed_002_shape(api, storage):
+def test_txt2img_one_image_in_the_native_shape(api, storage):
     task = api.run(prompt="a beautiful sunset over the ocean", width=64, height=96, seed=42)
     assert task["status"] == "completed", task
     assert set(task) >= {"task_id", "status", "result_url", "result_urls", "error_message", "created_at", "updated_at"}

@@ -1,4 +1,4 @@
-"""Webhook payloads (seed 002's callback shape), HMAC signing, delivery.
+"""Webhook payloads (the native API's callback shape), HMAC signing, delivery.
 
 Why a separate queue: a slow or failing receiver is retried with backoff by
 a CPU worker and never holds a GPU worker.
@@ -21,7 +21,7 @@ class RetryableDelivery(Exception):
 
 
 def build_payload(task_id: str, status: str, urls: list[str], error_message: str | None) -> dict:
-    """`image_url` for one image, `image_urls` for several (exactly one key, as the seed's receiver expects)."""
+    """`image_url` for one image, `image_urls` for several (exactly one key, as the native API's receivers expect)."""
     payload: dict = {"task_id": task_id, "status": status}
     if len(urls) == 1:
         payload["image_url"] = urls[0]

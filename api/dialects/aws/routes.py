@@ -61,7 +61,7 @@ def owned_job(svc: Services, job_id: str) -> Task:
 
 
 def output_urls(job_id: str, keys: Callable[[Task], list[str]]):
-    """Presigned GET URLs of some of a job's objects once it succeeded, else [] (as the seed says: ask after succeed)."""
+    """Presigned GET URLs of some of a job's objects once it succeeded, else [] (as the extension documents: ask after succeed)."""
     svc = services()
     task = owned_job(svc, job_id)
     return jsonify([svc.storage.url_for(k) for k in keys(task)] if task.status is TaskStatus.COMPLETED else [])
