@@ -15,6 +15,8 @@ from pathlib import Path
 import requests
 from PIL import Image
 
+from worker.images import EXIF_IFD, USER_COMMENT
+
 SLOW_JOB = {"prompt": "a slow painting of a harbour", "width": 256, "height": 256, "num_inference_steps": 150}
 FAST = {"width": 64, "height": 64, "num_inference_steps": 4}
 
@@ -198,3 +200,14 @@ class FileServer:
 
     def close(self) -> None:
         self.httpd.shutdown()
+
+
+def read_parameters(data: bytes) -> str | None:
+    """The parameters text worker/images.py embedded in an encoded image (PNG text chunk or EXIF), if any."""
+    image = Image.open(io.BytesIO(data))
+    if "parameters" in image.info:
+        return image.info["parameters"]
+    raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if isinstance(raw, bytes) and raw.startswith(b"UNICODE\0"):
+        return raw[8:].decode("utf-16-be")
+    return raw if isinstance(raw, str) else None

@@ -8,8 +8,7 @@ from PIL import Image
 
 from common.infotext import parse_infotext
 from common.schedulers import SCHEDULERS
-from tests.helpers import data_url, fetch, gradient, pixels
-from worker.images import read_parameters
+from tests.helpers import data_url, fetch, gradient, pixels, read_parameters
 
 
 def test_txt2img_one_image_in_the_native_shape(api, storage):

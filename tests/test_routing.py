@@ -81,7 +81,8 @@ def test_priority_reorders_pending_work_and_queue_position_shows_it(stack, rds):
     assert [positions[i] for i in by_priority["normal"]] == [3, 4]
     assert [positions[i] for i in by_priority["low"]] == [5, 6]
     assert api.task(by_priority["high"][0])["priority"] == "high"
-    assert api.store.pending_by_priority(pool) == {"high": 2, "normal": 2, "low": 2}
+    depth = api.store.queue_figures([pool]).depth
+    assert {p: depth[(pool, p)] for p in ("high", "normal", "low")} == {"high": 2, "normal": 2, "low": 2}
 
     (worker,) = start_pool_workers(stack, pool, 1)
     try:
@@ -185,7 +186,7 @@ def test_rolling_restart_loses_and_duplicates_nothing(stack, rds, storage):
 def test_pick_rules(stack, wait):
     """TaskStore.pick directly. Affinity off: priority, then arrival. On: a job whose model another live
     worker holds waits for it (routing.affinity_wait, whatever its priority); the worker takes its own."""
-    from common.store import NoPick, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, keys, redis_client
+    from common.store import NoPick, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, redis_client
 
     client = redis_client(stack.redis_url)
     store, workers = TaskStore(client, 3600), WorkerRegistry(client)

@@ -10,8 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common.infotext import parse_infotext
-from tests.helpers import fetch, pixels
-from worker.images import read_parameters
+from tests.helpers import fetch, pixels, read_parameters
 
 SINGLE = "tiny-single.safetensors"
 LOAD = dict(local_files_only=True, safety_checker=None, requires_safety_checker=False)

@@ -41,11 +41,6 @@ def read_script(name: str) -> ScriptSource:
     return ScriptSource(name, text, tuple(headers["KEYS"]))
 
 
-def script_names() -> list[str]:
-    """Every script (not the libraries, which only other scripts include)."""
-    return sorted(p.stem for p in LUA_DIR.glob("*.lua") if p.stem != "lib")
-
-
 class LuaScript:
     """A registered script: call it with exactly the keys its header declares."""
 

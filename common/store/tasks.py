@@ -264,13 +264,6 @@ class TaskStore:
         """The first `count` waiting jobs of `queue`, in the order workers take them."""
         return self.client.zrange(keys.PENDING(queue), 0, count - 1)
 
-    def pending_by_priority(self, queue: str) -> dict[str, int]:
-        """Waiting jobs of `queue` per priority class (one ZCOUNT each)."""
-        pipe = self.client.pipeline(transaction=False)
-        for _, low, high in priority_score_ranges():
-            pipe.zcount(keys.PENDING(queue), low, high)
-        return dict(zip(PRIORITIES, pipe.execute()))
-
     def queue_position(self, task: Task) -> int | None:
         """1-based place among pending tasks of its queue, or None."""
         if task.status is not TaskStatus.PENDING:
