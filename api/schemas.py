@@ -27,11 +27,17 @@ class Setting:
     def __init__(self, path: str, plus: int = 0):
         self.path = path.split(".")
         self.plus = plus
+        self._cached: tuple[Any, Any] = (None, None)   # (settings object, value): one tuple, swapped atomically
 
     def value(self) -> Any:
-        node = services().settings
+        settings = services().settings
+        cached = self._cached
+        if cached[0] is settings:      # the submission hot path reads each bound several times per request
+            return cached[1]
+        node = settings
         for part in self.path:
             node = getattr(node, part)
+        self._cached = (settings, node + self.plus)
         return node + self.plus
 
 
