@@ -186,7 +186,7 @@ def test_rolling_restart_loses_and_duplicates_nothing(stack, rds, storage):
 def test_pick_rules(stack, wait):
     """TaskStore.pick directly. Affinity off: priority, then arrival. On: a job whose model another live
     worker holds waits for it (routing.affinity_wait, whatever its priority); the worker takes its own."""
-    from common.store import NoPick, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, redis_client
+    from common.store import NoPick, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, keys, redis_client
 
     client = redis_client(stack.redis_url)
     store, workers = TaskStore(client, 3600), WorkerRegistry(client)
@@ -214,7 +214,7 @@ def test_pick_rules(stack, wait):
             foreign = store.pick(api.queue, "unit-other", ["tiny-single.safetensors"], 1, wait)
             assert foreign.task_id == urgent_foreign
             taken.append(foreign)
-            assert workers.get("unit-me") is None      # no heartbeat of unit-me to update: nothing invented
+            assert not client.exists(keys.WORKER("unit-me"))      # no heartbeat of unit-me to update: nothing invented
     finally:
         workers.remove(other.id)
         client.delete(api.queue)

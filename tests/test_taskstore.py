@@ -254,3 +254,20 @@ def test_every_key_a_pick_touches_stays_where_older_releases_put_it(store, rds, 
     assert rds.zscore("sdq:owner:owner-compat", task_id) is not None
     assert take(store, queue, "w").task_id == task_id
     assert rds.zscore("sdq:running", task_id) is not None and rds.hget(f"sdq:task:{task_id}", "status") == "processing"
+
+
+def test_requeue_puts_a_job_back_in_the_same_indexes_create_put_it_in(store, rds, queue):
+    """Even with an empty model name and owner (indexed by create under keys ending in ':'), as before the regroup."""
+    task_id = str(uuid.uuid4())
+    store.create(task_id, "", JobSpec(prompt="p", model="", width=64, height=64, num_inference_steps=4,
+                                      guidance_scale=7.5, seed=1), queue)
+    indexes = [keys.PENDING(queue), keys.PENDING_MODEL(queue, ""), keys.PENDING_OWNER("")]
+    assert all(rds.zscore(key, task_id) is not None for key in indexes)
+    assert take(store, queue, "dead").task_id == task_id
+    assert all(rds.zscore(key, task_id) is None for key in indexes)
+    requeued = store.requeue(running_job(store, task_id), BrokerMessage("unit-requeue-list", "next"), 3)
+    assert requeued.outcome is RequeueOutcome.REQUEUED
+    assert all(rds.zscore(key, task_id) is not None for key in indexes)
+    store.request_cancel(store.get(task_id))
+    assert all(rds.zscore(key, task_id) is None for key in indexes)
+    rds.delete("unit-requeue-list")

@@ -52,7 +52,7 @@ def register_tasks(app: Celery, get_context: Callable[[], JobContext]) -> None:
 
     # Redis/broker errors (after the client's own retries) are not the job's fault:
     # the delivery is retried rather than acknowledged; the task is idempotent
-    # against its hash (claim accepts its own worker, finish its own result).
+    # against its hash (pick gives a retried delivery the job it took, finish accepts its own result).
     @app.task(name=GENERATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
               autoretry_for=(redis.RedisError, OperationalError), retry_backoff=True, retry_backoff_max=60,
               retry_jitter=False, max_retries=None)

@@ -4,6 +4,9 @@ Why one package: keys are named once (keys.py), the atomic transitions are
 Lua files that receive every key through KEYS (lua/, loaded by scripts.py),
 and each store owns one noun: tasks, worker heartbeats, pools, uploaded
 checkpoints, A1111 per-key state. `open_stores` builds them all on one client.
+Outside it, only libraries reach Redis on their own: Celery and kombu (the
+broker; common/queue.py has kombu publish and read back its message
+templates), Flask-Limiter (rate-limit counters), and dev/localstack.py (PING).
 """
 from __future__ import annotations
 

@@ -93,17 +93,17 @@ A1111_CURRENT = Key("a1111:current:{owner}", "string",
 
 ALL: tuple[Key, ...] = tuple(v for v in dict(globals()).values() if isinstance(v, Key))
 
-# Keys that libraries name (sdqueue only chooses a prefix or a queue name): listed for the key map.
+# Keys that libraries name (sdqueue only chooses a prefix or a queue name): listed for the key map, as Markdown.
 RATE_LIMIT_PREFIX = PREFIX + "rl"
 LIBRARY_KEYS = (
-    (f"LIMITS:LIMITER/{RATE_LIMIT_PREFIX}/...", "list",
+    (f"`LIMITS:LIMITER/{RATE_LIMIT_PREFIX}/...`", "list",
      f"Flask-Limiter's moving-window counters per API key and scope (named by the library, with sdqueue's "
      f"prefix `{RATE_LIMIT_PREFIX}`)"),
-    ("{queue} (e.g. `gpu`, `callbacks`, a pool name)", "list",
+    ("`{queue}` (e.g. `gpu`, `callbacks`, a pool name)", "list",
      "Celery's queue: the wake-up messages (and webhook tasks) waiting for a worker; KEDA scales on its length"),
-    ("unacked`, `unacked_index`, `unacked_mutex", "hash, sorted set, string",
+    ("`unacked`, `unacked_index`, `unacked_mutex`", "hash, sorted set, string",
      "Celery's messages delivered but not yet acknowledged"),
-    ("_kombu.binding.{queue}", "set", "kombu's routing table"),
+    ("`_kombu.binding.{queue}`", "set", "kombu's routing table"),
 )
 
 
@@ -111,6 +111,6 @@ def key_map_markdown() -> str:
     """The key table of docs/architecture.md (between its keys:begin / keys:end markers)."""
     rows = ["| key | type | what |", "|---|---|---|"]
     rows += [f"| `{PREFIX}{k.pattern}` | {k.kind} | {k.doc} |" for k in ALL]
-    rows += [f"| `{name}` | {kind} | {doc} |" for name, kind, doc in LIBRARY_KEYS]
+    rows += [f"| {name} | {kind} | {doc} |" for name, kind, doc in LIBRARY_KEYS]
     return "\n".join(rows) + "\n"
 

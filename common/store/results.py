@@ -60,6 +60,6 @@ class RunningJob:
     worker: str
     attempt: int
     queue: str
-    model: str
-    owner: str
+    model: str | None   # None: the hash has no such field (its waiting indexes are skipped, as for any job)
+    owner: str | None
     priority: str

@@ -42,7 +42,7 @@ def read_script(name: str) -> ScriptSource:
 
 
 class LuaScript:
-    """A registered script: call it with exactly the keys its header declares."""
+    """A registered script: call it with as many keys as its header declares, in that order."""
 
     def __init__(self, client: redis.Redis, name: str):
         self.source = read_script(name)
@@ -53,7 +53,7 @@ class LuaScript:
         return self.registered(keys=keys, args=args)
 
     def check_keys(self, keys: list[str]) -> None:
-        """A caller passing another key set than the script declares is a bug, caught before Redis runs it."""
+        """A caller passing another number of keys than the script declares is a bug, caught before Redis runs it."""
         if len(keys) != len(self.source.key_names):
             raise ValueError(f"script {self.source.name} takes KEYS {', '.join(self.source.key_names)}; "
                              f"got {len(keys)} keys")

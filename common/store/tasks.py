@@ -415,8 +415,7 @@ class TaskStore:
             if status != TaskStatus.PROCESSING.value:
                 gone.append(task_id)
                 continue
-            out.append(RunningJob(task_id, worker or "", int(attempt or 0), queue or "", model or "", owner or "",
-                                  priority or ""))
+            out.append(RunningJob(task_id, worker or "", int(attempt or 0), queue or "", model, owner, priority or ""))
         if gone:
             self.client.zrem(keys.RUNNING(), *gone)
         return out
@@ -430,8 +429,8 @@ class TaskStore:
         """
         outcome, *attempt = self._requeue(
             [keys.TASK(job.task_id), keys.RUNNING(), message.list_key, keys.PENDING(job.queue),
-             keys.PENDING_MODEL(job.queue, job.model) if job.model else "",
-             keys.PENDING_OWNER(job.owner) if job.owner else "", keys.STATS(), keys.EVENTS(job.task_id)],
+             "" if job.model is None else keys.PENDING_MODEL(job.queue, job.model),
+             "" if job.owner is None else keys.PENDING_OWNER(job.owner), keys.STATS(), keys.EVENTS(job.task_id)],
             [job.task_id, job.worker, job.attempt, repr(time.time()), max_attempts, self.retention, message.payload,
              front_score(job.priority)])
         return Requeue(RequeueOutcome(outcome), int(attempt[0]) if attempt else 0)

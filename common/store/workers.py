@@ -74,11 +74,6 @@ class WorkerRegistry:
     def is_alive(self, worker_id: str) -> bool:
         return bool(worker_id) and self.client.exists(keys.WORKER(worker_id)) == 1
 
-    def get(self, worker_id: str) -> WorkerInfo | None:
-        """A live worker's last heartbeat, None once it expired."""
-        raw = self.client.get(keys.WORKER(worker_id))
-        return worker_from_json(raw) if raw else None
-
     def live(self) -> list[WorkerInfo]:
         """Workers whose heartbeat key has not expired; stale index entries are pruned."""
         ids = self.client.zrange(keys.WORKERS(), 0, -1)

@@ -31,7 +31,7 @@ from common.store import PoolRecord, Task, TaskStatus
 
 
 SECURITY = [{"ApiKeyAuth": []}]
-CAPACITY_NOTE = ("sdqueue recorded this endpoint (a worker pool) and its desired replicas in Redis (the hash sdq:pools); "
+CAPACITY_NOTE = ("sdqueue recorded this endpoint (a worker pool) and its desired replicas in Redis (hash sdq:pools); "
                  "it does not start machines. Capacity comes from the deployment: start workers with "
                  "`python -m worker.main --pool {name}` (compose: SDQ_WORKER_POOL={name}), or have an autoscaler "
                  "read sdq:pools. The endpoint is InService once a worker serves it; jobs sent before then wait in "
