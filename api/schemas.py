@@ -159,6 +159,8 @@ class WorkerSchema(Schema):
     busy = fields.Boolean()
     models = fields.List(fields.String(), metadata={"description": "Models held warm, least recently used first"})
     model_loads = fields.Integer(metadata={"description": "Models this worker process has loaded since it started"})
+    dtype = fields.String(metadata={"description": "Precision of its warm weights (worker.dtype): float16, bfloat16 "
+                                                   "or float32; empty for the webhook worker"})
     queues = fields.List(fields.String())
     error = fields.String(allow_none=True, metadata={"description": "Why a worker is setup_failed"})
     last_seen = fields.String()

@@ -22,7 +22,7 @@ def tiny(settings):
     from worker.pipelines import family_for
 
     model = find_model(settings.models_dir, "sdq-tiny")
-    return family_for(model).load(model, "cpu", None)
+    return family_for(model).load(model, "cpu", None, "float32")
 
 
 def test_importing_the_families_loads_no_torch_or_diffusers():

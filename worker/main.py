@@ -147,7 +147,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
         model = find_model(settings.models_dir, model_name)
         if model is None:
             raise FileNotFoundError(f"model '{model_name}' not found in {settings.models_dir}")
-        return load_pipeline(model, info.device, sf_config)
+        return load_pipeline(model, info.device, sf_config, settings.worker.dtype)
 
     registry = PipelineRegistry(settings.models.max_loaded, loader)
     # Before the default model loads: its load is counted, and a scrape during a long load answers.
@@ -162,7 +162,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
         if args.role == "gpu":
             storage.ensure_bucket()
             try:
-                registry.get(default)
+                info.dtype = str(registry.get(default).dtype).removeprefix("torch.")
             except Exception as exc:
                 heartbeat.stop(forget=False)   # /health shows setup_failed until the key expires
                 info.state, info.error = WorkerState.SETUP_FAILED, f"{type(exc).__name__}: {exc}"

@@ -16,13 +16,15 @@ from typing import Any, Callable
 from common.catalog import ModelInfo
 from worker.metrics import observe_model_load
 from worker.pipelines import family_for
+from worker.pipelines.base import resolve_dtype
 
 log = logging.getLogger("sdqueue.worker")
 
 
-def load_pipeline(model: ModelInfo, device: str, single_file_config: Path | None) -> Any:
-    """Load one model onto `device` the way its family loads it (worker/pipelines)."""
-    return family_for(model).load(model, device, single_file_config)
+def load_pipeline(model: ModelInfo, device: str, single_file_config: Path | None, dtype: str = "auto") -> Any:
+    """Load one model onto `device` the way its family loads it (worker/pipelines), in `dtype` (worker.dtype)."""
+    family = family_for(model)
+    return family.load(model, device, single_file_config, resolve_dtype(dtype, family, device))
 
 
 class PipelineRegistry:

@@ -37,6 +37,7 @@ class WorkerInfo:
     state: str = WorkerState.STARTING
     models: list[str] = field(default_factory=list)
     model_loads: int = 0
+    dtype: str = ""              # the warm weights' precision (float16, bfloat16, float32); "" before a model loads
     task_id: str | None = None
     error: str | None = None
     started_at: float = field(default_factory=time.time)

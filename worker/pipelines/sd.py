@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.errors import ModelError
-from worker.pipelines.base import effective_strength
+from worker.pipelines.base import effective_strength, share_weights, task_class
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,13 +38,17 @@ class StableDiffusion:
         """Every pipeline: the catch-all, as in `matches`."""
         return True
 
-    def load(self, model: ModelInfo, device: str, single_file_config: Path | None) -> Any:
-        """Load one model onto `device` (fp16 on CUDA, fp32 on CPU)."""
+    def cuda_dtype(self) -> str:
+        """float16: SD 1.x/2.x (and SDXL, which this family loads for now) were trained and ship in fp16."""
+        return "float16"
+
+    def load(self, model: ModelInfo, device: str, single_file_config: Path | None, dtype: str) -> Any:
+        """Load one model onto `device`, its weights in `dtype`."""
         import torch
         from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
 
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        common = dict(torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+        common = dict(dtype=getattr(torch, dtype), local_files_only=True, safety_checker=None,
+                      requires_safety_checker=False)
         if model.kind == "diffusers":
             pipe = AutoPipelineForText2Image.from_pretrained(str(model.path), **common)
         else:
@@ -68,23 +72,13 @@ class StableDiffusion:
         return cls.from_config(base.scheduler.config, **(overrides or {}))
 
     def make_view(self, base: Any, spec: JobSpec, scheduler: Any) -> Any:
-        """A per-request pipeline sharing `base`'s weights (txt2img, img2img or inpaint).
+        """A per-request pipeline for the job's mode, on `base`'s very weights, with its own scheduler.
 
         Why views: a per-request scheduler must never be assigned on the
-        shared base, which other requests use.
+        shared base, which other requests use; and nothing may convert or
+        copy the shared weights (base.share_weights).
         """
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
-
-        if spec.mode == "inpaint":
-            view = AutoPipelineForInpainting.from_pipe(base, scheduler=scheduler)
-        elif spec.mode == "img2img":
-            view = AutoPipelineForImage2Image.from_pipe(base, scheduler=scheduler)
-        else:
-            # TODO: in diffusers 0.42, from_pipe with the base's own class converts an fp16 base to fp32
-            # in place (the shared weights too); fixed with tests in a later issue, here kept as it was.
-            view = type(base).from_pipe(base, scheduler=scheduler)
-        view.set_progress_bar_config(disable=True)
-        return view
+        return share_weights(task_class(base, spec.mode), base, scheduler=scheduler)
 
     def build_call_kwargs(self, spec: JobSpec, init_image: Image.Image | None,
                           mask_image: Image.Image | None) -> dict[str, Any]:
