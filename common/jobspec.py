@@ -6,6 +6,7 @@ image already in S3) that the worker runs without consulting any dialect.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import orjson
@@ -75,6 +76,21 @@ class JobSpec:
     def seeds(self) -> list[int]:
         """One seed per image, consecutive as A1111 numbers them."""
         return [(self.seed + i) % 2**32 for i in range(self.num_images)]
+
+    def batch_key(self) -> str:
+        """What a job must share with others to run in one pipeline call with them; "" when it runs alone.
+
+        Why these fields: one call has one model, mode, size, step count,
+        scheduler (and its options), guidance, strength and LoRA set; prompts,
+        negative prompts, seeds and init images may differ per image.
+        Inpainting and jobs split into several calls (A1111's n_iter) run alone.
+        """
+        if self.mode == "inpaint" or len(self.batches) > 1:
+            return ""
+        shared = [self.model, self.mode, self.width, self.height, self.num_inference_steps, self.guidance_scale,
+                  self.scheduler, sorted(self.scheduler_config.items()), [(lr.name, lr.weight) for lr in self.loras],
+                  self.strength if self.mode == "img2img" else None]
+        return hashlib.sha1(orjson.dumps(shared, default=str)).hexdigest()[:16]
 
     @property
     def extension(self) -> str:

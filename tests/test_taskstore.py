@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from common.errors import JobCancelled, JobTimeLimit, StaleAttempt, TaskNotFound
-from common.jobspec import JobSpec
+from common.jobspec import JobSpec, LoraRef
 from common.queue import BrokerMessage
 from common.store import (CancelOutcome, NoPick, Picked, RequeueOutcome, RunningJob, TaskStatus, TaskStore,
                           WorkerInfo, WorkerRegistry, keys)
@@ -271,3 +271,44 @@ def test_requeue_puts_a_job_back_in_the_same_indexes_create_put_it_in(store, rds
     store.request_cancel(store.get(task_id))
     assert all(rds.zscore(key, task_id) is None for key in indexes)
     rds.delete("unit-requeue-list")
+
+
+def test_a_pick_takes_companions_that_can_share_its_pipeline_call(store, rds, queue):
+    """Same model and batch key, in the order workers take jobs, while their images fit in max_images."""
+    def job(**changes) -> str:
+        task_id = str(uuid.uuid4())
+        store.create(task_id, "owner-b", JobSpec(**{**dict(prompt="p", model="m", width=64, height=64,
+                                                            num_inference_steps=4, guidance_scale=7.5, seed=1),
+                                                    **changes}), queue)
+        return task_id
+
+    first = job()
+    other_size = job(width=128)
+    two_images = job(num_images=2, prompt="another prompt", seed=9)
+    too_many = job(num_images=4)
+    third = job(negative_prompt="blurry")
+    late = job()
+    picked = store.pick(queue, "w", ["m"], 1, 10.0, delivery="batch-1", max_images=4)
+    assert picked.task_id == first and [c.task_id for c in picked.companions] == [two_images, third]
+    assert [c.task_id for c in picked.claims] == [first, two_images, third]
+    for task_id in (first, two_images, third):
+        task = store.get(task_id)
+        assert task.status is TaskStatus.PROCESSING and task.worker == "w"
+        assert rds.zscore(keys.PENDING(queue), task_id) is None and rds.zscore(keys.RUNNING(), task_id) is not None
+        assert rds.zscore(keys.PENDING_OWNER("owner-b"), task_id) is None
+    assert {store.get(t).status for t in (other_size, too_many, late)} == {TaskStatus.PENDING}
+    assert store.pick(queue, "w", ["m"], 1, 10.0, delivery="batch-1", max_images=4) == picked   # a retried delivery
+    solo = store.pick(queue, "w2", ["m"], 1, 10.0, delivery="batch-2", max_images=1)
+    assert solo.task_id == other_size and solo.companions == ()
+
+
+def test_batch_keys_say_which_jobs_can_share_a_call():
+    base = dict(prompt="p", model="m", width=64, height=64, num_inference_steps=4, guidance_scale=7.5, seed=1)
+    key = JobSpec(**base).batch_key()
+    assert key and JobSpec(**{**base, "prompt": "q", "seed": 7, "negative_prompt": "n", "num_images": 3}).batch_key() == key
+    for different in ({"width": 72}, {"num_inference_steps": 5}, {"guidance_scale": 5.0}, {"model": "x"},
+                      {"scheduler": "EulerDiscreteScheduler"}, {"loras": [LoraRef("a", 0.5)]},
+                      {"init_image_key": "i.png", "strength": 0.5}):
+        assert JobSpec(**{**base, **different}).batch_key() != key, different
+    assert JobSpec(**{**base, "init_image_key": "i", "mask_image_key": "m"}).batch_key() == ""     # inpainting
+    assert JobSpec(**{**base, "num_images": 4, "batch_size": 2}).batch_key() == ""                # two calls

@@ -16,11 +16,11 @@ from common.store.a1111 import A1111Store
 from common.store.checkpoints import CheckpointStore
 from common.store.connection import redis_client
 from common.store.pools import PoolRecord, PoolStore
-from common.store.results import CancelOutcome, NoPick, Picked, Requeue, RequeueOutcome, RunningJob
+from common.store.results import CancelOutcome, Claim, NoPick, Picked, Requeue, RequeueOutcome, RunningJob
 from common.store.tasks import PRIORITIES, Task, TaskStatus, TaskStore
 from common.store.workers import WorkerInfo, WorkerRegistry, WorkerState
 
-__all__ = ["A1111Store", "CancelOutcome", "CheckpointStore", "NoPick", "PRIORITIES", "Picked", "PoolRecord",
+__all__ = ["A1111Store", "CancelOutcome", "CheckpointStore", "Claim", "NoPick", "PRIORITIES", "Picked", "PoolRecord",
            "PoolStore", "Requeue", "RequeueOutcome", "RunningJob", "Stores", "Task", "TaskStatus", "TaskStore",
            "WorkerInfo", "WorkerRegistry", "WorkerState", "open_stores", "redis_client"]
 

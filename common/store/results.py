@@ -10,12 +10,26 @@ from enum import Enum
 
 
 @dataclass(frozen=True)
+class Claim:
+    """One job a worker holds: attempt `attempt` of `task_id`."""
+
+    task_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Picked:
-    """The job a worker took: run attempt `attempt` of `task_id` on `model`."""
+    """The job a worker took: run attempt `attempt` of `task_id` on `model`, with `companions` in one call."""
 
     task_id: str
     attempt: int
     model: str
+    companions: tuple[Claim, ...] = ()
+
+    @property
+    def claims(self) -> list[Claim]:
+        """Every job taken, the picked one first."""
+        return [Claim(self.task_id, self.attempt), *self.companions]
 
 
 class NoPick(str, Enum):

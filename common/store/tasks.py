@@ -25,7 +25,7 @@ from common.errors import JobCancelled, QueueFull, StaleAttempt, TaskNotFound
 from common.jobspec import JobSpec
 from common.queue import BrokerMessage
 from common.store import keys
-from common.store.results import (CancelOutcome, NoPick, Picked, Requeue, RequeueOutcome, RunningJob)
+from common.store.results import CancelOutcome, Claim, NoPick, Picked, Requeue, RequeueOutcome, RunningJob
 from common.store.scripts import LuaScript
 
 DELIVERY_TTL = 24 * 3600   # how long a delivery remembers the job it took (beyond any job time limit)
@@ -187,7 +187,7 @@ class TaskStore:
         stamp = repr(now)
         fields = {"id": task_id, "status": "pending", "owner": owner, "spec": spec.to_json(), "queue": queue,
                   "model": spec.model, "priority": spec.priority, "attempt": "0", "created_at": stamp,
-                  "updated_at": stamp}
+                  "updated_at": stamp, "batch": spec.batch_key(), "images": spec.num_images}
         outcome = self._evalsha_direct(
             self._create,
             [keys.TASK(task_id), keys.OWNER_TASKS(owner), message.list_key if message else "", keys.PENDING(queue),
@@ -347,7 +347,7 @@ class TaskStore:
 
     # --- worker side ----------------------------------------------------
     def pick(self, queue: str, worker: str, held: list[str], capacity: int, affinity_wait: float | None,
-             delivery: str = "", scan_limit: int = 200) -> Picked | NoPick:
+             delivery: str = "", scan_limit: int = 200, max_images: int = 1) -> Picked | NoPick:
         """Take the best pending job of `queue` for this worker, or say why none.
 
         In priority order, then arrival: the first job that is either for a
@@ -359,18 +359,22 @@ class TaskStore:
         will hold (`capacity` at most) in the same call. `delivery` (Celery's
         message id, kept across its retries) makes a repeated call return the
         job it took the first time, so a lost reply or a retried delivery never
-        leaves a job claimed by nobody.
+        leaves a job claimed by nobody. `max_images` > 1: also take waiting
+        jobs of the same model that can share the picked job's pipeline call
+        (the same JobSpec.batch_key), in the same order, while their images
+        fit (`Picked.companions`).
         """
         wait_ms = -1 if affinity_wait is None else int(affinity_wait * 1000)
         script_keys = [keys.PENDING(queue), queue, keys.DELIVERY(delivery or uuid.uuid4().hex),
                        keys.PENDING_MODEL.prefix(queue), keys.TASK.prefix(), keys.WORKER.prefix(), keys.WORKERS(),
                        keys.PENDING_OWNER.prefix(), keys.RUNNING(), keys.EVENTS.prefix()]
         args = [worker, repr(time.time()), json.dumps(held), wait_ms, queue, scan_limit, capacity, DELIVERY_TTL,
-                SCORE_EPOCH, PRIORITY_SPAN]
+                SCORE_EPOCH, PRIORITY_SPAN, max_images]
         for _ in range(8):
-            task_id, detail, *model = self._pick(script_keys, args)
+            task_id, detail, *rest = self._pick(script_keys, args)
             if task_id:
-                return Picked(task_id, int(detail), model[0] if model else "")
+                companions = tuple(Claim(rest[i], int(rest[i + 1])) for i in range(1, len(rest) - 1, 2))
+                return Picked(task_id, int(detail), rest[0] if rest else "", companions)
             if detail != "retry":   # 'retry': a stale index entry was dropped; look again
                 return NoPick(detail)
         return NoPick.WAIT

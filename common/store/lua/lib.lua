@@ -26,6 +26,21 @@ local function index(id, score, now, retention, pending, pending_model, pending_
   end
 end
 
+-- Take a waiting task: processing for `worker`, off every waiting index, onto `running`, announced.
+local function take(task, id, worker, now, running, events, pending, pending_model, pending_owner)
+  redis.call('HSET', task, 'status', 'processing', 'worker', worker, 'started_at', now, 'updated_at', now,
+             'progress_step', 0)
+  unindex(id, pending, pending_model, pending_owner)
+  redis.call('ZADD', running, now, id)
+  redis.call('PUBLISH', events, 'processing')
+  redis.call('HINCRBY', task, 'runs', 1)
+end
+
+-- A task a worker may take: waiting, or requeued (processing with no worker) after its worker died.
+local function takeable(status, worker)
+  return status == 'pending' or (status == 'processing' and (not worker or worker == ''))
+end
+
 -- The terminal step, written once: status and times, retention, off `running`, counted, announced.
 local function conclude(task, id, status, now, retention, running, stats, events)
   redis.call('HSET', task, 'status', status, 'updated_at', now, 'finished_at', now)

@@ -4,11 +4,14 @@
 -- A *_prefix is a key without its last part: the script appends the task id, model, owner or worker id
 -- that it reads in Redis (what it will take is not known before it runs).
 -- ARGV: worker, now (s), models it holds, least recently used first (JSON list), affinity wait (ms; -1: off),
---       queue, scan limit, models it can hold, delivery ttl (s), score epoch (s), priority span
--- Returns {id, attempt, model}, or {'', why}: 'empty' (nothing waits, or enough other deliveries are queued
--- for what waits: this one is surplus), 'wait' (only jobs for models other live workers hold, not waited
--- long enough yet), 'retry' (dropped a stale entry).
--- The same delivery asking again (a lost reply, a Celery retry) gets the job it took before.
+--       queue, scan limit, models it can hold, delivery ttl (s), score epoch (s), priority span,
+--       images one pipeline call may hold (worker.max_batch; 1: no batching)
+-- Returns {id, attempt, model, companion id, its attempt, ...}, or {'', why}: 'empty' (nothing waits, or
+-- enough other deliveries are queued for what waits: this one is surplus), 'wait' (only jobs for models
+-- other live workers hold, not waited long enough yet), 'retry' (dropped a stale entry).
+-- Companions: waiting jobs of the same model with the same batch key (common/jobspec.py), taken in the
+-- order workers take jobs while their images fit beside the first job's, to run in one pipeline call.
+-- The same delivery asking again (a lost reply, a Celery retry) gets the jobs it took before.
 -- include: lib
 local pending, broker_list, delivery, pending_model_prefix, task_prefix, worker_prefix, workers, pending_owner_prefix,
       running, events_prefix = unpack(KEYS)
@@ -16,8 +19,14 @@ local me, now, queue, wait = ARGV[1], ARGV[2], ARGV[5], tonumber(ARGV[4])
 local epoch, span = tonumber(ARGV[9]), tonumber(ARGV[10])
 local before = redis.call('GET', delivery)
 if before then
-  local st, worker, attempt, model = unpack(redis.call('HMGET', task_prefix .. before, 'status', 'worker', 'attempt', 'model'))
-  if st == 'processing' and worker == me then return {before, attempt, model or ''} end
+  local out = {}
+  for id in string.gmatch(before, '%S+') do
+    local st, worker, attempt, model = unpack(redis.call('HMGET', task_prefix .. id, 'status', 'worker', 'attempt', 'model'))
+    if st == 'processing' and worker == me then
+      if #out == 0 then out = {id, attempt, model or ''} else out[#out + 1] = id; out[#out + 1] = attempt end
+    elseif #out == 0 then break end   -- the first job is no longer mine: this delivery took nothing
+  end
+  if #out > 0 then return out end
 end
 local held = cjson.decode(ARGV[3])
 local now_us = (tonumber(now) - epoch) * 1e6
@@ -66,19 +75,32 @@ local task = task_prefix .. pick
 local st, worker, attempt, model, owner = unpack(redis.call('HMGET', task, 'status', 'worker', 'attempt', 'model', 'owner'))
 local model_key = model and (pending_model_prefix .. model) or nil
 local owner_key = owner and (pending_owner_prefix .. owner) or nil
-if st ~= 'pending' and not (st == 'processing' and (not worker or worker == '')) then
+if not takeable(st, worker) then
   -- expired or already taken: a stale entry, dropped from every index it may be in
   unindex(pick, pending, model_key, owner_key)
   for _, m in ipairs(held) do redis.call('ZREM', pending_model_prefix .. m, pick) end
   return {'', 'retry'}
 end
--- Take it: processing for me, off every waiting index, onto `running`, announced.
-redis.call('HSET', task, 'status', 'processing', 'worker', me, 'started_at', now, 'updated_at', now, 'progress_step', 0)
-unindex(pick, pending, model_key, owner_key)
-redis.call('ZADD', running, now, pick)
-redis.call('PUBLISH', events_prefix .. pick, 'processing')
-redis.call('HINCRBY', task, 'runs', 1)
-redis.call('SET', delivery, pick, 'EX', ARGV[8])
+take(task, pick, me, now, running, events_prefix .. pick, pending, model_key, owner_key)
+local taken, ids = {pick, attempt, model or ''}, {pick}
+-- Companions for one pipeline call, from the same model's index, in the order workers take jobs.
+local key, images = unpack(redis.call('HMGET', task, 'batch', 'images'))
+local room = tonumber(ARGV[11]) - (tonumber(images) or 1)
+if room > 0 and key and key ~= '' and model_key then
+  for _, id in ipairs(redis.call('ZRANGE', model_key, 0, tonumber(ARGV[6]) - 1)) do
+    local other = task_prefix .. id
+    local ost, oworker, oattempt, obatch, oimages, oowner = unpack(redis.call('HMGET', other, 'status', 'worker',
+      'attempt', 'batch', 'images', 'owner'))
+    local n = tonumber(oimages) or 1
+    if obatch == key and n <= room and takeable(ost, oworker) then
+      take(other, id, me, now, running, events_prefix .. id, pending, model_key, oowner and (pending_owner_prefix .. oowner) or nil)
+      taken[#taken + 1] = id; taken[#taken + 1] = oattempt; ids[#ids + 1] = id
+      room = room - n
+      if room <= 0 then break end
+    end
+  end
+end
+redis.call('SET', delivery, table.concat(ids, ' '), 'EX', ARGV[8])
 -- Say at once which models I will hold, so no other worker picks my next jobs before my heartbeat does.
 local raw = model and redis.call('GET', worker_prefix .. me)
 if raw then
@@ -92,4 +114,4 @@ if raw then
     redis.call('SET', worker_prefix .. me, cjson.encode(info), 'KEEPTTL')
   end
 end
-return {pick, attempt, model or ''}
+return taken
