@@ -161,6 +161,8 @@ class WorkerSchema(Schema):
     model_loads = fields.Integer(metadata={"description": "Models this worker process has loaded since it started"})
     dtype = fields.String(metadata={"description": "Precision of its warm weights (worker.dtype): float16, bfloat16 "
                                                    "or float32; empty for the webhook worker"})
+    max_batch = fields.Integer(metadata={"description": "Images one pipeline call may hold (worker.max_batch): "
+                                                        "compatible waiting jobs run together"})
     queues = fields.List(fields.String())
     error = fields.String(allow_none=True, metadata={"description": "Why a worker is setup_failed"})
     last_seen = fields.String()

@@ -9,16 +9,19 @@ the base's weights, so a per-request scheduler never touches the shared pipe.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 
-from common.errors import ModelError
+from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt
 from common.jobspec import JobSpec, LoraRef
 from worker.pipelines import family_of
+
+log = logging.getLogger("sdqueue.worker")
 
 
 @dataclass
@@ -87,3 +90,135 @@ def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_file
             images += list(output.images)
     return GenerationResult(images=images, seeds=seeds, scheduler=type(scheduler).__name__,
                             strength=kwargs.get("strength"))
+
+
+# --- several jobs in one pipeline call -------------------------------------------------------
+VARYING_ARGUMENTS = ("prompt", "negative_prompt", "image")   # per image in a shared call; the rest is shared
+DROPPING = (JobCancelled, JobTimeLimit, StaleAttempt)       # end one job of a shared call, not the call
+
+
+@dataclass
+class BatchMember:
+    """One job of a shared pipeline call: its spec, its init image, and its own step check.
+
+    `on_step(step, total)` records the job's progress and raises (cancel,
+    time limit, stale attempt) to drop the job; its images are then
+    discarded and the others go on. `result` is set when the call ends.
+    """
+
+    spec: JobSpec
+    init_image: Image.Image | None
+    on_step: Callable[[int, int], None]
+    result: GenerationResult | None = None
+    dropped: BaseException | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.dropped is None
+
+
+class SharedStep:
+    """callback_on_step_end of a shared call: every live member's own progress, cancel and time limit."""
+
+    def __init__(self, members: list[BatchMember], on_drop: Callable[[BatchMember], None]):
+        self.members = members
+        self.on_drop = on_drop
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        total = int(getattr(pipe, "num_timesteps", 0) or 0)
+        for member in self.members:
+            if member.live:
+                try:
+                    member.on_step(step + 1, total)
+                except DROPPING as exc:
+                    member.dropped = exc
+                    self.on_drop(member)
+        if not any(member.live for member in self.members):
+            raise self.members[-1].dropped    # nobody wants these images: stop denoising now
+        return tensors
+
+
+def merged_call_kwargs(per_job: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
+    """One call's arguments from each job's own (and its image count): per-image lists of what may differ.
+
+    A missing negative prompt is "" (what diffusers uses for None), so one list holds them all.
+    """
+    merged = {name: value for name, value in per_job[0][0].items() if name not in VARYING_ARGUMENTS}
+    for name in VARYING_ARGUMENTS:
+        if name in per_job[0][0]:
+            merged[name] = [kwargs.get(name) or ("" if name == "negative_prompt" else None)
+                            for kwargs, count in per_job for _ in range(count)]
+    return merged
+
+
+def generate_batch(base: Any, members: list[BatchMember], lora_files: dict[str, Path],
+                   on_drop: Callable[[BatchMember], None] = lambda member: None,
+                   fault: Callable[[int], None] | None = None) -> None:
+    """Run compatible jobs (one JobSpec.batch_key) in one pipeline call; sets each live member's result.
+
+    One seeded generator per image, so a job's images equal a solo run's (but
+    for the ±1-level rounding batch size causes). Out of memory: the call is
+    split in halves, and each half runs on its own. Exceptions other than a
+    member's drop propagate (the worker fails or retries the whole batch);
+    when every member was dropped, the last drop is raised. `fault(images)`
+    runs before each call (tests inject an out-of-memory error with it).
+    """
+    family = family_of(base)
+    first = members[0].spec
+    scheduler = family.make_scheduler(base, first.scheduler, first.scheduler_config)
+    view = family.make_view(base, first, scheduler)
+    with applied_loras(base, first.loras, lora_files):
+        run_shared(view, family, members, on_drop, type(scheduler).__name__, fault)
+
+
+def run_shared(view: Any, family: Any, members: list[BatchMember], on_drop: Callable[[BatchMember], None],
+               scheduler_name: str, fault: Callable[[int], None] | None) -> None:
+    """One call for the live members, or two half calls when it runs out of memory."""
+    live = [m for m in members if m.live]
+    if not live:
+        return
+    per_job = [(family.build_call_kwargs(m.spec, m.init_image, None), m.spec.num_images) for m in live]
+    kwargs = merged_call_kwargs(per_job)
+    seeds = [seed for m in live for seed in m.spec.seeds]
+    kwargs.update(num_images_per_prompt=1, generator=make_generators(seeds), output_type="pil",
+                  callback_on_step_end=SharedStep(live, on_drop))
+    try:
+        if fault is not None:
+            fault(len(seeds))
+        images = list(view(**kwargs).images)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here; the rest propagates
+        if not is_out_of_memory(exc) or len(live) == 1:
+            raise
+        failure = exc
+    else:
+        for member in live:
+            count = member.spec.num_images
+            if member.live:
+                member.result = GenerationResult(images=images[:count], seeds=member.spec.seeds,
+                                                 scheduler=scheduler_name, strength=kwargs.get("strength"))
+            images = images[count:]
+        return
+    # Outside the except block, so its traceback no longer pins the activations.
+    log.warning("out of memory with %d images in one call (%s); running the jobs in two halves",
+                len(seeds), type(failure).__name__)
+    del failure
+    release_memory()
+    half = len(live) // 2
+    run_shared(view, family, live[:half], on_drop, scheduler_name, fault)
+    run_shared(view, family, live[half:], on_drop, scheduler_name, fault)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (and its MPS/XPU siblings), recognised without importing CUDA code."""
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+def release_memory() -> None:
+    """Give cached accelerator memory back after an out-of-memory failure."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

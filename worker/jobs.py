@@ -19,16 +19,16 @@ from celery import Celery
 from PIL import Image
 
 from common.catalog import find_model, list_loras
-from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt, StorageError
+from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt, StorageError, TaskNotFound
 from common.infotext import VERSION, build_infotext
 from common.sidecars import build_sidecar
 from common.jobspec import JobSpec
 from common.logs import log_context
 from common.queue import GENERATE_TASK, send_callback
 from common.storage import Storage
-from common.store import NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
+from common.store import Claim, NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
 from worker.assets import asset_dirs, ensure_assets
-from worker.generation import GenerationResult, generate
+from worker.generation import DROPPING, BatchMember, GenerationResult, generate, generate_batch
 from worker.images import CONTENT_TYPES, encode_image
 from worker.metrics import observe_job
 from worker.monitor import StepMonitor
@@ -48,6 +48,7 @@ class JobContext:
     registry: PipelineRegistry
     celery: Celery
     info: WorkerInfo
+    max_batch: int = 1       # images one pipeline call may hold (worker.max_batch, resolved for the device)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -145,7 +146,7 @@ def run_delivery(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str, d
     `delivery`: Celery's message id; a retried delivery gets back the job it took.
     """
     picked = ctx.store.pick(queue, ctx.info.id, ctx.registry.names(), ctx.registry.capacity,
-                            affinity_wait(ctx.settings), delivery)
+                            affinity_wait(ctx.settings), delivery, max_images=ctx.max_batch)
     if picked is NoPick.WAIT:
         hand_back(ctx, hint_id, hint_attempt, queue)
         return "waiting"
@@ -154,6 +155,8 @@ def run_delivery(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str, d
         return picked.value
     if picked.model:
         ctx.info.models = ctx.registry.names_after(picked.model)   # as pick() announced
+    if picked.companions:
+        return run_batch(ctx, picked.claims)
     return run_job(ctx, picked.task_id, picked.attempt)
 
 
@@ -171,7 +174,7 @@ def run_job(ctx: JobContext, task_id: str, attempt: int) -> str:
 
 
 def run_claimed(ctx: JobContext, task: Task, attempt: int) -> str:
-    me, task_id = ctx.info.id, task.id
+    task_id = task.id
     ctx.info.state, ctx.info.task_id = WorkerState.BUSY, task_id
     announce(ctx)
     try:
@@ -183,6 +186,12 @@ def run_claimed(ctx: JobContext, task: Task, attempt: int) -> str:
         ctx.info.state, ctx.info.task_id = WorkerState.READY, None
         ctx.info.models, ctx.info.model_loads = ctx.registry.names(), ctx.registry.loads
         announce(ctx)
+    return conclude(ctx, task, attempt, status, fields)
+
+
+def conclude(ctx: JobContext, task: Task, attempt: int, status: TaskStatus, fields: dict) -> str:
+    """A job's ending, once it is known: its sidecar, the terminal status, metrics and its callback."""
+    me, task_id = ctx.info.id, task.id
     if task.spec.sidecar_key:
         write_sidecar(ctx, task, status, fields)
     if ctx.store.finish(task_id, attempt, me, status, **fields):
@@ -243,3 +252,117 @@ def release_gpu_memory() -> None:
 
     gc.collect()
     torch.cuda.empty_cache()
+
+
+# --- several jobs in one pipeline call -------------------------------------------------------
+@dataclass
+class Shared:
+    """A job of a shared call as the worker tracks it: the task, its attempt, its monitor and its member."""
+
+    task: Task
+    attempt: int
+    monitor: StepMonitor
+    member: BatchMember | None = None
+    outcome: str | None = None       # set once the job is concluded (or found stale)
+
+
+def run_batch(ctx: JobContext, claims: list[Claim]) -> str:
+    """Run jobs that share one pipeline call (TaskStore.pick's companions); each ends on its own."""
+    jobs = []
+    for claim in claims:
+        try:
+            task = ctx.store.get(claim.task_id)
+        except TaskNotFound:
+            continue
+        monitor = StepMonitor(ctx.store, task.id, claim.attempt, ctx.info.id, ctx.settings.tasks.time_limit,
+                              ctx.settings.tasks.progress_interval)
+        jobs.append(Shared(task, claim.attempt, monitor))
+    if not jobs:
+        return "stale"
+    first = jobs[0].task
+    with log_context(task_id=first.id, model=first.spec.model):
+        log.info("running %d jobs in one pipeline call: %s", len(jobs), ", ".join(j.task.id for j in jobs))
+        ctx.info.state, ctx.info.task_id = WorkerState.BUSY, first.id
+        announce(ctx)
+        try:
+            execute_batch(ctx, jobs)
+        finally:
+            ctx.info.state, ctx.info.task_id = WorkerState.READY, None
+            ctx.info.models, ctx.info.model_loads = ctx.registry.names(), ctx.registry.loads
+            announce(ctx)
+    return ",".join(job.outcome or "stale" for job in jobs)
+
+
+def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
+    """Run the live jobs' images in one call, then upload and conclude each; every job gets an ending."""
+    for job in jobs:
+        try:
+            ctx.store.check_still_mine(job.task.id, job.attempt, ctx.info.id)   # cancelled while it waited
+        except (JobCancelled, StaleAttempt) as exc:
+            end_dropped(ctx, job, exc)
+    live = [job for job in jobs if job.outcome is None]
+    if not live:
+        return
+    spec = live[0].task.spec
+    try:
+        ensure_assets(ctx.storage, spec.assets, asset_dirs(ctx.settings))
+        for job in live:
+            job.monitor.restart_clock()   # a first download does not count against the jobs' time limit
+        if find_model(ctx.settings.models_dir, spec.model) is None:
+            raise ModelError(f"model '{spec.model}' is not in the model directory")
+        base = ctx.registry.get(spec.model)
+        ctx.info.models = ctx.registry.names()
+        for job in live:
+            job.member = BatchMember(job.task.spec, load_input_image(ctx.storage, job.task.spec.init_image_key),
+                                     job.monitor.on_shared_step)
+        by_member = {id(job.member): job for job in live}
+        started = time.perf_counter()
+        generate_batch(base, [job.member for job in live], list_loras(ctx.settings.lora_dir),
+                       on_drop=lambda member: end_dropped(ctx, by_member[id(member)], member.dropped))
+        compute = time.perf_counter() - started
+    except DROPPING:
+        return                                 # every job was dropped (and concluded) during the call
+    except redis.RedisError:
+        raise                                  # not the jobs' fault: the delivery is retried, same jobs
+    except Exception as exc:  # noqa: BLE001 - a pipeline failure fails the jobs, never the worker
+        log.exception("a shared call of %d jobs failed", len(live))
+        failure = (describe_error(exc), type(exc).__name__)
+    else:
+        for job in live:
+            if job.outcome is None and job.member.result is not None:
+                finish_shared(ctx, job, compute)
+        return
+    error, kind = failure
+    for job in live:
+        if job.outcome is None:
+            job.outcome = conclude(ctx, job.task, job.attempt, TaskStatus.FAILED, {"error": error})
+    if kind == "OutOfMemoryError":
+        release_gpu_memory()
+
+
+def finish_shared(ctx: JobContext, job: Shared, compute: float) -> None:
+    """Upload one job's images from a shared call and conclude it."""
+    result = job.member.result
+    try:
+        keys = upload_images(ctx, job.task.id, job.task.spec, result)
+    except redis.RedisError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - this job fails; the others of the call are unaffected
+        log.exception("task %s failed", job.task.id)
+        job.outcome = conclude(ctx, job.task, job.attempt, TaskStatus.FAILED, {"error": describe_error(exc)})
+        return
+    job.outcome = conclude(ctx, job.task, job.attempt, TaskStatus.COMPLETED, {
+        "result_keys": keys, "seeds": result.seeds, "compute_seconds": f"{compute:.6f}",
+        "progress_step": job.monitor.steps, "progress_total": job.monitor.steps, "scheduler_used": result.scheduler,
+    })
+
+
+def end_dropped(ctx: JobContext, job: Shared, reason: BaseException | None) -> None:
+    """A job leaves a shared call: cancelled, over its time limit, or no longer this worker's (stale)."""
+    if isinstance(reason, StaleAttempt):
+        log.warning("task %s moved on to a newer attempt; dropping attempt %d", job.task.id, job.attempt)
+        job.outcome = "stale"
+    elif isinstance(reason, JobCancelled):
+        job.outcome = conclude(ctx, job.task, job.attempt, TaskStatus.CANCELLED, {"error": "cancelled by client"})
+    else:
+        job.outcome = conclude(ctx, job.task, job.attempt, TaskStatus.FAILED, {"error": describe_error(reason)})

@@ -78,6 +78,14 @@ def prepare_torch(pinned: str, settings) -> str:
     return device
 
 
+def max_batch_for(setting: int, device: str) -> int:
+    """worker.max_batch, 0 meaning the device's default: 8 on CUDA (a batch-1 step leaves most of a GPU
+    idle), 1 on the CPU (already compute-bound at useful sizes; bench/batching.py measures the gain)."""
+    if setting > 0:
+        return setting
+    return 8 if device.startswith("cuda") else 1
+
+
 def ensure_default_model(settings) -> str:
     """The default model's name; builds the tiny random-weight model if none exists."""
     name = default_model_name(settings.models_dir, settings.models.default)
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     queues = consumed_queues(args, settings)
     set_process_context(worker=name)
     info = WorkerInfo(id=f"{name}:{os.getpid()}:{uuid.uuid4().hex[:8]}", name=name, device=device,
-                      queues=queues)
+                      queues=queues, max_batch=max_batch_for(settings.worker.max_batch, device) if args.role == "gpu" else 1)
     run_worker(settings, args, info)
 
 
@@ -153,7 +161,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     # Before the default model loads: its load is counted, and a scrape during a long load answers.
     start_metrics_server(settings.metrics.worker_port, settings.metrics.worker_addr, info.name, info.device,
                          ",".join(info.queues), registry.names)
-    ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info)
+    ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info, info.max_batch)
     register_tasks(celery, lambda: ctx)
     heartbeat = Heartbeat(stores.tasks, stores.workers, celery, info, settings)
     heartbeat.beat()

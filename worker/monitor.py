@@ -43,6 +43,11 @@ class StepMonitor:
         self.on_step(self._batch * per_batch + step + 1, per_batch * self._batches)
         return kwargs
 
+    def on_shared_step(self, step: int, total: int) -> None:
+        """A step of a call this job shares with others (worker.generation.SharedStep): counted, then checked."""
+        self.steps += 1
+        self.on_step(step, total)
+
     def on_step(self, step: int, total: int) -> None:
         """Raise JobCancelled / StaleAttempt / JobTimeLimit to stop; else maybe record progress."""
         self.store.check_still_mine(self.task_id, self.attempt, self.worker)

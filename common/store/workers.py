@@ -38,6 +38,7 @@ class WorkerInfo:
     models: list[str] = field(default_factory=list)
     model_loads: int = 0
     dtype: str = ""              # the warm weights' precision (float16, bfloat16, float32); "" before a model loads
+    max_batch: int = 1           # images one pipeline call may hold (worker.max_batch)
     task_id: str | None = None
     error: str | None = None
     started_at: float = field(default_factory=time.time)
