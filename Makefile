@@ -49,6 +49,7 @@ bench: deps
 	$(PY) -m bench.scale
 	$(PY) -m bench.affinity
 	$(PY) -m bench.redelivery
+	$(PY) -m bench.batching
 
 docker-config:
 	docker compose config --quiet && echo "docker-compose.yml is valid"

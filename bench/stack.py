@@ -79,8 +79,10 @@ def run_batch(stack: LocalStack, bodies: list[dict], timeout: float = 900) -> di
         raise RuntimeError(f"{len(failed)} jobs did not complete: {failed[:3]}")
     elapsed = max(float(r["finished_at"]) for r in records) - started
     images = sum(len(json.loads(r["result_keys"])) for r in records)
+    latencies = [float(r["finished_at"]) - float(r["created_at"]) for r in records]
     return {"jobs": len(ids), "images": images, "seconds": elapsed, "images_per_s": images / elapsed,
-            "workers": sorted({r["worker"] for r in records})}
+            "workers": sorted({r["worker"] for r in records}), "latencies": latencies,
+            "calls": len({r["started_at"] for r in records})}
 
 
 def stop_workers(stack: LocalStack, names: list[str]) -> None:
