@@ -96,6 +96,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("worker.pool", str, "", "Worker pool (queue) this worker serves, e.g. an AWS-extension endpoint name; empty: tasks.queue."),
     Option("worker.torch_threads", int, 0, "torch CPU threads; 0 leaves torch's default."),
     Option("worker.max_batch", int, 0, "Images one pipeline call may hold: waiting jobs that can share a call (same model, mode, size, steps, scheduler, guidance, LoRAs) run together. 0: 8 on CUDA, 1 (no batching) on CPU."),
+    Option("worker.png_level", int, 1, "PNG compression level, 0-9: lossless at every level; higher is smaller and slower (zlib's default is 6)."),
     Option("worker.dtype", str, "auto", "Weights' precision: auto (the model family's choice on CUDA: float16 for SD 1.x/2.x/SDXL; float32 on CPU), float16, bfloat16 or float32."),
     Option("aws.models_prefix", str, "models", "Key prefix of uploaded checkpoints: s3://{bucket}/{prefix}/{type}/{id}/{file}."),
     Option("aws.output_prefix", str, "out", "Key prefix of AWS-extension outputs: s3://{bucket}/{prefix}/{job}/result/image_{n}.jpg."),

@@ -16,14 +16,17 @@ EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286
 
 
-def encode_image(image: Image.Image, fmt: str, parameters: str) -> bytes:
-    """Bytes of `image` in png/jpg/jpeg/webp with `parameters` embedded."""
+PNG_LEVEL = 1   # fast: the images are lossless at every level, and encoding sits between GPU calls
+
+
+def encode_image(image: Image.Image, fmt: str, parameters: str, png_level: int = PNG_LEVEL) -> bytes:
+    """Bytes of `image` in png/jpg/jpeg/webp with `parameters` embedded (PNG at zlib level `png_level`)."""
     buf = io.BytesIO()
     fmt = fmt.lower()
     if fmt == "png":
         info = PngInfo()
         info.add_text("parameters", parameters)
-        image.save(buf, format="PNG", pnginfo=info)
+        image.save(buf, format="PNG", pnginfo=info, compress_level=png_level)
     else:
         exif = Image.Exif()
         exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")

@@ -97,7 +97,7 @@ def upload_images(ctx: JobContext, task_id: str, spec: JobSpec, result: Generati
     copies = copy_keys(ctx, spec, result.seeds) if spec.save_copy_dir else [None] * len(result.images)
     for n, (image, seed, copy) in enumerate(zip(result.images, result.seeds, copies)):
         text = build_infotext(spec, seed, image.width, image.height, result.scheduler, VERSION)
-        data = encode_image(image, ext, text)
+        data = encode_image(image, ext, text, ctx.settings.worker.png_level)
         metadata = {"seed": str(seed), "task-id": task_id}
         key = output_key(ctx, task_id, spec, n)
         ctx.storage.put(key, data, CONTENT_TYPES[ext], metadata=metadata)
