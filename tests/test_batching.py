@@ -7,6 +7,7 @@ ends cancelled, each reports progress.
 """
 from __future__ import annotations
 
+import io
 import time
 import uuid
 
@@ -131,62 +132,60 @@ def test_out_of_memory_splits_the_call_and_carries_on(pipe, settings):
 
 
 # --- through the real stack -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def batch_pool(stack):
-    """A pool of its own with no worker yet: jobs submitted to it wait, so the worker finds them together."""
+@pytest.fixture
+def waiting_pool(stack):
+    """A pool of its own whose jobs wait until its worker (max_batch 8) starts, so it finds them together."""
     from tests.test_routing import PoolApi
 
-    api = PoolApi(stack, "batch-" + uuid.uuid4().hex[:6])
-    yield api
-    for service in getattr(api, "workers", []):
+    started = []
+
+    def submit_then_start(bodies: list[dict]):
+        api = PoolApi(stack, "batch-" + uuid.uuid4().hex[:6])
+        ids = [api.submit(**body) for body in bodies]
+        started.append(stack.start_worker(f"{api.queue}-w", "--pool", api.queue, wait=False,
+                                          env={"SDQ_WORKER_MAX_BATCH": "8", "SDQ_WORKER_TORCH_THREADS": "1"}))
+        return api, ids
+
+    yield submit_then_start
+    for service in started:
         service.stop()
 
 
-def start_batching_worker(stack, api, **env: str) -> None:
-    from tests.test_routing import start_pool_workers
-
-    api.workers = getattr(api, "workers", []) + start_pool_workers(stack, api.queue, 1, SDQ_WORKER_MAX_BATCH="8",
-                                                                   SDQ_WORKER_TORCH_THREADS="1", **env)
-
-
-def test_waiting_jobs_run_together_and_each_completes_with_its_own_images(stack, batch_pool, api, rds):
+def test_waiting_jobs_run_together_and_each_completes_with_its_own_images(waiting_pool, api, rds):
     from common.store import keys
 
     bodies = [{"prompt": "a red fox", "seed": 11}, {"prompt": "a harbour", "seed": 12, "num_images": 2},
               {"prompt": "a forest", "seed": 13, "negative_prompt": "fog"}]
-    ids = [batch_pool.submit(**body) for body in bodies]
-    start_batching_worker(stack, batch_pool)
-    tasks = batch_pool.wait_all(ids)
+    pool, ids = waiting_pool(bodies)
+    tasks = pool.wait_all(ids)
     assert [t["status"] for t in tasks] == ["completed"] * 3
-    started = {rds.hget(keys.TASK(i), "started_at") for i in ids}
-    assert len(started) == 1                                         # taken together, in one pick
-    assert len({rds.hget(keys.TASK(i), "compute_seconds") for i in ids}) == 1   # one call's compute
-    health = {w["name"]: w for w in api.get("/health").json()["workers"]}
-    assert any(w["max_batch"] == 8 for w in health.values() if batch_pool.queue in w["queues"])
+    assert len({rds.hget(keys.TASK(i), "started_at") for i in ids}) == 1          # taken together, in one pick
+    assert len({rds.hget(keys.TASK(i), "compute_seconds") for i in ids}) == 1     # one call's compute
+    serving = [w for w in api.get("/health").json()["workers"] if pool.queue in w["queues"]]
+    assert [w["max_batch"] for w in serving] == [8]
     for body, task in zip(bodies, tasks):                            # the same images a solo run gives
         alone = api.run(**{**body, "width": 64, "height": 64, "num_inference_steps": 2})
         urls = task["result_urls"] or [task["result_url"]]
         solo_urls = alone["result_urls"] or [alone["result_url"]]
+        assert len(urls) == len(solo_urls) == body.get("num_images", 1)
         for url, solo_url in zip(urls, solo_urls):
-            a = np.asarray(Image.open(__import__("io").BytesIO(fetch(url))), dtype=np.int16)
-            b = np.asarray(Image.open(__import__("io").BytesIO(fetch(solo_url))), dtype=np.int16)
+            a = np.asarray(Image.open(io.BytesIO(fetch(url))), dtype=np.int16)
+            b = np.asarray(Image.open(io.BytesIO(fetch(solo_url))), dtype=np.int16)
             assert np.abs(a - b).max() <= 2
         assert task["progress"]["step"] == task["progress"]["total"] > 0
 
 
-def test_cancelling_one_job_of_a_shared_call_leaves_the_others_running(stack, batch_pool):
+def test_cancelling_one_job_of_a_shared_call_leaves_the_others_running(waiting_pool):
     slow = {"num_inference_steps": 150, "width": 192, "height": 192}
-    ids = [batch_pool.submit(prompt=f"slow {n}", seed=n, **slow) for n in range(3)]
-    if not getattr(batch_pool, "workers", None):
-        start_batching_worker(stack, batch_pool)
+    pool, ids = waiting_pool([{"prompt": f"slow {n}", "seed": n, **slow} for n in range(3)])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        tasks = [batch_pool.task(i) for i in ids]
+        tasks = [pool.task(i) for i in ids]
         if all(t["status"] == "processing" and t["progress"]["step"] > 0 for t in tasks):
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert all(t["status"] == "processing" for t in tasks), tasks     # all three in one call, all progressing
-    batch_pool.cancel([ids[1]])
-    finished = batch_pool.wait_all(ids, timeout=300)
+    pool.cancel([ids[1]])
+    finished = pool.wait_all(ids, timeout=300)
     assert [t["status"] for t in finished] == ["completed", "cancelled", "completed"]
     assert finished[0]["result_url"] and finished[1]["result_url"] is None

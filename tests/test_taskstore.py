@@ -12,6 +12,7 @@ from common.queue import BrokerMessage
 from common.store import (CancelOutcome, NoPick, Picked, RequeueOutcome, RunningJob, TaskStatus, TaskStore,
                           WorkerInfo, WorkerRegistry, keys)
 from worker.monitor import StepMonitor
+from worker.watch import JobWatch
 
 
 @pytest.fixture
@@ -137,12 +138,32 @@ def test_dead_heartbeat_drops_out_of_live_workers(rds):
 def test_monitor_enforces_time_limit_and_reports_progress(store, queue):
     task_id = new_task(store, queue=queue)
     take(store, queue, "w")
-    monitor = StepMonitor(store, task_id, 0, "w", time_limit=60, progress_interval=0)
+    watch = JobWatch(store, "w", interval=0.05)          # polled by hand here; a thread in the worker
+    monitor = StepMonitor(watch, task_id, 0, time_limit=60)
     monitor.on_step(3, 10)
+    assert store.get(task_id).progress_step == 0         # the step itself writes nothing
+    watch.poll_once()
     assert (store.get(task_id).progress_step, store.get(task_id).progress_total) == (3, 10)
-    expired = StepMonitor(store, task_id, 0, "w", time_limit=1, progress_interval=0, started=time.monotonic() - 5)
+    store.request_cancel(store.get(task_id))
+    monitor.on_step(4, 10)                               # not seen yet: the watcher has not polled
+    watch.poll_once()
+    with pytest.raises(JobCancelled):
+        monitor.on_step(5, 10)
+    monitor.close()
+    expired = StepMonitor(watch, task_id, 0, time_limit=1, started=time.monotonic() - 5)
     with pytest.raises(JobTimeLimit):
         expired.on_step(1, 10)
+
+
+def test_the_watch_marks_a_job_another_attempt_took_as_stale(store, queue):
+    task_id = new_task(store, queue=queue)
+    take(store, queue, "dead")
+    watch = JobWatch(store, "dead", interval=0.05)
+    monitor = StepMonitor(watch, task_id, 0, time_limit=60)
+    store.requeue(running_job(store, task_id), BrokerMessage("unit-requeue-list", "next"), 3)
+    watch.poll_once()
+    with pytest.raises(StaleAttempt):
+        monitor.on_step(1, 4)
 
 
 def test_create_never_overwrites_an_existing_task(store, queue):

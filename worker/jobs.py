@@ -32,6 +32,7 @@ from worker.generation import DROPPING, BatchMember, GenerationResult, generate,
 from worker.images import CONTENT_TYPES, encode_image
 from worker.metrics import observe_job
 from worker.monitor import StepMonitor
+from worker.watch import JobWatch
 from worker.registry import PipelineRegistry
 
 log = logging.getLogger("sdqueue.worker")
@@ -48,6 +49,7 @@ class JobContext:
     registry: PipelineRegistry
     celery: Celery
     info: WorkerInfo
+    watch: JobWatch
     max_batch: int = 1       # images one pipeline call may hold (worker.max_batch, resolved for the device)
 
 
@@ -208,8 +210,7 @@ def conclude(ctx: JobContext, task: Task, attempt: int, status: TaskStatus, fiel
 def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict]:
     """Run the pipeline and upload; map every ending to a status and fields."""
     spec = task.spec
-    monitor = StepMonitor(ctx.store, task.id, attempt, ctx.info.id, ctx.settings.tasks.time_limit,
-                          ctx.settings.tasks.progress_interval)
+    monitor = StepMonitor(ctx.watch, task.id, attempt, ctx.settings.tasks.time_limit)
     try:
         ctx.store.check_still_mine(task.id, attempt, ctx.info.id)   # cancelled while it waited: no model load
         ensure_assets(ctx.storage, spec.assets, asset_dirs(ctx.settings))
@@ -237,6 +238,8 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
             "result_keys": keys, "seeds": result.seeds, "compute_seconds": f"{compute:.6f}",
             "progress_step": monitor.steps, "progress_total": monitor.steps, "scheduler_used": result.scheduler,
         }
+    finally:
+        monitor.close()
     # Outside the except block: its traceback no longer pins the activations.
     status, fields, kind = failure
     if kind == "OutOfMemoryError":
@@ -274,9 +277,8 @@ def run_batch(ctx: JobContext, claims: list[Claim]) -> str:
             task = ctx.store.get(claim.task_id)
         except TaskNotFound:
             continue
-        monitor = StepMonitor(ctx.store, task.id, claim.attempt, ctx.info.id, ctx.settings.tasks.time_limit,
-                              ctx.settings.tasks.progress_interval)
-        jobs.append(Shared(task, claim.attempt, monitor))
+        jobs.append(Shared(task, claim.attempt, StepMonitor(ctx.watch, task.id, claim.attempt,
+                                                            ctx.settings.tasks.time_limit)))
     if not jobs:
         return "stale"
     first = jobs[0].task
@@ -287,6 +289,8 @@ def run_batch(ctx: JobContext, claims: list[Claim]) -> str:
         try:
             execute_batch(ctx, jobs)
         finally:
+            for job in jobs:
+                job.monitor.close()
             ctx.info.state, ctx.info.task_id = WorkerState.READY, None
             ctx.info.models, ctx.info.model_loads = ctx.registry.names(), ctx.registry.loads
             announce(ctx)

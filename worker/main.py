@@ -144,6 +144,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     from worker.registry import PipelineRegistry, load_pipeline
     from worker.metrics import start_metrics_server
     from worker.tasks import register_tasks
+    from worker.watch import JobWatch
 
     stores = open_stores(settings.redis.url, settings.tasks.retention_seconds)
     storage = Storage(settings)
@@ -161,7 +162,9 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     # Before the default model loads: its load is counted, and a scrape during a long load answers.
     start_metrics_server(settings.metrics.worker_port, settings.metrics.worker_addr, info.name, info.device,
                          ",".join(info.queues), registry.names)
-    ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info, info.max_batch)
+    watch = JobWatch(stores.tasks, info.id, settings.tasks.progress_interval)
+    watch.start()
+    ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info, watch, info.max_batch)
     register_tasks(celery, lambda: ctx)
     heartbeat = Heartbeat(stores.tasks, stores.workers, celery, info, settings)
     heartbeat.beat()

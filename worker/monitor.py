@@ -2,30 +2,28 @@
 
 Why in the callback: it is the one place that runs between denoising steps.
 Raising there aborts the run at once (no VAE decode of a half-done image)
-and leaves the pipeline usable for the next job.
+and leaves the pipeline usable for the next job. It reads flags and records
+progress in memory only: worker/watch.py does the Redis side in the
+background, so no step waits on the network.
 """
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from common.errors import JobTimeLimit
-from common.store.tasks import TaskStore
+from common.errors import JobCancelled, JobTimeLimit, StaleAttempt
+from worker.watch import JobFlags, JobWatch
 
 
 class StepMonitor:
-    """Callable for `callback_on_step_end`: throttled progress, cancel and stale checks."""
+    """Callable for `callback_on_step_end`: progress, cancel, stale and time-limit checks."""
 
-    def __init__(self, store: TaskStore, task_id: str, attempt: int, worker: str, time_limit: float,
-                 progress_interval: float, started: float | None = None):
-        self.store = store
+    def __init__(self, watch: JobWatch, task_id: str, attempt: int, time_limit: float, started: float | None = None):
+        self.watch = watch
+        self.flags: JobFlags = watch.track(task_id, attempt)
         self.task_id = task_id
-        self.attempt = attempt
-        self.worker = worker
         self.deadline = (started or time.monotonic()) + time_limit
         self.time_limit = time_limit
-        self.interval = progress_interval
-        self._last_write = 0.0
         self.steps = 0
         self._batch, self._batches = 0, 1
 
@@ -36,6 +34,10 @@ class StepMonitor:
     def begin_batch(self, index: int, count: int) -> None:
         """Progress spans all batches of a job (A1111's n_iter), not just the running one."""
         self._batch, self._batches = index, count
+
+    def close(self) -> None:
+        """The job ended: the watcher stops polling it."""
+        self.watch.untrack(self.flags)
 
     def __call__(self, pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
         self.steps += 1
@@ -49,11 +51,11 @@ class StepMonitor:
         self.on_step(step, total)
 
     def on_step(self, step: int, total: int) -> None:
-        """Raise JobCancelled / StaleAttempt / JobTimeLimit to stop; else maybe record progress."""
-        self.store.check_still_mine(self.task_id, self.attempt, self.worker)
-        now = time.monotonic()
-        if now > self.deadline:
+        """Raise StaleAttempt / JobCancelled / JobTimeLimit to stop; else record the progress for the watcher."""
+        if self.flags.stale:
+            raise StaleAttempt(self.task_id)
+        if self.flags.cancelled:
+            raise JobCancelled(self.task_id)
+        if time.monotonic() > self.deadline:
             raise JobTimeLimit(f"job exceeded the time limit of {self.time_limit:g} s")
-        if now - self._last_write >= self.interval or step >= total:
-            self.store.report_progress(self.task_id, step, total)
-            self._last_write = now
+        self.flags.progress = (step, total)

@@ -391,6 +391,13 @@ class TaskStore:
         if cancel == "1":
             raise JobCancelled(task_id)
 
+    def ownership(self, task_ids: list[str]) -> list[tuple[str | None, str | None, str | None]]:
+        """(cancel_requested, attempt, worker) of each task, in one round trip (worker/watch.py)."""
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hmget(keys.TASK(task_id), "cancel_requested", "attempt", "worker")
+        return [tuple(fields) for fields in pipe.execute()]
+
     def finish(self, task_id: str, attempt: int, worker: str, status: TaskStatus, **fields: Any) -> bool:
         """Move a claimed task to a terminal status; False if this delivery no longer owns it."""
         pairs: list[Any] = []

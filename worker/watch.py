@@ -1,0 +1,81 @@
+"""What the step callback needs from Redis, kept fresh by one thread: cancel and stale flags, progress writes.
+
+Why: the step callback runs between denoising steps; a Redis round trip
+there (to learn of a cancel, or to write progress) stalls the GPU on the
+network at every step. This thread polls the running jobs' hash fields and
+writes their latest progress every `tasks.progress_interval` seconds, in the
+background; the callback only reads and sets plain attributes. A cancel is
+seen within one interval; a job cancelled before it started is caught by
+the check made before generation.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from common.store import TaskStore
+
+log = logging.getLogger("sdqueue.worker")
+
+
+@dataclass
+class JobFlags:
+    """One running job as the step callback sees it."""
+
+    task_id: str
+    attempt: int
+    cancelled: bool = False
+    stale: bool = False                       # a newer attempt, or another worker, owns the job now
+    progress: tuple[int, int] | None = None   # (step, total) the callback reached
+    written: tuple[int, int] | None = None    # what the watcher last wrote
+
+
+class JobWatch(threading.Thread):
+    """Daemon thread: one Redis pipeline per interval for every running job of this worker process."""
+
+    def __init__(self, store: TaskStore, worker_id: str, interval: float):
+        super().__init__(name="sdq-job-watch", daemon=True)
+        self.store = store
+        self.worker_id = worker_id
+        self.interval = max(interval, 0.01)
+        self._jobs: dict[str, JobFlags] = {}
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+
+    def track(self, task_id: str, attempt: int) -> JobFlags:
+        flags = JobFlags(task_id, attempt)
+        with self._lock:
+            self._jobs[task_id] = flags
+        return flags
+
+    def untrack(self, flags: JobFlags) -> None:
+        with self._lock:
+            if self._jobs.get(flags.task_id) is flags:
+                del self._jobs[flags.task_id]
+
+    def poll_once(self) -> None:
+        """Refresh every tracked job's flags from its hash, and write the progress it made since."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        if not jobs:
+            return
+        for flags, (cancel, attempt, worker) in zip(jobs, self.store.ownership([f.task_id for f in jobs])):
+            if attempt is None or int(attempt) != flags.attempt or worker != self.worker_id:
+                flags.stale = True
+                continue
+            flags.cancelled = cancel == "1"
+            progress = flags.progress
+            if progress is not None and progress != flags.written:
+                self.store.report_progress(flags.task_id, *progress)
+                flags.written = progress
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - a Redis blip must not end the thread; flags stay as they were
+                log.exception("job watch failed")
+
+    def stop(self) -> None:
+        self._stop_event.set()
