@@ -21,7 +21,7 @@ def health_body() -> dict:
         "model_loaded": any(w.models and w.state in (WorkerState.READY, WorkerState.BUSY) for w in workers),
         # No task ids here: health is unauthenticated, and tasks belong to their keys.
         "workers": [{"name": w.name, "device": w.device, "state": w.state, "busy": w.state == WorkerState.BUSY,
-                     "models": w.models, "model_loads": w.model_loads, "dtype": w.dtype, "max_batch": w.max_batch, "queues": w.queues, "error": w.error,
+                     "models": w.models, "model_loads": w.model_loads, "dtype": w.dtype, "max_batch": w.max_batch, "compiled": w.compiled, "speedups": w.speedups, "queues": w.queues, "error": w.error,
                      "last_seen": iso(w.last_seen)}
                     for w in workers],
     }

@@ -163,6 +163,9 @@ class WorkerSchema(Schema):
                                                    "or float32; empty for the webhook worker"})
     max_batch = fields.Integer(metadata={"description": "Images one pipeline call may hold (worker.max_batch): "
                                                         "compatible waiting jobs run together"})
+    compiled = fields.Boolean(metadata={"description": "The UNet runs torch.compile'd (worker.compile)"})
+    speedups = fields.List(fields.String(), metadata={
+        "description": "Speed-ups in force: sdpa, channels_last, fuse_qkv, tf32, compile"})
     queues = fields.List(fields.String())
     error = fields.String(allow_none=True, metadata={"description": "Why a worker is setup_failed"})
     last_seen = fields.String()

@@ -20,6 +20,7 @@ from PIL import Image
 from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt
 from common.jobspec import JobSpec, LoraRef
 from worker.pipelines import family_of
+from worker.speedups import refused, unfused_for_loras
 
 log = logging.getLogger("sdqueue.worker")
 
@@ -44,6 +45,7 @@ def applied_loras(base: Any, loras: list[LoraRef], lora_files: dict[str, Path]) 
     if not loras:
         yield
         return
+    fused = unfused_for_loras(base)
     try:
         names = []
         for i, lora in enumerate(loras):
@@ -57,6 +59,7 @@ def applied_loras(base: Any, loras: list[LoraRef], lora_files: dict[str, Path]) 
         yield
     finally:
         base.unload_lora_weights()
+        refused(base, fused)
 
 
 def make_generators(seeds: list[int]) -> list[Any]:

@@ -144,6 +144,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     from worker.registry import PipelineRegistry, load_pipeline
     from worker.metrics import start_metrics_server
     from worker.tasks import register_tasks
+    from worker.speedups import Speedups, apply_process_wide, warm_up
     from worker.watch import JobWatch
 
     stores = open_stores(settings.redis.url, settings.tasks.retention_seconds)
@@ -151,12 +152,15 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     celery = create_celery(settings, name="sdqueue-worker")
     default = ensure_default_model(settings) if args.role == "gpu" else ""
     sf_config = single_file_config(settings, default) if args.role == "gpu" else None
+    speedups = Speedups.for_device(settings, info.device) if args.role == "gpu" else Speedups(sdpa=False)
+    apply_process_wide(speedups)
+    info.speedups, info.compiled = speedups.names(), speedups.compile
 
     def loader(model_name: str):
         model = find_model(settings.models_dir, model_name)
         if model is None:
             raise FileNotFoundError(f"model '{model_name}' not found in {settings.models_dir}")
-        return load_pipeline(model, info.device, sf_config, settings.worker.dtype)
+        return load_pipeline(model, info.device, sf_config, settings.worker.dtype, speedups)
 
     registry = PipelineRegistry(settings.models.max_loaded, loader)
     # Before the default model loads: its load is counted, and a scrape during a long load answers.
@@ -173,7 +177,10 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
         if args.role == "gpu":
             storage.ensure_bucket()
             try:
-                info.dtype = str(registry.get(default).dtype).removeprefix("torch.")
+                pipe = registry.get(default)
+                info.dtype = str(pipe.dtype).removeprefix("torch.")
+                if speedups.compile:   # before `ready`: the first jobs must not pay for compiling
+                    warm_up(pipe, find_model(settings.models_dir, default).native_size, info.max_batch)
             except Exception as exc:
                 heartbeat.stop(forget=False)   # /health shows setup_failed until the key expires
                 info.state, info.error = WorkerState.SETUP_FAILED, f"{type(exc).__name__}: {exc}"

@@ -17,14 +17,18 @@ from common.catalog import ModelInfo
 from worker.metrics import observe_model_load
 from worker.pipelines import family_for
 from worker.pipelines.base import resolve_dtype
+from worker.speedups import Speedups, apply_speedups
 
 log = logging.getLogger("sdqueue.worker")
 
 
-def load_pipeline(model: ModelInfo, device: str, single_file_config: Path | None, dtype: str = "auto") -> Any:
-    """Load one model onto `device` the way its family loads it (worker/pipelines), in `dtype` (worker.dtype)."""
+def load_pipeline(model: ModelInfo, device: str, single_file_config: Path | None, dtype: str = "auto",
+                  speedups: Speedups | None = None) -> Any:
+    """Load one model onto `device` the way its family loads it (worker/pipelines), in `dtype` (worker.dtype),
+    with the worker's speed-ups applied once (worker/speedups.py)."""
     family = family_for(model)
-    return family.load(model, device, single_file_config, resolve_dtype(dtype, family, device))
+    pipe = family.load(model, device, single_file_config, resolve_dtype(dtype, family, device))
+    return apply_speedups(pipe, speedups or Speedups())
 
 
 class PipelineRegistry:

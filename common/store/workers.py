@@ -39,6 +39,8 @@ class WorkerInfo:
     model_loads: int = 0
     dtype: str = ""              # the warm weights' precision (float16, bfloat16, float32); "" before a model loads
     max_batch: int = 1           # images one pipeline call may hold (worker.max_batch)
+    compiled: bool = False       # the UNet runs torch.compile'd (worker.compile)
+    speedups: list[str] = field(default_factory=list)   # worker/speedups.py switches in force
     task_id: str | None = None
     error: str | None = None
     started_at: float = field(default_factory=time.time)
