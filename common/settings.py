@@ -96,6 +96,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("worker.pool", str, "", "Worker pool (queue) this worker serves, e.g. an AWS-extension endpoint name; empty: tasks.queue."),
     Option("worker.torch_threads", int, 0, "torch CPU threads; 0 leaves torch's default."),
     Option("worker.max_batch", int, 0, "Images one pipeline call may hold: waiting jobs that can share a call (same model, mode, size, steps, scheduler, guidance, LoRAs) run together. 0: 8 on CUDA, 1 (no batching) on CPU."),
+    Option("worker.output_depth", int, 1, "Jobs whose encoding, uploads and finish may wait for the output stage while the GPU runs the next one (1-2)."),
     Option("worker.png_level", int, 1, "PNG compression level, 0-9: lossless at every level; higher is smaller and slower (zlib's default is 6)."),
     Option("worker.sdpa", bool, True, "PyTorch scaled_dot_product_attention (flash / memory-efficient kernels); off: diffusers' classic attention."),
     Option("worker.channels_last", bool, True, "UNet and VAE in channels-last memory layout (CUDA only)."),

@@ -32,6 +32,7 @@ from worker.generation import DROPPING, BatchMember, GenerationResult, generate,
 from worker.images import CONTENT_TYPES, encode_image
 from worker.metrics import observe_job
 from worker.monitor import StepMonitor
+from worker.outputs import OutputStage
 from worker.watch import JobWatch
 from worker.registry import PipelineRegistry
 
@@ -50,6 +51,7 @@ class JobContext:
     celery: Celery
     info: WorkerInfo
     watch: JobWatch
+    outputs: OutputStage
     max_batch: int = 1       # images one pipeline call may hold (worker.max_batch, resolved for the device)
 
 
@@ -180,7 +182,7 @@ def run_claimed(ctx: JobContext, task: Task, attempt: int) -> str:
     ctx.info.state, ctx.info.task_id = WorkerState.BUSY, task_id
     announce(ctx)
     try:
-        status, fields = execute(ctx, task, attempt)
+        outcome = execute(ctx, task, attempt)
     except StaleAttempt:
         log.warning("task %s moved on to a newer attempt; dropping attempt %d", task_id, attempt)
         return "stale"
@@ -188,7 +190,43 @@ def run_claimed(ctx: JobContext, task: Task, attempt: int) -> str:
         ctx.info.state, ctx.info.task_id = WorkerState.READY, None
         ctx.info.models, ctx.info.model_loads = ctx.registry.names(), ctx.registry.loads
         announce(ctx)
-    return conclude(ctx, task, attempt, status, fields)
+    if isinstance(outcome, Generated):
+        hand_to_outputs(ctx, task, attempt, outcome)
+        return "generated"
+    return conclude(ctx, task, attempt, *outcome)
+
+
+@dataclass
+class Generated:
+    """A job's images, made; encoding, uploads and the finish are left for the output stage."""
+
+    result: GenerationResult
+    compute: float
+    steps: int
+
+
+def hand_to_outputs(ctx: JobContext, task: Task, attempt: int, generated: Generated) -> None:
+    """Queue the job's outputs on the output stage (worker/outputs.py); the GPU goes on with the next job."""
+    ctx.outputs.submit(task.id, lambda: deliver_outputs(ctx, task, attempt, generated),
+                       lambda exc: conclude(ctx, task, attempt, TaskStatus.FAILED,
+                                            {"error": f"output stage: {describe_error(exc)}"}))
+
+
+def deliver_outputs(ctx: JobContext, task: Task, attempt: int, generated: Generated) -> None:
+    """Encode and upload the images, then finish the job completed; an upload error fails it instead."""
+    result = generated.result
+    try:
+        keys = upload_images(ctx, task.id, task.spec, result)
+    except redis.RedisError:
+        raise                                  # the stage retries the whole delivery
+    except Exception as exc:  # noqa: BLE001 - a storage failure fails this job only
+        log.exception("task %s failed", task.id)
+        conclude(ctx, task, attempt, TaskStatus.FAILED, {"error": describe_error(exc)})
+        return
+    conclude(ctx, task, attempt, TaskStatus.COMPLETED, {
+        "result_keys": keys, "seeds": result.seeds, "compute_seconds": f"{generated.compute:.6f}",
+        "progress_step": generated.steps, "progress_total": generated.steps, "scheduler_used": result.scheduler,
+    })
 
 
 def conclude(ctx: JobContext, task: Task, attempt: int, status: TaskStatus, fields: dict) -> str:
@@ -207,8 +245,8 @@ def conclude(ctx: JobContext, task: Task, attempt: int, status: TaskStatus, fiel
     return "stale"
 
 
-def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict]:
-    """Run the pipeline and upload; map every ending to a status and fields."""
+def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict] | Generated:
+    """Run the pipeline: its images (for the output stage), or the job's ending as a status and fields."""
     spec = task.spec
     monitor = StepMonitor(ctx.watch, task.id, attempt, ctx.settings.tasks.time_limit)
     try:
@@ -225,7 +263,6 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         started = time.perf_counter()
         result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image)
         compute = time.perf_counter() - started
-        keys = upload_images(ctx, task.id, spec, result)
     except JobCancelled:
         return TaskStatus.CANCELLED, {"error": "cancelled by client"}
     except (StaleAttempt, redis.RedisError):
@@ -234,10 +271,7 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         log.exception("task %s failed", task.id)
         failure = (TaskStatus.FAILED, {"error": describe_error(exc)}, type(exc).__name__)
     else:
-        return TaskStatus.COMPLETED, {
-            "result_keys": keys, "seeds": result.seeds, "compute_seconds": f"{compute:.6f}",
-            "progress_step": monitor.steps, "progress_total": monitor.steps, "scheduler_used": result.scheduler,
-        }
+        return Generated(result, compute, monitor.steps)
     finally:
         monitor.close()
     # Outside the except block: its traceback no longer pins the activations.
@@ -345,20 +379,9 @@ def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
 
 
 def finish_shared(ctx: JobContext, job: Shared, compute: float) -> None:
-    """Upload one job's images from a shared call and conclude it."""
-    result = job.member.result
-    try:
-        keys = upload_images(ctx, job.task.id, job.task.spec, result)
-    except redis.RedisError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - this job fails; the others of the call are unaffected
-        log.exception("task %s failed", job.task.id)
-        job.outcome = conclude(ctx, job.task, job.attempt, TaskStatus.FAILED, {"error": describe_error(exc)})
-        return
-    job.outcome = conclude(ctx, job.task, job.attempt, TaskStatus.COMPLETED, {
-        "result_keys": keys, "seeds": result.seeds, "compute_seconds": f"{compute:.6f}",
-        "progress_step": job.monitor.steps, "progress_total": job.monitor.steps, "scheduler_used": result.scheduler,
-    })
+    """Hand one job's images from a shared call to the output stage (each job is uploaded and ends on its own)."""
+    hand_to_outputs(ctx, job.task, job.attempt, Generated(job.member.result, compute, job.monitor.steps))
+    job.outcome = "generated"
 
 
 def end_dropped(ctx: JobContext, job: Shared, reason: BaseException | None) -> None:

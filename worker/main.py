@@ -145,6 +145,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     from worker.metrics import start_metrics_server
     from worker.tasks import register_tasks
     from worker.speedups import Speedups, apply_process_wide, warm_up
+    from worker.outputs import OutputStage
     from worker.watch import JobWatch
 
     stores = open_stores(settings.redis.url, settings.tasks.retention_seconds)
@@ -168,7 +169,9 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
                          ",".join(info.queues), registry.names)
     watch = JobWatch(stores.tasks, info.id, settings.tasks.progress_interval)
     watch.start()
-    ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info, watch, info.max_batch)
+    outputs = OutputStage(settings.worker.output_depth)
+    ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info, watch, outputs,
+                     info.max_batch)
     register_tasks(celery, lambda: ctx)
     heartbeat = Heartbeat(stores.tasks, stores.workers, celery, info, settings)
     heartbeat.beat()
@@ -196,6 +199,8 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
                             "--prefetch-multiplier=1", "--without-gossip", "--without-mingle",
                             "--without-heartbeat", "-E", f"--loglevel={args.loglevel}"])
     finally:
+        if not outputs.drain(timeout=settings.tasks.time_limit):   # a warm shutdown ends the jobs it generated
+            log.error("the output stage did not drain; its jobs are rescued by the reaper")
         if info.state != WorkerState.SETUP_FAILED:
             heartbeat.stop()
 

@@ -1,0 +1,63 @@
+"""The output stage (worker/outputs.py): in order, bounded, retried on Redis errors, and a crash ends the job failed."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import redis
+
+from common.jobspec import JobSpec
+from common.store import TaskStatus, TaskStore
+from worker.outputs import OutputStage
+
+
+def test_work_runs_in_order_and_the_stage_is_bounded():
+    stage = OutputStage(depth=1)
+    gate, done = threading.Event(), []
+    stage.submit("a", lambda: (gate.wait(5), done.append("a")), lambda exc: None)
+    stage.submit("b", lambda: done.append("b"), lambda exc: None)          # waits in the queue
+    blocked = threading.Thread(target=stage.submit, args=("c", lambda: done.append("c"), lambda exc: None))
+    blocked.start()
+    time.sleep(0.2)
+    assert blocked.is_alive()                    # a third job waits for room: the GPU thread would block here
+    gate.set()
+    blocked.join(5)
+    assert stage.drain(5) and done == ["a", "b", "c"]
+
+
+def test_a_redis_blip_is_retried_and_other_errors_end_the_job():
+    stage = OutputStage(depth=1, retry_pause=0.01)
+    tries, crashes = [], []
+
+    def flaky():
+        tries.append(1)
+        if len(tries) < 3:
+            raise redis.ConnectionError("Redis restarting")
+
+    stage.submit("flaky", flaky, crashes.append)
+    stage.submit("broken", lambda: 1 / 0, crashes.append)
+    stage.submit("after", lambda: tries.append("after"), crashes.append)
+    assert stage.drain(5)
+    assert len(tries) == 4 and tries[-1] == "after"                     # retried twice, then the next job ran
+    assert len(crashes) == 1 and isinstance(crashes[0], ZeroDivisionError)
+
+
+def test_a_crash_in_the_stage_fails_the_job_and_never_completes_it(rds):
+    store = TaskStore(rds, retention_seconds=120)
+    queue = "unit-outputs-" + uuid.uuid4().hex[:6]
+    task_id = str(uuid.uuid4())
+    store.create(task_id, "owner-o", JobSpec(prompt="p", model="m", width=64, height=64, num_inference_steps=4,
+                                             guidance_scale=7.5, seed=1), queue)
+    store.pick(queue, "w", ["m"], 1, None)
+
+    def upload_then_crash():
+        raise RuntimeError("encoder crashed")   # before any finish: the job must not be completed
+
+    stage = OutputStage(depth=1)
+    stage.submit(task_id, upload_then_crash,
+                 lambda exc: store.finish(task_id, 0, "w", TaskStatus.FAILED, error=f"output stage: {exc}"))
+    assert stage.drain(5)
+    task = store.get(task_id)
+    assert task.status is TaskStatus.FAILED and task.error == "output stage: encoder crashed"
+    assert task.result_keys == []
