@@ -28,7 +28,7 @@ from common.queue import GENERATE_TASK, send_callback
 from common.storage import Storage
 from common.store import Claim, NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
 from worker.assets import asset_dirs, ensure_assets
-from worker.generation import DROPPING, BatchMember, GenerationResult, generate, generate_batch
+from worker.generation import DROPPING, BatchMember, GenerationResult, generate, generate_batch, release_memory
 from worker.images import CONTENT_TYPES, encode_image
 from worker.metrics import observe_job
 from worker.monitor import StepMonitor
@@ -277,18 +277,8 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
     # Outside the except block: its traceback no longer pins the activations.
     status, fields, kind = failure
     if kind == "OutOfMemoryError":
-        release_gpu_memory()
+        release_memory()
     return status, fields
-
-
-def release_gpu_memory() -> None:
-    """Give cached CUDA blocks back after an out-of-memory failure."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 # --- several jobs in one pipeline call -------------------------------------------------------
@@ -375,7 +365,7 @@ def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
         if job.outcome is None:
             job.outcome = conclude(ctx, job.task, job.attempt, TaskStatus.FAILED, {"error": error})
     if kind == "OutOfMemoryError":
-        release_gpu_memory()
+        release_memory()
 
 
 def finish_shared(ctx: JobContext, job: Shared, compute: float) -> None:
