@@ -189,3 +189,50 @@ def test_cancelling_one_job_of_a_shared_call_leaves_the_others_running(waiting_p
     finished = pool.wait_all(ids, timeout=300)
     assert [t["status"] for t in finished] == ["completed", "cancelled", "completed"]
     assert finished[0]["result_url"] and finished[1]["result_url"] is None
+
+
+def test_a_drop_inside_a_split_half_leaves_the_other_half_running(pipe, settings):
+    from worker.generation import generate_batch
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    def no_room_above_two(images: int) -> None:
+        if images > 2:
+            raise OutOfMemoryError("CUDA out of memory (injected)")
+
+    def cancel(step: int, total: int) -> None:
+        raise JobCancelled("first")
+
+    members = [member(JOBS[0], on_step=cancel), member(JOBS[1]), member(JOBS[2])]
+    generate_batch(pipe, members, list_loras(settings.lora_dir), fault=no_room_above_two)
+    assert isinstance(members[0].dropped, JobCancelled) and members[0].result is None
+    for index in (1, 2):
+        assert_close(members[index].result.images, solo(pipe, settings, JOBS[index]))
+
+
+def test_a_job_too_big_alone_fails_by_itself(pipe, settings):
+    from worker.generation import generate_batch
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    def no_room_for_two(images: int) -> None:
+        if images >= 2:
+            raise OutOfMemoryError("CUDA out of memory (injected)")
+
+    dropped = []
+    members = [member(job) for job in JOBS]            # JOBS[1] has 2 images: it never fits
+    generate_batch(pipe, members, list_loras(settings.lora_dir), on_drop=dropped.append, fault=no_room_for_two)
+    assert dropped == [members[1]] and type(members[1].dropped).__name__ == "OutOfMemoryError"
+    assert members[0].result and members[2].result
+
+
+def test_empty_prompts_share_a_call(pipe, settings):
+    from worker.generation import generate_batch
+
+    jobs = [spec("", 21), spec("a cat", 22, negative_prompt="")]
+    members = [member(job) for job in jobs]
+    generate_batch(pipe, members, list_loras(settings.lora_dir))
+    for job, m in zip(jobs, members):
+        assert_close(m.result.images, solo(pipe, settings, job))

@@ -333,3 +333,13 @@ def test_batch_keys_say_which_jobs_can_share_a_call():
         assert JobSpec(**{**base, **different}).batch_key() != key, different
     assert JobSpec(**{**base, "init_image_key": "i", "mask_image_key": "m"}).batch_key() == ""     # inpainting
     assert JobSpec(**{**base, "num_images": 4, "batch_size": 2}).batch_key() == ""                # two calls
+
+
+def test_a_retried_delivery_gets_its_companions_back_after_its_first_job_ended(store, queue):
+    ids = [new_task(store, queue=queue) for _ in range(3)]
+    picked = store.pick(queue, "w", ["m"], 1, 10.0, delivery="batch-r", max_images=3)
+    assert [c.task_id for c in picked.claims] == ids
+    store.request_cancel(store.get(ids[0]))                          # flagged; the worker ends it cancelled
+    assert store.finish(ids[0], 0, "w", TaskStatus.CANCELLED)
+    again = store.pick(queue, "w", ["m"], 1, 10.0, delivery="batch-r", max_images=3)
+    assert [c.task_id for c in again.claims] == ids[1:]             # still this worker's: not stranded

@@ -149,9 +149,13 @@ def merged_call_kwargs(per_job: list[tuple[dict[str, Any], int]]) -> dict[str, A
     merged = {name: value for name, value in per_job[0][0].items() if name not in VARYING_ARGUMENTS}
     for name in VARYING_ARGUMENTS:
         if name in per_job[0][0]:
-            merged[name] = [kwargs.get(name) or ("" if name == "negative_prompt" else None)
-                            for kwargs, count in per_job for _ in range(count)]
+            merged[name] = [blank_if_none(name, kwargs.get(name)) for kwargs, count in per_job for _ in range(count)]
     return merged
+
+
+def blank_if_none(name: str, value: Any) -> Any:
+    """"" for a missing prompt or negative prompt (what diffusers uses for None), so one list holds them all."""
+    return "" if value is None and name in ("prompt", "negative_prompt") else value
 
 
 def generate_batch(base: Any, members: list[BatchMember], lora_files: dict[str, Path],
@@ -172,6 +176,8 @@ def generate_batch(base: Any, members: list[BatchMember], lora_files: dict[str, 
     view = family.make_view(base, first, scheduler)
     with applied_loras(base, first.loras, lora_files):
         run_shared(view, family, members, on_drop, type(scheduler).__name__, fault)
+    if not any(m.live for m in members):
+        raise members[-1].dropped               # nobody got images: the caller sees why
 
 
 def run_shared(view: Any, family: Any, members: list[BatchMember], on_drop: Callable[[BatchMember], None],
@@ -189,9 +195,17 @@ def run_shared(view: Any, family: Any, members: list[BatchMember], on_drop: Call
         if fault is not None:
             fault(len(seeds))
         images = list(view(**kwargs).images)
-    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here; the rest propagates
-        if not is_out_of_memory(exc) or len(live) == 1:
+    except DROPPING:
+        if any(m.live for m in live):
             raise
+        return                                  # every job of this call was dropped (and ended); the others go on
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here; the rest propagates
+        if not is_out_of_memory(exc):
+            raise
+        if len(live) == 1:                      # one job alone does not fit: it fails, the others go on
+            live[0].dropped = exc
+            on_drop(live[0])
+            return
         failure = exc
     else:
         for member in live:

@@ -207,26 +207,37 @@ class Generated:
 
 def hand_to_outputs(ctx: JobContext, task: Task, attempt: int, generated: Generated) -> None:
     """Queue the job's outputs on the output stage (worker/outputs.py); the GPU goes on with the next job."""
-    ctx.outputs.submit(task.id, lambda: deliver_outputs(ctx, task, attempt, generated),
-                       lambda exc: conclude(ctx, task, attempt, TaskStatus.FAILED,
-                                            {"error": f"output stage: {describe_error(exc)}"}))
+    state: dict[str, Any] = {}
+
+    def on_crash(exc: BaseException) -> None:
+        if "ended" not in state:               # never rewrite a job that already ended
+            conclude(ctx, task, attempt, TaskStatus.FAILED, {"error": f"output stage: {describe_error(exc)}"})
+
+    ctx.outputs.submit(task.id, lambda: deliver_outputs(ctx, task, attempt, generated, state), on_crash)
 
 
-def deliver_outputs(ctx: JobContext, task: Task, attempt: int, generated: Generated) -> None:
-    """Encode and upload the images, then finish the job completed; an upload error fails it instead."""
+def deliver_outputs(ctx: JobContext, task: Task, attempt: int, generated: Generated, state: dict) -> None:
+    """Encode and upload the images once, then finish the job completed; an upload error fails it instead.
+
+    `state` survives the stage's retries after a Redis error: the uploads (and
+    their A1111 file numbers) are not made twice, only the finish is retried.
+    """
     result = generated.result
-    try:
-        keys = upload_images(ctx, task.id, task.spec, result)
-    except redis.RedisError:
-        raise                                  # the stage retries the whole delivery
-    except Exception as exc:  # noqa: BLE001 - a storage failure fails this job only
-        log.exception("task %s failed", task.id)
-        conclude(ctx, task, attempt, TaskStatus.FAILED, {"error": describe_error(exc)})
-        return
+    if "keys" not in state:
+        try:
+            state["keys"] = upload_images(ctx, task.id, task.spec, result)
+        except redis.RedisError:
+            raise                              # the stage retries
+        except Exception as exc:  # noqa: BLE001 - a storage failure fails this job only
+            log.exception("task %s failed", task.id)
+            conclude(ctx, task, attempt, TaskStatus.FAILED, {"error": describe_error(exc)})
+            state["ended"] = True
+            return
     conclude(ctx, task, attempt, TaskStatus.COMPLETED, {
-        "result_keys": keys, "seeds": result.seeds, "compute_seconds": f"{generated.compute:.6f}",
+        "result_keys": state["keys"], "seeds": result.seeds, "compute_seconds": f"{generated.compute:.6f}",
         "progress_step": generated.steps, "progress_total": generated.steps, "scheduler_used": result.scheduler,
     })
+    state["ended"] = True
 
 
 def conclude(ctx: JobContext, task: Task, attempt: int, status: TaskStatus, fields: dict) -> str:
@@ -240,7 +251,10 @@ def conclude(ctx: JobContext, task: Task, attempt: int, status: TaskStatus, fiel
         observe_job(task.spec.model, status.value, started - task.created_at, time.time() - started,
                     fields.get("progress_step", 0))
         if task.spec.callback_url:
-            send_callback(ctx.celery, task_id, ctx.settings.callbacks.queue)
+            try:
+                send_callback(ctx.celery, task_id, ctx.settings.callbacks.queue)
+            except Exception:  # noqa: BLE001 - the job has ended; a lost enqueue must not undo that
+                log.exception("could not queue the callback of task %s", task_id)
         return status.value
     return "stale"
 
@@ -332,8 +346,10 @@ def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
     if not live:
         return
     spec = live[0].task.spec
+    started = None
     try:
-        ensure_assets(ctx.storage, spec.assets, asset_dirs(ctx.settings))
+        assets = {a["name"]: a for job in live for a in job.task.spec.assets}   # companions may bring their own
+        ensure_assets(ctx.storage, list(assets.values()), asset_dirs(ctx.settings))
         for job in live:
             job.monitor.restart_clock()   # a first download does not count against the jobs' time limit
         if find_model(ctx.settings.models_dir, spec.model) is None:
@@ -347,24 +363,27 @@ def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
         started = time.perf_counter()
         generate_batch(base, [job.member for job in live], list_loras(ctx.settings.lora_dir),
                        on_drop=lambda member: end_dropped(ctx, by_member[id(member)], member.dropped))
-        compute = time.perf_counter() - started
     except DROPPING:
-        return                                 # every job was dropped (and concluded) during the call
+        failure = None                         # every job was dropped (and ended) during the call
     except redis.RedisError:
         raise                                  # not the jobs' fault: the delivery is retried, same jobs
     except Exception as exc:  # noqa: BLE001 - a pipeline failure fails the jobs, never the worker
         log.exception("a shared call of %d jobs failed", len(live))
         failure = (describe_error(exc), type(exc).__name__)
     else:
-        for job in live:
-            if job.outcome is None and job.member.result is not None:
-                finish_shared(ctx, job, compute)
-        return
-    error, kind = failure
+        failure = None
+    # Every job gets an ending: its images to the output stage, else a failure (never left processing).
+    compute = time.perf_counter() - started if started is not None else 0.0
     for job in live:
-        if job.outcome is None:
+        if job.outcome is not None:
+            continue
+        if job.member is not None and job.member.result is not None:
+            finish_shared(ctx, job, compute)
+        else:
+            error = failure[0] if failure else "the shared pipeline call ended without this job's images"
             job.outcome = conclude(ctx, job.task, job.attempt, TaskStatus.FAILED, {"error": error})
-    if kind == "OutOfMemoryError":
+        job.monitor.close()
+    if failure and failure[1] == "OutOfMemoryError":
         release_memory()
 
 
@@ -375,7 +394,9 @@ def finish_shared(ctx: JobContext, job: Shared, compute: float) -> None:
 
 
 def end_dropped(ctx: JobContext, job: Shared, reason: BaseException | None) -> None:
-    """A job leaves a shared call: cancelled, over its time limit, or no longer this worker's (stale)."""
+    """A job leaves a shared call: cancelled, over its time limit, out of memory alone, or no longer
+    this worker's (stale)."""
+    job.monitor.close()
     if isinstance(reason, StaleAttempt):
         log.warning("task %s moved on to a newer attempt; dropping attempt %d", job.task.id, job.attempt)
         job.outcome = "stale"

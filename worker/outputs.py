@@ -8,7 +8,8 @@ thread blocks beyond that), so memory held by finished images stays small.
 Nothing is lost when it fails: an error fails the job cleanly (a job is
 never marked completed without its objects); a Redis blip is retried; if
 the process dies, the job is still `processing` under a dead worker and the
-reaper runs it again.
+reaper runs it again. Redis errors are retried until Redis answers (the
+job's ending needs it), so an outage strands nothing.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from typing import Callable
 import redis
 
 log = logging.getLogger("sdqueue.worker")
-REDIS_RETRIES = 3          # whole-work retries after a Redis error (the client already retried ~5 s)
-RETRY_PAUSE = 1.0          # seconds before the first retry, doubled each time
+RETRY_PAUSE = 1.0          # seconds before the first retry after a Redis error, doubled each time
+MAX_RETRY_PAUSE = 30.0     # a Redis outage is waited out (the jobs' endings need Redis anyway)
 
 
 class OutputStage:
@@ -57,20 +58,17 @@ class OutputStage:
 
     def _do(self, label: str, work: Callable[[], None], on_crash: Callable[[BaseException], None]) -> None:
         pause = self.retry_pause
-        for attempt in range(REDIS_RETRIES + 1):
+        while True:
             try:
                 work()
                 return
             except redis.RedisError as exc:
-                failure: BaseException = exc
-                if attempt < REDIS_RETRIES:
-                    log.warning("outputs of %s: Redis error (%s); retrying in %.0f s", label, exc, pause)
-                    time.sleep(pause)
-                    pause *= 2
-                    continue
+                log.warning("outputs of %s: Redis error (%s); retrying in %.0f s", label, exc, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, MAX_RETRY_PAUSE)
             except Exception as exc:  # noqa: BLE001 - the job fails; the stage goes on with the next
-                failure = exc
-            break
+                failure: BaseException = exc
+                break
         log.error("outputs of %s failed: %s", label, failure, exc_info=failure)
         try:
             on_crash(failure)

@@ -14,10 +14,10 @@ per-request views that share the modules get them for free.
 - `worker.tf32` (on with CUDA): TF32 matmuls and convolutions for the fp32
   parts (process-wide).
 - `worker.compile` (off): torch.compile of the UNet's forward, warmed up at
-  the default size before the worker reports ready. Recompiles happen per new
-  shape (size, images per call) and when LoRA layers are added or removed,
-  bounded by torch._dynamo's cache size limit; keep sizes and batch sizes to
-  a few values when it is on.
+  the default size before the worker reports ready. A second shape marks the
+  batch dimension dynamic (one more compile); new sizes and adding or
+  removing LoRA layers recompile, bounded by torch._dynamo's cache size
+  limit; keep sizes and LoRA sets to a few when it is on.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def apply_speedups(pipe: Any, speedups: Speedups) -> Any:
         pipe.fuse_qkv_projections()
         setattr(pipe, FUSED_ATTENTION, (plain, unet.attn_processors))
     if speedups.compile:
-        unet.compile(fullgraph=False, dynamic=False)
+        unet.compile(fullgraph=False)   # dynamic=None: a second shape makes the batch dimension dynamic
     return pipe
 
 

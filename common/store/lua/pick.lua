@@ -22,9 +22,9 @@ if before then
   local out = {}
   for id in string.gmatch(before, '%S+') do
     local st, worker, attempt, model = unpack(redis.call('HMGET', task_prefix .. id, 'status', 'worker', 'attempt', 'model'))
-    if st == 'processing' and worker == me then
+    if st == 'processing' and worker == me then   -- every job it took that is still mine; the first leads
       if #out == 0 then out = {id, attempt, model or ''} else out[#out + 1] = id; out[#out + 1] = attempt end
-    elseif #out == 0 then break end   -- the first job is no longer mine: this delivery took nothing
+    end
   end
   if #out > 0 then return out end
 end
