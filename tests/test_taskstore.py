@@ -200,7 +200,7 @@ def test_job_that_kills_every_worker_is_failed_after_max_attempts(store, queue):
 def test_updates_never_resurrect_an_expired_task(store, rds):
     task_id = new_task(store)
     rds.delete(keys.TASK(task_id))
-    store.report_progress(task_id, 1, 4)
+    assert not store.report_progress(task_id, 0, "w", 1, 4)
     store.set_fields(task_id, callback_status="late")
     assert not rds.exists(keys.TASK(task_id))
     rds.hset(keys.TASK(task_id), "progress_step", 1)                 # a partial hash is not a task
@@ -343,3 +343,14 @@ def test_a_retried_delivery_gets_its_companions_back_after_its_first_job_ended(s
     assert store.finish(ids[0], 0, "w", TaskStatus.CANCELLED)
     again = store.pick(queue, "w", ["m"], 1, 10.0, delivery="batch-r", max_images=3)
     assert [c.task_id for c in again.claims] == ids[1:]             # still this worker's: not stranded
+
+
+def test_a_late_progress_write_never_touches_a_job_that_ended(store, queue):
+    task_id = new_task(store, queue=queue)
+    take(store, queue, "w")
+    assert store.report_progress(task_id, 0, "w", 2, 4)
+    assert not store.report_progress(task_id, 0, "other", 3, 4)          # not that worker's
+    assert store.finish(task_id, 0, "w", TaskStatus.COMPLETED, progress_step=4, progress_total=4)
+    assert not store.report_progress(task_id, 0, "w", 3, 4)              # the poller's late snapshot
+    task = store.get(task_id)
+    assert (task.progress_step, task.progress_total) == (4, 4)

@@ -67,7 +67,7 @@ class JobWatch(threading.Thread):
             flags.cancelled = cancel == "1"
             progress = flags.progress
             if progress is not None and progress != flags.written:
-                self.store.report_progress(flags.task_id, *progress)
+                self.store.report_progress(flags.task_id, flags.attempt, self.worker_id, *progress)
                 flags.written = progress
 
     def run(self) -> None:

@@ -170,6 +170,7 @@ class TaskStore:
         self._cancel = LuaScript(client, "cancel")
         self._requeue = LuaScript(client, "requeue")
         self._update = LuaScript(client, "update")
+        self._progress = LuaScript(client, "progress")
 
     # --- API side -------------------------------------------------------
     def create(self, task_id: str, owner: str, spec: JobSpec, queue: str, message: BrokerMessage | None = None,
@@ -379,9 +380,9 @@ class TaskStore:
                 return NoPick(detail)
         return NoPick.WAIT
 
-    def report_progress(self, task_id: str, step: int, total: int) -> None:
-        self._update([keys.TASK(task_id)],
-                     ["progress_step", step, "progress_total", total, "updated_at", repr(time.time())])
+    def report_progress(self, task_id: str, attempt: int, worker: str, step: int, total: int) -> bool:
+        """Record a running job's progress; nothing once it ended or another attempt or worker holds it."""
+        return bool(self._progress([keys.TASK(task_id)], [attempt, worker, step, total, repr(time.time())]))
 
     def check_still_mine(self, task_id: str, attempt: int, worker: str) -> None:
         """Raise JobCancelled or StaleAttempt when this run must stop."""
