@@ -337,11 +337,10 @@ def run_batch(ctx: JobContext, claims: list[Claim]) -> str:
 
 def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
     """Run the live jobs' images in one call, then upload and conclude each; every job gets an ending."""
-    for job in jobs:
-        try:
-            ctx.store.check_still_mine(job.task.id, job.attempt, ctx.info.id)   # cancelled while it waited
-        except (JobCancelled, StaleAttempt) as exc:
-            end_dropped(ctx, job, exc)
+    claims = [Claim(job.task.id, job.attempt) for job in jobs]
+    for job, problem in zip(jobs, ctx.store.still_mine(claims, ctx.info.id)):   # cancelled while they waited
+        if problem is not None:
+            end_dropped(ctx, job, problem)
     live = [job for job in jobs if job.outcome is None]
     if not live:
         return

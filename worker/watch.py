@@ -14,7 +14,8 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from common.store import TaskStore
+from common.errors import JobCancelled, StaleAttempt
+from common.store import Claim, TaskStore
 
 log = logging.getLogger("sdqueue.worker")
 
@@ -60,11 +61,12 @@ class JobWatch(threading.Thread):
             jobs = list(self._jobs.values())
         if not jobs:
             return
-        for flags, (cancel, attempt, worker) in zip(jobs, self.store.ownership([f.task_id for f in jobs])):
-            if attempt is None or int(attempt) != flags.attempt or worker != self.worker_id:
+        claims = [Claim(f.task_id, f.attempt) for f in jobs]
+        for flags, problem in zip(jobs, self.store.still_mine(claims, self.worker_id)):
+            if isinstance(problem, StaleAttempt):
                 flags.stale = True
                 continue
-            flags.cancelled = cancel == "1"
+            flags.cancelled = isinstance(problem, JobCancelled)
             progress = flags.progress
             if progress is not None and progress != flags.written:
                 self.store.report_progress(flags.task_id, flags.attempt, self.worker_id, *progress)

@@ -386,18 +386,25 @@ class TaskStore:
 
     def check_still_mine(self, task_id: str, attempt: int, worker: str) -> None:
         """Raise JobCancelled or StaleAttempt when this run must stop."""
-        cancel, current, holder = self.client.hmget(keys.TASK(task_id), "cancel_requested", "attempt", "worker")
-        if current is None or int(current) != attempt or holder != worker:
-            raise StaleAttempt(task_id)
-        if cancel == "1":
-            raise JobCancelled(task_id)
+        problem = self.still_mine([Claim(task_id, attempt)], worker)[0]
+        if problem is not None:
+            raise problem
 
-    def ownership(self, task_ids: list[str]) -> list[tuple[str | None, str | None, str | None]]:
-        """(cancel_requested, attempt, worker) of each task, in one round trip (worker/watch.py)."""
+    def still_mine(self, claims: list[Claim], worker: str) -> list[StaleAttempt | JobCancelled | None]:
+        """Why each claimed run must stop (another attempt or worker holds it, or it was cancelled), else None.
+
+        One round trip for all of them (the batch path and worker/watch.py ask for several at once).
+        """
         pipe = self.client.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.hmget(keys.TASK(task_id), "cancel_requested", "attempt", "worker")
-        return [tuple(fields) for fields in pipe.execute()]
+        for claim in claims:
+            pipe.hmget(keys.TASK(claim.task_id), "cancel_requested", "attempt", "worker")
+        problems: list[StaleAttempt | JobCancelled | None] = []
+        for claim, (cancel, current, holder) in zip(claims, pipe.execute()):
+            if current is None or int(current) != claim.attempt or holder != worker:
+                problems.append(StaleAttempt(claim.task_id))
+            else:
+                problems.append(JobCancelled(claim.task_id) if cancel == "1" else None)
+        return problems
 
     def finish(self, task_id: str, attempt: int, worker: str, status: TaskStatus, **fields: Any) -> bool:
         """Move a claimed task to a terminal status; False if this delivery no longer owns it."""
