@@ -259,19 +259,28 @@ def conclude(ctx: JobContext, task: Task, attempt: int, status: TaskStatus, fiel
     return "stale"
 
 
+def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], monitors: list[StepMonitor]) -> Any:
+    """Fetch the jobs' uploaded files, then the warm pipeline of their model (loaded if need be).
+
+    The jobs' time limits start after the downloads: fetching files is not generation.
+    """
+    ensure_assets(ctx.storage, assets, asset_dirs(ctx.settings))
+    for monitor in monitors:
+        monitor.restart_clock()
+    if find_model(ctx.settings.models_dir, model) is None:
+        raise ModelError(f"model '{model}' is not in the model directory")
+    base = ctx.registry.get(model)
+    ctx.info.models = ctx.registry.names()
+    return base
+
+
 def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict] | Generated:
     """Run the pipeline: its images (for the output stage), or the job's ending as a status and fields."""
     spec = task.spec
     monitor = StepMonitor(ctx.watch, task.id, attempt, ctx.settings.tasks.time_limit)
     try:
         ctx.store.check_still_mine(task.id, attempt, ctx.info.id)   # cancelled while it waited: no model load
-        ensure_assets(ctx.storage, spec.assets, asset_dirs(ctx.settings))
-        monitor.restart_clock()   # a first download does not count against the job's time limit
-        model = find_model(ctx.settings.models_dir, spec.model)
-        if model is None:
-            raise ModelError(f"model '{spec.model}' is not in the model directory")
-        base = ctx.registry.get(spec.model)
-        ctx.info.models = ctx.registry.names()
+        base = warm_pipeline(ctx, spec.model, spec.assets, [monitor])
         init_image = load_input_image(ctx.storage, spec.init_image_key)
         mask_image = load_input_image(ctx.storage, spec.mask_image_key)
         started = time.perf_counter()
@@ -348,13 +357,7 @@ def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
     started = None
     try:
         assets = {a["name"]: a for job in live for a in job.task.spec.assets}   # companions may bring their own
-        ensure_assets(ctx.storage, list(assets.values()), asset_dirs(ctx.settings))
-        for job in live:
-            job.monitor.restart_clock()   # a first download does not count against the jobs' time limit
-        if find_model(ctx.settings.models_dir, spec.model) is None:
-            raise ModelError(f"model '{spec.model}' is not in the model directory")
-        base = ctx.registry.get(spec.model)
-        ctx.info.models = ctx.registry.names()
+        base = warm_pipeline(ctx, spec.model, list(assets.values()), [job.monitor for job in live])
         for job in live:
             job.member = BatchMember(job.task.spec, load_input_image(ctx.storage, job.task.spec.init_image_key),
                                      job.monitor.on_shared_step)
