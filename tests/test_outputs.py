@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import redis
@@ -14,16 +13,20 @@ from worker.outputs import OutputStage
 
 def test_work_runs_in_order_and_the_stage_is_bounded():
     stage = OutputStage(depth=1)
-    gate, done = threading.Event(), []
-    stage.submit("a", lambda: (gate.wait(5), done.append("a")), lambda exc: None)
-    stage.submit("b", lambda: done.append("b"), lambda exc: None)          # waits in the queue
-    blocked = threading.Thread(target=stage.submit, args=("c", lambda: done.append("c"), lambda exc: None))
-    blocked.start()
-    time.sleep(0.2)
-    assert blocked.is_alive()                    # a third job waits for room: the GPU thread would block here
+    running, gate, queued, done = threading.Event(), threading.Event(), threading.Event(), []
+    stage.submit("a", lambda: (running.set(), gate.wait(30), done.append("a")), lambda exc: None)
+    assert running.wait(30)                                               # "a" holds the stage
+    stage.submit("b", lambda: done.append("b"), lambda exc: None)        # waits in the queue: it is full now
+
+    def third() -> None:
+        stage.submit("c", lambda: done.append("c"), lambda exc: None)
+        queued.set()
+
+    threading.Thread(target=third).start()
+    assert not queued.wait(0.5)          # the third job's submit has not returned: the GPU thread would block here
+    assert done == []
     gate.set()
-    blocked.join(5)
-    assert stage.drain(5) and done == ["a", "b", "c"]
+    assert queued.wait(30) and stage.drain(30) and done == ["a", "b", "c"]
 
 
 def test_a_redis_blip_is_retried_and_other_errors_end_the_job():

@@ -96,10 +96,11 @@ def task_class(base: Any, mode: str) -> type:
 def share_weights(cls: type, base: Any, **replaced: Any) -> Any:
     """A `cls` pipeline built on `base`'s very module objects (and config), with `replaced` components.
 
-    Why not `cls.from_pipe(base)`: in diffusers 0.42 from_pipe without a
-    torch_dtype converts the shared base to float32 in place (diffusers#12754),
-    and with one it costs ~10 ms; building the view from the same modules
-    takes ~2 ms and converts and copies nothing.
+    Why not diffusers' pipe-to-pipe constructor: in diffusers 0.42, called
+    without a torch_dtype, it converts the shared base to float32 in place
+    (diffusers#12754), and with one it costs ~10 ms; building the view from
+    the same modules takes ~2 ms and converts and copies nothing
+    (tests/test_precision.py).
     """
     import inspect
 
