@@ -28,7 +28,8 @@ from common.queue import GENERATE_TASK, send_callback
 from common.storage import Storage
 from common.store import Claim, NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
 from worker.assets import asset_dirs, ensure_assets
-from worker.generation import DROPPING, BatchMember, GenerationResult, generate, generate_batch, release_memory
+from worker.generation import (DROPPING, BatchMember, GenerationResult, generate, generate_batch, is_out_of_memory,
+                               release_memory)
 from worker.images import CONTENT_TYPES, encode_image
 from worker.metrics import observe_job
 from worker.monitor import StepMonitor
@@ -58,7 +59,7 @@ class JobContext:
 def describe_error(exc: BaseException) -> str:
     """A client-facing message; CUDA OOM is named as such."""
     name = type(exc).__name__
-    if name == "OutOfMemoryError":
+    if is_out_of_memory(exc):
         return f"CUDA out of memory: {str(exc).splitlines()[0] if str(exc) else 'reduce size or num_images'}"
     if isinstance(exc, (ModelError, JobTimeLimit)):
         return str(exc)
@@ -292,14 +293,14 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         raise   # not the job's fault: the task is retried (Redis) or dropped (stale)
     except Exception as exc:  # noqa: BLE001 - any pipeline failure fails the job, never the worker
         log.exception("task %s failed", task.id)
-        failure = (TaskStatus.FAILED, {"error": describe_error(exc)}, type(exc).__name__)
+        failure = (TaskStatus.FAILED, {"error": describe_error(exc)}, is_out_of_memory(exc))
     else:
         return Generated(result, compute, monitor.steps)
     finally:
         monitor.close()
     # Outside the except block: its traceback no longer pins the activations.
-    status, fields, kind = failure
-    if kind == "OutOfMemoryError":
+    status, fields, out_of_memory = failure
+    if out_of_memory:
         release_memory()
     return status, fields
 
@@ -371,7 +372,7 @@ def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
         raise                                  # not the jobs' fault: the delivery is retried, same jobs
     except Exception as exc:  # noqa: BLE001 - a pipeline failure fails the jobs, never the worker
         log.exception("a shared call of %d jobs failed", len(live))
-        failure = (describe_error(exc), type(exc).__name__)
+        failure = (describe_error(exc), is_out_of_memory(exc))
     else:
         failure = None
     # Every job gets an ending: its images to the output stage, else a failure (never left processing).
@@ -385,7 +386,7 @@ def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
             error = failure[0] if failure else "the shared pipeline call ended without this job's images"
             job.outcome = conclude(ctx, job.task, job.attempt, TaskStatus.FAILED, {"error": error})
         job.monitor.close()
-    if failure and failure[1] == "OutOfMemoryError":
+    if failure and failure[1]:
         release_memory()
 
 
