@@ -69,7 +69,7 @@ def build_services(settings: Settings) -> Services:
         celery=celery,
         messages=MessageBuilder(celery),
         keys=KeyRing(keys, settings.api.key_header, settings.tasks.max_pending_per_key),
-        catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default),
+        catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default, settings.models.overrides),
         waits=EventHub(stores.tasks, settings.api.max_waiters),
     )
 

@@ -32,13 +32,14 @@ class Catalog:
     models_dir: Path
     lora_dir: Path
     configured_default: str
+    overrides: dict = field(default_factory=dict)   # models.overrides
     _at: float = 0.0
     _models: list[ModelInfo] = field(default_factory=list)
     _loras: dict[str, Path] = field(default_factory=dict)
 
     def _refresh(self) -> None:
         if time.monotonic() - self._at > CATALOG_TTL:
-            self._models = list_models(self.models_dir)
+            self._models = list_models(self.models_dir, self.overrides)
             self._loras = list_loras(self.lora_dir)
             self._at = time.monotonic()
 

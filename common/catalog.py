@@ -6,60 +6,107 @@ queueing, and report native sizes, while never importing diffusers.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
+
+from common.checkpoint_keys import family_from_keys, read_checkpoint_keys
+from common.families import (PROFILES, ModelDefaults, Profile, detect_folder_family, folder_native_size,
+                             folder_variant_defaults, model_defaults, read_json, with_override_family)
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
-DEFAULT_SINGLE_FILE_SIZE = 512
+DEFAULT_SINGLE_FILE_FAMILY = "sd1"   # what a single file is when its keys cannot be read (a .ckpt: pickled)
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A model in the model directory."""
+    """A model in the model directory: where it is, its family, and what a request without values gets."""
 
     name: str
     path: Path
     kind: str  # "diffusers" folder or "single_file"
     native_size: int
+    family: str = DEFAULT_SINGLE_FILE_FAMILY
+    defaults: ModelDefaults | None = None
+    problem: str | None = None   # why it cannot be served (an unknown pipeline class), or None
+
+    @property
+    def profile(self) -> Profile:
+        return PROFILES[self.family]
+
+    @property
+    def request_defaults(self) -> ModelDefaults:
+        return self.defaults or model_defaults(self.family, self.native_size, {}, None)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "type": self.kind, "width": self.native_size, "height": self.native_size}
+        profile = self.profile
+        return {"name": self.name, "type": self.kind, "family": self.family, "family_label": profile.label,
+                "width": self.request_defaults.width, "height": self.request_defaults.height,
+                "size_multiple": profile.size_multiple, "schedule": profile.schedule,
+                "negative_prompt": profile.negative_prompt, "txt2img": profile.txt2img,
+                "defaults": self.request_defaults.to_dict(), "problem": self.problem}
 
 
-def _native_size(folder: Path) -> int:
-    """Native resolution: UNet sample size times the VAE's downscale factor."""
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_SINGLE_FILE_SIZE
+def describe_folder(entry: Path, override: Mapping | None) -> ModelInfo:
+    """A diffusers folder: family from model_index.json, native size and variant defaults from its configs."""
+    detected = detect_folder_family(entry)
+    problem = None
+    if detected is None:
+        pipeline = read_json(entry / "model_index.json").get("_class_name", "?")
+        problem = f"{pipeline} is not a pipeline sdqueue serves (SD 1.x/2.x, SDXL, SD3, Flux)"
+    family = with_override_family(detected, override) or DEFAULT_SINGLE_FILE_FAMILY
+    native = folder_native_size(entry, family)
+    defaults = model_defaults(family, native, folder_variant_defaults(entry, family), override)
+    return ModelInfo(entry.name, entry, "diffusers", native, family, defaults, problem)
 
 
-def list_models(models_dir: Path) -> list[ModelInfo]:
-    """Diffusers folders (with model_index.json) and single checkpoint files."""
+def describe_single_file(entry: Path, override: Mapping | None) -> ModelInfo:
+    """A single checkpoint: family from its tensor names (the safetensors header), else SD 1.x."""
+    family = with_override_family(single_file_family(entry), override) or DEFAULT_SINGLE_FILE_FAMILY
+    native = PROFILES[family].native_size
+    return ModelInfo(entry.name, entry, "single_file", native, family, model_defaults(family, native, {}, override))
+
+
+_FILE_FAMILIES: dict[tuple[str, int, int], str | None] = {}
+
+
+def single_file_family(path: Path) -> str | None:
+    """The family a checkpoint's keys say, cached per (path, size, mtime): headers of big files are megabytes."""
+    stat = path.stat()
+    cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if cache_key not in _FILE_FAMILIES:
+        _FILE_FAMILIES[cache_key] = family_from_keys(read_checkpoint_keys(path))
+    return _FILE_FAMILIES[cache_key]
+
+
+def list_models(models_dir: Path, overrides: Mapping[str, Mapping] | None = None) -> list[ModelInfo]:
+    """Diffusers folders (with model_index.json) and single checkpoint files, each with its family.
+
+    `overrides`: models.overrides, per model name (request defaults, or a forced family).
+    """
     if not models_dir.is_dir():
         return []
+    overrides = overrides or {}
     found: list[ModelInfo] = []
     for entry in sorted(models_dir.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_dir() and (entry / "model_index.json").exists():
-            found.append(ModelInfo(entry.name, entry, "diffusers", _native_size(entry)))
+            found.append(describe_folder(entry, overrides.get(entry.name)))
         elif entry.is_file() and entry.suffix in WEIGHT_SUFFIXES:
-            found.append(ModelInfo(entry.name, entry, "single_file", DEFAULT_SINGLE_FILE_SIZE))
+            found.append(describe_single_file(entry, overrides.get(entry.name)))
     return found
 
 
-def find_model(models_dir: Path, name: str) -> ModelInfo | None:
+def find_model(models_dir: Path, name: str, overrides: Mapping[str, Mapping] | None = None) -> ModelInfo | None:
     """The model called `name`, or None."""
-    return next((m for m in list_models(models_dir) if m.name == name), None)
+    return next((m for m in list_models(models_dir, overrides) if m.name == name), None)
 
 
 def pick_default(configured: str, models: list[ModelInfo]) -> str | None:
-    """The configured default, else the first model in the directory."""
-    return configured or (models[0].name if models else None)
+    """The configured default, else the first model in the directory that can make images from text."""
+    usable = [m for m in models if m.problem is None and m.profile.txt2img]
+    return configured or (usable[0].name if usable else None)
 
 
 def default_model_name(models_dir: Path, configured: str) -> str | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from common.jobspec import JobSpec
 
 VERSION = "sdqueue 0.1"
+SCHEDULE_LABELS = (("use_karras_sigmas", "Karras"), ("use_exponential_sigmas", "Exponential"),
+                   ("use_beta_sigmas", "Beta"))   # scheduler option -> A1111's "Schedule type"
 
 
 def build_infotext(spec: JobSpec, seed: int, width: int, height: int, sampler: str | None = None,
@@ -22,10 +24,14 @@ def build_infotext(spec: JobSpec, seed: int, width: int, height: int, sampler: s
         "Size": f"{width}x{height}",
         "Model": spec.model,
     }
-    if spec.scheduler_config.get("use_karras_sigmas"):
-        params["Schedule type"] = "Karras"
+    schedule = next((label for option, label in SCHEDULE_LABELS if spec.scheduler_config.get(option)), None)
+    if schedule:
+        params["Schedule type"] = schedule
     if spec.init_image_key and spec.strength is not None:
         params["Denoising strength"] = spec.strength
+    if spec.refiner:
+        params["Refiner"] = spec.refiner
+        params["Refiner switch at"] = spec.refiner_switch
     if spec.loras:
         params["Lora weights"] = ", ".join(f"{lr.name}: {lr.weight:g}" for lr in spec.loras)
     if version:

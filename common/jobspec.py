@@ -15,7 +15,8 @@ from typing import Any
 
 
 _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", "mask_image_key", "output_prefix",
-                              "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key"})
+                              "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
+                              "refiner_switch"})
 
 
 @dataclass
@@ -58,6 +59,8 @@ class JobSpec:
     output_stem: str | None = None   # outputs are {output_prefix}/{stem}{n}.{ext}
     sidecar_key: str | None = None   # where the worker writes meta["sidecar"] + generation info as JSON
     priority: str = "normal"         # high | normal | low: the order workers take pending jobs in
+    refiner: str | None = None       # an SDXL model that finishes the denoising (the SDXL refiner pass)
+    refiner_switch: float | None = None   # fraction of the steps the base runs before the refiner takes over
 
     @property
     def mode(self) -> str:
@@ -83,9 +86,10 @@ class JobSpec:
         Why these fields: one call has one model, mode, size, step count,
         scheduler (and its options), guidance, strength and LoRA set; prompts,
         negative prompts, seeds and init images may differ per image.
-        Inpainting and jobs split into several calls (A1111's n_iter) run alone.
+        Inpainting, refiner passes and jobs split into several calls (A1111's
+        n_iter) run alone.
         """
-        if self.mode == "inpaint" or len(self.batches) > 1:
+        if self.mode == "inpaint" or len(self.batches) > 1 or self.refiner:
             return ""
         shared = [self.model, self.mode, self.width, self.height, self.num_inference_steps, self.guidance_scale,
                   self.scheduler, sorted(self.scheduler_config.items()), [(lr.name, lr.weight) for lr in self.loras],

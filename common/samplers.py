@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.families import BETA, FLOW
+
 KARRAS_SUFFIX = " Karras"
 
 
@@ -46,6 +48,13 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("LCM", "LCMScheduler", aliases=("k_lcm",), karras=False),
 )
 
+# Samplers of flow-matching models (SD3, Flux), as Forge and ComfyUI name them: "Euler" is the flow-matching Euler.
+FLOW_SAMPLERS: tuple[Sampler, ...] = (
+    Sampler("Euler", "FlowMatchEulerDiscreteScheduler", aliases=("k_euler", "euler")),
+    Sampler("Heun", "FlowMatchHeunDiscreteScheduler", aliases=("k_heun", "heun"), karras=False),
+)
+FLOW_FALLBACK = "Euler"
+
 # A1111 1.9+ "Schedule type" (the `scheduler` field): label -> config overrides
 SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Automatic": {},
@@ -53,32 +62,46 @@ SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Karras": {"use_karras_sigmas": True},
     "Exponential": {"use_exponential_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
+    "Beta": {"use_beta_sigmas": True},
 }
+FLOW_SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Beta")   # sigma schedules FlowMatchEuler has
 SCHEDULE_ALIASES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras",
-                    "exponential": "Exponential", "sgm_uniform": "SGM Uniform"}
+                    "exponential": "Exponential", "sgm_uniform": "SGM Uniform", "beta": "Beta"}
 
 
-def _index() -> dict[str, Sampler]:
+def _index(samplers: tuple[Sampler, ...]) -> dict[str, Sampler]:
     table: dict[str, Sampler] = {}
-    for s in SAMPLERS:
+    for s in samplers:
         for name in (s.name, *s.aliases):
             table[name.lower()] = s
     return table
 
 
-_BY_NAME = _index()
+_BY_NAME = {BETA: _index(SAMPLERS), FLOW: _index(FLOW_SAMPLERS)}
 
 
-def find_sampler(name: str) -> tuple[Sampler, bool] | None:
-    """The sampler called `name` (A1111 name or alias, any case), and whether " Karras" was asked for."""
+def samplers_for(schedule: str) -> tuple[Sampler, ...]:
+    """The samplers that run models of `schedule` (BETA or FLOW)."""
+    return FLOW_SAMPLERS if schedule == FLOW else SAMPLERS
+
+
+def find_sampler(name: str, schedule: str = BETA) -> tuple[Sampler, bool] | None:
+    """The sampler called `name` (A1111 name or alias, any case) for models of `schedule`,
+    and whether " Karras" was asked for."""
+    table = _BY_NAME[schedule]
     key = name.strip().lower()
-    if key in _BY_NAME:
-        return _BY_NAME[key], False
+    if key in table:
+        return table[key], False
     if key.endswith(KARRAS_SUFFIX.lower()):
-        base = _BY_NAME.get(key[: -len(KARRAS_SUFFIX)])
+        base = table.get(key[: -len(KARRAS_SUFFIX)])
         if base is not None and base.karras:
             return base, True
     return None
+
+
+def is_known_sampler(name: str) -> bool:
+    """Whether `name` is a sampler of any model kind."""
+    return any(find_sampler(name, schedule) for schedule in (BETA, FLOW))
 
 
 def find_schedule_type(name: str) -> str | None:
@@ -88,9 +111,10 @@ def find_schedule_type(name: str) -> str | None:
     return SCHEDULE_ALIASES.get(name.strip().lower())
 
 
-def scheduler_for(sampler_name: str, schedule_type: str | None) -> tuple[str, dict[str, Any], str]:
+def scheduler_for(sampler_name: str, schedule_type: str | None,
+                  schedule: str = BETA) -> tuple[str, dict[str, Any], str]:
     """(diffusers class, config overrides, the label A1111 writes) for a validated sampler + schedule type."""
-    sampler, karras = find_sampler(sampler_name)  # type: ignore[misc]
+    sampler, karras = find_sampler(sampler_name, schedule)  # type: ignore[misc]
     config = dict(sampler.config)
     label = schedule_type or ("Karras" if karras else None)
     if label:

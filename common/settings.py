@@ -64,16 +64,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("models.default", str, "", "Default model name; empty: the first model found, or the built tiny model."),
     Option("models.lora_dir", str, "", "LoRA directory; empty: {data_dir}/loras."),
     Option("models.single_file_config", str, "", "Local diffusers folder describing single-file checkpoints; empty: the default model's folder."),
+    Option("models.overrides", dict, {}, "Per model name: request defaults {width, height, steps, guidance_scale, "
+           "strength, scheduler} replacing its family's, and `family` (sd1, sd2, sdxl, sdxl-refiner, sd3, flux) for a "
+           "file whose family cannot be read (.ckpt). Env: JSON."),
     Option("models.max_loaded", int, 2, "Warm pipelines a worker keeps (least recently used is dropped)."),
     Option("limits.min_size", int, 64, "Smallest width/height."),
     Option("limits.max_size", int, 2048, "Largest width/height."),
     Option("limits.max_steps", int, 150, "Largest num_inference_steps."),
     Option("limits.max_images", int, 10, "Largest num_images."),
     Option("limits.max_prompt_chars", int, 10000, "Longest prompt or negative prompt."),
-    Option("defaults.num_inference_steps", int, 30, "Steps when a request names none."),
-    Option("defaults.guidance_scale", float, 7.5, "CFG scale when a request names none."),
-    Option("defaults.strength", float, 0.75, "img2img strength when a request names none."),
-    Option("defaults.scheduler", str, "", "Scheduler when a request names none; empty: the model's own."),
+    Option("defaults.scheduler", str, "", "Scheduler for SD 1.x/2.x/SDXL models (beta schedules) when a request names "
+           "none; empty: the model's own. Steps, guidance, size and strength default per model family "
+           "(models.overrides changes them per model)."),
     Option("tasks.queue", str, "gpu", "Celery queue GPU workers consume."),
     Option("tasks.retention_seconds", int, 7 * 24 * 3600, "How long task hashes are kept after their last change."),
     Option("tasks.time_limit", int, 600, "Longest a job may run on a worker before it is failed."),
@@ -103,7 +105,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("worker.fuse_qkv", bool, False, "Fused QKV projections in attention (jobs with LoRAs run unfused)."),
     Option("worker.tf32", bool, True, "TF32 matmuls and convolutions for fp32 work (CUDA only)."),
     Option("worker.compile", bool, False, "torch.compile the UNet, warmed up before the worker is ready; recompiles per new size, batch size and LoRA set."),
-    Option("worker.dtype", str, "auto", "Weights' precision: auto (the model family's choice on CUDA: float16 for SD 1.x/2.x/SDXL; float32 on CPU), float16, bfloat16 or float32."),
+    Option("worker.dtype", str, "auto", "Weights' precision: auto (the model family's choice on CUDA: float16 for SD 1.x/2.x/SDXL, bfloat16 for SD3/Flux; float32 on CPU), float16, bfloat16 or float32."),
     Option("aws.models_prefix", str, "models", "Key prefix of uploaded checkpoints: s3://{bucket}/{prefix}/{type}/{id}/{file}."),
     Option("aws.output_prefix", str, "out", "Key prefix of AWS-extension outputs: s3://{bucket}/{prefix}/{job}/result/image_{n}.jpg."),
     Option("aws.list_limit", int, 1000, "Most jobs GET /inference/list-inference-jobs returns (newest first)."),
@@ -136,7 +138,18 @@ _PARSERS: dict[type, Callable[[str], Any]] = {
     float: float,
     bool: lambda v: v.strip().lower() in {"1", "true", "yes", "on"},
     list: lambda v: [p.strip() for p in v.split(",") if p.strip()],
+    dict: lambda v: _json_object(v),
 }
+
+
+def _json_object(text: str) -> dict:
+    """A dict option from the environment: a JSON object."""
+    import json
+
+    value = json.loads(text or "{}")
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
 
 
 class SettingsError(ValueError):
@@ -168,18 +181,17 @@ def _coerce(option: Option, value: Any) -> Any:
 
 
 def _nest(flat: dict[str, Any]) -> SimpleNamespace:
-    root: dict[str, Any] = {}
+    """Sections become namespaces; option values (a dict option included) stay as they are."""
+    root = SimpleNamespace()
     for name, value in flat.items():
         node = root
         *parents, leaf = name.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return _to_namespace(root)
-
-
-def _to_namespace(tree: dict[str, Any]) -> SimpleNamespace:
-    return SimpleNamespace(**{k: _to_namespace(v) if isinstance(v, dict) else v for k, v in tree.items()})
+            if not hasattr(node, p):
+                setattr(node, p, SimpleNamespace())
+            node = getattr(node, p)
+        setattr(node, leaf, value)
+    return root
 
 
 class Settings(SimpleNamespace):

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from common.infotext import parse_infotext
-from common.schedulers import SCHEDULERS
+from common.families import BETA
+from common.schedulers import SCHEDULERS, schedulers_for
 from tests.helpers import data_url, fetch, gradient, pixels, read_parameters
 
 
@@ -63,7 +64,7 @@ def test_seed_minus_one_means_random(api):
     assert task["status"] == "completed" and task["seeds"][0] >= 0
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", schedulers_for(BETA))
 def test_every_scheduler_works(api, scheduler):
     task = api.run(scheduler=scheduler, seed=3)
     assert task["status"] == "completed", task
@@ -152,11 +153,15 @@ def test_catalog_endpoints(api):
     models = api.get("/api/v1/models").json()
     assert models["default"] == "sdq-tiny"
     tiny, single = models["models"]
+    family = {"family": "sd1", "family_label": "Stable Diffusion 1.x", "size_multiple": 8, "schedule": "beta",
+              "negative_prompt": True, "txt2img": True, "problem": None}
     assert tiny == {"name": "sdq-tiny", "type": "diffusers", "width": 128, "height": 128, "default": True,
-                    "loaded": True}
-    # Single files report the SD 1.x native size; "loaded" depends on whether a job has used it yet.
-    assert {k: v for k, v in single.items() if k != "loaded"} == {
-        "name": "tiny-single.safetensors", "type": "single_file", "width": 512, "height": 512, "default": False}
+                    "loaded": True, **family, "defaults": {"width": 128, "height": 128, "steps": 30,
+                                                           "guidance_scale": 7.5, "strength": 0.75, "scheduler": None}}
+    # Single files report their family's native size; "loaded" depends on whether a job has used it yet.
+    assert {k: v for k, v in single.items() if k not in ("loaded", "defaults")} == {
+        "name": "tiny-single.safetensors", "type": "single_file", "width": 512, "height": 512, "default": False,
+        **family}
     schedulers = api.get("/api/v1/schedulers").json()["schedulers"]
     assert [s["name"] for s in schedulers] == list(SCHEDULERS)
     assert {"name": "tiny_style"} in api.get("/api/v1/loras").json()["loras"]

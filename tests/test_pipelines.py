@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from common.catalog import DEFAULT_SINGLE_FILE_SIZE, find_model
+from common.catalog import find_model
 from common.errors import ModelError
 from common.jobspec import JobSpec
-from common.settings import OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = dict(prompt="a red fox", model="sdq-tiny", width=64, height=48, num_inference_steps=4, guidance_scale=7.5, seed=1)
@@ -42,35 +41,14 @@ def test_sd_family_serves_the_tiny_model_in_both_layouts(settings, tiny):
     assert str(tiny.unet.dtype) == "torch.float32"   # fp32 on CPU
 
 
-def test_a_family_registered_before_sd_wins_for_its_models(settings, tiny, monkeypatch):
-    import worker.pipelines as pipelines
+def test_every_catalog_family_has_a_worker_family_and_the_same_profile():
+    from common.families import PROFILES
+    from worker.pipelines import FAMILIES
 
-    class Other:
-        """Claims single files only, and pipelines marked as its own."""
-
-        name = "other"
-
-        def matches(self, model) -> bool:
-            return model.kind == "single_file"
-
-        def owns(self, pipe) -> bool:
-            return getattr(pipe, "is_other", False)
-
-    other = Other()
-    monkeypatch.setattr(pipelines, "FAMILIES", (other, *pipelines.FAMILIES))
-    assert pipelines.family_for(find_model(settings.models_dir, "tiny-single.safetensors")) is other
-    assert pipelines.family_for(find_model(settings.models_dir, "sdq-tiny")) is pipelines.sd.FAMILY
-    assert pipelines.family_of(tiny) is pipelines.sd.FAMILY
-
-
-def test_sd_defaults_equal_the_api_defaults():
-    from worker.pipelines.sd import FAMILY
-
-    defaults = {o.name: o.default for o in OPTIONS}
-    assert FAMILY.default_steps == defaults["defaults.num_inference_steps"]
-    assert FAMILY.default_guidance == defaults["defaults.guidance_scale"]
-    assert FAMILY.default_strength == defaults["defaults.strength"]
-    assert FAMILY.default_size == DEFAULT_SINGLE_FILE_SIZE
+    served = {name: f for f in FAMILIES for name in f.families}
+    assert set(served) == set(PROFILES)
+    for name, family in served.items():
+        assert family.cuda_dtype() == PROFILES[name].cuda_dtype
 
 
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])

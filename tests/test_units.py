@@ -20,9 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_settings_layers(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("api:\n  keys: ['a', 'b']\n  key_header: X-Key\ntasks:\n  time_limit: 30\n")
-    s = load_settings(config, env={"SDQ_TASKS_TIME_LIMIT": "45", "SDQ_DEFAULTS_GUIDANCE_SCALE": "5"})
+    s = load_settings(config, env={"SDQ_TASKS_TIME_LIMIT": "45", "SDQ_DEFAULTS_SCHEDULER": "DDIMScheduler",
+                                          "SDQ_MODELS_OVERRIDES": '{"m.safetensors": {"steps": 4}}'})
     assert s.api.keys == ["a", "b"] and s.api.key_header == "X-Key"
-    assert s.tasks.time_limit == 45 and s.defaults.guidance_scale == 5.0
+    assert s.tasks.time_limit == 45 and s.defaults.scheduler == "DDIMScheduler"
+    assert s.models.overrides == {"m.safetensors": {"steps": 4}}   # a dict option stays a dict (dots in keys)
     assert load_settings(config, env={"SDQ_API_KEYS": "x, y ,z"}).api.keys == ["x", "y", "z"]
     assert load_settings(config, env={}, overrides={"api.port": 9000}).api.port == 9000
     with pytest.raises(SettingsError):
@@ -83,7 +85,7 @@ def test_openapi_documents_the_request_schema(api):
             "guidance_scale", "strength", "scheduler", "seed", "output_format", "callback_url", "model",
             "loras"} <= set(props)
     assert props["num_images"]["maximum"] == 10 and props["num_images"]["minimum"] == 1
-    assert len([e for e in props["scheduler"]["enum"] if e]) == 9
+    assert len([e for e in props["scheduler"]["enum"] if e]) == 11   # 9 beta-schedule + 2 flow-matching
     assert spec["components"]["securitySchemes"]["ApiKeyAuth"]["name"] == "X-API-Key"
     for page in ("/docs", "/redoc"):
         response = requests.get(api.base + page, timeout=10)

@@ -70,29 +70,55 @@ def make_generators(seeds: list[int]) -> list[Any]:
 
 
 def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_files: dict[str, Path],
-             on_step: Any, mask_image: Image.Image | None = None) -> GenerationResult:
+             on_step: Any, mask_image: Image.Image | None = None, refiner: Any = None) -> GenerationResult:
     """Run the job, batch by batch; exceptions from on_step (cancel, time limit) propagate unchanged.
 
     `on_step` is the step callback; if it has `begin_batch(index, count)`, it
-    is told which batch runs, so progress spans the whole job.
+    is told which batch runs, so progress spans the whole job. `refiner`: the
+    warm pipeline of spec.refiner, which finishes each batch's denoising.
     """
     family = family_of(base)
     scheduler = family.make_scheduler(base, spec.scheduler, spec.scheduler_config)
     view = family.make_view(base, spec, scheduler)
     kwargs = family.build_call_kwargs(spec, init_image, mask_image)
     kwargs.update(callback_on_step_end=on_step, output_type="pil")
+    if refiner is not None:
+        kwargs.update(output_type="latent", denoising_end=spec.refiner_switch)
     images: list[Image.Image] = []
     seeds = spec.seeds
     batches = spec.batches
+    passes = 2 if refiner is not None else 1
     with applied_loras(base, spec.loras, lora_files):
         for index, count in enumerate(batches):
             if hasattr(on_step, "begin_batch"):
-                on_step.begin_batch(index, len(batches))
+                on_step.begin_batch(index * passes, len(batches) * passes)
             batch_seeds = seeds[len(images):len(images) + count]
             output = view(**kwargs, num_images_per_prompt=count, generator=make_generators(batch_seeds))
-            images += list(output.images)
+            if refiner is None:
+                images += list(output.images)
+                continue
+            if hasattr(on_step, "begin_batch"):
+                on_step.begin_batch(index * passes + 1, len(batches) * passes)
+            images += refine(refiner, spec, output.images, batch_seeds, on_step)
     return GenerationResult(images=images, seeds=seeds, scheduler=type(scheduler).__name__,
                             strength=kwargs.get("strength"))
+
+
+def refine(refiner: Any, spec: JobSpec, latents: Any, seeds: list[int], on_step: Any) -> list[Image.Image]:
+    """The SDXL refiner pass: img2img on the base's latents, from refiner_switch of the steps to the end.
+
+    Why one prompt per image: the latents are already a batch; the refiner
+    pairs them one to one (diffusers' base+refiner "ensemble of experts").
+    """
+    family = family_of(refiner)
+    scheduler = family.make_scheduler(refiner, spec.scheduler, spec.scheduler_config)
+    view = family.make_view(refiner, spec, scheduler, mode="img2img")
+    count = len(seeds)
+    output = view(prompt=[spec.prompt] * count, negative_prompt=[spec.negative_prompt or ""] * count, image=latents,
+                  num_inference_steps=spec.num_inference_steps, denoising_start=spec.refiner_switch,
+                  guidance_scale=spec.guidance_scale, num_images_per_prompt=1, generator=make_generators(seeds),
+                  callback_on_step_end=on_step, output_type="pil")
+    return list(output.images)
 
 
 # --- several jobs in one pipeline call -------------------------------------------------------

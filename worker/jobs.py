@@ -268,7 +268,7 @@ def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], mon
     ensure_assets(ctx.storage, assets, asset_dirs(ctx.settings))
     for monitor in monitors:
         monitor.restart_clock()
-    if find_model(ctx.settings.models_dir, model) is None:
+    if find_model(ctx.settings.models_dir, model, ctx.settings.models.overrides) is None:
         raise ModelError(f"model '{model}' is not in the model directory")
     base = ctx.registry.get(model)
     ctx.info.models = ctx.registry.names()
@@ -285,7 +285,8 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         init_image = load_input_image(ctx.storage, spec.init_image_key)
         mask_image = load_input_image(ctx.storage, spec.mask_image_key)
         started = time.perf_counter()
-        result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image)
+        refiner = warm_pipeline(ctx, spec.refiner, [], []) if spec.refiner else None
+        result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image, refiner)
         compute = time.perf_counter() - started
     except JobCancelled:
         return TaskStatus.CANCELLED, {"error": "cancelled by client"}

@@ -16,7 +16,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from common.catalog import default_model_name, find_model, list_models
+from common.catalog import default_model_name, find_model
 from common.logs import configure_logging, install_celery_logging, set_process_context
 from common.queue import create_celery
 from common.settings import load_settings
@@ -97,15 +97,6 @@ def ensure_default_model(settings) -> str:
     return name
 
 
-def single_file_config(settings, default_name_: str) -> Path | None:
-    if settings.models.single_file_config:
-        return Path(settings.models.single_file_config)
-    model = find_model(settings.models_dir, default_name_)
-    if model and model.kind == "diffusers":
-        return model.path
-    return next((m.path for m in list_models(settings.models_dir) if m.kind == "diffusers"), None)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = load_settings()
@@ -152,13 +143,14 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     storage = Storage(settings)
     celery = create_celery(settings, name="sdqueue-worker")
     default = ensure_default_model(settings) if args.role == "gpu" else ""
-    sf_config = single_file_config(settings, default) if args.role == "gpu" else None
+    # Empty: each single file finds a diffusers folder of its own family and architecture (pipelines/base.py).
+    sf_config = Path(settings.models.single_file_config) if settings.models.single_file_config else None
     speedups = Speedups.for_device(settings, info.device) if args.role == "gpu" else Speedups(sdpa=False)
     apply_process_wide(speedups)
     info.speedups, info.compiled = speedups.names(), speedups.compile
 
     def loader(model_name: str):
-        model = find_model(settings.models_dir, model_name)
+        model = find_model(settings.models_dir, model_name, settings.models.overrides)
         if model is None:
             raise FileNotFoundError(f"model '{model_name}' not found in {settings.models_dir}")
         return load_pipeline(model, info.device, sf_config, settings.worker.dtype, speedups)
@@ -183,7 +175,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
                 pipe = registry.get(default)
                 info.dtype = str(pipe.dtype).removeprefix("torch.")
                 if speedups.compile:   # before `ready`: the first jobs must not pay for compiling
-                    warm_up(pipe, find_model(settings.models_dir, default).native_size, info.max_batch)
+                    warm_up(pipe, find_model(settings.models_dir, default, settings.models.overrides), info.max_batch)
             except Exception as exc:
                 heartbeat.stop(forget=False)   # /health shows setup_failed until the key expires
                 info.state, info.error = WorkerState.SETUP_FAILED, f"{type(exc).__name__}: {exc}"

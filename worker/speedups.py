@@ -66,21 +66,25 @@ def apply_speedups(pipe: Any, speedups: Speedups) -> Any:
     import torch
 
     unet = getattr(pipe, "unet", None)
-    if unet is None:       # a family without a UNet (transformer models) gets them from its own module
+    denoiser = unet if unet is not None else getattr(pipe, "transformer", None)
+    if denoiser is None:
         return pipe
-    if not speedups.sdpa:
+    # Transformer families (SD3, Flux) already run their own SDPA processors and are linear layers, not
+    # convolutions: attention swaps and channels-last apply to a UNet (and every family's VAE).
+    if not speedups.sdpa and unet is not None:
         from diffusers.models.attention_processor import AttnProcessor
 
         unet.set_attn_processor(AttnProcessor())
     if speedups.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        if unet is not None:
+            unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    if speedups.fuse_qkv:
+    if speedups.fuse_qkv and unet is not None:
         plain = unet.attn_processors
         pipe.fuse_qkv_projections()
         setattr(pipe, FUSED_ATTENTION, (plain, unet.attn_processors))
     if speedups.compile:
-        unet.compile(fullgraph=False)   # dynamic=None: a second shape makes the batch dimension dynamic
+        denoiser.compile(fullgraph=False)   # dynamic=None: a second shape makes the batch dimension dynamic
     return pipe
 
 
@@ -98,10 +102,12 @@ def refused(pipe: Any, pair: tuple[Any, Any] | None) -> None:
         pipe.unet.set_attn_processor(dict(pair[1]))
 
 
-def warm_up(pipe: Any, size: int, max_batch: int) -> None:
-    """Run the compiled UNet once per batch size it will see most, so the first jobs do not pay for compiling."""
+def warm_up(pipe: Any, model: Any, max_batch: int) -> None:
+    """Run the compiled denoiser once per batch size it will see most, at the model's default size,
+    so the first jobs do not pay for compiling."""
     import torch
 
+    size = model.request_defaults.width
     for images in sorted({1, max_batch}):
         log.info("compiling: warm-up at %dx%d, %d image(s) per call", size, size, images)
         pipe(prompt=[""] * images, width=size, height=size, num_inference_steps=2, output_type="latent",

@@ -13,6 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from common.errors import ModelError
+from common.families import PROFILES, Profile
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -24,10 +27,7 @@ class Family(Protocol):
     """A model family: how its models load, run, and what they default to."""
 
     name: str
-    default_size: int        # native width/height in pixels
-    default_steps: int
-    default_guidance: float
-    default_strength: float  # img2img/inpaint strength when a job names none
+    families: tuple[str, ...]   # the catalog's family names it serves (common/families.py)
 
     def matches(self, model: ModelInfo) -> bool:
         """Whether a model in the model directory belongs to this family (no torch: reads files only)."""
@@ -49,8 +49,8 @@ class Family(Protocol):
         """A fresh scheduler for one request."""
         ...
 
-    def make_view(self, base: Any, spec: JobSpec, scheduler: Any) -> Any:
-        """A per-request pipeline for the job's mode that shares `base`'s weights."""
+    def make_view(self, base: Any, spec: JobSpec, scheduler: Any, mode: str | None = None) -> Any:
+        """A per-request pipeline for `mode` (default: the job's) that shares `base`'s weights."""
         ...
 
     def build_call_kwargs(self, spec: JobSpec, init_image: Image.Image | None,
@@ -61,6 +61,125 @@ class Family(Protocol):
         prompt, generators).
         """
         ...
+
+
+class DiffusersFamily:
+    """What every family shares: diffusers folders through AutoPipeline, single files through the
+    family's own pipeline class, views on the base's weights, schedulers rebuilt from the model's config.
+
+    A family module subclasses this and says what differs (its pipeline
+    classes, its single-file class, its call arguments).
+    """
+
+    name = ""
+    families: tuple[str, ...] = ()
+    pipeline_classes: tuple[str, ...] = ()   # diffusers classes whose instances this family runs
+    single_file_class = ""                   # the diffusers class that reads this family's single files
+
+    @property
+    def profile(self) -> Profile:
+        return PROFILES[self.families[0]]
+
+    def matches(self, model: ModelInfo) -> bool:
+        """The catalog's family of the model (read from its files) is one of this family's."""
+        return model.family in self.families
+
+    def owns(self, pipe: Any) -> bool:
+        """The loaded pipeline is one of this family's classes."""
+        return type(pipe).__name__ in self.pipeline_classes
+
+    def cuda_dtype(self) -> str:
+        return self.profile.cuda_dtype
+
+    def load(self, model: ModelInfo, device: str, single_file_config: Path | None, dtype: str) -> Any:
+        """Load one model onto `device`, its weights in `dtype`: a folder as its model_index.json says,
+        a single file with this family's class and a local folder of the same architecture for its configs."""
+        import torch
+        import diffusers
+
+        common = dict(dtype=getattr(torch, dtype), local_files_only=True, **self.load_options())
+        if model.kind == "diffusers":
+            pipe = diffusers.DiffusionPipeline.from_pretrained(str(model.path), **common)
+        else:
+            config = single_file_config or find_config_folder(model, self)
+            if config is None:
+                raise ModelError(f"{model.name}: a single-file {self.profile.label} checkpoint needs a local "
+                                 f"diffusers folder of the same architecture for its configs and tokenizers "
+                                 f"(put one in the model directory, or set models.single_file_config)")
+            cls = getattr(diffusers, self.single_file_class)
+            pipe = cls.from_single_file(str(model.path), config=str(config), **common)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def load_options(self) -> dict[str, Any]:
+        """Extra from_pretrained/from_single_file arguments of this family."""
+        return {}
+
+    def make_scheduler(self, base: Any, name: str | None, overrides: dict[str, Any] | None = None) -> Any:
+        """A fresh scheduler instance: the named diffusers class, or a copy of the model's own.
+
+        `overrides` (e.g. use_karras_sigmas, algorithm_type) turn one class into
+        the A1111 sampler variants, as diffusers' scheduler docs map them.
+        """
+        import diffusers
+
+        cls = getattr(diffusers, name) if name else type(base.scheduler)
+        return cls.from_config(base.scheduler.config, **(overrides or {}))
+
+    def make_view(self, base: Any, spec: JobSpec, scheduler: Any, mode: str | None = None) -> Any:
+        """A per-request pipeline for `mode` (the job's by default; a refiner pass asks for img2img),
+        on `base`'s very weights, with its own scheduler.
+
+        Why views: a per-request scheduler must never be assigned on the
+        shared base, which other requests use; and nothing may convert or
+        copy the shared weights (share_weights).
+        """
+        return share_weights(task_class(base, mode or spec.mode), base, scheduler=scheduler)
+
+    def build_call_kwargs(self, spec: JobSpec, init_image: Image.Image | None,
+                          mask_image: Image.Image | None) -> dict[str, Any]:
+        """Prompt, steps and guidance; width/height for txt2img, the resized image(s) and strength otherwise."""
+        kwargs: dict[str, Any] = dict(prompt=spec.prompt, num_inference_steps=spec.num_inference_steps,
+                                      guidance_scale=spec.guidance_scale, **self.negative_kwargs(spec))
+        if spec.mode == "txt2img":
+            kwargs.update(width=spec.width, height=spec.height)
+            return kwargs
+        if init_image is None:
+            raise ModelError(f"{spec.mode} job without its init image")
+        strength = spec.strength if spec.strength is not None else self.profile.strength
+        kwargs.update(image=init_image.convert("RGB").resize((spec.width, spec.height)),
+                      strength=effective_strength(strength, spec.num_inference_steps), **self.image_size_kwargs(spec))
+        if spec.mode == "inpaint":
+            if mask_image is None:
+                raise ModelError("inpaint job without its mask")
+            kwargs.update(mask_image=mask_image.convert("L").resize((spec.width, spec.height)),
+                          width=spec.width, height=spec.height)
+        return kwargs
+
+    def negative_kwargs(self, spec: JobSpec) -> dict[str, Any]:
+        """The negative prompt, for families with classifier-free guidance."""
+        return {"negative_prompt": spec.negative_prompt or None}
+
+    def image_size_kwargs(self, spec: JobSpec) -> dict[str, Any]:
+        """Output size for img2img, for pipelines that would otherwise make their native size."""
+        return {}
+
+
+def find_config_folder(model: ModelInfo, family: DiffusersFamily) -> Path | None:
+    """A diffusers folder beside a single file, of its family and architecture (its configs and tokenizers).
+
+    Why the architecture check: the model directory may hold a tiny test
+    folder of the same family; its configs would build the wrong shapes.
+    """
+    from common.catalog import list_models
+    from common.checkpoint_keys import architecture_matches
+
+    for candidate in list_models(model.path.parent):
+        if candidate.kind == "diffusers" and candidate.family == model.family \
+                and architecture_matches(model.path, candidate.path):
+            return candidate.path
+    return None
 
 
 DTYPES = ("float16", "bfloat16", "float32")

@@ -31,7 +31,7 @@ from common.store import Task, TaskStatus
 
 SECURITY = [{"ApiKeyAuth": []}, {"BasicAuth": []}]
 SCHEDULE_NAMES = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "karras", "Exponential": "exponential",
-                  "SGM Uniform": "sgm_uniform"}
+                  "SGM Uniform": "sgm_uniform", "Beta": "beta"}
 
 blp = Blueprint(DIALECT, __name__, url_prefix="/sdapi/v1",
                 description="AUTOMATIC1111 web UI API: synchronous calls, queued and run by the workers")
@@ -148,13 +148,13 @@ def set_options(data: dict):
 @blp.route("/sd-models", methods=["GET"])
 @blp.doc(security=SECURITY)
 def sd_models():
-    """Models in the model directory, titled `name [shorthash]` as A1111 does."""
+    """Models in the model directory, titled `name [shorthash]` as A1111 does, with sdqueue's `family`."""
     svc = services()
     out = []
     for model in svc.catalog.models():
         sha = model_sha256(model)
         out.append({"title": model_title(model), "model_name": model_stem(model), "hash": sha[:10],
-                    "sha256": sha, "filename": str(model.path.resolve()), "config": None})
+                    "sha256": sha, "filename": str(model.path.resolve()), "config": None, "family": model.family})
     return jsonify(out)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from api.init_image import InitImageError, decode_init_image
 from api.schemas import (MAX_SEED, BaseSchema, InitImageField, LooseInteger, SettingLength, SettingRange, StrictFloat,
@@ -35,8 +35,10 @@ class ImageList(fields.List):
         return images
 
 
-SIZE = dict(load_default=512, validate=SettingRange(limit("min_size"), limit("max_size", plus=7)), metadata={
-    "description": "Pixels; rounded down to a multiple of 8 as A1111's latent space does"})
+SIZE = dict(load_default=None, allow_none=True, validate=SettingRange(limit("min_size"), limit("max_size", plus=15)),
+            metadata={"description": "Pixels; rounded down to a multiple of 8 as A1111's latent space does (16 for "
+                                     "SD3 and Flux). Default: 512 for SD 1.x/2.x as A1111; the model's native "
+                                     "size for SDXL, SD3 and Flux (img2img: the init image's size)"})
 
 
 class Txt2ImgRequest(BaseSchema):
@@ -53,15 +55,18 @@ class Txt2ImgRequest(BaseSchema):
     seed_resize_from_h = LooseInteger(load_default=-1, allow_none=True)
     seed_resize_from_w = LooseInteger(load_default=-1, allow_none=True)
     sampler_name = fields.String(load_default=None, allow_none=True, metadata={
-        "description": "A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras' (GET /sdapi/v1/samplers)"})
-    sampler_index = fields.String(load_default="Euler",
+        "description": "A1111 sampler name, e.g. 'Euler a', 'DPM++ 2M Karras' (GET /sdapi/v1/samplers); "
+                       "SD3 and Flux models take Euler or Heun (flow matching)"})
+    sampler_index = fields.String(load_default="Euler", allow_none=True,
                                   metadata={"description": "Used when sampler_name is not given"})
     scheduler = fields.String(load_default=None, allow_none=True, metadata={
         "description": "Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform"})
     batch_size = LooseInteger(load_default=1, validate=SettingRange(1, limit("max_images")))
     n_iter = LooseInteger(load_default=1, validate=SettingRange(1, limit("max_images")))
-    steps = LooseInteger(load_default=50, validate=SettingRange(1, limit("max_steps")))
-    cfg_scale = StrictFloat(load_default=7.0, validate=validate.Range(0, 50))
+    steps = LooseInteger(load_default=None, allow_none=True, validate=SettingRange(1, limit("max_steps")), metadata={
+        "description": "Default: 50 for SD 1.x/2.x as A1111; the model's default for SDXL, SD3 and Flux"})
+    cfg_scale = StrictFloat(load_default=None, allow_none=True, validate=validate.Range(0, 50), metadata={
+        "description": "Default: 7 for SD 1.x/2.x as A1111; the model's default for SDXL, SD3 and Flux"})
     width = LooseInteger(**SIZE)
     height = LooseInteger(**SIZE)
     restore_faces = fields.Boolean(load_default=None, allow_none=True)
@@ -78,8 +83,10 @@ class Txt2ImgRequest(BaseSchema):
     override_settings = fields.Dict(keys=fields.String(), load_default=None, allow_none=True, metadata={
         "description": "sd_model_checkpoint picks the model for this request; others are reported in info"})
     override_settings_restore_afterwards = fields.Boolean(load_default=True)
-    refiner_checkpoint = fields.String(load_default=None, allow_none=True)
-    refiner_switch_at = StrictFloat(load_default=None, allow_none=True)
+    refiner_checkpoint = fields.String(load_default=None, allow_none=True, metadata={
+        "description": "An SDXL refiner (or SDXL) checkpoint that finishes an SDXL model's denoising"})
+    refiner_switch_at = StrictFloat(load_default=None, allow_none=True, validate=validate.Range(0.01, 0.99), metadata={
+        "description": "Fraction of the steps before the refiner takes over; default 0.8"})
     disable_extra_networks = fields.Boolean(load_default=False)
     comments = fields.Dict(load_default=None, allow_none=True)
     enable_hr = fields.Boolean(load_default=False)
@@ -105,11 +112,6 @@ class Txt2ImgRequest(BaseSchema):
         most = services().settings.limits.max_images
         if data["batch_size"] * data["n_iter"] > most:
             raise ValidationError(f"batch_size * n_iter must be at most {most}", field_name="n_iter")
-
-    @post_load
-    def round_sizes(self, data: dict, **_: Any) -> dict:
-        data["width"], data["height"] = data["width"] // 8 * 8, data["height"] // 8 * 8
-        return data
 
 
 class Img2ImgRequest(Txt2ImgRequest):

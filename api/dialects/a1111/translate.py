@@ -16,20 +16,28 @@ from flask_smorest import abort
 from PIL import Image, ImageFilter, ImageOps
 
 from api.auth import current_key
+from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits
 from api.services import Services
 from api.submission import resolve_seed
 from common.catalog import ModelInfo, model_sha256
 from common.infotext import generation_info, parse_infotext
 from common.jobspec import JobSpec, LoraRef
 from common.loratags import extract_loras
-from common.samplers import find_sampler, find_schedule_type, scheduler_for
+from common.families import FLOW
+from common.samplers import (FLOW_FALLBACK, FLOW_SCHEDULE_TYPES, find_sampler, find_schedule_type, is_known_sampler,
+                             samplers_for, scheduler_for)
 from common.store import Task, TaskStatus
 
 
 DIALECT = "a1111"
 OUTDIRS = {"txt2img": "outputs/txt2img-images", "img2img": "outputs/img2img-images"}
 FALLBACK_SAMPLER = "DPM++ 2M"    # what A1111 1.9+ silently uses for an unknown sampler name
+CLASSIC_FAMILIES = ("sd1", "sd2")   # the models A1111's own API defaults were chosen for
+# A1111's API defaults for SD 1.x/2.x models; dialects that carry A1111 bodies pass their own (the AWS template's).
+A1111_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "sampler": "Euler"}
 HONOURED_OVERRIDES = {"sd_model_checkpoint"}
+A1111_FIELDS = {"model": "sd_model_checkpoint", "width": "width", "height": "height", "scheduler": "sampler_name",
+                "negative_prompt": "negative_prompt", "refiner": "refiner_checkpoint"}
 
 
 def model_title(model: ModelInfo) -> str:
@@ -107,25 +115,71 @@ def unhonoured(data: dict, mode: str) -> list[str]:
     for name in (data.get("override_settings") or {}):
         if name not in HONOURED_OVERRIDES:
             notes.append(f"override_settings.{name}: ignored")
-    if data.get("refiner_checkpoint"):
-        notes.append("refiner_checkpoint: refiners are not supported")
     if mode == "img2img" and data.get("mask") is not None and data.get("inpainting_fill") not in (0, 1):
         notes.append("inpainting_fill: latent fills are not supported; the original content is used")
     return notes
 
 
-def resolve_sampler(data: dict, warnings: list[str]) -> tuple[str, dict, str]:
-    """(diffusers class, config, A1111 name) for sampler_name/sampler_index and scheduler, as A1111 1.9+ resolves them."""
-    name = data.get("sampler_name") or data.get("sampler_index") or "Euler"
-    if find_sampler(name) is None:
-        warnings.append(f"sampler {name!r} not found; {FALLBACK_SAMPLER} was used (as A1111 does)")
-        name = FALLBACK_SAMPLER
-    schedule = None
+def resolve_sampler(data: dict, warnings: list[str], model: ModelInfo,
+                    default_sampler: str = "Euler") -> tuple[str, dict, str]:
+    """(diffusers class, config, A1111 name) for sampler_name/sampler_index and scheduler, as A1111 1.9+ resolves
+    them, for the model's kind of schedule: on SD3 and Flux "Euler" is the flow-matching Euler.
+
+    A name no model knows falls back as A1111 does (with a warning); a
+    sampler that exists but cannot run this model is a 422 naming the field.
+    """
+    schedule = model.profile.schedule
+    field = "sampler_name" if data.get("sampler_name") else "sampler_index"
+    name = data.get("sampler_name") or data.get("sampler_index")
+    if not name:
+        name = data["sampler_name"] = data["sampler_index"] = default_sampler if schedule != FLOW else FLOW_FALLBACK
+    if find_sampler(name, schedule) is None:
+        if is_known_sampler(name):
+            usable = ", ".join(s.name for s in samplers_for(schedule))
+            abort(422, errors={"json": {field: [f"sampler {name!r} does not apply to {model.profile.label} models "
+                                                f"({schedule} schedule); use one of {usable}"]}})
+        fallback = FLOW_FALLBACK if schedule == FLOW else FALLBACK_SAMPLER
+        warnings.append(f"sampler {name!r} not found; {fallback} was used (as A1111 does)")
+        name = fallback
+    label = None
     if data.get("scheduler"):
-        schedule = find_schedule_type(data["scheduler"])
-        if schedule is None:
+        label = find_schedule_type(data["scheduler"])
+        if label is None:
             warnings.append(f"scheduler {data['scheduler']!r} not found; Automatic was used")
-    return scheduler_for(name, None if schedule in (None, "Automatic") else schedule)
+        elif schedule == FLOW and label not in FLOW_SCHEDULE_TYPES:
+            abort(422, errors={"json": {"scheduler": [
+                f"schedule type {label!r} does not apply to {model.profile.label} models; use one of "
+                + ", ".join(FLOW_SCHEDULE_TYPES)]}})
+    return scheduler_for(name, None if label in (None, "Automatic") else label, schedule)
+
+
+def fill_model_defaults(svc: Services, data: dict, model: ModelInfo, mode: str,
+                        classic_defaults: dict = A1111_DEFAULTS) -> None:
+    """Fill what the request left out, in place (so `parameters` echoes what ran).
+
+    SD 1.x/2.x get A1111's own defaults (512², 50 steps, CFG 7); SDXL, SD3
+    and Flux their model's (1024², the family's steps and guidance), and an
+    img2img the init image's size. Sizes are rounded down to the family's
+    multiple, as A1111 rounds to 8. models.overrides wins for every family.
+    """
+    configured = svc.catalog.overrides.get(model.name) or {}
+    defaults = model.request_defaults
+    classic = model.family in CLASSIC_FAMILIES
+    init = (data.get("init_images") or [None])[0] if mode == "img2img" else None
+    for name, own in (("steps", defaults.steps), ("cfg_scale", defaults.guidance_scale)):
+        if data.get(name) is None:
+            canonical = {"cfg_scale": "guidance_scale"}.get(name, name)
+            data[name] = classic_defaults[name] if classic and canonical not in configured else own
+    for name in ("width", "height"):
+        if data.get(name) is None:
+            if classic and name not in configured:
+                data[name] = 512
+            elif init is not None:
+                data[name] = getattr(init, name)
+            else:
+                data[name] = getattr(defaults, name)
+    step = model.profile.size_multiple
+    data["width"], data["height"] = max(step, data["width"] // step * step), max(step, data["height"] // step * step)
 
 
 def prepared_mask(data: dict, size: tuple[int, int]) -> bytes:
@@ -161,17 +215,23 @@ def prompt_loras(svc: Services, prompt: str, warnings: list[str],
 
 def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warnings: list[str],
                         model: ModelInfo | None = None, dialect: str = DIALECT,
-                        extra_loras: frozenset[str] = frozenset()) -> JobSpec:
+                        extra_loras: frozenset[str] = frozenset(), classic_defaults: dict = A1111_DEFAULTS) -> JobSpec:
     """A1111 request (validated) -> canonical job; uploads the init image and mask first.
 
     Also the translation of the dialects that carry A1111 parameters (SD on
-    EKS, the AWS extension), which name the model themselves (`model`).
+    EKS, the AWS extension), which name the model themselves (`model`) and
+    may have their own defaults for SD 1.x/2.x models (`classic_defaults`).
     """
     model = model or chosen_model(svc, current_key().owner, data.get("override_settings"), warnings)
     if not current_key().may_use_model(model.name):
         abort(403, message=f"this API key may not use model '{model.name}'")
-    scheduler, config, sampler_name = resolve_sampler(data, warnings)
+    refiner = chosen_refiner(svc, data)
+    fill_model_defaults(svc, data, model, mode, classic_defaults)
+    scheduler, config, sampler_name = resolve_sampler(data, warnings, model, classic_defaults["sampler"])
     width, height, init_key, mask_key, strength = data["width"], data["height"], None, None, None
+    inpaint = mode == "img2img" and data.get("mask") is not None
+    abort_unless_fits(model, mode="inpaint" if inpaint else mode, width=width, height=height,
+                      negative_prompt=data.get("negative_prompt"), refiner=refiner, names=A1111_FIELDS)
     if mode == "img2img":
         init = data["init_images"][0]
         if len(data["init_images"]) > 1:
@@ -190,7 +250,22 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         scheduler=scheduler, scheduler_config=config, sampler_name=sampler_name, seed=resolve_seed(data["seed"]),
         init_image_key=init_key, mask_image_key=mask_key,
         loras=loras, dialect=dialect, save_copy_dir=OUTDIRS[mode] if data.get("save_images") else None,
+        refiner=refiner.name if refiner else None,
+        refiner_switch=(data.get("refiner_switch_at") or DEFAULT_REFINER_SWITCH) if refiner else None,
     )
+
+
+def chosen_refiner(svc: Services, data: dict) -> ModelInfo | None:
+    """refiner_checkpoint, by any name A1111 accepts; "None" or empty: no refiner pass (A1111's UI sends "None")."""
+    wanted = data.get("refiner_checkpoint")
+    if not wanted or str(wanted).strip().lower() == "none":
+        return None
+    refiner = find_checkpoint(svc, str(wanted))
+    if refiner is None:
+        abort(422, errors={"json": {"refiner_checkpoint": [f"model {wanted!r} not found; see GET /sdapi/v1/sd-models"]}})
+    if not current_key().may_use_model(refiner.name):
+        abort(403, message=f"this API key may not use model '{refiner.name}'")
+    return refiner
 
 
 def echo_parameters(data: dict) -> dict:

@@ -48,9 +48,11 @@ class InferenceEnvelope(BaseSchema):
     models = ModelsField(required=True)
     sagemaker_endpoint_name = fields.String(required=True, metadata={
         "description": "Worker pool (GET /endpoints) that runs the job"})
-    steps = LooseInteger(load_default=28, validate=SettingRange(1, limit("max_steps")))
-    sampler_name = fields.String(load_default="Euler a", allow_none=True)
-    sampler_index = fields.String(load_default="Euler a")
+    steps = LooseInteger(load_default=None, allow_none=True, validate=SettingRange(1, limit("max_steps")), metadata={
+        "description": "Default: the template's 28 for SD 1.x/2.x; the model's default for SDXL, SD3 and Flux"})
+    sampler_name = fields.String(load_default=None, allow_none=True, metadata={
+        "description": "Default: the template's Euler a (Euler on SD3 and Flux)"})
+    sampler_index = fields.String(load_default=None, allow_none=True)
 
     @validates("sagemaker_endpoint_name")
     def pool_name(self, value: str, **_: Any) -> None:

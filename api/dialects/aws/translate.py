@@ -19,6 +19,9 @@ from common.jobspec import JobSpec, LoraRef
 from common.store import CheckpointStore, PoolRecord, Task, TaskStatus
 from common.store.checkpoints import Checkpoint
 
+# The extension's inference template for SD 1.x/2.x models (28 steps, Euler a); other families get their own.
+TEMPLATE_DEFAULTS = {"steps": 28, "cfg_scale": 7.0, "sampler": "Euler a"}
+
 
 STATUS_NAMES = {TaskStatus.PENDING: "inprogress", TaskStatus.PROCESSING: "inprogress",
                 TaskStatus.COMPLETED: "succeed", TaskStatus.FAILED: "failed", TaskStatus.CANCELLED: "failed"}
@@ -99,7 +102,7 @@ def build_inference_jobspec(svc: Services, data: dict, job_id: str, model: Model
     """
     pool, mode = data["sagemaker_endpoint_name"], data["task_type"]
     spec = build_a1111_jobspec(svc, data, mode, job_id, warnings, model=model, dialect=DIALECT,
-                               extra_loras=frozenset(loras))
+                               extra_loras=frozenset(loras), classic_defaults=TEMPLATE_DEFAULTS)
     spec.loras = [LoraRef(loras.get(lr.name, lr.name), lr.weight) for lr in spec.loras]
     spec.assets = assets
     spec.output_prefix, spec.output_stem, spec.output_format = output_prefix(svc, job_id), "image_", "jpeg"

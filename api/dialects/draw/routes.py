@@ -20,6 +20,7 @@ from api.dialects.draw.schemas import DRAW_REQUEST
 from api.dialects.draw.translate import DIALECT, build_draw_jobspec
 from api.errors import DIALECT_RENDERERS, detail_text, json_error
 from api.limits import submit_limited
+from api.modelfit import default_scheduler, fit_errors
 from api.services import services
 from api.submission import new_task_id, submit_job, wait_for_result
 from api.waiter import WaitersFull
@@ -67,7 +68,13 @@ def draw(data: dict):
     if not current_key().may_use_model(model_name):
         return draw_error(403, f"this API key may not use model '{model_name}'")
     model = svc.catalog.model(model_name)
-    spec = build_draw_jobspec(data, model_name, model.native_size if model else 512, svc.settings.defaults)
+    if model is None:
+        return draw_error(529, f"model '{model_name}' is not in the model directory")
+    problems = fit_errors(model, mode="txt2img", width=model.request_defaults.width,
+                          height=model.request_defaults.height)
+    if problems:
+        return draw_error(400, "; ".join(f"{k}: {' '.join(v)}" for k, v in problems.items()))
+    spec = build_draw_jobspec(data, model, default_scheduler(svc.settings, model))
     created = int(time.time())
     try:
         task_id = submit_job(svc, current_key().owner, spec, new_task_id())

@@ -5,24 +5,27 @@ import math
 
 from api.dialects.draw.schemas import RATIOS
 from api.submission import resolve_seed
+from common.catalog import ModelInfo
 from common.jobspec import JobSpec
 
 
 DIALECT = "draw"
 
 
-def size_for(ratio: str, native: int) -> tuple[int, int]:
-    """An aspect ratio at about the model's native pixel count, both sides multiples of 8."""
+def size_for(ratio: str, native: int, multiple: int = 8) -> tuple[int, int]:
+    """An aspect ratio at about the model's native pixel count (512² class for SD 1.x, 1024² for SDXL, SD3
+    and Flux), both sides multiples of what the model's family needs."""
     a, b = RATIOS[ratio]
     width = native * math.sqrt(a / b)
     height = native * math.sqrt(b / a)
-    return max(8, round(width / 8) * 8), max(8, round(height / 8) * 8)
+    return max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple)
 
 
-def build_draw_jobspec(data: dict, model_name: str, native: int, defaults) -> JobSpec:
-    """A draw request (validated) for `model_name` -> the canonical job, with the service's defaults."""
-    width, height = size_for(data["size"], native)
-    return JobSpec(prompt=data["prompt"], model=model_name, width=width, height=height,
-                   num_images=data["quantity"], num_inference_steps=defaults.num_inference_steps,
+def build_draw_jobspec(data: dict, model: ModelInfo, scheduler: str | None) -> JobSpec:
+    """A draw request (validated) for `model` -> the canonical job, with the model's defaults."""
+    defaults = model.request_defaults
+    width, height = size_for(data["size"], defaults.width, model.profile.size_multiple)
+    return JobSpec(prompt=data["prompt"], model=model.name, width=width, height=height,
+                   num_images=data["quantity"], num_inference_steps=defaults.steps,
                    guidance_scale=defaults.guidance_scale, seed=resolve_seed(None),
-                   scheduler=defaults.scheduler or None, dialect=DIALECT)
+                   scheduler=defaults.scheduler or scheduler, dialect=DIALECT)

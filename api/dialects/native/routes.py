@@ -20,7 +20,7 @@ from api.services import Services, services
 from api.submission import new_task_id, submit_job, wait_until_terminal
 from common.errors import TaskNotFound
 from common.queue import send_callback
-from common.schedulers import SCHEDULERS
+from common.schedulers import SCHEDULERS, schedule_of
 from common.store import CancelOutcome, Task, TaskStatus
 
 
@@ -126,7 +126,7 @@ def list_tasks(query: dict):
 @blp.response(200, schemas.ModelListSchema)
 @blp.doc(security=SECURITY)
 def list_models():
-    """Models in the model directory; `loaded` when a live worker holds it warm."""
+    """Models in the model directory with their family and request defaults; `loaded` when a live worker holds it warm."""
     svc = services()
     warm = {m for w in svc.workers.live() for m in w.models}
     default = svc.catalog.default_model()
@@ -138,9 +138,9 @@ def list_models():
 @blp.response(200, schemas.SchedulerListSchema)
 @blp.doc(security=SECURITY)
 def list_schedulers():
-    """Scheduler names accepted by `scheduler`."""
+    """Scheduler names accepted by `scheduler`; `schedule` says which models each runs (beta: SD 1.x/2.x/SDXL, flow: SD3/Flux)."""
     return {"default": services().settings.defaults.scheduler or None,
-            "schedulers": [{"name": n, "description": d} for n, d in SCHEDULERS.items()]}
+            "schedulers": [{"name": n, "description": d, "schedule": schedule_of(n)} for n, d in SCHEDULERS.items()]}
 
 
 @blp.route("/loras", methods=["GET"])

@@ -37,18 +37,21 @@ class GenerateRequest(BaseSchema):
                            metadata={"description": "What to draw", "example": "a cat sitting on a windowsill"})
     init_image = InitImageField(allow_none=True, load_default=None, metadata={
         "description": "Base64 image with its data:image/png;base64, (or jpeg) prefix: makes the job img2img; "
-                       "the output has the init image's size (rounded down to a multiple of 8)"})
-    negative_prompt = fields.String(allow_none=True, load_default=None, validate=SettingLength(max=limit("max_prompt_chars")))
-    width = LooseInteger(**SIZE, metadata={"description": "txt2img width; default: the model's native size"})
+                       "the output has the init image's size (rounded down to a multiple of 8, or 16 for SD3 and Flux)"})
+    negative_prompt = fields.String(allow_none=True, load_default=None, validate=SettingLength(max=limit("max_prompt_chars")),
+                                    metadata={"description": "What not to draw; Flux models take none (422)"})
+    width = LooseInteger(**SIZE, metadata={"description": "txt2img width; default: the model's native size; "
+                                                          "a multiple of 16 for SD3 and Flux"})
     height = LooseInteger(**SIZE, metadata={"description": "txt2img height; default: the model's native size"})
     num_images = LooseInteger(load_default=1, validate=SettingRange(1, limit("max_images")))
     num_inference_steps = LooseInteger(allow_none=True, load_default=None, validate=SettingRange(1, limit("max_steps")),
-                                       metadata={"description": "default: defaults.num_inference_steps"})
+                                       metadata={"description": "default: the model's (GET /api/v1/models)"})
     guidance_scale = StrictFloat(allow_none=True, load_default=None, validate=validate.Range(0, 50),
-                                 metadata={"description": "CFG scale; default: defaults.guidance_scale"})
+                                 metadata={"description": "CFG scale (Flux: its distilled guidance); default: the model's"})
     strength = StrictFloat(allow_none=True, load_default=None, validate=validate.Range(0, 1),
-                           metadata={"description": "img2img strength; default: defaults.strength"})
-    scheduler = fields.String(allow_none=True, load_default=None, validate=validate.OneOf(list(SCHEDULERS)))
+                           metadata={"description": "img2img strength; default: the model's"})
+    scheduler = fields.String(allow_none=True, load_default=None, validate=validate.OneOf(list(SCHEDULERS)), metadata={
+        "description": "A scheduler that runs the model's schedule (GET /api/v1/schedulers); default: the model's own"})
     seed = LooseInteger(allow_none=True, load_default=None, validate=validate.Range(-1, MAX_SEED),
                         metadata={"description": "null or -1: random (recorded); image n uses seed + n"})
     output_format = fields.String(load_default="png", validate=validate.OneOf(OUTPUT_FORMATS))
@@ -56,6 +59,10 @@ class GenerateRequest(BaseSchema):
                               metadata={"description": "POSTed the result when the task ends"})
     model = fields.String(allow_none=True, load_default=None, metadata={"description": "Model name (GET /api/v1/models)"})
     loras = fields.List(fields.Nested(LoraSchema), load_default=list, validate=validate.Length(max=MAX_LORAS))
+    refiner = fields.String(allow_none=True, load_default=None, metadata={
+        "description": "An SDXL refiner (or SDXL) model that finishes an SDXL model's denoising (GET /api/v1/models)"})
+    refiner_switch = StrictFloat(allow_none=True, load_default=None, validate=validate.Range(0.01, 0.99), metadata={
+        "description": "Fraction of the steps the model runs before the refiner takes over; default 0.8"})
     priority = fields.String(load_default="normal", validate=validate.OneOf(PRIORITIES), metadata={
         "description": "high, normal or low: the order workers take waiting jobs in (queue_position shows it); "
                        "a key may be limited to some (api.keys[].priorities)"})
@@ -69,6 +76,11 @@ class GenerateRequest(BaseSchema):
 
     @validates("model")
     def known_model(self, value: str | None, **_: Any) -> None:
+        if value is not None and services().catalog.model(value) is None:
+            raise ValidationError(f"unknown model '{value}'; see GET /api/v1/models")
+
+    @validates("refiner")
+    def known_refiner(self, value: str | None, **_: Any) -> None:
         if value is not None and services().catalog.model(value) is None:
             raise ValidationError(f"unknown model '{value}'; see GET /api/v1/models")
 
@@ -141,11 +153,28 @@ class TaskQuery(BaseSchema):
         "description": "Seconds to wait for the task to finish before answering (long polling)"})
 
 
+class ModelDefaultsSchema(Schema):
+    width = fields.Integer()
+    height = fields.Integer()
+    steps = fields.Integer()
+    guidance_scale = fields.Float()
+    strength = fields.Float()
+    scheduler = fields.String(allow_none=True, metadata={"description": "null: the model's own"})
+
+
 class ModelSchema(Schema):
     name = fields.String()
     type = fields.String(metadata={"description": "diffusers (folder) or single_file"})
-    width = fields.Integer(metadata={"description": "Native width (the default)"})
+    family = fields.String(metadata={"description": "sd1, sd2, sdxl, sdxl-refiner, sd3 or flux"})
+    family_label = fields.String(metadata={"example": "Stable Diffusion XL"})
+    width = fields.Integer(metadata={"description": "Default width (the model's native size unless configured)"})
     height = fields.Integer()
+    size_multiple = fields.Integer(metadata={"description": "width and height must be multiples of this"})
+    schedule = fields.String(metadata={"description": "beta or flow: which schedulers apply (GET /api/v1/schedulers)"})
+    negative_prompt = fields.Boolean(metadata={"description": "Whether the model takes a negative prompt"})
+    txt2img = fields.Boolean(metadata={"description": "false: a refiner, usable only as `refiner`"})
+    defaults = fields.Nested(ModelDefaultsSchema, metadata={"description": "What a request that names none gets"})
+    problem = fields.String(allow_none=True, metadata={"description": "Why it cannot be served, or null"})
     default = fields.Boolean()
     loaded = fields.Boolean(metadata={"description": "Warm on at least one live worker"})
 
@@ -158,6 +187,7 @@ class ModelListSchema(Schema):
 class SchedulerSchema(Schema):
     name = fields.String()
     description = fields.String()
+    schedule = fields.String(metadata={"description": "beta (SD 1.x/2.x/SDXL) or flow (SD3, Flux)"})
 
 
 class SchedulerListSchema(Schema):

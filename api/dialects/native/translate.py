@@ -8,6 +8,7 @@ from __future__ import annotations
 from flask_smorest import abort
 
 from api.auth import ApiKey
+from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, default_scheduler, image_size
 from api.services import Services
 from api.submission import resolve_seed
 from api.timestamps import iso
@@ -25,8 +26,7 @@ def created_body(task_id: str) -> dict:
 
 
 def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | None = None) -> JobSpec:
-    """Native request (validated) -> canonical job with every default filled."""
-    defaults = svc.settings.defaults
+    """Native request (validated) -> canonical job, every value it leaves out filled from its model's defaults."""
     model_name = data["model"] or svc.catalog.default_model()
     if model_name is None:
         abort(503, message="no model is available yet; add one to the model directory")
@@ -35,22 +35,32 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
     if not key.may_use_priority(data["priority"]):
         abort(403, message=f"this API key may not use priority '{data['priority']}'")
     model = svc.catalog.model(model_name)
-    native = model.native_size if model else 512
+    if model is None:
+        abort(503, message=f"model '{model_name}' is not in the model directory")
+    defaults = model.request_defaults
     image = data["init_image"]
     if image is not None:
-        width, height = image.width // 8 * 8, image.height // 8 * 8
+        width, height = image_size(image.width, image.height, model)
     else:
-        width, height = data["width"] or native, data["height"] or native
+        width, height = data["width"] or defaults.width, data["height"] or defaults.height
+    mode = "img2img" if image is not None else "txt2img"
+    scheduler = data["scheduler"] or defaults.scheduler or default_scheduler(svc.settings, model)
+    refiner = svc.catalog.model(data["refiner"]) if data["refiner"] else None
+    if refiner is not None and not key.may_use_model(refiner.name):
+        abort(403, message=f"this API key may not use model '{refiner.name}'")
+    abort_unless_fits(model, mode=mode, width=width, height=height, scheduler=data["scheduler"],
+                      negative_prompt=data["negative_prompt"], refiner=refiner)
     return JobSpec(
         prompt=data["prompt"], negative_prompt=data["negative_prompt"], model=model_name,
         width=width, height=height, num_images=data["num_images"],
-        num_inference_steps=data["num_inference_steps"] or defaults.num_inference_steps,
+        num_inference_steps=data["num_inference_steps"] or defaults.steps,
         guidance_scale=data["guidance_scale"] if data["guidance_scale"] is not None else defaults.guidance_scale,
         strength=(data["strength"] if data["strength"] is not None else defaults.strength) if image else None,
-        scheduler=data["scheduler"] or defaults.scheduler or None,
-        seed=resolve_seed(data["seed"]), output_format=data["output_format"],
+        scheduler=scheduler, seed=resolve_seed(data["seed"]), output_format=data["output_format"],
         init_image_key=init_image_key, loras=[LoraRef(lr["name"], lr["weight"]) for lr in data["loras"]],
         callback_url=data["callback_url"], dialect="native", priority=data["priority"],
+        refiner=refiner.name if refiner else None,
+        refiner_switch=(data["refiner_switch"] or DEFAULT_REFINER_SWITCH) if refiner else None,
     )
 
 
