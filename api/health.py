@@ -15,14 +15,21 @@ blp = Blueprint("health", __name__, description="Service and worker health (no a
 
 
 def health_body() -> dict:
-    workers = services().workers.live()
+    svc = services()
+    workers = svc.workers.live()
+
+    def family(name: str) -> str | None:
+        model = svc.catalog.model(name)
+        return model.family if model else None
+
     return {
         "status": "ok",
         "model_loaded": any(w.models and w.state in (WorkerState.READY, WorkerState.BUSY) for w in workers),
         # No task ids here: health is unauthenticated, and tasks belong to their keys.
         "workers": [{"name": w.name, "device": w.device, "state": w.state, "busy": w.state == WorkerState.BUSY,
-                     "models": w.models, "model_loads": w.model_loads, "dtype": w.dtype, "max_batch": w.max_batch, "compiled": w.compiled, "speedups": w.speedups, "queues": w.queues, "error": w.error,
-                     "last_seen": iso(w.last_seen)}
+                     "models": w.models, "families": {m: family(m) for m in w.models}, "model_loads": w.model_loads,
+                     "dtype": w.dtype, "max_batch": w.max_batch, "compiled": w.compiled, "speedups": w.speedups,
+                     "queues": w.queues, "error": w.error, "last_seen": iso(w.last_seen)}
                     for w in workers],
     }
 

@@ -158,9 +158,12 @@ class WorkerSchema(Schema):
     state = fields.String(metadata={"description": "starting, ready, busy or setup_failed"})
     busy = fields.Boolean()
     models = fields.List(fields.String(), metadata={"description": "Models held warm, least recently used first"})
+    families = fields.Dict(keys=fields.String(), values=fields.String(allow_none=True), metadata={
+        "description": "Model family of each warm model: sd1, sd2, sdxl, sdxl-refiner, sd3 or flux"})
     model_loads = fields.Integer(metadata={"description": "Models this worker process has loaded since it started"})
-    dtype = fields.String(metadata={"description": "Precision of its warm weights (worker.dtype): float16, bfloat16 "
-                                                   "or float32; empty for the webhook worker"})
+    dtype = fields.String(metadata={"description": "Precision of its default model's warm weights (worker.dtype; auto "
+                                                   "is per family): float16, bfloat16 or float32; empty for the "
+                                                   "webhook worker"})
     max_batch = fields.Integer(metadata={"description": "Images one pipeline call may hold (worker.max_batch): "
                                                         "compatible waiting jobs run together"})
     compiled = fields.Boolean(metadata={"description": "The UNet runs torch.compile'd (worker.compile)"})
