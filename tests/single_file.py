@@ -86,7 +86,8 @@ def unet_rules(config: dict) -> list[tuple[str, str, tuple | None]]:
         ("mid_block.resnets.1.", "middle_block.2.", UNET_RESNET_PARTS),
     ]
     if config.get("addition_embed_type") == "text_time":
-        rules += [("add_embedding.linear_1.", "label_emb.0.0.", KEEP), ("add_embedding.linear_2.", "label_emb.0.2.", KEEP)]
+        rules += [("add_embedding.linear_1.", "label_emb.0.0.", KEEP),
+                  ("add_embedding.linear_2.", "label_emb.0.2.", KEEP)]
     for i, kind in enumerate(down):
         for j in range(layers):
             rules.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{per * i + j + 1}.0.", UNET_RESNET_PARTS))
