@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from common.checkpoint_keys import family_from_keys, read_checkpoint_keys
+from common.checkpoint_keys import family_or_none
 from common.families import (PROFILES, ModelDefaults, Profile, detect_folder_family, folder_native_size,
                              folder_variant_defaults, model_defaults, read_json, with_override_family)
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
-DEFAULT_SINGLE_FILE_FAMILY = "sd1"   # what a single file is when its keys cannot be read (a .ckpt: pickled)
+DEFAULT_SINGLE_FILE_FAMILY = "sd1"   # what a single file is when its names say nothing (an SD 1.x UNet alone)
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def describe_folder(entry: Path, override: Mapping | None) -> ModelInfo:
 
 
 def describe_single_file(entry: Path, override: Mapping | None) -> ModelInfo:
-    """A single checkpoint: family from its tensor names (the safetensors header), else SD 1.x."""
+    """A single checkpoint: family from its tensor names (the safetensors header, a .ckpt's pickle), else SD 1.x."""
     family = with_override_family(single_file_family(entry), override) or DEFAULT_SINGLE_FILE_FAMILY
     native = PROFILES[family].native_size
     return ModelInfo(entry.name, entry, "single_file", native, family, model_defaults(family, native, {}, override))
@@ -75,7 +75,7 @@ def single_file_family(path: Path) -> str | None:
     stat = path.stat()
     cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
     if cache_key not in _FILE_FAMILIES:
-        _FILE_FAMILIES[cache_key] = family_from_keys(read_checkpoint_keys(path))
+        _FILE_FAMILIES[cache_key] = family_or_none(path)
     return _FILE_FAMILIES[cache_key]
 
 

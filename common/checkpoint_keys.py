@@ -1,81 +1,213 @@
-"""What a single checkpoint file is, read from its tensor names and shapes without torch.
+"""Which model family a single-file checkpoint holds, from its weight names only.
 
-Why: the catalog (API and worker) must know a file's family (SDXL needs
-SDXL's pipeline class; the SD 1.x class fails inside the UNet) and the worker
-must pick a configs folder of the same architecture, before any weights load.
-A safetensors file starts with its JSON header (names, dtypes, shapes), so
-this costs one small read.
+Why: the catalog must pick the pipeline class (StableDiffusionPipeline,
+StableDiffusionXLPipeline, ...) for a `.safetensors`/`.ckpt` before loading it
+(the SD 1.x class cannot load an SDXL file), and the API process has no torch.
+So this module reads only the weight NAMES, never a tensor, and imports nothing
+heavier than the standard library:
+- `.safetensors`: the header (8-byte little-endian length, then JSON);
+- `.ckpt`/`.pt`/`.pth` (torch's zip format): the `*/data.pkl` pickle, through an
+  unpickler that stubs every class and function it names (nothing runs, no
+  storage is read).
+
+The markers are those diffusers 0.42.1 uses (diffusers/loaders/single_file_utils.py,
+CHECKPOINT_KEY_NAMES and infer_diffusers_model_type), applied in the same order,
+but matched by prefix where diffusers names one exact weight: diffusers' SDXL
+marker `conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias`
+needs >= 10 OpenCLIP layers, which tiny test models do not have. diffusers tells
+some variants apart by tensor SHAPES (SD 2 by its 1024-wide cross-attention,
+inpainting by 9 input channels, SD3 vs SD3.5 medium); names alone cannot, see
+family_from_keys.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import struct
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors header / pickled state-dict skeleton
 
-
-def read_safetensors_header(path: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a .safetensors header (8-byte little-endian length, then JSON); {} if unreadable."""
-    try:
-        with Path(path).open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > MAX_HEADER_BYTES:
-                return {}
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error):
-        return {}
-    return {name: list(entry.get("shape", [])) for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict)}
-
-
-def read_checkpoint_keys(path: Path) -> list[str]:
-    """Tensor names of a checkpoint file (.safetensors; a pickled .ckpt yields [] and is treated as SD 1.x)."""
-    return list(read_safetensors_header(path)) if Path(path).suffix == ".safetensors" else []
+UNET = "model.diffusion_model."
+# CHECKPOINT_KEY_NAMES["flux"]
+FLUX_MARKER = "double_blocks.0.img_attn.norm.key_norm.scale"
+# Families that share Flux's double_blocks naming but have their own pipelines; diffusers tests
+# them before "flux": CHECKPOINT_KEY_NAMES["flux2"], ["flux3"], ["chroma"] (the original
+# layout), and the Flux.2 / Chroma transformers' own names in the diffusers layout.
+NOT_FLUX_1 = ("single_stream_modulation.lin.", "early_stream_modulations.", "distilled_guidance_layer.",
+              "double_stream_modulation_img.", "time_guidance_embed.")
 
 
 def family_from_keys(keys: Iterable[str]) -> str | None:
-    """The model family the tensor names say, with the markers diffusers' single-file loader uses
-    (diffusers/loaders/single_file_utils.py: CHECKPOINT_KEY_NAMES, infer_diffusers_model_type)."""
+    """"sdxl", "sdxl-refiner", "sd3", "flux", "sd2", "sd1", or None (not one of these,
+    or not a generation model: ControlNet, upscaler, VAE or text encoder alone).
+
+    Names cannot tell: SD 2 from SD 1 in a UNet-only file (diffusers reads the
+    cross-attention width), an inpainting model from its base (input channels),
+    an SDXL refiner UNet alone from an SDXL base UNet alone (both "sdxl")."""
     names = set(keys)
-    if not names:
-        return None
 
-    def has(prefix: str) -> bool:
-        return any(name.startswith(prefix) for name in names)
+    def starts(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in names)
 
-    if has("double_blocks.") or has("model.diffusion_model.double_blocks."):
-        return "flux"
-    if has("joint_blocks.") or has("model.diffusion_model.joint_blocks."):
-        return "sd3"
-    if has("conditioner.embedders.1."):
+    def has(key: str) -> bool:           # diffusers lists most markers bare and under model.diffusion_model.
+        return key in names or UNET + key in names
+
+    # CHECKPOINT_KEY_NAMES["xl_base"] / ["open_clip_sdxl"]: the OpenCLIP bigG encoder is embedder 1.
+    if starts("conditioner.embedders.1."):
         return "sdxl"
-    if has("conditioner.embedders.0.model."):
+    # ["xl_refiner"] / ["open_clip_sdxl_refiner"]: the refiner has only OpenCLIP, as embedder 0.
+    if starts("conditioner.embedders.0.model."):
         return "sdxl-refiner"
-    if has("cond_stage_model.model."):
+    # ["upscale"], ["controlnet"]: SD-shaped, but not models the txt2img pipelines load.
+    if has("input_blocks.10.0.skip_connection.bias") or starts("control_model.", "controlnet_cond_embedding."):
+        return None
+    # ["sd3"], ["sd35_large"]: MMDiT joint blocks; diffusers layout: SD3Transformer2DModel's names
+    # (no single_transformer_blocks, which Flux has).
+    if starts("joint_blocks.", UNET + "joint_blocks.") or (
+            {"pos_embed.proj.weight", "context_embedder.weight"} <= names
+            and starts("transformer_blocks.0.norm1_context.") and not starts("single_transformer_blocks.")):
+        return "sd3"
+    if starts(*NOT_FLUX_1, *(UNET + p for p in NOT_FLUX_1)):
+        return None
+    # ["flux"]; diffusers layout: FluxTransformer2DModel's names.
+    if has(FLUX_MARKER) or (starts("transformer_blocks.0.attn.norm_added_k.") and starts("single_transformer_blocks.")):
+        return "flux"
+    # ["open_clip"]: SD 2.x conditions on OpenCLIP ViT-H; ["clip"]: SD 1.x on CLIP ViT-L.
+    if starts("cond_stage_model.model."):
         return "sd2"
-    if has("model.diffusion_model.label_emb."):
-        return "sdxl"
-    if has("model.diffusion_model.input_blocks.") or has("cond_stage_model.transformer."):
+    if starts("cond_stage_model.transformer."):
         return "sd1"
+    # A UNet alone: SDXL's has the text_time embedding (LDM label_emb.0, diffusers add_embedding).
+    if starts(UNET + "input_blocks."):
+        return "sdxl" if starts(UNET + "label_emb.0.") else "sd1"
     return None
 
 
-def architecture_matches(checkpoint: Path, folder: Path) -> bool:
-    """Whether a diffusers folder's UNet config builds the checkpoint's shapes (input width, context width).
+def read_safetensors_keys(path: str | Path) -> list[str]:
+    """The tensor names in a .safetensors file's header, in header order, without reading
+    any tensor. ValueError for a file that is not safetensors or whose header is over 100 MB."""
+    return list(read_safetensors_shapes(path))
 
-    Transformer families and unreadable headers are trusted (True): their
-    single files carry the transformer only and are checked when loading.
+
+def read_safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a .safetensors header (ValueError as read_safetensors_keys)."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path}: too short for a safetensors file")
+        (size,) = struct.unpack("<Q", prefix)
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: safetensors header of {size} bytes (limit {MAX_HEADER_BYTES})")
+        raw = f.read(size)
+    if len(raw) != size:
+        raise ValueError(f"{path}: truncated safetensors header")
+    try:
+        header = json.loads(raw)
+    except ValueError as e:          # JSONDecodeError and UnicodeDecodeError both are
+        raise ValueError(f"{path}: safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    return {k: list(v.get("shape", [])) if isinstance(v, dict) else [] for k, v in header.items()
+            if k != "__metadata__"}
+
+
+class _Stub(dict):
+    """Whatever a checkpoint's pickle names (tensor rebuild functions, storages, Lightning
+    objects) becomes this: callable with any arguments, accepts state and items, does nothing."""
+    __hash__ = object.__hash__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+class _NamesOnly(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        return type(name, (_Stub,), {})
+
+    def persistent_load(self, pid):  # a tensor's storage: never read
+        return None
+
+
+def read_ckpt_keys(path: str | Path) -> list[str]:
+    """The state-dict keys of a torch zip checkpoint (.ckpt/.pt/.pth), without torch and
+    without running anything the pickle names. Like diffusers' loader, follows nested
+    "state_dict" entries. ValueError for torch's pre-1.6 format or an unreadable file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [i for i in archive.infolist() if i.filename.count("/") == 1
+                       and i.filename.endswith("/data.pkl")]
+            if not pickles:
+                raise ValueError(f"{path}: no */data.pkl (not a torch zip checkpoint)")
+            if pickles[0].file_size > MAX_HEADER_BYTES:
+                raise ValueError(f"{path}: data.pkl of {pickles[0].file_size} bytes (limit {MAX_HEADER_BYTES})")
+            with archive.open(pickles[0]) as f:
+                try:
+                    state = _NamesOnly(f).load()
+                except Exception as e:          # any malformed pickle, whatever the opcode that broke
+                    raise ValueError(f"{path}: unreadable pickle ({type(e).__name__}: {e})") from None
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path}: not a zip (torch's legacy format is not read)") from None
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: the pickle holds no state dict")
+    return [k for k in state if isinstance(k, str)]
+
+
+def read_checkpoint_keys(path: str | Path) -> list[str]:
+    """Weight names of a .safetensors or torch zip (.ckpt/.pt/.pth/.bin) file."""
+    if Path(path).suffix.lower() == ".safetensors":
+        return read_safetensors_keys(path)
+    return read_ckpt_keys(path)
+
+
+def family_of_file(path: str | Path) -> str | None:
+    """family_from_keys for a file; ValueError/OSError when it cannot be read."""
+    return family_from_keys(read_checkpoint_keys(path))
+
+
+def family_or_none(path: str | Path) -> str | None:
+    """family_of_file, or None for a file that cannot be read (a listing must survive a half-copied file)."""
+    try:
+        return family_of_file(path)
+    except (OSError, ValueError):
+        return None
+
+
+def architecture_matches(checkpoint: str | Path, folder: str | Path) -> bool:
+    """Whether a diffusers folder's UNet config builds a single file's shapes (input and context widths).
+
+    Why: the folder lends the file its configs and tokenizers; a tiny test
+    folder of the same family would build the wrong shapes. Transformer
+    families, .ckpt files and unreadable headers are not checked here (True):
+    loading says what is wrong.
     """
-    shapes = read_safetensors_header(checkpoint) if Path(checkpoint).suffix == ".safetensors" else {}
-    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    try:
+        shapes = read_safetensors_shapes(checkpoint) if Path(checkpoint).suffix.lower() == ".safetensors" else {}
+    except (OSError, ValueError):
+        shapes = {}
+    conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
+    if not conv_in:
+        return True
     try:
         unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
     except (OSError, ValueError):
-        return not conv_in
-    if not conv_in:
-        return True
+        return False
     context = next((shape for name, shape in shapes.items() if name.endswith("attn2.to_k.weight")), None)
-    return conv_in[0] == unet.get("block_out_channels", [None])[0] and (
-        context is None or context[1] == unet.get("cross_attention_dim"))
+    return conv_in[0] == (unet.get("block_out_channels") or [None])[0] and (
+        context is None or context[-1] == unet.get("cross_attention_dim"))
