@@ -7,11 +7,12 @@ own field everywhere, before anything is queued.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from flask_smorest import abort
 
-from common.catalog import ModelInfo
+from common.catalog import ModelInfo, lora_problem
 from common.families import schedule_problem, size_problem
 from common.schedulers import schedule_of
 
@@ -24,8 +25,12 @@ DEFAULT_REFINER_SWITCH = 0.8                   # diffusers' and A1111's usual ha
 
 def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: str | None = None,
                scheduler_label: str | None = None, negative_prompt: str | None = None,
-               refiner: ModelInfo | None = None, names: Mapping[str, str] = NATIVE_FIELDS) -> dict[str, list[str]]:
-    """Field name -> messages for what `model` cannot do with these values ({} when it fits)."""
+               refiner: ModelInfo | None = None, loras: Sequence[tuple[str, Path]] = (),
+               names: Mapping[str, str] = NATIVE_FIELDS) -> dict[str, Any]:
+    """Field name -> messages for what `model` cannot do with these values ({} when it fits).
+
+    `loras`: (name, file) of each LoRA the request names, in order.
+    """
     profile = model.profile
     errors: dict[str, list[str]] = {}
 
@@ -44,7 +49,8 @@ def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: 
         if problem:
             add(name, problem)
     if scheduler:
-        problem = schedule_problem(profile, schedule_of(scheduler), scheduler_label or f"scheduler '{scheduler}'")
+        problem = schedule_problem(profile, scheduler, schedule_of(scheduler),
+                                   scheduler_label or f"scheduler '{scheduler}'")
         if problem:
             add("scheduler", problem)
     if negative_prompt and not profile.negative_prompt:
@@ -54,6 +60,10 @@ def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: 
         problem = refiner_problem(model, refiner, mode)
         if problem:
             add("refiner", problem)
+    misfits = {i: {"name": [f"LoRA '{name}' does not fit model '{model.name}': {problem}"]}
+               for i, (name, path) in enumerate(loras) if (problem := lora_problem(path, model))}
+    if misfits:
+        errors[names.get("loras", "loras")] = misfits
     return errors
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from common.checkpoint_keys import family_or_none
+from common.checkpoint_keys import checkpoint_context_width, family_or_none, lora_target
 from common.families import (PROFILES, ModelDefaults, Profile, detect_folder_family, folder_native_size,
                              folder_variant_defaults, model_defaults, read_json, with_override_family)
 
@@ -29,6 +29,7 @@ class ModelInfo:
     family: str = DEFAULT_SINGLE_FILE_FAMILY
     defaults: ModelDefaults | None = None
     problem: str | None = None   # why it cannot be served (an unknown pipeline class), or None
+    context_width: int | None = None   # a UNet's cross-attention width (which LoRAs fit); None: unknown or no UNet
 
     @property
     def profile(self) -> Profile:
@@ -57,14 +58,17 @@ def describe_folder(entry: Path, override: Mapping | None) -> ModelInfo:
     family = with_override_family(detected, override) or DEFAULT_SINGLE_FILE_FAMILY
     native = folder_native_size(entry, family)
     defaults = model_defaults(family, native, folder_variant_defaults(entry, family), override)
-    return ModelInfo(entry.name, entry, "diffusers", native, family, defaults, problem)
+    context = read_json(entry / "unet" / "config.json").get("cross_attention_dim")
+    return ModelInfo(entry.name, entry, "diffusers", native, family, defaults, problem,
+                     context if isinstance(context, int) else None)
 
 
 def describe_single_file(entry: Path, override: Mapping | None) -> ModelInfo:
     """A single checkpoint: family from its tensor names (the safetensors header, a .ckpt's pickle), else SD 1.x."""
     family = with_override_family(single_file_family(entry), override) or DEFAULT_SINGLE_FILE_FAMILY
     native = PROFILES[family].native_size
-    return ModelInfo(entry.name, entry, "single_file", native, family, model_defaults(family, native, {}, override))
+    return ModelInfo(entry.name, entry, "single_file", native, family, model_defaults(family, native, {}, override),
+                     context_width=checkpoint_context_width(entry))
 
 
 _FILE_FAMILIES: dict[tuple[str, int, int], str | None] = {}
@@ -111,6 +115,24 @@ def pick_default(configured: str, models: list[ModelInfo]) -> str | None:
 
 def default_model_name(models_dir: Path, configured: str) -> str | None:
     return pick_default(configured, list_models(models_dir) if not configured else [])
+
+
+def lora_problem(lora: Path, model: ModelInfo) -> str | None:
+    """Why a LoRA file cannot adapt `model` (another family's denoiser, another text width), or None.
+
+    A LoRA whose names say nothing is let through: loading it is the test.
+    """
+    kind, width = lora_target(lora)
+    if kind is None:
+        return None
+    unet_family = model.family in ("sd1", "sd2", "sdxl", "sdxl-refiner")
+    if kind == "unet" and not unet_family or kind != "unet" and kind != model.family:
+        trained = {"unet": "a UNet model (SD 1.x/2.x/SDXL)", "sd3": "SD3", "flux": "Flux"}[kind]
+        return f"it was trained for {trained}, not {model.profile.label}"
+    if kind == "unet" and width and model.context_width and width != model.context_width:
+        return (f"its text context is {width} wide and {model.name}'s is {model.context_width} "
+                f"(a LoRA of another Stable Diffusion generation)")
+    return None
 
 
 def list_loras(lora_dir: Path) -> dict[str, Path]:

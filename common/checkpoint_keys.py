@@ -211,3 +211,44 @@ def architecture_matches(checkpoint: str | Path, folder: str | Path) -> bool:
     context = next((shape for name, shape in shapes.items() if name.endswith("attn2.to_k.weight")), None)
     return conv_in[0] == (unet.get("block_out_channels") or [None])[0] and (
         context is None or context[-1] == unet.get("cross_attention_dim"))
+
+
+# --- LoRAs: which denoiser a LoRA file was trained on -------------------------------------------
+UNET_LORA_PREFIXES = ("unet.", "lora_unet_", "model.diffusion_model.")
+TRANSFORMER_LORA_PREFIXES = ("transformer.", "lora_transformer_", "diffusion_model.")
+FLUX_LORA_MARKS = ("single_transformer_blocks", "single_blocks", "double_blocks")
+
+
+def lora_target(path: str | Path) -> tuple[str | None, int | None]:
+    """(denoiser kind, cross-attention width) a LoRA file adapts: ("unet", 768) for an SD 1.x LoRA,
+    ("unet", 2048) for SDXL, ("flux", None), ("sd3", None); (None, None) when its names do not say.
+
+    Why the width: SD 1.x, 2.x and SDXL LoRAs share UNet names; their
+    `attn2.to_k` down-projection reads the text context, 768, 1024 or 2048
+    wide, which must equal the model's (diffusers and kohya layouts alike).
+    """
+    try:
+        shapes = read_safetensors_shapes(path)
+    except (OSError, ValueError):
+        return None, None
+    names = list(shapes)
+    if any(mark in name for name in names for mark in FLUX_LORA_MARKS):
+        return "flux", None
+    if any(name.startswith(TRANSFORMER_LORA_PREFIXES) for name in names):
+        return "sd3", None
+    if not any(name.startswith(UNET_LORA_PREFIXES) for name in names):
+        return None, None
+    width = next((shape[-1] for name, shape in shapes.items()
+                  if "attn2" in name and "to_k" in name and ("lora_A" in name or "lora_down" in name)
+                  and len(shape) == 2), None)
+    return "unet", width
+
+
+def checkpoint_context_width(path: str | Path) -> int | None:
+    """The text-context width a single file's UNet cross-attends to (its first attn2.to_k), or None."""
+    try:
+        shapes = read_safetensors_shapes(path) if Path(path).suffix.lower() == ".safetensors" else {}
+    except (OSError, ValueError):
+        return None
+    return next((shape[-1] for name, shape in shapes.items()
+                 if name.startswith(UNET) and name.endswith("attn2.to_k.weight") and len(shape) == 2), None)

@@ -31,6 +31,8 @@ class Profile:
     negative_prompt: bool     # whether a negative prompt means anything to it
     cuda_dtype: str           # what worker.dtype auto means on CUDA
     txt2img: bool = True      # False: only usable as a refiner (img2img of another model's latents)
+    # Non-empty: the only schedulers its pipeline can drive (Flux passes its own sigmas, which Heun cannot take).
+    only_schedulers: tuple[str, ...] = ()
 
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
@@ -40,7 +42,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("sdxl-refiner", "Stable Diffusion XL refiner", 1024, 8, 30, 7.0, 0.3, BETA, True, "float16",
             txt2img=False),
     Profile("sd3", "Stable Diffusion 3.x", 1024, 16, 28, 7.0, 0.6, FLOW, True, "bfloat16"),
-    Profile("flux", "FLUX.1", 1024, 16, 28, 3.5, 0.8, FLOW, False, "bfloat16"),
+    Profile("flux", "FLUX.1", 1024, 16, 28, 3.5, 0.8, FLOW, False, "bfloat16",
+            only_schedulers=("FlowMatchEulerDiscreteScheduler",)),
 )}
 
 # model_index.json `_class_name` -> family (sd1 may become sd2, sdxl may be a refiner: see detect_folder_family).
@@ -149,12 +152,14 @@ def size_problem(profile: Profile, name: str, value: int) -> str | None:
     return None
 
 
-def schedule_problem(profile: Profile, scheduler_schedule: str, label: str) -> str | None:
-    """Why a scheduler of `scheduler_schedule` (BETA/FLOW) cannot run a model of this family, or None."""
-    if scheduler_schedule == profile.schedule:
-        return None
-    kind = "flow-matching" if profile.schedule == FLOW else "beta-schedule (DDPM-style)"
-    return f"{label} does not apply to {profile.label} models, which need a {kind} scheduler"
+def schedule_problem(profile: Profile, scheduler: str, scheduler_schedule: str, label: str) -> str | None:
+    """Why `scheduler` (of `scheduler_schedule`, BETA or FLOW) cannot run a model of this family, or None."""
+    if scheduler_schedule != profile.schedule:
+        kind = "flow-matching" if profile.schedule == FLOW else "beta-schedule (DDPM-style)"
+        return f"{label} does not apply to {profile.label} models, which need a {kind} scheduler"
+    if profile.only_schedulers and scheduler not in profile.only_schedulers:
+        return f"{label} does not apply to {profile.label} models; use {', '.join(profile.only_schedulers)}"
+    return None
 
 
 def with_override_family(family: str | None, override: Mapping[str, Any] | None) -> str | None:

@@ -166,8 +166,12 @@ class DiffusersFamily:
         return {}
 
 
+CONFIGS_DIR = ".configs"   # in the model directory: diffusers folders without weights, for single files only
+
+
 def find_config_folder(model: ModelInfo, family: DiffusersFamily) -> Path | None:
-    """A diffusers folder beside a single file, of its family and architecture (its configs and tokenizers).
+    """A diffusers folder of a single file's family and architecture, for its configs and tokenizers:
+    one in the model directory's `.configs/` (configs only, never listed as a model), else a model folder.
 
     Why the architecture check: the model directory may hold a tiny test
     folder of the same family; its configs would build the wrong shapes.
@@ -175,7 +179,8 @@ def find_config_folder(model: ModelInfo, family: DiffusersFamily) -> Path | None
     from common.catalog import list_models
     from common.checkpoint_keys import architecture_matches
 
-    for candidate in list_models(model.path.parent):
+    candidates = list_models(model.path.parent / CONFIGS_DIR) + list_models(model.path.parent)
+    for candidate in candidates:
         if candidate.kind == "diffusers" and candidate.family == model.family \
                 and architecture_matches(model.path, candidate.path):
             return candidate.path

@@ -19,7 +19,7 @@ from api.auth import current_key
 from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits
 from api.services import Services
 from api.submission import resolve_seed
-from common.catalog import ModelInfo, model_sha256
+from common.catalog import ModelInfo, lora_problem, model_sha256
 from common.infotext import generation_info, parse_infotext
 from common.jobspec import JobSpec, LoraRef
 from common.loratags import extract_loras
@@ -129,13 +129,15 @@ def resolve_sampler(data: dict, warnings: list[str], model: ModelInfo,
     sampler that exists but cannot run this model is a 422 naming the field.
     """
     schedule = model.profile.schedule
+    only = model.profile.only_schedulers
     field = "sampler_name" if data.get("sampler_name") else "sampler_index"
     name = data.get("sampler_name") or data.get("sampler_index")
     if not name:
         name = data["sampler_name"] = data["sampler_index"] = default_sampler if schedule != FLOW else FLOW_FALLBACK
-    if find_sampler(name, schedule) is None:
-        if is_known_sampler(name):
-            usable = ", ".join(s.name for s in samplers_for(schedule))
+    found = find_sampler(name, schedule)
+    if found is None or (only and found[0].scheduler not in only):
+        if found is not None or is_known_sampler(name):
+            usable = ", ".join(s.name for s in samplers_for(schedule) if not only or s.scheduler in only)
             abort(422, errors={"json": {field: [f"sampler {name!r} does not apply to {model.profile.label} models "
                                                 f"({schedule} schedule); use one of {usable}"]}})
         fallback = FLOW_FALLBACK if schedule == FLOW else FALLBACK_SAMPLER
@@ -196,21 +198,28 @@ def prepared_mask(data: dict, size: tuple[int, int]) -> bytes:
     return out.getvalue()
 
 
-def prompt_loras(svc: Services, prompt: str, warnings: list[str],
+def prompt_loras(svc: Services, prompt: str, warnings: list[str], model: ModelInfo,
                  extra: frozenset[str] = frozenset()) -> tuple[str, list[LoraRef]]:
-    """The prompt without its `<lora:name:weight>` tags, and the LoRAs they name that exist.
+    """The prompt without its `<lora:name:weight>` tags, and the LoRAs they name that exist and fit `model`.
 
-    As A1111 does, a tag naming an unknown LoRA is skipped with a warning,
-    not refused. `extra`: names the dialect makes available besides the
-    LoRA directory (the AWS extension's uploaded LoRAs).
+    As A1111 does, a tag naming an unknown LoRA, or one of another model
+    generation, is skipped with a warning, not refused. `extra`: names the
+    dialect makes available besides the LoRA directory (the AWS extension's
+    uploaded LoRAs, checked when the worker loads them).
     """
     cleaned, loras, problems = extract_loras(prompt)
     warnings.extend(problems)
-    known = set(svc.catalog.loras()) | extra
+    files = svc.catalog.loras()
+    usable = []
     for lora in loras:
-        if lora.name not in known:
+        misfit = lora_problem(files[lora.name], model) if lora.name in files else None
+        if lora.name not in files and lora.name not in extra:
             warnings.append(f"<lora:{lora.name}>: no such LoRA; the tag was ignored")
-    return cleaned, [lr for lr in loras if lr.name in known]
+        elif misfit:
+            warnings.append(f"<lora:{lora.name}>: does not fit {model.name} ({misfit}); the tag was ignored")
+        else:
+            usable.append(lora)
+    return cleaned, usable
 
 
 def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warnings: list[str],
@@ -242,7 +251,7 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         if data.get("mask") is not None:
             mask_key = svc.storage.input_key(task_id, "mask.png")
             svc.storage.put(mask_key, prepared_mask(data, (width, height)), "image/png")
-    prompt, loras = prompt_loras(svc, data["prompt"], warnings, extra_loras)
+    prompt, loras = prompt_loras(svc, data["prompt"], warnings, model, extra_loras)
     return JobSpec(
         prompt=prompt, negative_prompt=data.get("negative_prompt") or None, model=model.name,
         width=width, height=height, num_images=data["batch_size"] * data["n_iter"], batch_size=data["batch_size"],

@@ -48,8 +48,10 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
     refiner = svc.catalog.model(data["refiner"]) if data["refiner"] else None
     if refiner is not None and not key.may_use_model(refiner.name):
         abort(403, message=f"this API key may not use model '{refiner.name}'")
+    available = svc.catalog.loras()
     abort_unless_fits(model, mode=mode, width=width, height=height, scheduler=data["scheduler"],
-                      negative_prompt=data["negative_prompt"], refiner=refiner)
+                      negative_prompt=data["negative_prompt"], refiner=refiner,
+                      loras=[(lr["name"], available[lr["name"]]) for lr in data["loras"] if lr["name"] in available])
     return JobSpec(
         prompt=data["prompt"], negative_prompt=data["negative_prompt"], model=model_name,
         width=width, height=height, num_images=data["num_images"],

@@ -1,0 +1,253 @@
+"""SDXL, SD3 and Flux next to SD 1.x through the real stack: every dialect, sizes, defaults, refusals.
+
+Why tiny random-weight variants (dev/tinymodel.py): they are the families'
+real pipeline classes and configs (two or three text encoders, 16-channel
+VAEs, flow-matching schedulers, 1024² native sizes), built offline and
+loaded by the code path that loads real checkpoints, so every job here runs
+what a GPU worker runs. Few steps and small sizes keep them fast on 2 cores.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import requests
+from PIL import Image
+
+from common.infotext import parse_infotext
+from tests.conftest import KEY_A
+from tests.helpers import data_url, fetch, gradient, pixels, read_parameters
+
+XL, SD3, FLUX, SCHNELL, REFINER = "sdq-tiny-xl", "sdq-tiny-sd3", "sdq-tiny-flux", "sdq-tiny-flux-schnell", \
+    "sdq-tiny-xl-refiner"
+FAMILY_MODELS = {XL: "sdxl", SD3: "sd3", FLUX: "flux"}
+QUICK = {"width": 128, "height": 96, "num_inference_steps": 2}
+HEADERS = {"X-API-Key": KEY_A}
+
+
+def image_of(url: str) -> Image.Image:
+    image = Image.open(io.BytesIO(fetch(url)))
+    image.load()
+    return image
+
+
+def a1111(stack, path: str, body: dict) -> requests.Response:
+    return requests.post(f"{stack.api_url}/sdapi/v1/{path}", json=body, auth=("anyone", KEY_A), timeout=300)
+
+
+def decoded(b64: str) -> Image.Image:
+    import base64
+
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def detail_fields(response: requests.Response) -> list[str]:
+    return [entry["loc"][-1] for entry in response.json()["detail"]]
+
+
+# --- the catalog ------------------------------------------------------------------------------
+def test_each_family_is_detected_and_listed_with_its_defaults(api, stack):
+    models = {m["name"]: m for m in api.get("/api/v1/models").json()["models"]}
+    expect = {
+        XL: ("sdxl", 1024, 8, "beta", 30, 7.0, True),
+        SD3: ("sd3", 1024, 16, "flow", 28, 7.0, True),
+        FLUX: ("flux", 1024, 16, "flow", 28, 3.5, False),
+        SCHNELL: ("flux", 1024, 16, "flow", 4, 0.0, False),      # schnell: no guidance embedding
+        "tiny-xl-single.safetensors": ("sdxl", 1024, 8, "beta", 30, 7.0, True),
+    }
+    for name, (family, size, multiple, schedule, steps, guidance, negative) in expect.items():
+        m = models[name]
+        assert (m["family"], m["width"], m["height"], m["size_multiple"], m["schedule"]) == \
+            (family, size, size, multiple, schedule), name
+        assert (m["defaults"]["steps"], m["defaults"]["guidance_scale"], m["negative_prompt"]) == \
+            (steps, guidance, negative), name
+        assert m["txt2img"] and m["problem"] is None
+    assert models[REFINER]["family"] == "sdxl-refiner" and models[REFINER]["txt2img"] is False
+    sd_models = requests.get(f"{stack.api_url}/sdapi/v1/sd-models", auth=("anyone", KEY_A), timeout=30).json()
+    assert {m["model_name"]: m["family"] for m in sd_models}[XL] == "sdxl"
+    schedulers = {s["name"]: s["schedule"] for s in api.get("/api/v1/schedulers").json()["schedulers"]}
+    assert schedulers["FlowMatchEulerDiscreteScheduler"] == "flow" and schedulers["DDIMScheduler"] == "beta"
+
+
+# --- native -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", list(FAMILY_MODELS))
+def test_native_txt2img_and_img2img_of_every_family(api, model):
+    first = api.run(model=model, prompt="a lighthouse at dusk", seed=11, **QUICK)
+    again = api.run(model=model, prompt="a lighthouse at dusk", seed=11, **QUICK)
+    assert first["status"] == again["status"] == "completed", first
+    data = fetch(first["result_url"])
+    image = Image.open(io.BytesIO(data))
+    assert image.size == (128, 96)
+    assert pixels(data) == pixels(fetch(again["result_url"]))           # a fixed seed is a fixed image
+    info = parse_infotext(read_parameters(data))
+    assert info["Model"] == model and info["Size"] == "128x96" and info["Steps"] == "2"
+    # img2img: the init image's size, rounded down to the family's multiple (8 for SDXL, 16 for SD3 and Flux)
+    task = api.run(model=model, prompt="a lighthouse, oil painting", init_image=data_url(gradient(200, 136)),
+                   strength=0.6, seed=5, num_inference_steps=3)
+    assert task["status"] == "completed", task
+    multiple = 8 if model == XL else 16
+    assert image_of(task["result_url"]).size == (200 // multiple * multiple, 136 // multiple * multiple)
+
+
+def test_a_request_without_values_gets_the_models_defaults(api):
+    """FLUX.1 [schnell]: 1024² at 4 steps with no guidance, with nothing but a prompt."""
+    task = api.run(model=SCHNELL, prompt="a red kite", num_inference_steps=None, width=None, height=None)
+    assert task["status"] == "completed", task
+    data = fetch(task["result_url"])
+    assert Image.open(io.BytesIO(data)).size == (1024, 1024)
+    info = parse_infotext(read_parameters(data))
+    assert info["Steps"] == "4" and info["CFG scale"] == "0.0"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"model": FLUX, "width": 200}, "width"),                                  # Flux sides: multiples of 16
+    ({"model": SD3, "height": 136}, "height"),
+    ({"model": SD3, "scheduler": "DDIMScheduler"}, "scheduler"),              # beta schedule on a flow model
+    ({"model": XL, "scheduler": "FlowMatchEulerDiscreteScheduler"}, "scheduler"),   # and the reverse
+    ({"model": FLUX, "scheduler": "FlowMatchHeunDiscreteScheduler"}, "scheduler"),  # Flux drives Euler only
+    ({"model": FLUX, "negative_prompt": "blurry"}, "negative_prompt"),         # Flux has no negative prompt
+    ({"model": REFINER}, "model"),                                             # a refiner does not start images
+    ({"model": SD3, "refiner": REFINER}, "refiner"),                           # a refiner follows SDXL only
+    ({"model": XL, "refiner": FLUX}, "refiner"),
+])
+def test_what_a_model_cannot_do_is_a_422_naming_the_field(api, body, field):
+    r = api.post("/api/v1/generate", {"prompt": "x", **QUICK, **body})
+    assert r.status_code == 422, r.text
+    assert field in detail_fields(r), r.text
+
+
+def test_sdxl_refiner_pass_finishes_the_base_images(api):
+    plain = api.run(model=XL, prompt="a castle", seed=3, **QUICK)
+    refined = api.run(model=XL, prompt="a castle", seed=3, refiner=REFINER, refiner_switch=0.5, **QUICK)
+    assert refined["status"] == "completed", refined
+    data = fetch(refined["result_url"])
+    assert Image.open(io.BytesIO(data)).size == (128, 96)
+    assert pixels(data) != pixels(fetch(plain["result_url"]))
+    info = parse_infotext(read_parameters(data))
+    assert info["Refiner"] == REFINER and info["Refiner switch at"] == "0.5"
+
+
+def test_an_sdxl_lora_changes_the_image_and_leaves_the_model_clean(api):
+    plain = api.run(model=XL, prompt="a harbour", seed=9, **QUICK)
+    styled = api.run(model=XL, prompt="a harbour", seed=9, loras=[{"name": "tiny_xl_style", "weight": 1.0}], **QUICK)
+    after = api.run(model=XL, prompt="a harbour", seed=9, **QUICK)
+    assert styled["status"] == "completed", styled
+    assert pixels(fetch(styled["result_url"])) != pixels(fetch(plain["result_url"]))
+    assert pixels(fetch(after["result_url"])) == pixels(fetch(plain["result_url"]))
+
+
+def test_an_sd1_lora_on_an_sdxl_model_is_refused_by_name(api):
+    r = api.post("/api/v1/generate", {"prompt": "x", "model": XL, **QUICK, "loras": [{"name": "tiny_style"}]})
+    assert r.status_code == 422 and "loras" in r.text and "tiny_style" in r.text, r.text
+
+
+def test_an_sdxl_single_file_makes_the_folders_images(api):
+    """A civitai-style SDXL file loads with SDXL's class and the configs of a same-architecture folder."""
+    folder = api.run(model=XL, prompt="a fox", seed=21, **QUICK)
+    single = api.run(model="tiny-xl-single.safetensors", prompt="a fox", seed=21, **QUICK)
+    assert single["status"] == "completed", single
+    assert pixels(fetch(single["result_url"])) == pixels(fetch(folder["result_url"]))
+
+
+# --- A1111 and the dialects that carry its bodies ----------------------------------------------
+@pytest.mark.parametrize("model", list(FAMILY_MODELS))
+def test_a1111_txt2img_and_img2img_of_every_family(stack, model):
+    override = {"sd_model_checkpoint": model}
+    r = a1111(stack, "txt2img", {"prompt": "a tower", "seed": 7, "steps": 2, "width": 128, "height": 96,
+                                 "sampler_name": "Euler", "override_settings": override})
+    assert r.status_code == 200, r.text
+    image = decoded(r.json()["images"][0])
+    assert image.size == (128, 96)
+    info = json.loads(r.json()["info"])
+    assert info["sampler_name"] == "Euler" and info["sd_model_name"] == model
+    text = parse_infotext(image.info["parameters"])
+    assert text["Model"] == model and text["Sampler"] == "Euler"
+    r = a1111(stack, "img2img", {"prompt": "a tower", "seed": 7, "steps": 3, "init_images": [data_url(gradient(160, 120))],
+                                 "denoising_strength": 0.5, "override_settings": override})
+    assert r.status_code == 200, r.text
+    multiple = 8 if model == XL else 16
+    assert decoded(r.json()["images"][0]).size == (160 // multiple * multiple, 120 // multiple * multiple)
+    assert r.json()["parameters"]["width"] == 160 // multiple * multiple   # echoed as it ran
+
+
+def test_a1111_omitted_values_follow_the_model(stack):
+    r = a1111(stack, "txt2img", {"prompt": "a kite", "override_settings": {"sd_model_checkpoint": SCHNELL}})
+    assert r.status_code == 200, r.text
+    params = r.json()["parameters"]
+    assert (params["width"], params["height"], params["steps"], params["cfg_scale"]) == (1024, 1024, 4, 0.0)
+    assert decoded(r.json()["images"][0]).size == (1024, 1024)
+
+
+def test_a1111_samplers_map_per_family(stack):
+    override = {"sd_model_checkpoint": FLUX}
+    small = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": override}
+    r = a1111(stack, "txt2img", {**small, "sampler_name": "DPM++ 2M"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "sampler_name", r.text
+    r = a1111(stack, "txt2img", {**small, "sampler_name": "Euler", "scheduler": "SGM Uniform"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "scheduler", r.text
+    r = a1111(stack, "txt2img", {**small, "negative_prompt": "blurry"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "negative_prompt", r.text
+    r = a1111(stack, "txt2img", {**small, "sampler_name": "Heun"})    # Flux's pipeline drives Euler only
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "sampler_name", r.text
+    r = a1111(stack, "txt2img", {**small, "sampler_name": "Euler", "scheduler": "Karras"})
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["extra_generation_params"] == {"Schedule type": "Karras"}
+    r = a1111(stack, "txt2img", {**small, "sampler_name": "Heun", "override_settings": {"sd_model_checkpoint": SD3}})
+    assert r.status_code == 200, r.text
+
+
+def test_a1111_refiner_checkpoint_runs_the_refiner_pass(stack):
+    body = {"prompt": "a castle", "seed": 3, "steps": 2, "width": 128, "height": 96,
+            "override_settings": {"sd_model_checkpoint": XL}}
+    plain = a1111(stack, "txt2img", body)
+    refined = a1111(stack, "txt2img", {**body, "refiner_checkpoint": REFINER, "refiner_switch_at": 0.5})
+    assert refined.status_code == 200, refined.text
+    assert pixels(decoded_bytes(refined.json()["images"][0])) != pixels(decoded_bytes(plain.json()["images"][0]))
+    assert not any("refiner" in w for w in json.loads(refined.json()["info"])["warnings"])
+    missing = a1111(stack, "txt2img", {**body, "refiner_checkpoint": "nope"})
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"][-1] == "refiner_checkpoint"
+
+
+def decoded_bytes(b64: str) -> bytes:
+    import base64
+
+    return base64.b64decode(b64)
+
+
+@pytest.mark.parametrize("model", [XL, FLUX])
+def test_sd_on_eks_and_the_aws_extension_run_every_family(stack, storage, model):
+    from tests.test_aws import headers, wait_job
+    from tests.test_dialects import EKS_BODY, wait_for_objects
+
+    id_task = f"family-{model}"
+    body = {**EKS_BODY, "steps": 2, "width": 128, "height": 96,
+            "alwayson_scripts": {**EKS_BODY["alwayson_scripts"], "sd_model_checkpoint": model, "id_task": id_task}}
+    r = requests.post(stack.api_url + "/", json=body, headers=HEADERS, timeout=30)
+    assert r.status_code == 200, r.text
+    keys = wait_for_objects(storage, f"outputs/{id_task}/", 2)
+    assert Image.open(io.BytesIO(storage.get(keys[0]))).size == (128, 96)
+
+    body = {"task_type": "txt2img", "models": {"Stable-diffusion": [model]}, "sagemaker_endpoint_name": "gpu",
+            "prompt": "a panda", "steps": 2, "width": 128, "height": 96, "seed": 4}
+    r = requests.post(f"{stack.api_url}/inference/v2", headers=headers(body=True), json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    job = wait_job(stack.api_url, r.json()["inference_id"])
+    assert job["status"] == "succeed", job
+
+
+def test_draw_scales_the_ratio_to_the_models_native_area(stack):
+    r = requests.post(f"{stack.api_url}/v1/draw", json={"prompt": "a kite", "size": "16:9", "model": SCHNELL},
+                      headers={"Authorization": f"Bearer {KEY_A}"}, timeout=300)
+    assert r.status_code == 200, r.text
+    # 1024² area at 16:9, sides multiples of 16: 1024·√(16/9) ≈ 1365 → 1360; 1024·√(9/16) = 768
+    assert image_of(r.json()["urls"][0]).size == (1360, 768)
+
+
+def test_health_names_the_family_of_each_warm_model(api, stack):
+    api.run(model=XL, prompt="x", **QUICK)
+    workers = requests.get(f"{stack.api_url}/health", timeout=10).json()["workers"]
+    gpu = next(w for w in workers if XL in w["models"])
+    assert gpu["families"][XL] == "sdxl"
