@@ -350,6 +350,32 @@ def ensure_tiny_models(models_dir: Path, names: Iterable[str] | None = None) -> 
     return paths
 
 
+def build_tiny_lora(model_dir: Path, out_file: Path, seed: int = 7, rank: int = 4) -> Path:
+    """A LoRA for any tiny family's denoiser (the UNet of SD 1.x/SDXL, the transformer of SD3/Flux)
+    on its attention projections, with random non-zero B matrices (peft starts them at zero: no
+    visible effect), saved the way the family's pipeline class saves LoRAs."""
+    import diffusers
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    index = json.loads((model_dir / "model_index.json").read_text())
+    part = "unet" if index.get("unet", [None])[0] else "transformer"
+    denoiser = getattr(diffusers, index[part][1]).from_pretrained(model_dir / part, local_files_only=True)
+    torch.manual_seed(seed)
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, param in denoiser.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    getattr(diffusers, index["_class_name"]).save_lora_weights(
+        str(out_file.parent), weight_name=out_file.name, **{f"{part}_lora_layers": get_peft_model_state_dict(denoiser)})
+    return out_file
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, nargs="?",

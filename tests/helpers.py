@@ -144,22 +144,9 @@ def expected_signature(body: bytes, secret: str) -> str:
 
 def build_test_lora(model_dir: Path, out_file: Path, seed: int = 7) -> None:
     """A LoRA for the tiny UNet with random (non-zero) B matrices, so it visibly changes pixels."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from dev.tinymodel import build_tiny_lora   # works for every tiny family (SD 1.x, SDXL, SD3, Flux)
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
-    torch.manual_seed(seed)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    StableDiffusionPipeline.save_lora_weights(str(out_file.parent), weight_name=out_file.name,
-                                              unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    build_tiny_lora(model_dir, out_file, seed=seed)
 
 
 def json_of(data: bytes) -> dict:
