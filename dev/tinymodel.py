@@ -143,7 +143,7 @@ def ensure_tiny_model(out_dir: Path) -> Path:
 # Each component is seeded on its own (seed + a fixed offset per role), so a build is deterministic
 # and a component the real families share (SDXL base/refiner: text_encoder_2 and the VAE) comes out
 # with identical weights in both tiny folders.
-_CLIP_1, _CLIP_2, _T5, _VAE, _DENOISER = 1, 2, 3, 4, 5
+_CLIP_1, _CLIP_2, _T5, _VAE, _DENOISER, _REFINER_UNET = 1, 2, 3, 4, 5, 6
 XL_VAE = {"scaling_factor": 0.13025}                               # SDXL's own VAE
 SD3_VAE = {"scaling_factor": 1.5305, "shift_factor": 0.0609}       # SD3's 16-channel VAE
 FLUX_VAE = {"scaling_factor": 0.3611, "shift_factor": 0.1159}      # Flux's 16-channel VAE
@@ -271,7 +271,7 @@ def build_tiny_xl_refiner(out_dir: Path, seed: int = 0) -> Path:
 
         tokenizer = clip_tokenizer(scratch)
         return StableDiffusionXLImg2ImgPipeline(
-            vae=vae(4, seed + _VAE, **XL_VAE), unet=xl_unet(64, 5, 64, seed + _DENOISER + 10),
+            vae=vae(4, seed + _VAE, **XL_VAE), unet=xl_unet(64, 5, 64, seed + _REFINER_UNET),
             text_encoder=None, tokenizer=None,
             text_encoder_2=clip_text_encoder(tokenizer, 64, True, seed + _CLIP_2), tokenizer_2=tokenizer,
             scheduler=xl_scheduler(), requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
