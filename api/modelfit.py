@@ -68,7 +68,10 @@ def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: 
 
 
 def refiner_problem(model: ModelInfo, refiner: ModelInfo, mode: str) -> str | None:
-    """Why `refiner` cannot finish `model`'s images, or None: an SDXL pair (same latent space), no inpainting."""
+    """Why `refiner` cannot finish `model`'s images, or None: an SDXL pair (same latent space), no inpainting.
+
+    (That each pass gets a step is the worker's check: it depends on the scheduler's timesteps.)
+    """
     if model.family != "sdxl":
         return f"a refiner pass follows an SDXL model; '{model.name}' is {model.profile.label}"
     if refiner.family not in REFINER_FAMILIES or refiner.problem:

@@ -2,6 +2,7 @@
 worker, gunicorn API) on free loopback ports, in a temporary data dir."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import redis
 import yaml
 
 from dev.localstack import LocalStack, build_default_model, free_port, free_port_block
+from dev.tinymodel import ensure_tiny_models
 from tests.helpers import Api, build_test_lora
 from tests.single_file import write_single_file_checkpoint
 
@@ -39,7 +41,8 @@ STACK_ENV = {
     "SDQ_API_SUBMIT_LIMIT": "",               # rate limits are tested with keys that have their own
     "SDQ_API_READ_LIMIT": "",
     "SDQ_TASKS_PROGRESS_INTERVAL": "0.05",
-    "SDQ_DEFAULTS_NUM_INFERENCE_STEPS": "4",
+    # The tests' SD 1.x models run 4 steps when a request names none (the tiny families keep their own defaults).
+    "SDQ_MODELS_OVERRIDES": json.dumps({"sdq-tiny": {"steps": 4}, "tiny-single.safetensors": {"steps": 4}}),
     "SDQ_DOWNLOADS_ALLOW_HOSTS": "127.0.0.2",  # the model-hub stand-in of test_aws
 }
 
@@ -55,12 +58,16 @@ def stack(tmp_path_factory) -> LocalStack:
     try:
         build_default_model(st)
         settings = st.settings()
+        ensure_tiny_models(settings.models_dir)        # SDXL (+ refiner), SD3, Flux (dev, schnell): tests/test_families
         lora_dir = settings.lora_dir
         lora_dir.mkdir(parents=True, exist_ok=True)
         build_test_lora(settings.models_dir / "sdq-tiny", lora_dir / "tiny_style.safetensors")
         (lora_dir / "broken.safetensors").write_bytes(b"this is not a safetensors file")
+        build_test_lora(settings.models_dir / "sdq-tiny-xl", lora_dir / "tiny_xl_style.safetensors")
         write_single_file_checkpoint(settings.models_dir / "sdq-tiny",
                                      settings.models_dir / "tiny-single.safetensors")
+        write_single_file_checkpoint(settings.models_dir / "sdq-tiny-xl",
+                                     settings.models_dir / "tiny-xl-single.safetensors")
         st.start_redis()
         st.start_s3()
         st.ensure_bucket()

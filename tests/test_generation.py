@@ -152,11 +152,12 @@ def test_list_tasks_newest_first_paginated(api_b):
 def test_catalog_endpoints(api):
     models = api.get("/api/v1/models").json()
     assert models["default"] == "sdq-tiny"
-    tiny, single = models["models"]
+    named = {m["name"]: m for m in models["models"]}
+    tiny, single = named["sdq-tiny"], named["tiny-single.safetensors"]
     family = {"family": "sd1", "family_label": "Stable Diffusion 1.x", "size_multiple": 8, "schedule": "beta",
               "negative_prompt": True, "txt2img": True, "problem": None}
     assert tiny == {"name": "sdq-tiny", "type": "diffusers", "width": 128, "height": 128, "default": True,
-                    "loaded": True, **family, "defaults": {"width": 128, "height": 128, "steps": 30,
+                    "loaded": True, **family, "defaults": {"width": 128, "height": 128, "steps": 4,
                                                            "guidance_scale": 7.5, "strength": 0.75, "scheduler": None}}
     # Single files report their family's native size; "loaded" depends on whether a job has used it yet.
     assert {k: v for k, v in single.items() if k not in ("loaded", "defaults")} == {

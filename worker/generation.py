@@ -118,6 +118,9 @@ def refine(refiner: Any, spec: JobSpec, latents: Any, seeds: list[int], on_step:
                   num_inference_steps=spec.num_inference_steps, denoising_start=spec.refiner_switch,
                   guidance_scale=spec.guidance_scale, num_images_per_prompt=1, generator=make_generators(seeds),
                   callback_on_step_end=on_step, output_type="pil")
+    if len(output.images) != count:
+        raise ModelError(f"the refiner pass ran no step at refiner_switch {spec.refiner_switch} of "
+                         f"{spec.num_inference_steps} steps: use more steps or an earlier switch")
     return list(output.images)
 
 
