@@ -236,3 +236,21 @@ def test_empty_prompts_share_a_call(pipe, settings):
     generate_batch(pipe, members, list_loras(settings.lora_dir))
     for job, m in zip(jobs, members):
         assert_close(m.result.images, solo(pipe, settings, job))
+
+
+@pytest.mark.parametrize("model", ["sdq-tiny-xl", "sdq-tiny-sd3", "sdq-tiny-flux"])
+def test_every_family_batches_compatible_jobs(settings, model):
+    """Batching is the engine's, not SD 1.x's: SDXL, SD3 and Flux jobs share a call and get their solo images
+    (Flux jobs carry no negative prompt: the API refuses one)."""
+    from worker.generation import generate_batch
+    from worker.registry import load_pipeline
+
+    family_pipe = load_pipeline(find_model(settings.models_dir, model), "cpu", None, "float32")
+    negative = "blurry" if model != "sdq-tiny-flux" else None
+    jobs = [spec("a red fox", 1, model=model, width=64, height=64, num_inference_steps=2),
+            spec("a lighthouse", 7, model=model, width=64, height=64, num_inference_steps=2, num_images=2,
+                 negative_prompt=negative)]
+    members = [member(job) for job in jobs]
+    generate_batch(family_pipe, members, list_loras(settings.lora_dir))
+    for job, m in zip(jobs, members):
+        assert_close(m.result.images, solo(family_pipe, settings, job))

@@ -77,3 +77,40 @@ def test_health_reports_each_worker_s_precision(api):
     workers = api.get("/health").json()["workers"]
     gpu = [w for w in workers if w["models"]]
     assert gpu and all(w["dtype"] == "float32" for w in gpu)          # the test stack's CPU worker
+
+
+FAMILY_JOBS = {   # model -> its jobs (sizes its family accepts; a LoRA where the test stack has one)
+    "sdq-tiny-xl": [dict(), dict(init_image_key="in/init.png", strength=0.7),
+                    dict(loras=[LoraRef("tiny_xl_style", 0.8)])],
+    "sdq-tiny-sd3": [dict(), dict(init_image_key="in/init.png", strength=0.7),
+                     dict(scheduler="FlowMatchHeunDiscreteScheduler")],
+    "sdq-tiny-flux": [dict(), dict(init_image_key="in/init.png", strength=0.7),
+                      dict(scheduler_config={"use_karras_sigmas": True})],
+}
+
+
+@pytest.mark.parametrize("model", list(FAMILY_JOBS))
+def test_every_family_keeps_its_shared_weights_in_bfloat16(settings, model):
+    """SDXL, SD3 and Flux too: loaded in bf16, their jobs convert or copy nothing."""
+    import torch
+
+    from worker.generation import generate
+    from worker.registry import load_pipeline
+
+    pipe = load_pipeline(find_model(settings.models_dir, model), "cpu", None, "bfloat16")
+    before = weights(pipe)
+    assert {dtype for dtype, _ in before.values()} == {torch.bfloat16}
+    for extra in FAMILY_JOBS[model]:
+        spec = JobSpec(**{**SPEC, "model": model, "num_inference_steps": 2, **extra})
+        result = generate(pipe, spec, Image.new("RGB", (64, 64), "orange"), list_loras(settings.lora_dir), no_step)
+        assert result.images[0].size == (64, 64), extra
+        assert weights(pipe) == before, extra
+
+
+def test_auto_precision_is_bfloat16_for_sd3_and_flux_on_cuda():
+    from worker.pipelines import flux, sd3, sdxl
+    from worker.pipelines.base import resolve_dtype
+
+    assert resolve_dtype("auto", sdxl.FAMILY, "cuda") == "float16"
+    assert resolve_dtype("auto", sd3.FAMILY, "cuda") == "bfloat16"
+    assert resolve_dtype("auto", flux.FAMILY, "cuda:1") == "bfloat16"
