@@ -26,7 +26,7 @@ import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors header / pickled state-dict skeleton
@@ -96,21 +96,35 @@ def read_safetensors_keys(path: str | Path) -> list[str]:
 def read_safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
     """Tensor name -> shape from a .safetensors header (ValueError as read_safetensors_keys)."""
     with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise ValueError(f"{path}: too short for a safetensors file")
-        (size,) = struct.unpack("<Q", prefix)
-        if size > MAX_HEADER_BYTES:
-            raise ValueError(f"{path}: safetensors header of {size} bytes (limit {MAX_HEADER_BYTES})")
-        raw = f.read(size)
+        def read(start: int, length: int) -> bytes:
+            f.seek(start)
+            return f.read(length)
+
+        return parse_safetensors_header(read, str(path))
+
+
+def parse_safetensors_header(read: Callable[[int, int], bytes], where: str) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header, through `read(start, length)`.
+
+    Why a reader: the same two reads work on a local file and, as ranged
+    GETs, on an uploaded checkpoint still in S3 (the API reads its family
+    without downloading gigabytes).
+    """
+    prefix = read(0, 8)
+    if len(prefix) != 8:
+        raise ValueError(f"{where}: too short for a safetensors file")
+    (size,) = struct.unpack("<Q", prefix)
+    if size > MAX_HEADER_BYTES:
+        raise ValueError(f"{where}: safetensors header of {size} bytes (limit {MAX_HEADER_BYTES})")
+    raw = read(8, size)
     if len(raw) != size:
-        raise ValueError(f"{path}: truncated safetensors header")
+        raise ValueError(f"{where}: truncated safetensors header")
     try:
         header = json.loads(raw)
     except ValueError as e:          # JSONDecodeError and UnicodeDecodeError both are
-        raise ValueError(f"{path}: safetensors header is not JSON ({e})") from None
+        raise ValueError(f"{where}: safetensors header is not JSON ({e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is not a JSON object")
+        raise ValueError(f"{where}: safetensors header is not a JSON object")
     return {k: list(v.get("shape", [])) if isinstance(v, dict) else [] for k, v in header.items()
             if k != "__metadata__"}
 

@@ -87,13 +87,14 @@ class JobSpec:
         scheduler (and its options), guidance, strength and LoRA set; prompts,
         negative prompts, seeds and init images may differ per image.
         Inpainting, refiner passes and jobs split into several calls (A1111's
-        n_iter) run alone.
+        n_iter) run alone. Jobs with and without a negative prompt do not mix:
+        SDXL encodes a missing one as zeros, not as the empty prompt.
         """
         if self.mode == "inpaint" or len(self.batches) > 1 or self.refiner:
             return ""
         shared = [self.model, self.mode, self.width, self.height, self.num_inference_steps, self.guidance_scale,
                   self.scheduler, sorted(self.scheduler_config.items()), [(lr.name, lr.weight) for lr in self.loras],
-                  self.strength if self.mode == "img2img" else None]
+                  self.strength if self.mode == "img2img" else None, bool(self.negative_prompt)]
         return hashlib.sha1(orjson.dumps(shared, default=str)).hexdigest()[:16]
 
     @property

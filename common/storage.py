@@ -69,6 +69,13 @@ class Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"download of {key} failed: {exc}") from exc
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of an object from `start` (a ranged GET: a checkpoint's header, not its gigabytes)."""
+        if length <= 0:
+            return b""
+        response = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
+        return response["Body"].read()
+
     def url_for(self, key: str) -> str:
         """A URL a client can GET: public base URL, else a presigned one."""
         if self.public_base_url:

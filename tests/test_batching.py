@@ -154,7 +154,8 @@ def waiting_pool(stack):
 def test_waiting_jobs_run_together_and_each_completes_with_its_own_images(waiting_pool, api, rds):
     from common.store import keys
 
-    bodies = [{"prompt": "a red fox", "seed": 11}, {"prompt": "a harbour", "seed": 12, "num_images": 2},
+    bodies = [{"prompt": "a red fox", "seed": 11, "negative_prompt": "rain"},
+              {"prompt": "a harbour", "seed": 12, "num_images": 2, "negative_prompt": "blur"},
               {"prompt": "a forest", "seed": 13, "negative_prompt": "fog"}]
     pool, ids = waiting_pool(bodies)
     tasks = pool.wait_all(ids)
@@ -246,11 +247,20 @@ def test_every_family_batches_compatible_jobs(settings, model):
     from worker.registry import load_pipeline
 
     family_pipe = load_pipeline(find_model(settings.models_dir, model), "cpu", None, "float32")
-    negative = "blurry" if model != "sdq-tiny-flux" else None
-    jobs = [spec("a red fox", 1, model=model, width=64, height=64, num_inference_steps=2),
-            spec("a lighthouse", 7, model=model, width=64, height=64, num_inference_steps=2, num_images=2,
-                 negative_prompt=negative)]
-    members = [member(job) for job in jobs]
-    generate_batch(family_pipe, members, list_loras(settings.lora_dir))
-    for job, m in zip(jobs, members):
-        assert_close(m.result.images, solo(family_pipe, settings, job))
+    same = dict(model=model, width=64, height=64, num_inference_steps=2)
+    groups = [[spec("a red fox", 1, **same), spec("a lighthouse", 7, num_images=2, **same)]]
+    if model != "sdq-tiny-flux":
+        groups.append([spec("a red fox", 1, negative_prompt="blurry", **same),
+                       spec("a lighthouse", 7, negative_prompt="fog", **same)])
+    for jobs in groups:
+        assert len({job.batch_key() for job in jobs}) == 1
+        members = [member(job) for job in jobs]
+        generate_batch(family_pipe, members, list_loras(settings.lora_dir))
+        for job, m in zip(jobs, members):
+            assert_close(m.result.images, solo(family_pipe, settings, job))
+
+
+def test_jobs_with_and_without_a_negative_prompt_never_share_a_call():
+    """SDXL encodes a missing negative prompt as zeros, not as "": mixing them would change images."""
+    assert spec("a", 1).batch_key() != spec("a", 1, negative_prompt="fog").batch_key()
+    assert spec("a", 1).batch_key() == spec("b", 2, negative_prompt="").batch_key()

@@ -251,3 +251,18 @@ def test_health_names_the_family_of_each_warm_model(api, stack):
     workers = requests.get(f"{stack.api_url}/health", timeout=10).json()["workers"]
     gpu = next(w for w in workers if XL in w["models"])
     assert gpu["families"][XL] == "sdxl"
+
+
+def test_an_uploaded_checkpoint_s_family_is_read_from_its_header_in_s3(settings, storage):
+    """The AWS extension's uploads are still in S3 when a job names them: two ranged reads give the family."""
+    from types import SimpleNamespace
+
+    from api.dialects.aws.translate import uploaded_model
+
+    key = "models/Stable-diffusion/upload-1/xl.safetensors"
+    storage.put(key, (settings.models_dir / "tiny-xl-single.safetensors").read_bytes(), "application/octet-stream")
+    svc = SimpleNamespace(storage=storage, settings=settings, catalog=SimpleNamespace(overrides={}))
+    model = uploaded_model(svc, {"key": key, "name": "xl.safetensors"})
+    assert (model.family, model.request_defaults.width, model.request_defaults.steps) == ("sdxl", 1024, 30)
+    storage.put("models/x/not.safetensors", b"garbage", "application/octet-stream")
+    assert uploaded_model(svc, {"key": "models/x/not.safetensors", "name": "not.safetensors"}).family == "sd1"

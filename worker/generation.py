@@ -173,12 +173,17 @@ class SharedStep:
 def merged_call_kwargs(per_job: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
     """One call's arguments from each job's own (and its image count): per-image lists of what may differ.
 
-    A missing negative prompt is "" (what diffusers uses for None), so one list holds them all.
+    When no job has a negative prompt it stays None, as a solo run passes it:
+    SDXL encodes None as zeros (force_zeros_for_empty_prompt), not as the
+    empty prompt (JobSpec.batch_key never mixes jobs with and without one).
     """
     merged = {name: value for name, value in per_job[0][0].items() if name not in VARYING_ARGUMENTS}
     for name in VARYING_ARGUMENTS:
-        if name in per_job[0][0]:
-            merged[name] = [blank_if_none(name, kwargs.get(name)) for kwargs, count in per_job for _ in range(count)]
+        if name not in per_job[0][0]:
+            continue
+        values = [kwargs.get(name) for kwargs, count in per_job for _ in range(count)]
+        merged[name] = None if name == "negative_prompt" and not any(values) else \
+            [blank_if_none(name, value) for value in values]
     return merged
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
+from botocore.exceptions import ClientError
+
 from api.dialects.a1111 import build_a1111_jobspec, echo_parameters, find_checkpoint
 from api.dialects.aws.errors import DIALECT
 from api.services import Services
-from common.catalog import WEIGHT_SUFFIXES, ModelInfo
+from common.catalog import DEFAULT_SINGLE_FILE_FAMILY, WEIGHT_SUFFIXES, ModelInfo
+from common.checkpoint_keys import family_from_keys, parse_safetensors_header
+from common.families import PROFILES, model_defaults
 from common.jobspec import JobSpec, LoraRef
 from common.store import CheckpointStore, PoolRecord, Task, TaskStatus
 from common.store.checkpoints import Checkpoint
@@ -76,7 +80,24 @@ def resolve_model(svc: Services, store: CheckpointStore, name: str) -> tuple[Mod
     if model is not None:
         return model, []
     asset = uploaded_asset(store, "Stable-diffusion", name)
-    return ModelInfo(asset["name"], svc.settings.models_dir / asset["name"], "single_file", 512), [asset]
+    return uploaded_model(svc, asset), [asset]
+
+
+def uploaded_model(svc: Services, asset: dict[str, str]) -> ModelInfo:
+    """An uploaded checkpoint as the catalog would describe it once on disk: its family read from the
+    safetensors header in S3 (two ranged reads), so an SDXL upload gets SDXL's defaults and checks."""
+    family = DEFAULT_SINGLE_FILE_FAMILY
+    if asset["name"].lower().endswith(".safetensors"):
+        try:
+            shapes = parse_safetensors_header(lambda start, length: svc.storage.read_range(asset["key"], start, length),
+                                              asset["key"])
+            family = family_from_keys(shapes) or family
+        except (ValueError, ClientError):
+            pass   # an unreadable header: the worker's load says what is wrong
+    override = svc.catalog.overrides.get(asset["name"])
+    native = PROFILES[family].native_size
+    return ModelInfo(asset["name"], svc.settings.models_dir / asset["name"], "single_file", native, family,
+                     model_defaults(family, native, {}, override))
 
 
 def resolve_loras(svc: Services, store: CheckpointStore, names: list[str]) -> tuple[dict[str, str], list[dict]]:
