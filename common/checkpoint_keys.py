@@ -203,28 +203,48 @@ def family_or_none(path: str | Path) -> str | None:
         return None
 
 
-def architecture_matches(checkpoint: str | Path, folder: str | Path) -> bool:
-    """Whether a diffusers folder's UNet config builds a single file's shapes (input and context widths).
+TRANSFORMER_INPUTS = ("x_embedder.weight", "img_in.weight",            # Flux: diffusers / original layout
+                      "pos_embed.proj.weight", "x_embedder.proj.weight")  # SD3: diffusers / original layout
 
-    Why: the folder lends the file its configs and tokenizers; a tiny test
-    folder of the same family would build the wrong shapes. Transformer
-    families, .ckpt files and unreadable headers are not checked here (True):
-    loading says what is wrong.
+
+def architecture_matches(checkpoint: str | Path, folder: str | Path) -> bool:
+    """Whether a diffusers folder's denoiser config builds a single file's shapes: a UNet's input and
+    context widths, a transformer's inner width.
+
+    Why: the folder lends the file its configs and tokenizers (and, for SD3
+    and Flux, its text encoders and VAE); a tiny test folder of the same
+    family would build the wrong shapes. .ckpt files and unreadable headers
+    are not checked here (True): loading says what is wrong.
     """
     try:
         shapes = read_safetensors_shapes(checkpoint) if Path(checkpoint).suffix.lower() == ".safetensors" else {}
     except (OSError, ValueError):
         shapes = {}
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
-    if not conv_in:
+    if conv_in:
+        unet = _read_config(Path(folder) / "unet" / "config.json")
+        context = next((shape for name, shape in shapes.items() if name.endswith("attn2.to_k.weight")), None)
+        return conv_in[0] == (unet.get("block_out_channels") or [None])[0] and (
+            context is None or context[-1] == unet.get("cross_attention_dim"))
+    embedder = next((shape for name, shape in shapes.items() if name.removeprefix(UNET) in TRANSFORMER_INPUTS), None)
+    if not embedder:
         return True
+    transformer = _read_config(Path(folder) / "transformer" / "config.json")
+    inner = (transformer.get("num_attention_heads") or 0) * (transformer.get("attention_head_dim") or 0)
+    if "guidance_embeds" in transformer:    # Flux: dev (a guidance embedder) and schnell (none) differ
+        guided = any(".guidance_embedder." in name or name.removeprefix(UNET).startswith("guidance_in.")
+                     for name in shapes)
+        if guided != bool(transformer["guidance_embeds"]):
+            return False
+    return embedder[0] == inner
+
+
+def _read_config(path: Path) -> dict:
     try:
-        unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    context = next((shape for name, shape in shapes.items() if name.endswith("attn2.to_k.weight")), None)
-    return conv_in[0] == (unet.get("block_out_channels") or [None])[0] and (
-        context is None or context[-1] == unet.get("cross_attention_dim"))
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 # --- LoRAs: which denoiser a LoRA file was trained on -------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import redis
@@ -68,6 +69,8 @@ def stack(tmp_path_factory) -> LocalStack:
                                      settings.models_dir / "tiny-single.safetensors")
         write_single_file_checkpoint(settings.models_dir / "sdq-tiny-xl",
                                      settings.models_dir / "tiny-xl-single.safetensors")
+        shutil.copyfile(settings.models_dir / "sdq-tiny-flux" / "transformer" / "diffusion_pytorch_model.safetensors",
+                        settings.models_dir / "tiny-flux-transformer.safetensors")   # a Flux fine-tune's file
         st.start_redis()
         st.start_s3()
         st.ensure_bucket()

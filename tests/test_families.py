@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import requests
@@ -152,6 +153,39 @@ def test_an_sdxl_single_file_makes_the_folders_images(api):
     assert pixels(fetch(single["result_url"])) == pixels(fetch(folder["result_url"]))
 
 
+def test_a_flux_transformer_file_runs_in_its_family_folder(api):
+    """Flux and SD3 fine-tunes ship the transformer alone: the rest comes from a folder of that architecture
+    (dev, with a guidance embedder, not schnell)."""
+    models = {m["name"]: m for m in api.get("/api/v1/models").json()["models"]}
+    assert models["tiny-flux-transformer.safetensors"]["family"] == "flux"
+    folder = api.run(model=FLUX, prompt="a fox", seed=21, **QUICK)
+    single = api.run(model="tiny-flux-transformer.safetensors", prompt="a fox", seed=21, **QUICK)
+    assert single["status"] == "completed", single
+    assert pixels(fetch(single["result_url"])) == pixels(fetch(folder["result_url"]))
+
+
+def test_a_single_file_borrows_configs_only_from_its_own_architecture(settings, tmp_path):
+    from common.checkpoint_keys import architecture_matches
+
+    def header_file(name: str, shapes: dict[str, list[int]]) -> Path:
+        header = {key: {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]} for key, shape in shapes.items()}
+        raw = json.dumps(header).encode()
+        path = tmp_path / name
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+        return path
+
+    models = settings.models_dir
+    real_xl = header_file("xl.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3],
+                                             "model.diffusion_model.x.attn2.to_k.weight": [640, 2048]})
+    assert not architecture_matches(real_xl, models / "sdq-tiny-xl")             # a real SDXL, a tiny folder
+    assert architecture_matches(models / "tiny-xl-single.safetensors", models / "sdq-tiny-xl")
+    real_flux = header_file("flux.safetensors", {"img_in.weight": [3072, 64], "guidance_in.in_layer.weight": [1, 1]})
+    assert not architecture_matches(real_flux, models / "sdq-tiny-flux")
+    tiny_flux = models / "tiny-flux-transformer.safetensors"
+    assert architecture_matches(tiny_flux, models / "sdq-tiny-flux")
+    assert not architecture_matches(tiny_flux, models / "sdq-tiny-flux-schnell")   # dev weights, schnell config
+
+
 # --- A1111 and the dialects that carry its bodies ----------------------------------------------
 @pytest.mark.parametrize("model", list(FAMILY_MODELS))
 def test_a1111_txt2img_and_img2img_of_every_family(stack, model):
@@ -217,25 +251,34 @@ def decoded_bytes(b64: str) -> bytes:
     return base64.b64decode(b64)
 
 
-@pytest.mark.parametrize("model", [XL, FLUX])
+@pytest.mark.parametrize("model", list(FAMILY_MODELS))
 def test_sd_on_eks_and_the_aws_extension_run_every_family(stack, storage, model):
     from tests.test_aws import headers, wait_job
     from tests.test_dialects import EKS_BODY, wait_for_objects
 
-    id_task = f"family-{model}"
-    body = {**EKS_BODY, "steps": 2, "width": 128, "height": 96,
-            "alwayson_scripts": {**EKS_BODY["alwayson_scripts"], "sd_model_checkpoint": model, "id_task": id_task}}
-    r = requests.post(stack.api_url + "/", json=body, headers=HEADERS, timeout=30)
-    assert r.status_code == 200, r.text
-    keys = wait_for_objects(storage, f"outputs/{id_task}/", 2)
-    assert Image.open(io.BytesIO(storage.get(keys[0]))).size == (128, 96)
+    multiple = 8 if model == XL else 16
+    for task, extra in (("text-to-image", {}), ("image-to-image", {"init_images": [data_url(gradient(200, 136))]})):
+        id_task = f"family-{model}-{task}"
+        body = {**EKS_BODY, "steps": 2, "width": 128, "height": 96, **extra,
+                "alwayson_scripts": {**EKS_BODY["alwayson_scripts"], "task": task, "sd_model_checkpoint": model,
+                                     "id_task": id_task}}
+        r = requests.post(stack.api_url + "/", json=body, headers=HEADERS, timeout=30)
+        assert r.status_code == 200, r.text
+        keys = wait_for_objects(storage, f"outputs/{id_task}/", 2)
+        assert Image.open(io.BytesIO(storage.get(keys[0]))).size == (128, 96)   # A1111 bodies name the size
 
-    body = {"task_type": "txt2img", "models": {"Stable-diffusion": [model]}, "sagemaker_endpoint_name": "gpu",
-            "prompt": "a panda", "steps": 2, "width": 128, "height": 96, "seed": 4}
-    r = requests.post(f"{stack.api_url}/inference/v2", headers=headers(body=True), json=body, timeout=30)
-    assert r.status_code == 200, r.text
-    job = wait_job(stack.api_url, r.json()["inference_id"])
-    assert job["status"] == "succeed", job
+    for task_type, extra in (("txt2img", {}), ("img2img", {"init_images": [data_url(gradient(200, 136))],
+                                                            "width": None, "height": None})):
+        body = {"task_type": task_type, "models": {"Stable-diffusion": [model]}, "sagemaker_endpoint_name": "gpu",
+                "prompt": "a panda", "steps": 2, "width": 128, "height": 96, "seed": 4, **extra}
+        r = requests.post(f"{stack.api_url}/inference/v2", headers=headers(body=True), json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        job = wait_job(stack.api_url, r.json()["inference_id"])
+        assert job["status"] == "succeed", job
+    # the img2img without a size ran at the init image's, rounded to the family's multiple
+    urls = requests.get(f"{stack.api_url}/inference/get-inference-job-image-output",
+                        params={"jobID": job["InferenceJobId"]}, headers=headers()).json()
+    assert image_of(urls[0]).size == (200 // multiple * multiple, 136 // multiple * multiple)
 
 
 def test_draw_scales_the_ratio_to_the_models_native_area(stack):

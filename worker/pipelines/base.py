@@ -106,11 +106,17 @@ class DiffusersFamily:
                 raise ModelError(f"{model.name}: a single-file {self.profile.label} checkpoint needs a local "
                                  f"diffusers folder of the same architecture for its configs and tokenizers "
                                  f"(put one in the model directory, or set models.single_file_config)")
-            cls = getattr(diffusers, self.single_file_class)
-            pipe = cls.from_single_file(str(model.path), config=str(config), **common)
+            pipe = self.load_single_file(model.path, config, common)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def load_single_file(self, path: Path, config: Path, common: dict[str, Any]) -> Any:
+        """A whole pipeline from one original-layout checkpoint, its configs and tokenizers from `config`."""
+        import diffusers
+
+        cls = getattr(diffusers, self.single_file_class)
+        return cls.from_single_file(str(path), config=str(config), **common)
 
     def load_options(self) -> dict[str, Any]:
         """Extra from_pretrained/from_single_file arguments of this family."""
@@ -164,6 +170,21 @@ class DiffusersFamily:
     def image_size_kwargs(self, spec: JobSpec) -> dict[str, Any]:
         """Output size for img2img, for pipelines that would otherwise make their native size."""
         return {}
+
+
+class TransformerFamily(DiffusersFamily):
+    """SD3 and Flux: their single files are the transformer (what fine-tunes ship); the text encoders
+    (T5-XXL alone is ~9 GB) and VAE come from a full diffusers folder of the same family."""
+
+    transformer_class = ""
+
+    def load_single_file(self, path: Path, config: Path, common: dict[str, Any]) -> Any:
+        """The file's transformer (original or diffusers layout) in the folder's pipeline."""
+        import diffusers
+
+        transformer = getattr(diffusers, self.transformer_class).from_single_file(
+            str(path), config=str(config), subfolder="transformer", **common)
+        return diffusers.DiffusionPipeline.from_pretrained(str(config), transformer=transformer, **common)
 
 
 CONFIGS_DIR = ".configs"   # in the model directory: diffusers folders without weights, for single files only

@@ -10,16 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from common.jobspec import JobSpec
-from worker.pipelines.base import DiffusersFamily
+from worker.pipelines.base import TransformerFamily
 
 
-class Flux(DiffusersFamily):
+class Flux(TransformerFamily):
     """FLUX.1: guidance_scale is the distilled guidance (dev ~3.5, schnell ignores it); sides multiples of 16."""
 
     name = "flux"
     families = ("flux",)
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
-    single_file_class = "FluxPipeline"
+    transformer_class = "FluxTransformer2DModel"
 
     def negative_kwargs(self, spec: JobSpec) -> dict[str, Any]:
         """None: the API refuses a negative prompt for Flux, so there is none to pass."""

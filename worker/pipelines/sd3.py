@@ -9,17 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from common.jobspec import JobSpec
-from worker.pipelines.base import DiffusersFamily
+from worker.pipelines.base import TransformerFamily
 
 
-class StableDiffusion3(DiffusersFamily):
+class StableDiffusion3(TransformerFamily):
     """SD 3 / 3.5: classifier-free guidance with a negative prompt; sides multiples of 16."""
 
     name = "sd3"
     families = ("sd3",)
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                         "StableDiffusion3InpaintPipeline")
-    single_file_class = "StableDiffusion3Pipeline"
+    transformer_class = "SD3Transformer2DModel"
 
     def image_size_kwargs(self, spec: JobSpec) -> dict[str, Any]:
         """The init image's (rounded) size, not the pipeline's default 1024²."""
