@@ -307,7 +307,8 @@ def test_a_pick_takes_companions_that_can_share_its_pipeline_call(store, rds, qu
     other_size = job(width=128)
     two_images = job(num_images=2, prompt="another prompt", seed=9)
     too_many = job(num_images=4)
-    third = job(negative_prompt="blurry")
+    with_negative = job(negative_prompt="blurry")   # SDXL encodes none as zeros: never mixed with jobs without
+    third = job(prompt="a third prompt", seed=5)
     late = job()
     picked = store.pick(queue, "w", ["m"], 1, 10.0, delivery="batch-1", max_images=4)
     assert picked.task_id == first and [c.task_id for c in picked.companions] == [two_images, third]
@@ -317,7 +318,7 @@ def test_a_pick_takes_companions_that_can_share_its_pipeline_call(store, rds, qu
         assert task.status is TaskStatus.PROCESSING and task.worker == "w"
         assert rds.zscore(keys.PENDING(queue), task_id) is None and rds.zscore(keys.RUNNING(), task_id) is not None
         assert rds.zscore(keys.PENDING_OWNER("owner-b"), task_id) is None
-    assert {store.get(t).status for t in (other_size, too_many, late)} == {TaskStatus.PENDING}
+    assert {store.get(t).status for t in (other_size, too_many, with_negative, late)} == {TaskStatus.PENDING}
     assert store.pick(queue, "w", ["m"], 1, 10.0, delivery="batch-1", max_images=4) == picked   # a retried delivery
     solo = store.pick(queue, "w2", ["m"], 1, 10.0, delivery="batch-2", max_images=1)
     assert solo.task_id == other_size and solo.companions == ()
@@ -326,8 +327,9 @@ def test_a_pick_takes_companions_that_can_share_its_pipeline_call(store, rds, qu
 def test_batch_keys_say_which_jobs_can_share_a_call():
     base = dict(prompt="p", model="m", width=64, height=64, num_inference_steps=4, guidance_scale=7.5, seed=1)
     key = JobSpec(**base).batch_key()
-    assert key and JobSpec(**{**base, "prompt": "q", "seed": 7, "negative_prompt": "n", "num_images": 3}).batch_key() == key
+    assert key and JobSpec(**{**base, "prompt": "q", "seed": 7, "negative_prompt": "", "num_images": 3}).batch_key() == key
     for different in ({"width": 72}, {"num_inference_steps": 5}, {"guidance_scale": 5.0}, {"model": "x"},
+                      {"negative_prompt": "n"}, {"refiner": "r", "refiner_switch": 0.8},
                       {"scheduler": "EulerDiscreteScheduler"}, {"loras": [LoraRef("a", 0.5)]},
                       {"init_image_key": "i.png", "strength": 0.5}):
         assert JobSpec(**{**base, **different}).batch_key() != key, different
