@@ -25,7 +25,8 @@ DEFAULT_REFINER_SWITCH = 0.8                   # diffusers' and A1111's usual ha
 
 def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: str | None = None,
                scheduler_label: str | None = None, negative_prompt: str | None = None,
-               refiner: ModelInfo | None = None, loras: Sequence[tuple[str, Path]] = (),
+               refiner: ModelInfo | None = None, steps: int = 0, refiner_switch: float = DEFAULT_REFINER_SWITCH,
+               loras: Sequence[tuple[str, Path]] = (),
                names: Mapping[str, str] = NATIVE_FIELDS) -> dict[str, Any]:
     """Field name -> messages for what `model` cannot do with these values ({} when it fits).
 
@@ -41,7 +42,7 @@ def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: 
         add("model", f"model '{model.name}' cannot be served: {model.problem}")
         return errors
     if not profile.txt2img:
-        add("model", f"model '{model.name}' is an {profile.label}: it refines another model's images "
+        add("model", f"model '{model.name}' is a {profile.label}: it refines another model's images "
                      "(use it as the refiner), it does not start from a prompt")
         return errors
     for name, value in (("width", width), ("height", height)):
@@ -57,7 +58,7 @@ def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: 
         add("negative_prompt", f"{profile.label} models take no negative prompt (their guidance is distilled, "
                                "without an unconditional pass); leave it empty")
     if refiner is not None:
-        problem = refiner_problem(model, refiner, mode)
+        problem = refiner_problem(model, refiner, mode, steps, refiner_switch)
         if problem:
             add("refiner", problem)
     misfits = {i: {"name": [f"LoRA '{name}' does not fit model '{model.name}': {problem}"]}
@@ -67,17 +68,19 @@ def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: 
     return errors
 
 
-def refiner_problem(model: ModelInfo, refiner: ModelInfo, mode: str) -> str | None:
-    """Why `refiner` cannot finish `model`'s images, or None: an SDXL pair (same latent space), no inpainting.
-
-    (That each pass gets a step is the worker's check: it depends on the scheduler's timesteps.)
-    """
+def refiner_problem(model: ModelInfo, refiner: ModelInfo, mode: str, steps: int = 0,
+                    switch: float = DEFAULT_REFINER_SWITCH) -> str | None:
+    """Why `refiner` cannot finish `model`'s images, or None: an SDXL pair (same latent space), no
+    inpainting, and a step for each pass (the worker checks the exact timesteps, which img2img strength
+    also cuts)."""
     if model.family != "sdxl":
         return f"a refiner pass follows an SDXL model; '{model.name}' is {model.profile.label}"
     if refiner.family not in REFINER_FAMILIES or refiner.problem:
         return f"'{refiner.name}' is {refiner.profile.label}, not an SDXL model or refiner"
     if mode == "inpaint":
         return "inpainting runs without a refiner pass"
+    if steps and (steps * switch < 1 or steps * (1 - switch) < 1):
+        return f"{steps} steps switched at {switch} leave one pass no step: use more steps or move the switch"
     return None
 
 
@@ -95,6 +98,7 @@ def image_size(width: int, height: int, model: ModelInfo) -> tuple[int, int]:
 
 
 def default_scheduler(settings, model: ModelInfo) -> str | None:
-    """defaults.scheduler when it runs the model's kind of schedule; else None (the model's own)."""
+    """defaults.scheduler when it can run the model (its schedule, Flux's Euler only); else None (the model's own)."""
     name = settings.defaults.scheduler
-    return name if name and schedule_of(name) == model.profile.schedule else None
+    fits = name and schedule_problem(model.profile, name, schedule_of(name), name) is None
+    return name if fits else None

@@ -166,7 +166,7 @@ class WorkerSchema(Schema):
                                                    "webhook worker"})
     max_batch = fields.Integer(metadata={"description": "Images one pipeline call may hold (worker.max_batch): "
                                                         "compatible waiting jobs run together"})
-    compiled = fields.Boolean(metadata={"description": "The UNet runs torch.compile'd (worker.compile)"})
+    compiled = fields.Boolean(metadata={"description": "The denoiser (UNet, or SD3/Flux transformer) runs torch.compile'd (worker.compile)"})
     speedups = fields.List(fields.String(), metadata={
         "description": "Speed-ups in force: sdpa, channels_last, fuse_qkv, tf32, compile"})
     queues = fields.List(fields.String())

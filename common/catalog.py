@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from common.checkpoint_keys import checkpoint_context_width, family_or_none, lora_target
+from common.checkpoint_keys import CheckpointFacts, lora_target, read_checkpoint_facts
 from common.families import (PROFILES, ModelDefaults, Profile, detect_folder_family, folder_native_size,
-                             folder_variant_defaults, model_defaults, read_json, with_override_family)
+                             folder_variant_defaults, model_defaults, override_fit_problem, read_json,
+                             with_override_family)
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
 DEFAULT_SINGLE_FILE_FAMILY = "sd1"   # what a single file is when its names say nothing (an SD 1.x UNet alone)
@@ -56,6 +57,7 @@ def describe_folder(entry: Path, override: Mapping | None) -> ModelInfo:
         pipeline = read_json(entry / "model_index.json").get("_class_name", "?")
         problem = f"{pipeline} is not a pipeline sdqueue serves (SD 1.x/2.x, SDXL, SD3, Flux)"
     family = with_override_family(detected, override) or DEFAULT_SINGLE_FILE_FAMILY
+    problem = problem or override_fit_problem(PROFILES[family], override)
     native = folder_native_size(entry, family)
     defaults = model_defaults(family, native, folder_variant_defaults(entry, family), override)
     context = read_json(entry / "unet" / "config.json").get("cross_attention_dim")
@@ -64,23 +66,36 @@ def describe_folder(entry: Path, override: Mapping | None) -> ModelInfo:
 
 
 def describe_single_file(entry: Path, override: Mapping | None) -> ModelInfo:
-    """A single checkpoint: family from its tensor names (the safetensors header, a .ckpt's pickle), else SD 1.x."""
-    family = with_override_family(single_file_family(entry), override) or DEFAULT_SINGLE_FILE_FAMILY
+    """A single checkpoint: family, text width and variant from its weight names (the safetensors header,
+    a .ckpt's pickle); SD 1.x when no names can be read (as before families existed)."""
+    facts = checkpoint_facts(entry)
+    problem = None
+    if not facts.readable and entry.suffix == ".safetensors":
+        problem = "its safetensors header cannot be read (a broken or half-copied file?)"
+    elif facts.readable and facts.family is None:
+        problem = "its weights are not a model sdqueue serves (SD 1.x/2.x, SDXL, SD3, Flux): a VAE, LoRA or ControlNet?"
+    family = with_override_family(facts.family, override) or DEFAULT_SINGLE_FILE_FAMILY
+    if override and override.get("family") in PROFILES:
+        problem = None
+    problem = problem or override_fit_problem(PROFILES[family], override)
     native = PROFILES[family].native_size
-    return ModelInfo(entry.name, entry, "single_file", native, family, model_defaults(family, native, {}, override),
-                     context_width=checkpoint_context_width(entry))
+    return ModelInfo(entry.name, entry, "single_file", native, family,
+                     model_defaults(family, native, facts.variant, override), problem, facts.context_width)
 
 
-_FILE_FAMILIES: dict[tuple[str, int, int], str | None] = {}
+_FACTS: dict[tuple[str, int, int], CheckpointFacts] = {}
 
 
-def single_file_family(path: Path) -> str | None:
-    """The family a checkpoint's keys say, cached per (path, size, mtime): headers of big files are megabytes."""
-    stat = path.stat()
+def checkpoint_facts(path: Path) -> CheckpointFacts:
+    """A checkpoint's facts, cached per (path, size, mtime): headers of big files are megabytes."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return CheckpointFacts(False, None)
     cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if cache_key not in _FILE_FAMILIES:
-        _FILE_FAMILIES[cache_key] = family_or_none(path)
-    return _FILE_FAMILIES[cache_key]
+    if cache_key not in _FACTS:
+        _FACTS[cache_key] = read_checkpoint_facts(path)
+    return _FACTS[cache_key]
 
 
 def list_models(models_dir: Path, overrides: Mapping[str, Mapping] | None = None) -> list[ModelInfo]:
@@ -95,10 +110,15 @@ def list_models(models_dir: Path, overrides: Mapping[str, Mapping] | None = None
     for entry in sorted(models_dir.iterdir()):
         if entry.name.startswith("."):
             continue
-        if entry.is_dir() and (entry / "model_index.json").exists():
-            found.append(describe_folder(entry, overrides.get(entry.name)))
-        elif entry.is_file() and entry.suffix in WEIGHT_SUFFIXES:
-            found.append(describe_single_file(entry, overrides.get(entry.name)))
+        try:
+            if entry.is_dir() and (entry / "model_index.json").exists():
+                found.append(describe_folder(entry, overrides.get(entry.name)))
+            elif entry.is_file() and entry.suffix in WEIGHT_SUFFIXES:
+                found.append(describe_single_file(entry, overrides.get(entry.name)))
+        except Exception as exc:  # noqa: BLE001 - one odd file must not take the listing (and /health) down
+            kind = "diffusers" if entry.is_dir() else "single_file"
+            found.append(ModelInfo(entry.name, entry, kind, PROFILES[DEFAULT_SINGLE_FILE_FAMILY].native_size,
+                                   problem=f"cannot be read: {type(exc).__name__}: {exc}"))
     return found
 
 
@@ -125,9 +145,9 @@ def lora_problem(lora: Path, model: ModelInfo) -> str | None:
     kind, width = lora_target(lora)
     if kind is None:
         return None
-    unet_family = model.family in ("sd1", "sd2", "sdxl", "sdxl-refiner")
-    if kind == "unet" and not unet_family or kind != "unet" and kind != model.family:
-        trained = {"unet": "a UNet model (SD 1.x/2.x/SDXL)", "sd3": "SD3", "flux": "Flux"}[kind]
+    fits = {"unet": ("sd1", "sd2", "sdxl", "sdxl-refiner"), "transformer": ("sd3", "flux"), "flux": ("flux",)}
+    if model.family not in fits[kind]:
+        trained = {"unet": "a UNet model (SD 1.x/2.x/SDXL)", "transformer": "SD3 or Flux", "flux": "Flux"}[kind]
         return f"it was trained for {trained}, not {model.profile.label}"
     if kind == "unet" and width and model.context_width and width != model.context_width:
         return (f"its text context is {width} wide and {model.name}'s is {model.context_width} "
@@ -146,6 +166,21 @@ def list_loras(lora_dir: Path) -> dict[str, Path]:
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
+def hash_model_files(path: Path) -> str:
+    """A file's sha256, or a folder's over its files' names and sizes and its JSON configs."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    else:
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path)}:{file.stat().st_size}\n".encode())
+            if file.suffix == ".json":
+                digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def model_sha256(model: ModelInfo) -> str:
     """sha256 identifying a model, cached per (path, size, mtime) for the process.
 
@@ -154,18 +189,11 @@ def model_sha256(model: ModelInfo) -> str:
     relative path and size plus the contents of its JSON configs, cheap
     for multi-GB folders and stable across copies.
     """
-    stat = model.path.stat()
-    cache_key = (str(model.path), stat.st_size, stat.st_mtime_ns)
-    if cache_key not in _HASHES:
-        digest = hashlib.sha256()
-        if model.path.is_file():
-            with model.path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-        else:
-            for path in sorted(p for p in model.path.rglob("*") if p.is_file()):
-                digest.update(f"{path.relative_to(model.path)}:{path.stat().st_size}\n".encode())
-                if path.suffix == ".json":
-                    digest.update(path.read_bytes())
-        _HASHES[cache_key] = digest.hexdigest()
+    try:
+        stat = model.path.stat()
+        cache_key = (str(model.path), stat.st_size, stat.st_mtime_ns)
+        if cache_key not in _HASHES:
+            _HASHES[cache_key] = hash_model_files(model.path)
+    except OSError:
+        return ""          # removed since the directory was listed (the listing is up to 2 s old)
     return _HASHES[cache_key]

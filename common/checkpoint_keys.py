@@ -27,7 +27,10 @@ import struct
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.families import SCHNELL_DEFAULTS, SD35_DEFAULTS, read_json
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors header / pickled state-dict skeleton
 
@@ -103,7 +106,8 @@ def read_safetensors_shapes(path: str | Path) -> dict[str, list[int]]:
         return parse_safetensors_header(read, str(path))
 
 
-def parse_safetensors_header(read: Callable[[int, int], bytes], where: str) -> dict[str, list[int]]:
+def parse_safetensors_header(read: Callable[[int, int], bytes], where: str,
+                             max_bytes: int = MAX_HEADER_BYTES) -> dict[str, list[int]]:
     """Tensor name -> shape from a safetensors header, through `read(start, length)`.
 
     Why a reader: the same two reads work on a local file and, as ranged
@@ -114,8 +118,8 @@ def parse_safetensors_header(read: Callable[[int, int], bytes], where: str) -> d
     if len(prefix) != 8:
         raise ValueError(f"{where}: too short for a safetensors file")
     (size,) = struct.unpack("<Q", prefix)
-    if size > MAX_HEADER_BYTES:
-        raise ValueError(f"{where}: safetensors header of {size} bytes (limit {MAX_HEADER_BYTES})")
+    if size > max_bytes:
+        raise ValueError(f"{where}: safetensors header of {size} bytes (limit {max_bytes})")
     raw = read(8, size)
     if len(raw) != size:
         raise ValueError(f"{where}: truncated safetensors header")
@@ -125,8 +129,15 @@ def parse_safetensors_header(read: Callable[[int, int], bytes], where: str) -> d
         raise ValueError(f"{where}: safetensors header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{where}: safetensors header is not a JSON object")
-    return {k: list(v.get("shape", [])) if isinstance(v, dict) else [] for k, v in header.items()
-            if k != "__metadata__"}
+    shapes = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise ValueError(f"{where}: tensor {name[:80]!r} has no valid shape")
+        shapes[name] = shape
+    return shapes
 
 
 class _Stub(dict):
@@ -195,12 +206,43 @@ def family_of_file(path: str | Path) -> str | None:
     return family_from_keys(read_checkpoint_keys(path))
 
 
-def family_or_none(path: str | Path) -> str | None:
-    """family_of_file, or None for a file that cannot be read (a listing must survive a half-copied file)."""
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What a single file's weight names and shapes say, read once (catalog listings run every 2 s)."""
+
+    readable: bool                     # False: no names could be read (a half-copied file, torch's legacy format)
+    family: str | None                 # None with readable names: not a model sdqueue serves (a VAE, a ControlNet)
+    context_width: int | None = None   # a UNet's cross-attention width (which LoRAs fit it)
+    variant: dict = field(default_factory=dict)   # defaults of a family variant (FLUX.1 [schnell], SD 3.5)
+
+
+def read_checkpoint_facts(path: str | Path) -> CheckpointFacts:
+    """Family, text width and variant of a checkpoint file; never raises for a bad file."""
     try:
-        return family_of_file(path)
+        if Path(path).suffix.lower() == ".safetensors":
+            shapes = read_safetensors_shapes(path)
+        else:
+            shapes = {name: [] for name in read_ckpt_keys(path)}
     except (OSError, ValueError):
-        return None
+        return CheckpointFacts(False, None)
+    family = family_from_keys(shapes)
+    context = next((shape[-1] for name, shape in shapes.items()
+                    if name.startswith(UNET) and name.endswith("attn2.to_k.weight") and len(shape) == 2), None)
+    return CheckpointFacts(bool(shapes), family, context, variant_from_keys(family, shapes))
+
+
+def variant_from_keys(family: str | None, names: Iterable[str]) -> dict:
+    """The defaults a variant ships with, from its weight names: FLUX.1 [schnell] has no guidance
+    embedder (original `guidance_in.`, diffusers `.guidance_embedder.`); SD 3.5 normalises queries and keys
+    (original `ln_q`, diffusers `norm_q`)."""
+    if family not in ("flux", "sd3"):
+        return {}
+    names = list(names)
+    if family == "flux":
+        guided = any(".guidance_embedder." in n or n.removeprefix(UNET).startswith("guidance_in.") for n in names)
+        return {} if guided else dict(SCHNELL_DEFAULTS)
+    normed = any(".ln_q." in n or ".norm_q." in n for n in names)
+    return dict(SD35_DEFAULTS) if normed else {}
 
 
 TRANSFORMER_INPUTS = ("x_embedder.weight", "img_in.weight",            # Flux: diffusers / original layout
@@ -222,14 +264,14 @@ def architecture_matches(checkpoint: str | Path, folder: str | Path) -> bool:
         shapes = {}
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
     if conv_in:
-        unet = _read_config(Path(folder) / "unet" / "config.json")
+        unet = read_json(Path(folder) / "unet" / "config.json")
         context = next((shape for name, shape in shapes.items() if name.endswith("attn2.to_k.weight")), None)
         return conv_in[0] == (unet.get("block_out_channels") or [None])[0] and (
             context is None or context[-1] == unet.get("cross_attention_dim"))
     embedder = next((shape for name, shape in shapes.items() if name.removeprefix(UNET) in TRANSFORMER_INPUTS), None)
     if not embedder:
         return True
-    transformer = _read_config(Path(folder) / "transformer" / "config.json")
+    transformer = read_json(Path(folder) / "transformer" / "config.json")
     inner = (transformer.get("num_attention_heads") or 0) * (transformer.get("attention_head_dim") or 0)
     if "guidance_embeds" in transformer:    # Flux: dev (a guidance embedder) and schnell (none) differ
         guided = any(".guidance_embedder." in name or name.removeprefix(UNET).startswith("guidance_in.")
@@ -237,14 +279,6 @@ def architecture_matches(checkpoint: str | Path, folder: str | Path) -> bool:
         if guided != bool(transformer["guidance_embeds"]):
             return False
     return embedder[0] == inner
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 # --- LoRAs: which denoiser a LoRA file was trained on -------------------------------------------
@@ -255,7 +289,8 @@ FLUX_LORA_MARKS = ("single_transformer_blocks", "single_blocks", "double_blocks"
 
 def lora_target(path: str | Path) -> tuple[str | None, int | None]:
     """(denoiser kind, cross-attention width) a LoRA file adapts: ("unet", 768) for an SD 1.x LoRA,
-    ("unet", 2048) for SDXL, ("flux", None), ("sd3", None); (None, None) when its names do not say.
+    ("unet", 2048) for SDXL, ("flux", None) when Flux-only blocks are named, ("transformer", None) for
+    another SD3-or-Flux LoRA; (None, None) when its names do not say.
 
     Why the width: SD 1.x, 2.x and SDXL LoRAs share UNet names; their
     `attn2.to_k` down-projection reads the text context, 768, 1024 or 2048
@@ -269,20 +304,10 @@ def lora_target(path: str | Path) -> tuple[str | None, int | None]:
     if any(mark in name for name in names for mark in FLUX_LORA_MARKS):
         return "flux", None
     if any(name.startswith(TRANSFORMER_LORA_PREFIXES) for name in names):
-        return "sd3", None
+        return "transformer", None
     if not any(name.startswith(UNET_LORA_PREFIXES) for name in names):
         return None, None
     width = next((shape[-1] for name, shape in shapes.items()
                   if "attn2" in name and "to_k" in name and ("lora_A" in name or "lora_down" in name)
                   and len(shape) == 2), None)
     return "unet", width
-
-
-def checkpoint_context_width(path: str | Path) -> int | None:
-    """The text-context width a single file's UNet cross-attends to (its first attn2.to_k), or None."""
-    try:
-        shapes = read_safetensors_shapes(path) if Path(path).suffix.lower() == ".safetensors" else {}
-    except (OSError, ValueError):
-        return None
-    return next((shape[-1] for name, shape in shapes.items()
-                 if name.startswith(UNET) and name.endswith("attn2.to_k.weight") and len(shape) == 2), None)

@@ -127,10 +127,14 @@ def folder_variant_defaults(folder: Path, family: str) -> dict[str, Any]:
     """
     transformer = read_json(folder / "transformer" / "config.json")
     if family == "flux" and transformer and not transformer.get("guidance_embeds", True):
-        return {"steps": 4, "guidance_scale": 0.0}
+        return dict(SCHNELL_DEFAULTS)
     if family == "sd3" and transformer.get("qk_norm"):
-        return {"guidance_scale": 4.5}
+        return dict(SD35_DEFAULTS)
     return {}
+
+
+SCHNELL_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}   # FLUX.1 [schnell]: timestep-distilled, no guidance
+SD35_DEFAULTS = {"guidance_scale": 4.5}                  # SD 3.5: tuned for lower guidance than SD3 Medium
 
 
 def model_defaults(family: str, native_size: int, variant: Mapping[str, Any],
@@ -142,6 +146,67 @@ def model_defaults(family: str, native_size: int, variant: Mapping[str, Any],
     values.update(variant)
     values.update({k: v for k, v in (override or {}).items() if k in OVERRIDABLE and v is not None})
     return ModelDefaults(**values)
+
+
+def check_overrides(overrides: Any, max_size: int, max_steps: int) -> None:
+    """ValueError naming the first models.overrides entry that cannot be a model's defaults.
+
+    Why at start: a typo here would otherwise surface as a 500 on every
+    listing, or as jobs the worker fails long after they were accepted.
+    """
+    from common.schedulers import SCHEDULERS
+
+    if not isinstance(overrides, dict):
+        raise ValueError("models.overrides: expected a mapping of model name -> defaults")
+    for model, entry in overrides.items():
+        where = f"models.overrides[{model!r}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a mapping like {{steps: 20, guidance_scale: 5.0}}")
+        for key, value in entry.items():
+            if key not in (*OVERRIDABLE, "family"):
+                raise ValueError(f"{where}.{key}: unknown; one of {', '.join((*OVERRIDABLE, 'family'))}")
+            problem = _override_value_problem(key, value, max_size, max_steps, SCHEDULERS)
+            if problem:
+                raise ValueError(f"{where}.{key}: {problem}")
+
+
+def _override_value_problem(key: str, value: Any, max_size: int, max_steps: int, schedulers: Any) -> str | None:
+    def number(low: float, high: float, integral: bool) -> str | None:
+        kinds = (int,) if integral else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            return f"{value!r} is not {'an integer' if integral else 'a number'} in {low:g}..{high:g}"
+        return None
+
+    if key in ("width", "height"):
+        return number(8, max_size, True) or (f"{value} is not a multiple of 8" if value % 8 else None)
+    if key == "steps":
+        return number(1, max_steps, True)
+    if key == "guidance_scale":
+        return number(0, 50, False)
+    if key == "strength":
+        return number(0, 1, False)
+    if key == "scheduler":
+        return None if value is None or isinstance(value, str) and value in schedulers \
+            else f"{value!r} is not a scheduler name"
+    return None if isinstance(value, str) and value in PROFILES else f"{value!r} is not one of {', '.join(PROFILES)}"
+
+
+def override_fit_problem(profile: Profile, override: Mapping[str, Any] | None) -> str | None:
+    """Why an operator's override cannot apply to a model of this family (a Flux width not a multiple of 16,
+    a DDIM default for SD3), or None. The model is then listed with this problem, not served."""
+    from common.schedulers import schedule_of
+
+    override = override or {}
+    for name in ("width", "height"):
+        value = override.get(name)
+        if value is not None and size_problem(profile, name, value):
+            return f"models.overrides: {size_problem(profile, name, value)}"
+    scheduler = override.get("scheduler")
+    if scheduler:
+        problem = schedule_problem(profile, scheduler, schedule_of(scheduler), f"scheduler '{scheduler}'")
+        if problem:
+            return f"models.overrides: {problem}"
+    return None
 
 
 def size_problem(profile: Profile, name: str, value: int) -> str | None:
@@ -165,7 +230,7 @@ def schedule_problem(profile: Profile, scheduler: str, scheduler_schedule: str, 
 def with_override_family(family: str | None, override: Mapping[str, Any] | None) -> str | None:
     """models.overrides[model].family wins over detection (for files detection cannot read, e.g. .ckpt)."""
     forced = (override or {}).get("family")
-    return forced if forced in PROFILES else family
+    return forced if isinstance(forced, str) and forced in PROFILES else family
 
 
 __all__ = ["BETA", "FLOW", "PROFILES", "Profile", "ModelDefaults", "detect_folder_family", "folder_native_size",

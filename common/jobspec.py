@@ -16,7 +16,10 @@ from typing import Any
 
 _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", "mask_image_key", "output_prefix",
                               "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
-                              "refiner_switch"})
+                              "refiner_switch", "family"})
+
+
+ZERO_NEGATIVE_FAMILIES = (None, "sdxl", "sdxl-refiner")   # a missing negative prompt is zeros, not ""
 
 
 @dataclass
@@ -61,6 +64,7 @@ class JobSpec:
     priority: str = "normal"         # high | normal | low: the order workers take pending jobs in
     refiner: str | None = None       # an SDXL model that finishes the denoising (the SDXL refiner pass)
     refiner_switch: float | None = None   # fraction of the steps the base runs before the refiner takes over
+    family: str | None = None        # the model's family when the job was made (common/families.py)
 
     @property
     def mode(self) -> str:
@@ -87,14 +91,16 @@ class JobSpec:
         scheduler (and its options), guidance, strength and LoRA set; prompts,
         negative prompts, seeds and init images may differ per image.
         Inpainting, refiner passes and jobs split into several calls (A1111's
-        n_iter) run alone. Jobs with and without a negative prompt do not mix:
-        SDXL encodes a missing one as zeros, not as the empty prompt.
+        n_iter) run alone. SDXL jobs with and without a negative prompt do not
+        mix: SDXL encodes a missing one as zeros, not as the empty prompt (a
+        job of unknown family is treated as SDXL).
         """
         if self.mode == "inpaint" or len(self.batches) > 1 or self.refiner:
             return ""
         shared = [self.model, self.mode, self.width, self.height, self.num_inference_steps, self.guidance_scale,
                   self.scheduler, sorted(self.scheduler_config.items()), [(lr.name, lr.weight) for lr in self.loras],
-                  self.strength if self.mode == "img2img" else None, bool(self.negative_prompt)]
+                  self.strength if self.mode == "img2img" else None,
+                  bool(self.negative_prompt) if self.family in ZERO_NEGATIVE_FAMILIES else None]
         return hashlib.sha1(orjson.dumps(shared, default=str)).hexdigest()[:16]
 
     @property

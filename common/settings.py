@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from common.families import check_overrides
+
 
 @dataclass(frozen=True)
 class Option:
@@ -101,8 +103,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("worker.output_depth", int, 1, "Jobs whose encoding, uploads and finish may wait for the output stage while the GPU runs the next one (1-2)."),
     Option("worker.png_level", int, 1, "PNG compression level, 0-9: lossless at every level; higher is smaller and slower (zlib's default is 6)."),
     Option("worker.sdpa", bool, True, "PyTorch scaled_dot_product_attention (flash / memory-efficient kernels); off: diffusers' classic attention."),
-    Option("worker.channels_last", bool, True, "UNet and VAE in channels-last memory layout (CUDA only)."),
-    Option("worker.fuse_qkv", bool, False, "Fused QKV projections in attention (jobs with LoRAs run unfused)."),
+    Option("worker.channels_last", bool, True, "UNet and VAE in channels-last memory layout (CUDA only; SD3/Flux: the VAE)."),
+    Option("worker.fuse_qkv", bool, False, "Fused QKV projections in the UNet's attention (jobs with LoRAs run unfused; SD3/Flux: not applied)."),
     Option("worker.tf32", bool, True, "TF32 matmuls and convolutions for fp32 work (CUDA only)."),
     Option("worker.compile", bool, False, "torch.compile the UNet (SD3/Flux: the transformer), warmed up before the worker is ready; recompiles per new size, batch size and LoRA set."),
     Option("worker.dtype", str, "auto", "Weights' precision: auto (the model family's choice on CUDA: float16 for SD 1.x/2.x/SDXL, bfloat16 for SD3/Flux; float32 on CPU), float16, bfloat16 or float32."),
@@ -248,7 +250,43 @@ def load_settings(config_path: str | os.PathLike | None = None,
     nested = _nest(flat)
     settings = Settings(**vars(nested))
     settings.flat = flat
+    try:
+        check_overrides(settings.models.overrides, settings.limits.max_size, settings.limits.max_steps)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+    warn_unknown_options(tree, env)
     return settings
+
+
+REMOVED = {   # options that no longer exist -> what replaced them (a config that sets one is told, not ignored)
+    "defaults.num_inference_steps": "each model family's default steps (models.overrides per model)",
+    "defaults.guidance_scale": "each model family's default guidance (models.overrides per model)",
+    "defaults.strength": "each model family's default strength (models.overrides per model)",
+}
+
+
+def warn_unknown_options(tree: Mapping[str, Any], env: Mapping[str, str]) -> None:
+    """Log each option a config file or SDQ_* variable sets that sdqueue does not have (a typo, a removed one)."""
+    import logging
+
+    known = {option.name for option in OPTIONS}
+    env_names = {option.env_name for option in OPTIONS}
+    found = [name for name in _dotted(tree) if name not in known and not any(name.startswith(k + ".") for k in known)]
+    found += [name for name in env if name.startswith("SDQ_") and name not in env_names and name != "SDQ_CONFIG"]
+    for name in found:
+        dotted = name.removeprefix("SDQ_").lower().replace("_", ".", 1) if name.startswith("SDQ_") else name
+        hint = REMOVED.get(dotted, "")
+        logging.getLogger("sdqueue.settings").warning(
+            "unknown option %s is ignored%s", name, f": replaced by {hint}" if hint else "")
+
+
+def _dotted(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of a config tree's leaves."""
+    names = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        names += _dotted(value, name + ".") if isinstance(value, Mapping) and value else [name]
+    return names
 
 
 def example_yaml() -> str:

@@ -260,7 +260,10 @@ def test_every_family_batches_compatible_jobs(settings, model):
             assert_close(m.result.images, solo(family_pipe, settings, job))
 
 
-def test_jobs_with_and_without_a_negative_prompt_never_share_a_call():
-    """SDXL encodes a missing negative prompt as zeros, not as "": mixing them would change images."""
-    assert spec("a", 1).batch_key() != spec("a", 1, negative_prompt="fog").batch_key()
-    assert spec("a", 1).batch_key() == spec("b", 2, negative_prompt="").batch_key()
+def test_sdxl_jobs_with_and_without_a_negative_prompt_never_share_a_call():
+    """SDXL encodes a missing negative prompt as zeros, not as "": mixing them would change images.
+    SD 1.x encodes both as "", so its jobs still mix."""
+    for family in ("sdxl", None):
+        assert spec("a", 1, family=family).batch_key() != spec("a", 1, negative_prompt="fog", family=family).batch_key()
+        assert spec("a", 1, family=family).batch_key() == spec("b", 2, negative_prompt="", family=family).batch_key()
+    assert spec("a", 1, family="sd1").batch_key() == spec("a", 1, negative_prompt="fog", family="sd1").batch_key()

@@ -309,3 +309,76 @@ def test_an_uploaded_checkpoint_s_family_is_read_from_its_header_in_s3(settings,
     assert (model.family, model.request_defaults.width, model.request_defaults.steps) == ("sdxl", 1024, 30)
     storage.put("models/x/not.safetensors", b"garbage", "application/octet-stream")
     assert uploaded_model(svc, {"key": "models/x/not.safetensors", "name": "not.safetensors"}).family == "sd1"
+
+
+# --- what the review found: odd files, odd bodies, odd configuration --------------------------
+def test_a_broken_checkpoint_is_listed_with_its_problem_and_breaks_nothing(api, stack, settings):
+    import time
+
+    broken = settings.models_dir / "broken-header.safetensors"
+    header = json.dumps({"x": {"dtype": "F32", "shape": None, "data_offsets": [0, 0]}}).encode()
+    broken.write_bytes(len(header).to_bytes(8, "little") + header)
+    try:
+        time.sleep(2.5)                                           # the API re-reads the directory every 2 s
+        models = {m["name"]: m for m in api.get("/api/v1/models").json()["models"]}
+        assert "cannot be read" in models["broken-header.safetensors"]["problem"]
+        assert requests.get(f"{stack.api_url}/health", timeout=10).status_code == 200
+        r = api.post("/api/v1/generate", {"prompt": "x", "model": "broken-header.safetensors", **QUICK})
+        assert r.status_code == 422 and "model" in detail_fields(r)
+        assert api.run(prompt="still fine", **QUICK)["status"] == "completed"
+    finally:
+        broken.unlink()
+
+
+def test_a1111_sizes_stay_within_the_limits_after_rounding(stack):
+    override = {"sd_model_checkpoint": XL}
+    r = a1111(stack, "txt2img", {"prompt": "x", "width": 2063, "height": 64, "steps": 1})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "width", r.text
+    r = a1111(stack, "img2img", {"prompt": "x", "steps": 1, "init_images": [data_url(gradient(2400, 64))],
+                                 "override_settings": override})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "init_images", r.text
+
+
+def test_a_refiner_pass_needs_a_step_on_each_side(api, stack):
+    r = api.post("/api/v1/generate", {"prompt": "x", "model": XL, "refiner": REFINER, **QUICK,
+                                      "num_inference_steps": 1})
+    assert r.status_code == 422 and "refiner" in detail_fields(r)
+    body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "override_settings": {"sd_model_checkpoint": XL},
+            "refiner_checkpoint": REFINER}
+    assert a1111(stack, "txt2img", {**body, "refiner_switch_at": 1.0}).status_code == 200   # 1: no refiner pass
+    r = a1111(stack, "txt2img", {**body, "refiner_switch_at": 0})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "refiner_switch_at"
+
+
+def test_sd3_heun_takes_no_sigma_schedule_and_says_so(stack):
+    r = a1111(stack, "txt2img", {"prompt": "x", "steps": 2, "width": 64, "height": 64, "sampler_name": "Heun",
+                                 "scheduler": "Karras", "override_settings": {"sd_model_checkpoint": SD3}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "scheduler", r.text
+
+
+def test_variants_and_lora_targets_are_read_from_weight_names():
+    from common.checkpoint_keys import variant_from_keys
+
+    assert variant_from_keys("flux", ["double_blocks.0.img_attn.norm.key_norm.scale"]) == \
+        {"steps": 4, "guidance_scale": 0.0}                                           # schnell: no guidance_in
+    assert variant_from_keys("flux", ["double_blocks.0.x", "guidance_in.in_layer.weight"]) == {}
+    assert variant_from_keys("sd3", ["joint_blocks.0.x_block.attn.ln_q.weight"]) == {"guidance_scale": 4.5}
+    assert variant_from_keys("sd3", ["joint_blocks.0.x_block.attn.qkv.weight"]) == {}
+    assert variant_from_keys("sdxl", ["anything"]) == {}
+
+
+def test_a_lora_of_the_other_transformer_family_is_not_refused_by_guesswork(settings, tmp_path):
+    from common.catalog import find_model, lora_problem
+
+    def lora(name: str, keys: list[str]) -> Path:
+        header = json.dumps({k: {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 0]} for k in keys}).encode()
+        path = tmp_path / name
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+        return path
+
+    flux, sd3 = find_model(settings.models_dir, FLUX), find_model(settings.models_dir, SD3)
+    blocks_only = lora("blocks.safetensors", ["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"])
+    assert lora_problem(blocks_only, flux) is None and lora_problem(blocks_only, sd3) is None
+    flux_only = lora("flux.safetensors", ["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"])
+    assert lora_problem(flux_only, flux) is None and "Flux" in lora_problem(flux_only, sd3)
+    assert "SD3 or Flux" in lora_problem(blocks_only, find_model(settings.models_dir, XL))

@@ -1,6 +1,7 @@
 """Pure functions: settings, infotext, webhook payloads, device pinning, docs, imports."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,31 @@ def test_wait_slots_answer_at_once_when_full():
     assert calls == [1]                                   # answered from the current state, no waiting
     with pytest.raises(WaitersFull):                      # a synchronous call cannot answer without the result
         hub.wait_until("t", 30, lambda: False, required=True)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"m": "x"}, "expected a mapping"),
+    ({"m": {"width": "abc"}}, "width"),
+    ({"m": {"width": 8192}}, "width"),
+    ({"m": {"steps": 0}}, "steps"),
+    ({"m": {"guidance_scale": "hi"}}, "guidance_scale"),
+    ({"m": {"scheduler": "Bogus"}}, "scheduler"),
+    ({"m": {"family": ["sd1"]}}, "family"),
+    ({"m": {"colour": "red"}}, "unknown"),
+])
+def test_models_overrides_are_checked_at_start(overrides, message):
+    """A typo in models.overrides stops the process with its name, not every listing with a 500 later."""
+    import json
+
+    with pytest.raises(SettingsError, match=message):
+        load_settings(os.devnull, env={"SDQ_MODELS_OVERRIDES": json.dumps(overrides)})
+
+
+def test_removed_and_unknown_options_are_named_in_the_log(tmp_path, caplog):
+    config = tmp_path / "config.yaml"
+    config.write_text("defaults:\n  guidance_scale: 5\napi:\n  prot: 1\n")
+    with caplog.at_level("WARNING", logger="sdqueue.settings"):
+        load_settings(config, env={"SDQ_DEFAULTS_NUM_INFERENCE_STEPS": "4"})
+    text = caplog.text
+    assert "defaults.guidance_scale is ignored: replaced by" in text and "api.prot is ignored" in text
+    assert "SDQ_DEFAULTS_NUM_INFERENCE_STEPS is ignored: replaced by" in text

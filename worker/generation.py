@@ -97,6 +97,7 @@ def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_file
             if refiner is None:
                 images += list(output.images)
                 continue
+            require_steps(view, "the model", spec)
             if hasattr(on_step, "begin_batch"):
                 on_step.begin_batch(index * passes + 1, len(batches) * passes)
             images += refine(refiner, spec, output.images, batch_seeds, on_step)
@@ -114,14 +115,23 @@ def refine(refiner: Any, spec: JobSpec, latents: Any, seeds: list[int], on_step:
     scheduler = family.make_scheduler(refiner, spec.scheduler, spec.scheduler_config)
     view = family.make_view(refiner, spec, scheduler, mode="img2img")
     count = len(seeds)
-    output = view(prompt=[spec.prompt] * count, negative_prompt=[spec.negative_prompt or ""] * count, image=latents,
+    # None as in the base pass: an SDXL model used as refiner encodes a missing negative prompt as zeros.
+    negative = [spec.negative_prompt] * count if spec.negative_prompt else None
+    output = view(prompt=[spec.prompt] * count, negative_prompt=negative, image=latents,
                   num_inference_steps=spec.num_inference_steps, denoising_start=spec.refiner_switch,
                   guidance_scale=spec.guidance_scale, num_images_per_prompt=1, generator=make_generators(seeds),
                   callback_on_step_end=on_step, output_type="pil")
-    if len(output.images) != count:
-        raise ModelError(f"the refiner pass ran no step at refiner_switch {spec.refiner_switch} of "
-                         f"{spec.num_inference_steps} steps: use more steps or an earlier switch")
+    require_steps(view, "the refiner", spec)
     return list(output.images)
+
+
+def require_steps(view: Any, which: str, spec: JobSpec) -> None:
+    """A ModelError when one pass of a base + refiner job ran no denoising step (its images would be noise,
+    or the untouched init image): the switch point and the steps leave it none."""
+    if not getattr(view, "num_timesteps", 1):
+        raise ModelError(f"{which} ran no denoising step with refiner_switch {spec.refiner_switch} of "
+                         f"{spec.num_inference_steps} steps (strength {spec.strength}): use more steps or "
+                         "move the switch")
 
 
 # --- several jobs in one pipeline call -------------------------------------------------------

@@ -260,7 +260,8 @@ def conclude(ctx: JobContext, task: Task, attempt: int, status: TaskStatus, fiel
     return "stale"
 
 
-def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], monitors: list[StepMonitor]) -> Any:
+def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], monitors: list[StepMonitor],
+                  keep: tuple[str, ...] = ()) -> Any:
     """Fetch the jobs' uploaded files, then the warm pipeline of their model (loaded if need be).
 
     The jobs' time limits start after the downloads: fetching files is not generation.
@@ -270,7 +271,7 @@ def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], mon
         monitor.restart_clock()
     if find_model(ctx.settings.models_dir, model, ctx.settings.models.overrides) is None:
         raise ModelError(f"model '{model}' is not in the model directory")
-    base = ctx.registry.get(model)
+    base = ctx.registry.get(model, keep)
     ctx.info.models = ctx.registry.names()
     return base
 
@@ -285,7 +286,7 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         init_image = load_input_image(ctx.storage, spec.init_image_key)
         mask_image = load_input_image(ctx.storage, spec.mask_image_key)
         started = time.perf_counter()
-        refiner = warm_pipeline(ctx, spec.refiner, [], []) if spec.refiner else None
+        refiner = warm_pipeline(ctx, spec.refiner, [], [], keep=(spec.model,)) if spec.refiner else None
         result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image, refiner)
         compute = time.perf_counter() - started
     except JobCancelled:

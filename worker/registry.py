@@ -50,13 +50,19 @@ class PipelineRegistry:
         names = [n for n in self._pipes if n != name] + [name]
         return names[-self.capacity:]
 
-    def get(self, name: str) -> Any:
-        """The warm pipeline for `name`, loading (and evicting) as needed."""
+    def get(self, name: str, keep: tuple[str, ...] = ()) -> Any:
+        """The warm pipeline for `name`, loading (and evicting) as needed.
+
+        `keep`: models the running job still uses (an SDXL base while its
+        refiner loads): never evicted, even beyond capacity for a while.
+        """
         if name in self._pipes:
             self._pipes.move_to_end(name)
             return self._pipes[name]
         while len(self._pipes) >= self.capacity:
-            evicted = next(iter(self._pipes))
+            evicted = next((n for n in self._pipes if n not in keep), None)
+            if evicted is None:
+                break
             del self._pipes[evicted]          # drop the only reference before freeing memory
             log.info("evicting model %s", evicted)
             self._free_memory()

@@ -13,11 +13,16 @@ per-request views that share the modules get them for free.
   to_q/to_k/to_v), then the fused one is back; nothing is recomputed.
 - `worker.tf32` (on with CUDA): TF32 matmuls and convolutions for the fp32
   parts (process-wide).
-- `worker.compile` (off): torch.compile of the UNet's forward, warmed up at
+- `worker.compile` (off): torch.compile of the denoiser's forward (the UNet;
+  the transformer of SD3 and Flux), warmed up at
   the default size before the worker reports ready. A second shape marks the
   batch dimension dynamic (one more compile); new sizes and adding or
   removing LoRA layers recompile, bounded by torch._dynamo's cache size
   limit; keep sizes and LoRA sets to a few when it is on.
+
+SD3 and Flux run their own SDPA attention processors and are linear layers:
+`sdpa: false`, `fuse_qkv` and channels-last (but for the VAE) apply to UNet
+families only; /health lists the worker's settings, not per model.
 """
 from __future__ import annotations
 

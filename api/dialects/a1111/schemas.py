@@ -35,7 +35,7 @@ class ImageList(fields.List):
         return images
 
 
-SIZE = dict(load_default=None, allow_none=True, validate=SettingRange(limit("min_size"), limit("max_size", plus=15)),
+SIZE = dict(load_default=None, allow_none=True, validate=SettingRange(limit("min_size"), limit("max_size", plus=7)),
             metadata={"description": "Pixels; rounded down to a multiple of 8 as A1111's latent space does (16 for "
                                      "SD3 and Flux). Default: 512 for SD 1.x/2.x as A1111; the model's native "
                                      "size for SDXL, SD3 and Flux (img2img: the init image's size)"})
@@ -60,7 +60,7 @@ class Txt2ImgRequest(BaseSchema):
     sampler_index = fields.String(load_default="Euler", allow_none=True,
                                   metadata={"description": "Used when sampler_name is not given"})
     scheduler = fields.String(load_default=None, allow_none=True, metadata={
-        "description": "Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform"})
+        "description": "Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform, Beta"})
     batch_size = LooseInteger(load_default=1, validate=SettingRange(1, limit("max_images")))
     n_iter = LooseInteger(load_default=1, validate=SettingRange(1, limit("max_images")))
     steps = LooseInteger(load_default=None, allow_none=True, validate=SettingRange(1, limit("max_steps")), metadata={
@@ -85,8 +85,8 @@ class Txt2ImgRequest(BaseSchema):
     override_settings_restore_afterwards = fields.Boolean(load_default=True)
     refiner_checkpoint = fields.String(load_default=None, allow_none=True, metadata={
         "description": "An SDXL refiner (or SDXL) checkpoint that finishes an SDXL model's denoising"})
-    refiner_switch_at = StrictFloat(load_default=None, allow_none=True, validate=validate.Range(0.01, 0.99), metadata={
-        "description": "Fraction of the steps before the refiner takes over; default 0.8"})
+    refiner_switch_at = StrictFloat(load_default=None, allow_none=True, metadata={
+        "description": "Fraction of the steps before the refiner takes over (default 0.8; 1: no refiner pass)"})
     disable_extra_networks = fields.Boolean(load_default=False)
     comments = fields.Dict(load_default=None, allow_none=True)
     enable_hr = fields.Boolean(load_default=False)
@@ -134,7 +134,8 @@ class Img2ImgRequest(Txt2ImgRequest):
     initial_noise_multiplier = StrictFloat(load_default=None, allow_none=True)
     latent_mask = fields.String(load_default=None, allow_none=True)
     include_init_images = fields.Boolean(load_default=False)
-    denoising_strength = StrictFloat(load_default=0.75, allow_none=True, validate=validate.Range(0, 1))
+    denoising_strength = StrictFloat(load_default=None, allow_none=True, validate=validate.Range(0, 1), metadata={
+        "description": "Default: 0.75 for SD 1.x/2.x as A1111; the model's default for SDXL, SD3 and Flux"})
 
     @validates_schema
     def init_image_size(self, data: dict, **_: Any) -> None:

@@ -16,11 +16,11 @@ from flask_smorest import abort
 from PIL import Image, ImageFilter, ImageOps
 
 from api.auth import current_key
-from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits
+from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, image_size
 from api.services import Services
 from api.submission import resolve_seed
 from common.catalog import ModelInfo, lora_problem, model_sha256
-from common.infotext import generation_info, parse_infotext
+from common.infotext import SCHEDULE_LABELS, generation_info, parse_infotext
 from common.jobspec import JobSpec, LoraRef
 from common.loratags import extract_loras
 from common.families import FLOW
@@ -36,7 +36,7 @@ CLASSIC_FAMILIES = ("sd1", "sd2")   # the models A1111's own API defaults were c
 # A1111's API defaults for SD 1.x/2.x models; dialects that carry A1111 bodies pass their own (the AWS template's).
 A1111_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "sampler": "Euler"}
 HONOURED_OVERRIDES = {"sd_model_checkpoint"}
-A1111_FIELDS = {"model": "sd_model_checkpoint", "width": "width", "height": "height", "scheduler": "sampler_name",
+A1111_FIELDS = {"model": "sd_model_checkpoint", "width": "width", "height": "height",
                 "negative_prompt": "negative_prompt", "refiner": "refiner_checkpoint"}
 
 
@@ -152,6 +152,10 @@ def resolve_sampler(data: dict, warnings: list[str], model: ModelInfo,
             abort(422, errors={"json": {"scheduler": [
                 f"schedule type {label!r} does not apply to {model.profile.label} models; use one of "
                 + ", ".join(FLOW_SCHEDULE_TYPES)]}})
+        elif schedule == FLOW and label not in ("Automatic", "Uniform") and not find_sampler(name, FLOW)[0].karras:
+            abort(422, errors={"json": {"scheduler": [
+                f"schedule type {label!r} does not apply to the {name} sampler (its sigmas are fixed); "
+                "use Automatic, or the Euler sampler"]}})
     return scheduler_for(name, None if label in (None, "Automatic") else label, schedule)
 
 
@@ -159,13 +163,17 @@ def fill_model_defaults(svc: Services, data: dict, model: ModelInfo, mode: str,
                         classic_defaults: dict = A1111_DEFAULTS) -> None:
     """Fill what the request left out, in place (so `parameters` echoes what ran).
 
-    SD 1.x/2.x get A1111's own defaults (512², 50 steps, CFG 7); SDXL, SD3
-    and Flux their model's (1024², the family's steps and guidance), and an
-    img2img the init image's size. Sizes are rounded down to the family's
-    multiple, as A1111 rounds to 8. models.overrides wins for every family.
+    SD 1.x/2.x get A1111's own defaults (512², 50 steps, CFG 7, strength
+    0.75); SDXL, SD3 and Flux their model's (1024², the family's steps,
+    guidance and strength), and an img2img the init image's size. Sizes are
+    rounded down to the family's multiple, as A1111 rounds to 8, and must
+    then be within limits.min_size..max_size (a 422 naming the field, or
+    init_images when the size came from it). models.overrides wins for
+    every family.
     """
     configured = svc.catalog.overrides.get(model.name) or {}
     defaults = model.request_defaults
+    sent = {name for name in ("width", "height") if data.get(name) is not None}
     classic = model.family in CLASSIC_FAMILIES
     init = (data.get("init_images") or [None])[0] if mode == "img2img" else None
     for name, own in (("steps", defaults.steps), ("cfg_scale", defaults.guidance_scale)):
@@ -180,8 +188,16 @@ def fill_model_defaults(svc: Services, data: dict, model: ModelInfo, mode: str,
                 data[name] = getattr(init, name)
             else:
                 data[name] = getattr(defaults, name)
-    step = model.profile.size_multiple
-    data["width"], data["height"] = max(step, data["width"] // step * step), max(step, data["height"] // step * step)
+    data["width"], data["height"] = image_size(data["width"], data["height"], model)
+    if mode == "img2img" and data.get("denoising_strength") is None:
+        data["denoising_strength"] = 0.75 if classic and "strength" not in configured else defaults.strength
+    limits = svc.settings.limits
+    for name in ("width", "height"):
+        if not limits.min_size <= data[name] <= limits.max_size:
+            field = name if init is None or name in sent else "init_images"
+            abort(422, errors={"json": {field: [
+                f"{name} {data[name]} (after rounding to a multiple of {model.profile.size_multiple}) is outside "
+                f"{limits.min_size}..{limits.max_size}"]}})
 
 
 def prepared_mask(data: dict, size: tuple[int, int]) -> bytes:
@@ -239,15 +255,17 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
     scheduler, config, sampler_name = resolve_sampler(data, warnings, model, classic_defaults["sampler"])
     width, height, init_key, mask_key, strength = data["width"], data["height"], None, None, None
     inpaint = mode == "img2img" and data.get("mask") is not None
+    switch = data.get("refiner_switch_at") or DEFAULT_REFINER_SWITCH
     abort_unless_fits(model, mode="inpaint" if inpaint else mode, width=width, height=height,
-                      negative_prompt=data.get("negative_prompt"), refiner=refiner, names=A1111_FIELDS)
+                      negative_prompt=data.get("negative_prompt"), refiner=refiner, steps=data["steps"],
+                      refiner_switch=switch, names=A1111_FIELDS)
     if mode == "img2img":
         init = data["init_images"][0]
         if len(data["init_images"]) > 1:
             warnings.append("init_images: only the first image is used")
         init_key = svc.storage.input_key(task_id, f"init.{init.format}")
         svc.storage.put(init_key, init.data, init.content_type)
-        strength = data["denoising_strength"] if data["denoising_strength"] is not None else 0.75
+        strength = data["denoising_strength"]
         if data.get("mask") is not None:
             mask_key = svc.storage.input_key(task_id, "mask.png")
             svc.storage.put(mask_key, prepared_mask(data, (width, height)), "image/png")
@@ -260,15 +278,18 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         init_image_key=init_key, mask_image_key=mask_key,
         loras=loras, dialect=dialect, save_copy_dir=OUTDIRS[mode] if data.get("save_images") else None,
         refiner=refiner.name if refiner else None,
-        refiner_switch=(data.get("refiner_switch_at") or DEFAULT_REFINER_SWITCH) if refiner else None,
+        refiner_switch=switch if refiner else None, family=model.family,
     )
 
 
 def chosen_refiner(svc: Services, data: dict) -> ModelInfo | None:
     """refiner_checkpoint, by any name A1111 accepts; "None" or empty: no refiner pass (A1111's UI sends "None")."""
     wanted = data.get("refiner_checkpoint")
-    if not wanted or str(wanted).strip().lower() == "none":
-        return None
+    switch = data.get("refiner_switch_at")
+    if not wanted or str(wanted).strip().lower() == "none" or switch is not None and switch >= 1:
+        return None     # A1111 runs no refiner pass when the switch is at the end
+    if switch is not None and switch <= 0:
+        abort(422, errors={"json": {"refiner_switch_at": [f"{switch} leaves the model no step; use 0.01..0.99"]}})
     refiner = find_checkpoint(svc, str(wanted))
     if refiner is None:
         abort(422, errors={"json": {"refiner_checkpoint": [f"model {wanted!r} not found; see GET /sdapi/v1/sd-models"]}})
@@ -296,7 +317,6 @@ def build_info(svc: Services, spec: JobSpec, task: Task, data: dict, warnings: l
     """A1111's Processed.js() for a finished task, plus sdqueue's task_id and warnings."""
     model = svc.catalog.model(spec.model)
     seeds = task.seeds or spec.seeds
-    schedule = "Karras" if spec.scheduler_config.get("use_karras_sigmas") else None
     subseed = data["subseed"] if data.get("subseed") not in (None, -1) else spec.seed
     return {
         **generation_info(spec, seeds), "subseed": subseed,
@@ -305,12 +325,23 @@ def build_info(svc: Services, spec: JobSpec, task: Task, data: dict, warnings: l
         "sd_model_name": model_stem(model) if model else spec.model,
         "sd_model_hash": model_sha256(model)[:10] if model else None, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "extra_generation_params": {"Schedule type": schedule} if schedule else {},
+        "extra_generation_params": extra_generation_params(spec),
         "index_of_first_image": 0, "styles": data.get("styles") or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(task.started_at or task.created_at)),
         "clip_skip": 1, "is_using_inpainting_conditioning": False,
         "task_id": task.id, "interrupted": task.status is TaskStatus.CANCELLED, "warnings": warnings,
     }
+
+
+def extra_generation_params(spec: JobSpec) -> dict:
+    """A1111's extra_generation_params: the infotext's entries beyond the fixed ones (schedule type, refiner)."""
+    extra: dict[str, Any] = {}
+    schedule = next((label for option, label in SCHEDULE_LABELS if spec.scheduler_config.get(option)), None)
+    if schedule:
+        extra["Schedule type"] = schedule
+    if spec.refiner:
+        extra.update({"Refiner": spec.refiner, "Refiner switch at": spec.refiner_switch})
+    return extra
 
 
 def progress_of(svc: Services, task: Task | None) -> dict:

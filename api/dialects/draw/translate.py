@@ -28,4 +28,4 @@ def build_draw_jobspec(data: dict, model: ModelInfo, scheduler: str | None) -> J
     return JobSpec(prompt=data["prompt"], model=model.name, width=width, height=height,
                    num_images=data["quantity"], num_inference_steps=defaults.steps,
                    guidance_scale=defaults.guidance_scale, seed=resolve_seed(None),
-                   scheduler=defaults.scheduler or scheduler, dialect=DIALECT)
+                   scheduler=defaults.scheduler or scheduler, dialect=DIALECT, family=model.family)

@@ -49,20 +49,22 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
     if refiner is not None and not key.may_use_model(refiner.name):
         abort(403, message=f"this API key may not use model '{refiner.name}'")
     available = svc.catalog.loras()
+    steps = data["num_inference_steps"] or defaults.steps
+    switch = data["refiner_switch"] or DEFAULT_REFINER_SWITCH
     abort_unless_fits(model, mode=mode, width=width, height=height, scheduler=data["scheduler"],
-                      negative_prompt=data["negative_prompt"], refiner=refiner,
+                      negative_prompt=data["negative_prompt"], refiner=refiner, steps=steps, refiner_switch=switch,
                       loras=[(lr["name"], available[lr["name"]]) for lr in data["loras"] if lr["name"] in available])
     return JobSpec(
         prompt=data["prompt"], negative_prompt=data["negative_prompt"], model=model_name,
         width=width, height=height, num_images=data["num_images"],
-        num_inference_steps=data["num_inference_steps"] or defaults.steps,
+        num_inference_steps=steps,
         guidance_scale=data["guidance_scale"] if data["guidance_scale"] is not None else defaults.guidance_scale,
         strength=(data["strength"] if data["strength"] is not None else defaults.strength) if image else None,
         scheduler=scheduler, seed=resolve_seed(data["seed"]), output_format=data["output_format"],
         init_image_key=init_image_key, loras=[LoraRef(lr["name"], lr["weight"]) for lr in data["loras"]],
         callback_url=data["callback_url"], dialect="native", priority=data["priority"],
         refiner=refiner.name if refiner else None,
-        refiner_switch=(data["refiner_switch"] or DEFAULT_REFINER_SWITCH) if refiner else None,
+        refiner_switch=switch if refiner else None, family=model.family,
     )
 
 
