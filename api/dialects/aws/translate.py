@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from api.dialects.a1111 import build_a1111_jobspec, echo_parameters, find_checkpoint
 from api.dialects.aws.errors import DIALECT
 from api.services import Services
 from common.catalog import DEFAULT_SINGLE_FILE_FAMILY, WEIGHT_SUFFIXES, ModelInfo
 from common.checkpoint_keys import family_from_keys, parse_safetensors_header
-from common.families import PROFILES, model_defaults
+from common.families import PROFILES, model_defaults, with_override_family
 from common.jobspec import JobSpec, LoraRef
 from common.store import CheckpointStore, PoolRecord, Task, TaskStatus
 from common.store.checkpoints import Checkpoint
@@ -83,21 +84,39 @@ def resolve_model(svc: Services, store: CheckpointStore, name: str) -> tuple[Mod
     return uploaded_model(svc, asset), [asset]
 
 
+UPLOAD_HEADER_BYTES = 16 * 1024 * 1024   # real checkpoints' headers are under 2 MB; an upload's is read per request
+_UPLOAD_FAMILIES: dict[str, str] = {}      # S3 key -> family (an Active upload never changes)
+_UPLOAD_FAMILIES_KEPT = 256
+
+
 def uploaded_model(svc: Services, asset: dict[str, str]) -> ModelInfo:
     """An uploaded checkpoint as the catalog would describe it once on disk: its family read from the
-    safetensors header in S3 (two ranged reads), so an SDXL upload gets SDXL's defaults and checks."""
-    family = DEFAULT_SINGLE_FILE_FAMILY
-    if asset["name"].lower().endswith(".safetensors"):
-        try:
-            shapes = parse_safetensors_header(lambda start, length: svc.storage.read_range(asset["key"], start, length),
-                                              asset["key"])
-            family = family_from_keys(shapes) or family
-        except (ValueError, ClientError):
-            pass   # an unreadable header: the worker's load says what is wrong
+    safetensors header in S3 (two ranged reads, once per upload), so an SDXL upload gets SDXL's defaults
+    and checks."""
+    family = _UPLOAD_FAMILIES.get(asset["key"])
+    if family is None:
+        family = upload_family(svc, asset)
+        if len(_UPLOAD_FAMILIES) >= _UPLOAD_FAMILIES_KEPT:
+            _UPLOAD_FAMILIES.pop(next(iter(_UPLOAD_FAMILIES)))
+        _UPLOAD_FAMILIES[asset["key"]] = family
     override = svc.catalog.overrides.get(asset["name"])
+    family = with_override_family(family, override) or DEFAULT_SINGLE_FILE_FAMILY
     native = PROFILES[family].native_size
     return ModelInfo(asset["name"], svc.settings.models_dir / asset["name"], "single_file", native, family,
                      model_defaults(family, native, {}, override))
+
+
+def upload_family(svc: Services, asset: dict[str, str]) -> str:
+    """The family an uploaded file's weight names say; SD 1.x when they cannot be read (a .ckpt, a bad header,
+    S3 failing: the worker's load then says what is wrong)."""
+    if not asset["name"].lower().endswith(".safetensors"):
+        return DEFAULT_SINGLE_FILE_FAMILY
+    try:
+        shapes = parse_safetensors_header(lambda start, length: svc.storage.read_range(asset["key"], start, length),
+                                          asset["key"], UPLOAD_HEADER_BYTES)
+    except (ValueError, ClientError, BotoCoreError):
+        return DEFAULT_SINGLE_FILE_FAMILY
+    return family_from_keys(shapes) or DEFAULT_SINGLE_FILE_FAMILY
 
 
 def resolve_loras(svc: Services, store: CheckpointStore, names: list[str]) -> tuple[dict[str, str], list[dict]]:
@@ -169,12 +188,20 @@ def listed_view(svc: Services, checkpoint: Checkpoint) -> dict:
             "created": checkpoint.created, "params": checkpoint.params}
 
 
+def modified_at(path: Path) -> float:
+    """A file's mtime; 0 for one removed since the directory was listed (the listing is up to 2 s old)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def local_views(svc: Services) -> list[dict]:
     """Models and LoRAs already in the workers' directories, listed like Active checkpoints."""
     out = [{"id": f"local:{m.name}", "s3Location": "", "type": "Stable-diffusion", "status": "Active",
-            "name": [m.name], "created": m.path.stat().st_mtime, "params": {"source": "model directory"}}
+            "name": [m.name], "created": modified_at(m.path), "params": {"source": "model directory"}}
            for m in svc.catalog.models()]
     out += [{"id": f"local:{p.name}", "s3Location": "", "type": "Lora", "status": "Active", "name": [p.name],
-             "created": p.stat().st_mtime, "params": {"source": "LoRA directory"}}
+             "created": modified_at(p), "params": {"source": "LoRA directory"}}
             for p in svc.catalog.loras().values()]
     return out
