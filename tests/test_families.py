@@ -382,3 +382,26 @@ def test_a_lora_of_the_other_transformer_family_is_not_refused_by_guesswork(sett
     flux_only = lora("flux.safetensors", ["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"])
     assert lora_problem(flux_only, flux) is None and "Flux" in lora_problem(flux_only, sd3)
     assert "SD3 or Flux" in lora_problem(blocks_only, find_model(settings.models_dir, XL))
+
+
+def test_a_refiner_job_reports_progress_on_one_scale(settings):
+    """Both passes count toward the job's steps: progress only grows, and the total never changes."""
+    from common.catalog import find_model
+    from common.jobspec import JobSpec
+    from worker.generation import generate
+    from worker.registry import load_pipeline
+
+    seen = []
+
+    class Monitor:
+        def on_shared_step(self, step, total):
+            seen.append((step, total))
+
+    base = load_pipeline(find_model(settings.models_dir, XL), "cpu", None, "float32")
+    refiner = load_pipeline(find_model(settings.models_dir, REFINER), "cpu", None, "float32")
+    spec = JobSpec(prompt="a castle", model=XL, width=64, height=64, num_inference_steps=6, guidance_scale=7.0,
+                   seed=1, num_images=2, batch_size=1, refiner=REFINER, refiner_switch=0.5)
+    result = generate(base, spec, None, {}, Monitor(), refiner=refiner)
+    assert len(result.images) == 2
+    assert {total for _, total in seen} == {12} and [step for step, _ in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1][0] >= 10

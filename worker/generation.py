@@ -81,28 +81,48 @@ def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_file
     scheduler = family.make_scheduler(base, spec.scheduler, spec.scheduler_config)
     view = family.make_view(base, spec, scheduler)
     kwargs = family.build_call_kwargs(spec, init_image, mask_image)
-    kwargs.update(callback_on_step_end=on_step, output_type="pil")
-    if refiner is not None:
-        kwargs.update(output_type="latent", denoising_end=spec.refiner_switch)
     images: list[Image.Image] = []
     seeds = spec.seeds
     batches = spec.batches
-    passes = 2 if refiner is not None else 1
+    if refiner is not None:     # both passes count on one scale: the job's steps, not each pass's own
+        on_step = PassSteps(on_step, spec.num_inference_steps * len(batches))
+        kwargs.update(denoising_end=spec.refiner_switch)
+    kwargs.update(callback_on_step_end=on_step, output_type="pil" if refiner is None else "latent")
     with applied_loras(base, spec.loras, lora_files):
         for index, count in enumerate(batches):
             if hasattr(on_step, "begin_batch"):
-                on_step.begin_batch(index * passes, len(batches) * passes)
+                on_step.begin_batch(index, len(batches))
             batch_seeds = seeds[len(images):len(images) + count]
             output = view(**kwargs, num_images_per_prompt=count, generator=make_generators(batch_seeds))
             if refiner is None:
                 images += list(output.images)
                 continue
             require_steps(view, "the model", spec)
-            if hasattr(on_step, "begin_batch"):
-                on_step.begin_batch(index * passes + 1, len(batches) * passes)
             images += refine(refiner, spec, output.images, batch_seeds, on_step)
     return GenerationResult(images=images, seeds=seeds, scheduler=type(scheduler).__name__,
                             strength=kwargs.get("strength"))
+
+
+class PassSteps:
+    """The step callback of a base + refiner job: one running count over both passes and all batches.
+
+    Why: each pass would report its own (step, total) (3 of 4, then 1 of 1),
+    so progress and A1111's sampling_steps would jump; the job's steps are
+    the scale (img2img strength may end it short of the total, and the job's
+    end completes it).
+    """
+
+    def __init__(self, on_step: Any, total: int):
+        self.on_step = on_step
+        self.total = max(1, total)
+        self.done = 0
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        self.done += 1
+        if hasattr(self.on_step, "on_shared_step"):          # the worker's StepMonitor
+            self.on_step.on_shared_step(min(self.done, self.total), self.total)
+            return tensors
+        return self.on_step(pipe, step, timestep, tensors)
 
 
 def refine(refiner: Any, spec: JobSpec, latents: Any, seeds: list[int], on_step: Any) -> list[Image.Image]:
