@@ -24,7 +24,7 @@ DEFAULT_REFINER_SWITCH = 0.8                   # diffusers' and A1111's usual ha
 
 
 def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: str | None = None,
-               scheduler_label: str | None = None, negative_prompt: str | None = None,
+               negative_prompt: str | None = None,
                refiner: ModelInfo | None = None, steps: int = 0, refiner_switch: float = DEFAULT_REFINER_SWITCH,
                loras: Sequence[tuple[str, Path]] = (),
                names: Mapping[str, str] = NATIVE_FIELDS) -> dict[str, Any]:
@@ -50,8 +50,7 @@ def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: 
         if problem:
             add(name, problem)
     if scheduler:
-        problem = schedule_problem(profile, scheduler, schedule_of(scheduler),
-                                   scheduler_label or f"scheduler '{scheduler}'")
+        problem = schedule_problem(profile, scheduler, schedule_of(scheduler), f"scheduler '{scheduler}'")
         if problem:
             add("scheduler", problem)
     if negative_prompt and not profile.negative_prompt:
