@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(;[\w=.-]+)*;base64,", re.IGNORECASE)
 ACCEPTED = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp"}   # MPO: phone JPEGs
-MAX_PIXELS = 8192 * 8192
+DEFAULT_MAX_PIXELS = 4096 * 4096   # limits.max_image_pixels' default: 16.7 Mpx, checked from the header alone
 
 
 class InitImageError(ValueError):
@@ -56,19 +56,31 @@ def decode_init_image(value: str) -> InitImage:
     return image_from_bytes(raw)
 
 
+def pixel_cap() -> int:
+    """limits.max_image_pixels of the serving app; the default outside one (tooling, tests)."""
+    from api.services import services
+
+    try:
+        return int(services().settings.limits.max_image_pixels)
+    except (RuntimeError, AttributeError):
+        return DEFAULT_MAX_PIXELS
+
+
 def image_from_bytes(raw: bytes) -> InitImage:
     """Check raw image bytes (fully decoded once, size bounded) -> InitImage, else InitImageError."""
     if not raw:
         raise InitImageError("image is empty")
+    most = pixel_cap()
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with Image.open(io.BytesIO(raw)) as image:     # reads the header only: the size is known before decoding
             fmt, (width, height) = image.format, image.size
-            if width * height > MAX_PIXELS:
-                raise InitImageError(f"image is too large ({width}x{height})")
-            if fmt in ACCEPTED:
+            too_large = width * height > most
+            if fmt in ACCEPTED and not too_large:
                 image.load()   # a full decode: a truncated file is refused here, not on a GPU
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InitImageError("not a readable PNG, JPEG or WebP image") from exc
+    if too_large:
+        raise InitImageError(f"image is too large ({width}x{height} is over {most} pixels, limits.max_image_pixels)")
     if fmt not in ACCEPTED:
         raise InitImageError(f"unsupported image format {fmt}; use PNG, JPEG or WebP")
     return InitImage(raw, ACCEPTED[fmt], width, height)

@@ -75,6 +75,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("limits.max_steps", int, 150, "Largest num_inference_steps."),
     Option("limits.max_images", int, 10, "Largest num_images."),
     Option("limits.max_prompt_chars", int, 10000, "Longest prompt or negative prompt."),
+    Option("limits.max_image_pixels", int, 4096 * 4096, "Most pixels of an uploaded image or mask (width x height), "
+           "checked from the image header before anything is decoded."),
     Option("defaults.scheduler", str, "", "Scheduler for SD 1.x/2.x/SDXL models (beta schedules) when a request names "
            "none; empty: the model's own. Steps, guidance, size and strength default per model family "
            "(models.overrides changes them per model)."),
@@ -84,7 +86,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("tasks.progress_interval", float, 0.2, "Least seconds between progress writes."),
     Option("tasks.max_pending", int, 0, "Most jobs that may wait in a queue; beyond, submissions are refused (0: no limit)."),
     Option("tasks.max_attempts", int, 3, "A job whose worker dies this many times is failed, not resent."),
-    Option("tasks.max_pending_per_key", int, 0, "Most jobs one API key may have waiting (api.keys[].max_pending overrides); "
+    Option("tasks.max_pending_per_key", int, 100, "Most jobs one API key may have waiting (api.keys[].max_pending overrides); "
            "beyond, its submissions are refused with 503 + Retry-After (0: no limit)."),
     Option("routing.affinity", bool, True, "Model affinity: a worker takes jobs for models it holds warm first; "
            "off: every worker takes pending jobs in plain priority + arrival order."),

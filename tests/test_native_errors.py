@@ -86,6 +86,26 @@ def test_unknown_lora_names_its_index(api):
     assert ["body", "loras", 1, "name"] in detail_locs(response)
 
 
+@pytest.mark.parametrize("loras", [[-12036], ["tiny_style"], [None], [{"weight": 1}], [[1, 2]]])
+def test_malformed_lora_items_are_422_not_500(api, loras):
+    """Found by fuzzing: the name check ran on items that had failed validation (KeyError, 500)."""
+    response = api.post("/api/v1/generate", {**GOOD, "loras": loras})
+    assert response.status_code == 422, response.text
+    assert any(loc[:3] == ["body", "loras", 0] for loc in detail_locs(response)), response.text
+
+
+def test_an_image_over_the_pixel_cap_is_refused_before_decoding(api, settings):
+    """limits.max_image_pixels is checked from the header: a 5000x4000 PNG (20 Mpx) is a 422."""
+    from PIL import Image
+
+    from tests.helpers import data_url
+
+    big = Image.new("L", (5000, 4000))
+    response = api.post("/api/v1/generate", {**GOOD, "init_image": data_url(big)})
+    assert response.status_code == 422 and ["body", "init_image"] in detail_locs(response)
+    assert "max_image_pixels" in response.text
+
+
 def test_lora_weight_out_of_range(api):
     response = api.post("/api/v1/generate", {**GOOD, "loras": [{"name": "tiny_style", "weight": 99}]})
     assert response.status_code == 422

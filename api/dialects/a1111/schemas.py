@@ -24,6 +24,9 @@ class ImageList(fields.List):
 
     def _deserialize(self, value: Any, attr, data, **kwargs):
         texts = super()._deserialize(value, attr, data, **kwargs)
+        most = services().settings.limits.max_images
+        if len(texts) > most:            # counted before any image is decoded
+            raise ValidationError(f"at most {most} images (limits.max_images)")
         images, errors = [], {}
         for i, text in enumerate(texts):
             try:
@@ -117,7 +120,7 @@ class Txt2ImgRequest(BaseSchema):
 class Img2ImgRequest(Txt2ImgRequest):
     """POST /sdapi/v1/img2img: txt2img's fields plus the init images, mask and inpainting options."""
 
-    init_images = ImageList(required=True, validate=validate.Length(min=1), metadata={
+    init_images = ImageList(required=True, validate=SettingLength(min=1, max=limit("max_images")), metadata={
         "description": "Base64 images (bare or data URLs); the first is the init image"})
     resize_mode = LooseInteger(load_default=0, validate=validate.Range(0, 3))
     image_cfg_scale = StrictFloat(load_default=None, allow_none=True)

@@ -87,8 +87,10 @@ class GenerateRequest(BaseSchema):
     @validates("loras")
     def known_loras(self, value: list[dict], **_: Any) -> None:
         available = services().catalog.loras()
-        errors = {i: {"name": [f"unknown LoRA '{lr['name']}'; see GET /api/v1/loras"]}
-                  for i, lr in enumerate(value) if lr["name"] not in available}
+        # Only items that loaded as LoRAs (a dict with a string name); the others carry their own errors.
+        names = {i: lr["name"] for i, lr in enumerate(value) if isinstance(lr, dict) and isinstance(lr.get("name"), str)}
+        errors = {i: {"name": [f"unknown LoRA '{name}'; see GET /api/v1/loras"]}
+                  for i, name in names.items() if name not in available}
         if errors:
             raise ValidationError(errors)
 

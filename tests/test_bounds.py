@@ -1,0 +1,33 @@
+"""Bounded inputs: what a client can make the API read, decode or store is capped, and a cap is a 4xx naming
+the field (hardening: counts before decoding, pixels from the header)."""
+from __future__ import annotations
+
+import os
+
+import requests
+from PIL import Image
+
+from tests.conftest import KEY_A
+from tests.helpers import data_url
+
+
+def test_a1111_init_images_are_counted_before_any_is_decoded(stack, settings):
+    tiny = data_url(Image.new("RGB", (8, 8)))
+    body = {"prompt": "x", "steps": 1, "init_images": [tiny] * (settings.limits.max_images + 1)}
+    r = requests.post(f"{stack.api_url}/sdapi/v1/img2img", json=body, auth=("anyone", KEY_A), timeout=60)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "init_images", r.text
+    assert "max_images" in r.text
+
+
+def test_an_a1111_mask_over_the_pixel_cap_is_refused(stack):
+    init = data_url(Image.new("RGB", (64, 64)))
+    mask = data_url(Image.new("L", (5000, 4000)))
+    body = {"prompt": "x", "steps": 1, "init_images": [init], "mask": mask}
+    r = requests.post(f"{stack.api_url}/sdapi/v1/img2img", json=body, auth=("anyone", KEY_A), timeout=60)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "mask", r.text
+
+
+def test_pending_jobs_per_key_are_limited_by_default():
+    from common.settings import load_settings
+
+    assert load_settings(os.devnull, env={}).tasks.max_pending_per_key == 100
