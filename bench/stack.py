@@ -24,7 +24,9 @@ def bench_stack(worker: bool = True, env: dict[str, str] | None = None) -> Itera
                            api_port=free_port(), flower_port=free_port(), api_keys=[BENCH_KEY],
                            flower_password="bench",
                            extra_env={"SDQ_CONFIG": os.devnull, "SDQ_WORKER_TORCH_THREADS": "1",
-                                      "SDQ_API_SUBMIT_LIMIT": "", "SDQ_API_READ_LIMIT": "", **(env or {})})
+                                      "SDQ_API_SUBMIT_LIMIT": "", "SDQ_API_READ_LIMIT": "",
+                                      "SDQ_TASKS_MAX_PENDING_PER_KEY": "0",   # one key floods the queue on purpose
+                                      **(env or {})})
         try:
             build_default_model(stack)
             stack.start_redis()
