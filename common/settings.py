@@ -118,7 +118,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("downloads.timeout", float, 30.0, "Seconds to connect to / wait for data from a model or image URL."),
     Option("downloads.total_timeout", float, 3600.0, "Longest one download may take in all."),
     Option("callbacks.queue", str, "callbacks", "Celery queue for webhook delivery (CPU worker)."),
-    Option("callbacks.secret", str, "", "HMAC-SHA256 secret for X-SDQueue-Signature; empty: unsigned."),
+    Option("callbacks.secret", str, "", "Webhook signing secret (Standard Webhooks webhook-signature, and the legacy "
+           "X-SDQueue-Signature): whsec_<base64>, or any string; `make run` generates one (data/webhook_secret), "
+           "compose requires one; empty: unsigned."),
     Option("callbacks.allow_private", bool, False, "Allow callback URLs on loopback/private/link-local addresses (SSRF guard off)."),
     Option("callbacks.max_retries", int, 8, "Webhook retries (exponential backoff) before giving up."),
     Option("callbacks.timeout", float, 10.0, "Seconds a webhook receiver gets to answer."),

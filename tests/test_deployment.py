@@ -17,7 +17,8 @@ from dev.localstack import (LOOPBACK, LocalStack, PortInUse, free_port, local_ap
                                wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED = {"SDQ_API_KEYS": "k1", "MINIO_ROOT_PASSWORD": "minio-secret-1", "FLOWER_BASIC_AUTH": "admin:pw"}
+REQUIRED = {"SDQ_API_KEYS": "k1", "MINIO_ROOT_PASSWORD": "minio-secret-1", "FLOWER_BASIC_AUTH": "admin:pw",
+            "SDQ_CALLBACKS_SECRET": "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ="}
 ENV = {**os.environ, **REQUIRED}
 
 

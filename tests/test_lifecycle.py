@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from standardwebhooks.webhooks import Webhook
+
 from tests.conftest import CALLBACK_SECRET
 from tests.helpers import SLOW_JOB, Receiver, expected_signature
 
@@ -78,6 +80,10 @@ def test_callback_single_image_retried_and_signed(api):
         assert payloads[0]["error_message"] is None
         for d in deliveries:
             assert d["headers"]["X-SDQueue-Signature"] == expected_signature(d["body"], CALLBACK_SECRET)
+            # Standard Webhooks: what its own library verifies (id + timestamp + body, so no replay later)
+            headers = {k.lower(): v for k, v in d["headers"].items()}
+            Webhook(CALLBACK_SECRET.encode()).verify(d["body"], headers)
+        assert {d["headers"]["webhook-id"] for d in deliveries} == {f"msg_{task['task_id']}"}   # one id, retried
         assert [d["headers"]["X-SDQueue-Attempt"] for d in deliveries] == ["1", "2", "3"]
     finally:
         receiver.close()

@@ -194,3 +194,20 @@ def test_removed_and_unknown_options_are_named_in_the_log(tmp_path, caplog):
     text = caplog.text
     assert "defaults.guidance_scale is ignored: replaced by" in text and "api.prot is ignored" in text
     assert "SDQ_DEFAULTS_NUM_INFERENCE_STEPS is ignored: replaced by" in text
+
+
+def test_a_replayed_or_tampered_webhook_fails_standard_verification():
+    from datetime import datetime, timedelta, timezone
+
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    from worker.webhook import standard_headers
+
+    body = b'{"task_id":"t","status":"completed"}'
+    secret = "whsec_" + __import__("base64").b64encode(b"k" * 24).decode()
+    Webhook(secret).verify(body, standard_headers("msg_t", body, secret))
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(body.replace(b"completed", b"failed"), standard_headers("msg_t", body, secret))
+    stale = standard_headers("msg_t", body, secret, now=datetime.now(tz=timezone.utc) - timedelta(hours=1))
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(body, stale)                      # a captured request replayed an hour later

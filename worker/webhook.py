@@ -1,15 +1,22 @@
-"""Webhook payloads (the native API's callback shape), HMAC signing, delivery.
+"""Webhook payloads (the native API's callback shape), signing, delivery.
 
 Why a separate queue: a slow or failing receiver is retried with backoff by
-a CPU worker and never holds a GPU worker.
+a CPU worker and never holds a GPU worker. Why Standard Webhooks: receivers
+verify with the `standardwebhooks` library of their language (id, timestamp
+and body signed together, so a captured request cannot be replayed later);
+the older `X-SDQueue-Signature` (body only) is still sent for receivers
+written against it.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+from datetime import datetime, timezone
 
 import requests
+from standardwebhooks.webhooks import Webhook
 
 SIGNATURE_HEADER = "X-SDQueue-Signature"
 USER_AGENT = "sdqueue-webhook/1"
@@ -32,8 +39,28 @@ def build_payload(task_id: str, status: str, urls: list[str], error_message: str
 
 
 def sign(body: bytes, secret: str) -> str:
-    """`sha256=<hex>` over the exact body bytes."""
+    """`sha256=<hex>` over the exact body bytes (the legacy X-SDQueue-Signature)."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of callbacks.secret: a Standard Webhooks `whsec_<base64>` secret decoded, any other
+    string as its UTF-8 bytes (what a receiver passes to `Webhook(...)`)."""
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret.removeprefix("whsec_") + "==")
+    return secret.encode()
+
+
+def standard_headers(message_id: str, body: bytes, secret: str, now: datetime | None = None) -> dict[str, str]:
+    """Standard Webhooks' webhook-id / webhook-timestamp / webhook-signature for one delivery attempt.
+
+    The id is the same on every retry of one task's callback (receivers
+    deduplicate on it); the timestamp is the attempt's.
+    """
+    moment = now or datetime.now(tz=timezone.utc)
+    signature = Webhook(secret_key(secret)).sign(message_id, moment, body.decode())
+    return {"webhook-id": message_id, "webhook-timestamp": str(int(moment.timestamp())),
+            "webhook-signature": signature}
 
 
 def deliver(url: str, payload: dict, secret: str, timeout: float, attempt: int) -> int:
@@ -43,6 +70,7 @@ def deliver(url: str, payload: dict, secret: str, timeout: float, attempt: int) 
                "X-SDQueue-Task-Id": payload["task_id"], "X-SDQueue-Attempt": str(attempt)}
     if secret:
         headers[SIGNATURE_HEADER] = sign(body, secret)
+        headers.update(standard_headers(f"msg_{payload['task_id']}", body, secret))
     try:
         response = requests.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:
