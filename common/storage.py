@@ -130,6 +130,15 @@ class Storage:
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
 
+    def delete(self, keys: list[str]) -> None:
+        """Delete objects (1000 per request, S3's maximum); StorageError when S3 refuses."""
+        try:
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": key} for key in keys[start:start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot delete {len(keys)} object(s): {exc}") from exc
+
     def put_stream(self, key: str, stream: BinaryIO) -> None:
         """Upload a stream of unknown length (boto3 switches to multipart for big ones)."""
         try:

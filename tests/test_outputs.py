@@ -64,3 +64,40 @@ def test_a_crash_in_the_stage_fails_the_job_and_never_completes_it(rds):
     task = store.get(task_id)
     assert task.status is TaskStatus.FAILED and task.error == "output stage: encoder crashed"
     assert task.result_keys == []
+
+
+def test_a_failed_upload_leaves_no_partial_outputs(settings):
+    """S3 refuses the third image (after boto3's retries): the two already written are deleted, the error
+    propagates (the job fails cleanly). A fault hook: a real S3 cannot be made to fail on one object."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from common.errors import StorageError
+    from common.storage import Storage
+    from worker.generation import GenerationResult
+    from worker.jobs import upload_images
+
+    class FailsThirdPut(Storage):
+        puts = 0
+
+        def put(self, key, data, content_type, metadata=None):
+            FailsThirdPut.puts += 1
+            if FailsThirdPut.puts == 3:
+                raise StorageError(f"upload of {key} failed: injected")
+            super().put(key, data, content_type, metadata)
+
+    storage = FailsThirdPut(settings)
+    ctx = SimpleNamespace(storage=storage, settings=settings)
+    task_id = str(uuid.uuid4())
+    spec = JobSpec(prompt="p", model="sdq-tiny", width=8, height=8, num_inference_steps=1, guidance_scale=1.0,
+                   seed=1, num_images=3)
+    images = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green", "blue")]
+    result = GenerationResult(images=images, seeds=[1, 2, 3], scheduler="PNDMScheduler", strength=None)
+    try:
+        upload_images(ctx, task_id, spec, result)
+    except StorageError:
+        pass
+    else:
+        raise AssertionError("the injected failure did not propagate")
+    assert not any(storage.exists(storage.output_key(task_id, n, "png")) for n in range(3))

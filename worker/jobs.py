@@ -96,20 +96,40 @@ def copy_keys(ctx: JobContext, spec: JobSpec, seeds: list[int]) -> list[str]:
 
 
 def upload_images(ctx: JobContext, task_id: str, spec: JobSpec, result: GenerationResult) -> list[str]:
-    """Encode each image with its infotext and put it at its output key (and its saved copy)."""
-    keys = []
+    """Encode each image with its infotext and put it at its output key (and its saved copy).
+
+    All or nothing: when a put fails (after boto3's own retries), the
+    objects this job already wrote are deleted before the error propagates,
+    so a failed job leaves no partial outputs behind.
+    """
+    keys: list[str] = []
+    written: list[str] = []
     ext = spec.extension
     copies = copy_keys(ctx, spec, result.seeds) if spec.save_copy_dir else [None] * len(result.images)
-    for n, (image, seed, copy) in enumerate(zip(result.images, result.seeds, copies)):
-        text = build_infotext(spec, seed, image.width, image.height, result.scheduler, VERSION)
-        data = encode_image(image, ext, text, ctx.settings.worker.png_level)
-        metadata = {"seed": str(seed), "task-id": task_id}
-        key = output_key(ctx, task_id, spec, n)
-        ctx.storage.put(key, data, CONTENT_TYPES[ext], metadata=metadata)
-        if copy:
-            ctx.storage.put(copy, data, CONTENT_TYPES[ext], metadata=metadata)
-        keys.append(key)
+    try:
+        for n, (image, seed, copy) in enumerate(zip(result.images, result.seeds, copies)):
+            text = build_infotext(spec, seed, image.width, image.height, result.scheduler, VERSION)
+            data = encode_image(image, ext, text, ctx.settings.worker.png_level)
+            metadata = {"seed": str(seed), "task-id": task_id}
+            key = output_key(ctx, task_id, spec, n)
+            for target in (key, copy) if copy else (key,):
+                ctx.storage.put(target, data, CONTENT_TYPES[ext], metadata=metadata)
+                written.append(target)
+            keys.append(key)
+    except Exception:
+        remove_partial_outputs(ctx, task_id, written)
+        raise
     return keys
+
+
+def remove_partial_outputs(ctx: JobContext, task_id: str, written: list[str]) -> None:
+    """Best effort: the failed job's objects go; if S3 refuses that too, they are logged for the operator."""
+    if not written:
+        return
+    try:
+        ctx.storage.delete(written)
+    except Exception:  # noqa: BLE001 - the upload's own error is the one to report
+        log.warning("task %s: could not delete its partial outputs %s", task_id, written)
 
 
 def write_sidecar(ctx: JobContext, task: Task, status: TaskStatus, fields: dict) -> None:
