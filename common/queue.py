@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from celery import Celery
+
+log = logging.getLogger("sdqueue.queue")
 
 GENERATE_TASK = "sdq.generate"
 CALLBACK_TASK = "sdq.deliver_callback"
@@ -166,3 +170,18 @@ def redis_list_key(queue: str, priority: int, sep: str, priority_steps: list[int
 def send_callback(app: Celery, task_id: str, queue: str) -> None:
     """Enqueue the webhook delivery of a finished task (CPU queue)."""
     app.send_task(CALLBACK_TASK, args=[task_id], queue=queue, task_id=f"{task_id}-callback")
+
+
+def hand_over_callback(app: Celery, store: Any, task_id: str, queue: str) -> bool:
+    """Enqueue a task's owed webhook and take it out of the outbox; False (logged) when the enqueue fails.
+
+    Why never raise: the task's ending is already recorded, and its outbox
+    entry stays, so the reaper sends the webhook later (worker/heartbeat.py).
+    """
+    try:
+        send_callback(app, task_id, queue)
+    except Exception:  # noqa: BLE001 - broker down: the outbox keeps the webhook owed
+        log.exception("could not queue the callback of task %s; the reaper will resend it", task_id)
+        return False
+    store.callback_handed_over(task_id)
+    return True

@@ -114,3 +114,29 @@ def test_callback_for_cancelled_pending_task(api):
         assert payload["task_id"] == victim and payload["status"] == "cancelled"
     finally:
         receiver.close()
+
+
+def test_a_webhook_whose_enqueue_was_lost_is_sent_by_the_reaper(stack, rds):
+    """The ending and the owed webhook are one Redis step (the outbox); a worker that dies between its
+    finish and the enqueue (here: nobody enqueues at all) still gets its receiver called, by the reaper."""
+    import uuid
+
+    from common.jobspec import JobSpec
+    from common.store import TaskStatus, TaskStore, keys
+
+    receiver = Receiver()
+    try:
+        store = TaskStore(rds, retention_seconds=600)
+        queue, task_id = "lost-" + uuid.uuid4().hex[:6], str(uuid.uuid4())
+        spec = JobSpec(prompt="p", model="sdq-tiny", width=64, height=64, num_inference_steps=1, guidance_scale=1.0,
+                       seed=1, callback_url=receiver.url)
+        store.create(task_id, "owner-lost", spec, queue)
+        picked = store.pick(queue, "gone-worker", ["sdq-tiny"], 1, None)
+        assert picked.task_id == task_id
+        assert store.finish(task_id, picked.attempt, "gone-worker", TaskStatus.FAILED, error="it died right after")
+        assert rds.zscore(keys.CALLBACK_OUTBOX(), task_id) is not None           # owed, in the same step
+        (delivery,) = receiver.wait(1, timeout=60)                               # the reaper's resend
+        assert json.loads(delivery["body"])["task_id"] == task_id
+        assert rds.zscore(keys.CALLBACK_OUTBOX(), task_id) is None
+    finally:
+        receiver.close()

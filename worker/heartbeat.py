@@ -16,7 +16,7 @@ import time
 
 from celery import Celery
 
-from common.queue import MessageBuilder, send_callback
+from common.queue import MessageBuilder, hand_over_callback
 from common.store import RequeueOutcome, TaskStore, WorkerInfo, WorkerRegistry
 
 log = logging.getLogger("sdqueue.reaper")
@@ -45,10 +45,24 @@ def reissue_deliveries(store: TaskStore, messages: MessageBuilder, queues: set[s
     return sent
 
 
+OUTBOX_GRACE = 10.0   # seconds an ended task's webhook may wait for its own enqueue before the reaper resends it
+
+
 def notify_callback(store: TaskStore, messages: MessageBuilder, task_id: str, callbacks_queue: str) -> None:
     """A job the reaper ended: its callback_url (if any) hears of it like any other ending."""
     if store.get(task_id).spec.callback_url:
-        send_callback(messages.app, task_id, callbacks_queue)
+        hand_over_callback(messages.app, store, task_id, callbacks_queue)
+
+
+def resend_owed_callbacks(store: TaskStore, messages: MessageBuilder, callbacks_queue: str,
+                          now: float | None = None) -> list[str]:
+    """Webhooks owed since an ending but never handed to Celery (the enqueue failed, or its process died
+    between the finish and the enqueue): sent now. At least once: receivers deduplicate on webhook-id."""
+    owed = store.owed_callbacks((now or time.time()) - OUTBOX_GRACE)
+    sent = [task_id for task_id in owed if hand_over_callback(messages.app, store, task_id, callbacks_queue)]
+    if sent:
+        log.warning("resent %d webhook(s) whose enqueue was lost: %s", len(sent), ", ".join(sent))
+    return sent
 
 
 def reap_once(store: TaskStore, workers: WorkerRegistry, messages: MessageBuilder, me: str, ttl: float,
@@ -71,6 +85,7 @@ def reap_once(store: TaskStore, workers: WorkerRegistry, messages: MessageBuilde
             log.error("task %s failed: %d workers died running it", job.task_id, max_attempts)
             notify_callback(store, messages, job.task_id, callbacks_queue)
     reissue_deliveries(store, messages, {q for w in workers.live() for q in w.queues})
+    resend_owed_callbacks(store, messages, callbacks_queue)
     return requeued
 
 

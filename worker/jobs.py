@@ -24,7 +24,7 @@ from common.infotext import VERSION, build_infotext
 from common.sidecars import build_sidecar
 from common.jobspec import JobSpec
 from common.logs import log_context
-from common.queue import GENERATE_TASK, send_callback
+from common.queue import GENERATE_TASK, hand_over_callback
 from common.storage import Storage
 from common.store import Claim, NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
 from worker.assets import asset_dirs, ensure_assets
@@ -271,11 +271,8 @@ def conclude(ctx: JobContext, task: Task, attempt: int, status: TaskStatus, fiel
         started = task.started_at or time.time()
         observe_job(task.spec.model, status.value, started - task.created_at, time.time() - started,
                     fields.get("progress_step", 0))
-        if task.spec.callback_url:
-            try:
-                send_callback(ctx.celery, task_id, ctx.settings.callbacks.queue)
-            except Exception:  # noqa: BLE001 - the job has ended; a lost enqueue must not undo that
-                log.exception("could not queue the callback of task %s", task_id)
+        if task.spec.callback_url:   # owed since the finish (its outbox entry); a failed enqueue is resent
+            hand_over_callback(ctx.celery, ctx.store, task_id, ctx.settings.callbacks.queue)
         return status.value
     return "stale"
 

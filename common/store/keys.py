@@ -80,6 +80,10 @@ CHECKPOINT = Key("checkpoint:{id}", "string (JSON)", "an uploaded checkpoint (AW
 CHECKPOINT_LOCK = Key("checkpoint:{id}:lock", "string", "lock while a checkpoint is changed")
 CHECKPOINTS = Key("checkpoints", "sorted set", "index of checkpoint ids by creation time")
 
+CALLBACK_OUTBOX = Key("callback-outbox", "sorted set",
+                      "ended tasks whose webhook is not yet handed to Celery, by ending time (the reaper resends "
+                      "those a lost enqueue left behind)")
+
 # --- the reaper ----------------------------------------------------------------------------------
 REAPER_LOCK = Key("reaper-lock", "string", "one reaper at a time (expires after half the heartbeat TTL)")
 DEFICIT = Key("deficit:{queue}", "string",

@@ -304,7 +304,7 @@ class TaskStore:
         """Cancel a waiting task now, or flag a running one to stop at its next step."""
         outcome = self._cancel(
             [keys.TASK(task.id), keys.RUNNING(), keys.PENDING(task.queue), keys.PENDING_MODEL(task.queue, task.spec.model),
-             keys.PENDING_OWNER(task.owner), keys.STATS(), keys.EVENTS(task.id)],
+             keys.PENDING_OWNER(task.owner), keys.STATS(), keys.EVENTS(task.id), keys.CALLBACK_OUTBOX()],
             [task.id, repr(time.time()), self.retention])
         return CancelOutcome(outcome)
 
@@ -411,12 +411,21 @@ class TaskStore:
         pairs: list[Any] = []
         for name, value in fields.items():
             pairs += [name, value if isinstance(value, str) else json.dumps(value)]
-        return bool(self._finish([keys.TASK(task_id), keys.RUNNING(), keys.STATS(), keys.EVENTS(task_id)],
+        return bool(self._finish([keys.TASK(task_id), keys.RUNNING(), keys.STATS(), keys.EVENTS(task_id),
+                                  keys.CALLBACK_OUTBOX()],
                                  [attempt, worker, repr(time.time()), status.value, self.retention, task_id, *pairs]))
 
     def set_fields(self, task_id: str, **fields: str) -> None:
         """Side information that is not a transition (e.g. webhook delivery state)."""
         self._update([keys.TASK(task_id)], [item for pair in fields.items() for item in pair])
+
+    def callback_handed_over(self, task_id: str) -> None:
+        """Celery holds the task's webhook now: out of the outbox."""
+        self.client.zrem(keys.CALLBACK_OUTBOX(), task_id)
+
+    def owed_callbacks(self, ended_before: float, limit: int = 100) -> list[str]:
+        """Tasks that ended before `ended_before` and whose webhook was never handed to Celery."""
+        return self.client.zrangebyscore(keys.CALLBACK_OUTBOX(), "-inf", repr(ended_before), start=0, num=limit)
 
     def reserve_numbers(self, folder: str, count: int) -> int:
         """The first of `count` consecutive numbers for files in `folder` (A1111's NNNNN), unique across hosts."""
@@ -449,7 +458,8 @@ class TaskStore:
         outcome, *attempt = self._requeue(
             [keys.TASK(job.task_id), keys.RUNNING(), message.list_key, keys.PENDING(job.queue),
              "" if job.model is None else keys.PENDING_MODEL(job.queue, job.model),
-             "" if job.owner is None else keys.PENDING_OWNER(job.owner), keys.STATS(), keys.EVENTS(job.task_id)],
+             "" if job.owner is None else keys.PENDING_OWNER(job.owner), keys.STATS(), keys.EVENTS(job.task_id),
+             keys.CALLBACK_OUTBOX()],
             [job.task_id, job.worker, job.attempt, repr(time.time()), max_attempts, self.retention, message.payload,
              front_score(job.priority)])
         return Requeue(RequeueOutcome(outcome), int(attempt[0]) if attempt else 0)

@@ -19,7 +19,7 @@ from api.limits import read_limited, submit_limited
 from api.services import Services, services
 from api.submission import new_task_id, submit_job, wait_until_terminal
 from common.errors import TaskNotFound
-from common.queue import send_callback
+from common.queue import hand_over_callback
 from common.schedulers import SCHEDULERS, schedule_of
 from common.store import CancelOutcome, Task, TaskStatus
 
@@ -98,7 +98,7 @@ def cancel_task(task_id: str):
     task = owned_task_or_404(svc, task_id)
     outcome = svc.store.request_cancel(task)
     if outcome is CancelOutcome.CANCELLED and task.spec.callback_url:
-        send_callback(svc.celery, task.id, svc.settings.callbacks.queue)
+        hand_over_callback(svc.celery, svc.store, task.id, svc.settings.callbacks.queue)
     if outcome is CancelOutcome.CANCELLING:
         wait_until_terminal(svc, task.id, CANCEL_WAIT_SECONDS)
     task = svc.store.get(task.id)

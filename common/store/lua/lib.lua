@@ -42,10 +42,16 @@ local function takeable(status, worker)
 end
 
 -- The terminal step, written once: status and times, retention, off `running`, counted, announced.
-local function conclude(task, id, status, now, retention, running, stats, events)
+local function conclude(task, id, status, now, retention, running, stats, events, outbox)
   redis.call('HSET', task, 'status', status, 'updated_at', now, 'finished_at', now)
   redis.call('EXPIRE', task, retention)
   redis.call('ZREM', running, id)
   redis.call('HINCRBY', stats, status, 1)
   redis.call('PUBLISH', events, status)
+  -- The webhook is owed in the same step as the ending: a lost enqueue afterwards is resent from the outbox.
+  local ok, spec = pcall(cjson.decode, redis.call('HGET', task, 'spec') or '{}')
+  if ok and type(spec) == 'table' and type(spec['callback_url']) == 'string' and spec['callback_url'] ~= '' then
+    redis.call('ZADD', outbox, now, id)
+    redis.call('HSET', task, 'callback_status', 'queued')
+  end
 end

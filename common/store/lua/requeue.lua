@@ -1,22 +1,22 @@
 -- requeue: take a job from a dead worker and put its next attempt first in its priority class.
--- KEYS: task, running, broker_list, pending, pending_model (or ''), pending_owner (or ''), stats, events
+-- KEYS: task, running, broker_list, pending, pending_model (or ''), pending_owner (or ''), stats, events, outbox
 -- ARGV: id, dead worker, attempt, now, max attempts, retention, message, front score of its priority class
 -- Returns {'requeued', next attempt}, {'failed'} (it killed max attempts workers), {'cancelled'} (the client
 -- cancelled it while it ran) or {'taken'} (not that worker's attempt any more: another reaper was first).
 -- include: lib
-local task, running, broker_list, pending, pending_model, pending_owner, stats, events = unpack(KEYS)
+local task, running, broker_list, pending, pending_model, pending_owner, stats, events, outbox = unpack(KEYS)
 local id, now, retention = ARGV[1], ARGV[4], ARGV[6]
 local st, worker, attempt, cancel = unpack(redis.call('HMGET', task, 'status', 'worker', 'attempt', 'cancel_requested'))
 if st ~= 'processing' or worker ~= ARGV[2] or attempt ~= ARGV[3] then return {'taken'} end
 redis.call('ZREM', running, id)
 if cancel == '1' then
   redis.call('HSET', task, 'error', 'cancelled by client')
-  conclude(task, id, 'cancelled', now, retention, running, stats, events)
+  conclude(task, id, 'cancelled', now, retention, running, stats, events, outbox)
   return {'cancelled'}
 end
 if tonumber(ARGV[3]) + 1 >= tonumber(ARGV[5]) then
   redis.call('HSET', task, 'error', 'the worker running this job died ' .. ARGV[5] .. ' times; giving up')
-  conclude(task, id, 'failed', now, retention, running, stats, events)
+  conclude(task, id, 'failed', now, retention, running, stats, events, outbox)
   return {'failed'}
 end
 local nxt = redis.call('HINCRBY', task, 'attempt', 1)
