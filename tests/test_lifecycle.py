@@ -85,6 +85,8 @@ def test_callback_single_image_retried_and_signed(api):
             Webhook(CALLBACK_SECRET.encode()).verify(d["body"], headers)
         assert {d["headers"]["webhook-id"] for d in deliveries} == {f"msg_{task['task_id']}"}   # one id, retried
         assert [d["headers"]["X-SDQueue-Attempt"] for d in deliveries] == ["1", "2", "3"]
+        final = api.wait_for(task["task_id"], lambda t: (t["callback_status"] or "").startswith("delivered"))
+        assert final["callback_status"] == "delivered: HTTP 200 after 3 attempt(s)"
     finally:
         receiver.close()
 

@@ -134,6 +134,9 @@ class TaskSchema(Schema):
     seeds = fields.List(fields.Integer(), metadata={"description": "The seed of each image, in order"})
     model = fields.String()
     num_images = fields.Integer()
+    callback_status = fields.String(allow_none=True, metadata={
+        "description": "With a callback_url: queued, retrying after attempt N: ..., delivered: HTTP 200 after N "
+                       "attempt(s), rejected by the receiver, refused: <reason>, or failed after N attempts"})
 
 
 class TaskListSchema(Schema):

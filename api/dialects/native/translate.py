@@ -91,4 +91,5 @@ def render_task(task: Task, storage: Storage, store: TaskStore) -> dict:
         "seeds": task.seeds or task.spec.seeds,
         "model": task.spec.model,
         "num_images": task.spec.num_images,
+        "callback_status": task.callback_status if task.spec.callback_url else None,
     }
