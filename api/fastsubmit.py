@@ -27,6 +27,7 @@ from common.errors import QueueFull
 from api.services import Services, done_serving, serve_with
 from api.submission import new_task_id, submit_job
 
+IDEMPOTENCY_ENVIRON = "HTTP_IDEMPOTENCY_KEY"
 ROUTE = "/api/v1/generate"
 TASK_ID_ENVIRON = "sdqueue.task_id"   # the id a fast attempt chose, reused by the Flask route
 JSON_TYPES = ("application/json",)
@@ -78,6 +79,8 @@ class FastSubmit:
 
     def try_submit(self, environ: dict[str, Any], body: bytes) -> bytes | None:
         """Submit and return the 202 body, or None (nothing written) for the Flask route to answer."""
+        if IDEMPOTENCY_ENVIRON in environ:   # a retried submission may answer with its first task: Flask's route
+            return None
         key = self.svc.keys.match(environ.get(self.header_env))
         if key is None or not key.may_use_dialect("native") or self.limited(key):
             return None

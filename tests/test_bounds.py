@@ -31,3 +31,25 @@ def test_pending_jobs_per_key_are_limited_by_default():
     from common.settings import load_settings
 
     assert load_settings(os.devnull, env={}).tasks.max_pending_per_key == 100
+
+
+def test_an_idempotency_key_makes_a_retried_submission_return_its_first_task(api, api_b):
+    body = {"prompt": "a retried request", "width": 64, "height": 64, "num_inference_steps": 1}
+    headers = {"Idempotency-Key": "order-4711"}
+    first = requests.post(api.base + "/api/v1/generate", json=body, headers={**api.headers(), **headers}, timeout=30)
+    again = requests.post(api.base + "/api/v1/generate", json=body, headers={**api.headers(), **headers}, timeout=30)
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.json()["task_id"] == first.json()["task_id"] and again.headers["Idempotent-Replayed"] == "true"
+    # another key's same Idempotency-Key is its own submission (keys never see each other's tasks)
+    other = requests.post(api.base + "/api/v1/generate", json=body, headers={**api_b.headers(), **headers}, timeout=30)
+    assert other.status_code == 202 and other.json()["task_id"] != first.json()["task_id"]
+    changed = requests.post(api.base + "/api/v1/generate", json={**body, "prompt": "something else"},
+                            headers={**api.headers(), **headers}, timeout=30)
+    assert changed.status_code == 422 and "Idempotency-Key" in changed.text
+    refused = requests.post(api.base + "/api/v1/generate", json={**body, "width": 65},
+                            headers={**api.headers(), "Idempotency-Key": "order-4712"}, timeout=30)
+    assert refused.status_code == 422
+    fixed = requests.post(api.base + "/api/v1/generate", json=body,
+                          headers={**api.headers(), "Idempotency-Key": "order-4712"}, timeout=30)
+    assert fixed.status_code == 202 and "Idempotent-Replayed" not in fixed.headers   # a refusal binds nothing
+    assert api.wait(first.json()["task_id"])["status"] == "completed"

@@ -90,6 +90,9 @@ DEFICIT = Key("deficit:{queue}", "string",
               "waiting jobs found without a message at the reaper's previous pass; 1 h")
 
 # --- per-key dialect state -----------------------------------------------------------------------
+IDEMPOTENCY = Key("idem:{owner}:{digest}", "string",
+                  "`<task id> <sha256 of the body>` a native submission's Idempotency-Key (sha256 `digest`) "
+                  "answered with; 24 h")
 SEQUENCE = Key("seq:{folder}", "string (counter)", "AUTOMATIC1111 `save_images` file numbering, per output folder")
 A1111_OPTIONS = Key("a1111:options:{owner}", "hash", "an API key's AUTOMATIC1111 `/options`")
 A1111_CURRENT = Key("a1111:current:{owner}", "string",

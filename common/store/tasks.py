@@ -9,6 +9,7 @@ a newer one. Every key is named in common/store/keys.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -32,6 +33,7 @@ DELIVERY_TTL = 24 * 3600   # how long a delivery remembers the job it took (beyo
 STATUS_SCAN_LIMIT = 2000   # listing with a status filter scans at most this many of an owner's newest tasks
 DEFICIT_TTL = 3600         # the reaper's memory of missing deliveries outlives any pause between its passes
 MAX_SCANNED_KEYS = 2000    # pending:* keys looked at per metrics scrape (queues and per-model indexes)
+IDEMPOTENCY_SECONDS = 24 * 3600   # a native Idempotency-Key answers with its first task this long
 
 
 class TaskStatus(str, Enum):
@@ -418,6 +420,23 @@ class TaskStore:
     def set_fields(self, task_id: str, **fields: str) -> None:
         """Side information that is not a transition (e.g. webhook delivery state)."""
         self._update([keys.TASK(task_id)], [item for pair in fields.items() for item in pair])
+
+    def claim_idempotency(self, owner: str, key: str, task_id: str, fingerprint: str,
+                          ttl: int = IDEMPOTENCY_SECONDS) -> tuple[str, str] | None:
+        """Bind an owner's Idempotency-Key to `task_id` (and the body's fingerprint) for `ttl` seconds.
+
+        None: this submission is the first and goes on. Else (task id, fingerprint) of the submission the
+        key already belongs to: a retry gets that task back (and a different body with the same key a 422).
+        """
+        name = keys.IDEMPOTENCY(owner, hashlib.sha256(key.encode()).hexdigest())
+        if self.client.set(name, f"{task_id} {fingerprint}", nx=True, ex=ttl):
+            return None
+        first, _, seen = (self.client.get(name) or "").partition(" ")
+        return (first, seen) if first else None
+
+    def release_idempotency(self, owner: str, key: str) -> None:
+        """The submission that claimed the key was refused: the key is free for its retry."""
+        self.client.delete(keys.IDEMPOTENCY(owner, hashlib.sha256(key.encode()).hexdigest()))
 
     def callback_handed_over(self, task_id: str) -> None:
         """Celery holds the task's webhook now: out of the outbox."""

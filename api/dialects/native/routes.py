@@ -7,6 +7,8 @@ answered before Flask by api/fastsubmit.py, with the same schema and builder.
 """
 from __future__ import annotations
 
+import hashlib
+
 from flask import jsonify, request
 from flask_smorest import Blueprint, abort
 
@@ -43,6 +45,10 @@ def authenticate():
                       lambda: error_response(403, "this API key may not use the native API"))
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 255
+
+
 def owned_task_or_404(svc: Services, task_id: str) -> Task:
     try:
         return svc.store.get_owned(task_id, current_key().owner)
@@ -59,17 +65,60 @@ def generate(data: dict):
     """Queue a txt2img job, or img2img when init_image is given."""
     svc = services()
     task_id = request.environ.get(TASK_ID_ENVIRON) or new_task_id()
-    image_key = None
-    if data["init_image"] is not None:
-        image = data["init_image"]
-        image_key = svc.storage.input_key(task_id, f"init.{image.format}")
-        svc.storage.put(image_key, image.data, image.content_type)
-    spec = build_jobspec(data, svc, current_key(), image_key)
-    submit_job(svc, current_key().owner, spec, task_id)
-    # A ready Response skips flask-smorest's re-serialisation; TaskCreatedSchema still documents it.
+    idempotency = idempotency_key()
+    if idempotency:
+        replay = replayed_submission(svc, idempotency, task_id)
+        if replay is not None:
+            return replay
+    try:
+        image_key = None
+        if data["init_image"] is not None:
+            image = data["init_image"]
+            image_key = svc.storage.input_key(task_id, f"init.{image.format}")
+            svc.storage.put(image_key, image.data, image.content_type)
+        spec = build_jobspec(data, svc, current_key(), image_key)
+        submit_job(svc, current_key().owner, spec, task_id)
+    except BaseException:
+        if idempotency:
+            svc.store.release_idempotency(current_key().owner, idempotency)   # refused: a retry may try again
+        raise
+    return created_response(task_id)
+
+
+def created_response(task_id: str, replayed: bool = False):
+    """The 202 answer (a ready Response skips flask-smorest's re-serialisation; TaskCreatedSchema documents it)."""
     response = jsonify(created_body(task_id))
     response.status_code = 202
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+def idempotency_key() -> str | None:
+    """The request's Idempotency-Key header (1..255 characters), or None; a 422 naming it otherwise."""
+    value = request.headers.get(IDEMPOTENCY_HEADER)
+    if value is None:
+        return None
+    if not 0 < len(value) <= MAX_IDEMPOTENCY_KEY:
+        abort(422, errors={"headers": {IDEMPOTENCY_HEADER: [f"1 to {MAX_IDEMPOTENCY_KEY} characters"]}})
+    return value
+
+
+def replayed_submission(svc: Services, idempotency: str, task_id: str):
+    """The first answer again when this key's Idempotency-Key was used before (24 h); None for a new one.
+
+    The same key with another body is a 422: the client reused a key for a
+    different request, and answering with the first task would hide it.
+    """
+    fingerprint = hashlib.sha256(request.get_data()).hexdigest()
+    first = svc.store.claim_idempotency(current_key().owner, idempotency, task_id, fingerprint)
+    if first is None:
+        return None
+    first_task, first_fingerprint = first
+    if first_fingerprint != fingerprint:
+        abort(422, errors={"headers": {IDEMPOTENCY_HEADER: [
+            "already used with a different body (an Idempotency-Key names one submission)"]}})
+    return created_response(first_task, replayed=True)
 
 
 @blp.route("/tasks/<string:task_id>", methods=["GET"])
