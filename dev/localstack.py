@@ -451,15 +451,14 @@ def build_default_model(stack: LocalStack) -> None:
 
 
 def run(settings: Settings) -> None:
+    """Start the stack, then keep it up (dev/supervisor.py) until Ctrl-C or SIGTERM stops it all."""
+    from dev.supervisor import Supervisor
+
     stack = stack_from_settings(settings)
-    stopping = False
-
-    def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
-
+    supervisor = Supervisor(stack)
     stack.check_ports()                 # before the model build, so a taken port fails in a second
-    signal.signal(signal.SIGTERM, on_signal)
+    # SIGTERM as Ctrl-C: it interrupts whatever runs (a start waiting for readiness too).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         build_default_model(stack)
         stack.start_redis()
@@ -470,17 +469,18 @@ def run(settings: Settings) -> None:
         stack.start_api()
         stack.start_flower()
         print_banner(stack, settings)
-        while not stopping:
-            for name, svc in stack.services.items():
-                if not svc.alive():
-                    print(f"{name} exited (see {svc.log}); stopping", flush=True)
-                    stopping = True
-            time.sleep(1)
+        b = supervisor.backoff
+        print(f"A service that exits is restarted (after {b.first:g} s, doubling up to {b.longest:g} s); "
+              f"its log says why.\n", flush=True)
+        supervisor.watch()
     except KeyboardInterrupt:
         pass
     finally:
+        # A second Ctrl-C must not cut the stop short: that would leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("\nstopping sdqueue...", flush=True)
-        stack.stop()
+        supervisor.stop()
 
 
 def print_banner(stack: LocalStack, settings: Settings) -> None:
