@@ -59,6 +59,7 @@ class Watched:
 
 
 def describe_exit(code: int | None) -> str:
+    """"exit code 3", "exit code -9, SIGKILL" (Popen's negative code: killed by that signal)."""
     if code is None:
         return "no exit code"
     if code < 0:
@@ -69,9 +70,14 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def log_tail(path: Path | None, lines: int = 15) -> list[str]:
+def log_tail(path: Path | None, lines: int = 15, window: int = 64 * 1024) -> list[str]:
+    """The last `lines` lines of a log (read from its last `window` bytes: logs only grow)."""
+    if path is None:
+        return []
     try:
-        return path.read_text(errors="replace").splitlines()[-lines:] if path else []
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, 2) - window))
+            return log.read().decode(errors="replace").splitlines()[-lines:]
     except OSError:
         return []
 
