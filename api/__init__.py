@@ -78,6 +78,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.RedisError)
     def redis_down(error: redis.RedisError):
         log.error("task store unavailable: %s", error)
+        if isinstance(error, redis.exceptions.OutOfMemoryError):   # maxmemory + noeviction: writes are refused
+            return dialect_error(503, "task store is full (Redis maxmemory); retry later",
+                                 {"Retry-After": RETRY_AFTER_SECONDS})
         return dialect_error(503, "task store unavailable; retry shortly", {"Retry-After": RETRY_AFTER_SECONDS})
 
     @app.errorhandler(StorageError)
@@ -88,6 +91,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(OperationalError)
     def broker_down(error: OperationalError):
         log.error("broker unavailable: %s", error)
+        if "maxmemory" in str(error):      # kombu's wrapping of Redis' OOM answer
+            return dialect_error(503, "task store is full (Redis maxmemory); retry later",
+                                 {"Retry-After": RETRY_AFTER_SECONDS})
         return dialect_error(503, "queue unavailable; retry shortly", {"Retry-After": RETRY_AFTER_SECONDS})
 
     @app.errorhandler(QueueFull)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 
 import orjson
 import redis
+from kombu.exceptions import OperationalError
 from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -93,7 +94,7 @@ class FastSubmit:
             task_id = new_task_id()
             environ[TASK_ID_ENVIRON] = task_id
             submit_job(self.svc, key.owner, spec, task_id)
-        except (ValueError, ValidationError, HTTPException, QueueFull, redis.RedisError):
+        except (ValueError, ValidationError, HTTPException, QueueFull, redis.RedisError, OperationalError):
             # orjson's JSONDecodeError is a ValueError; Flask renders every refusal. After a Redis
             # error the Flask route retries under the same task id: idempotent if the write landed.
             return None

@@ -9,6 +9,7 @@ dev/supervisor.py restarts a service that exits, the way it was first started.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import secrets
@@ -32,6 +33,7 @@ from common.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 API_GUNICORN_CONF = ROOT / "api" / "gunicorn_conf.py"
+REDIS_MAXMEMORY = "1gb"   # the local stack's Redis: room for ~100k tasks; beyond, writes are refused (503)
 LOOPBACK = "127.0.0.1"
 # weed mini opens a dozen ports; they are s3.port + these offsets.
 _WEED_PORTS = {"s3.port.grpc": 1, "master.port": 2, "master.port.grpc": 3, "filer.port": 4,
@@ -289,6 +291,8 @@ class LocalStack:
         folder.mkdir(parents=True, exist_ok=True)
         svc = self.add("redis", [exe, "--port", str(self.redis_port), "--bind", LOOPBACK, "--dir", str(folder),
                                  "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                                 # Full memory refuses writes (a 503 for the client) instead of evicting tasks
+                                 "--maxmemory", REDIS_MAXMEMORY, "--maxmemory-policy", "noeviction",
                                  "--protected-mode", "yes", "--daemonize", "no"])
         client = redis.Redis.from_url(self.redis_url)
         wait_for(client.ping, 20, "redis", svc.proc, svc.log)
@@ -422,6 +426,13 @@ def local_api_key(data_dir: Path) -> str:
     return read_or_create_secret(data_dir / "api_key", lambda: "sdq-" + secrets.token_urlsafe(24))
 
 
+def local_webhook_secret(data_dir: Path) -> str:
+    """The webhook signing secret when none is configured: kept in {data_dir}/webhook_secret (Standard Webhooks'
+    whsec_ + base64 form), so receivers verify what `make run` sends from the first request on."""
+    return read_or_create_secret(data_dir / "webhook_secret",
+                                 lambda: "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode())
+
+
 def local_flower_password(data_dir: Path) -> str:
     """Flower's password when none is configured: kept in {data_dir}/flower_password."""
     return read_or_create_secret(data_dir / "flower_password", lambda: secrets.token_urlsafe(12))
@@ -435,7 +446,8 @@ def stack_from_settings(settings: Settings) -> LocalStack:
         data_dir=data_dir, redis_port=urlparse(settings.redis.url).port or 6379,
         s3_port=urlparse(settings.storage.endpoint_url).port or 8333, api_port=settings.api.port,
         flower_port=settings.flower.port, api_keys=keys,
-        flower_password=settings.flower.password or local_flower_password(data_dir))
+        flower_password=settings.flower.password or local_flower_password(data_dir),
+        extra_env={"SDQ_CALLBACKS_SECRET": settings.callbacks.secret or local_webhook_secret(data_dir)})
 
 
 def build_default_model(stack: LocalStack) -> None:
@@ -495,6 +507,7 @@ sdqueue is running (Ctrl-C stops everything)
   Metrics      {stack.api_url}/metrics   worker: {worker_metrics}
   S3           {stack.s3_url}  bucket {settings.storage.bucket}
   Redis        {stack.redis_url}
+  Webhooks     signed (Standard Webhooks); secret in {stack.data_dir / 'webhook_secret'}
   Logs         {stack.data_dir / 'logs'}
 
 Try:

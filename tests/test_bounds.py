@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import requests
 from PIL import Image
 
@@ -53,3 +54,18 @@ def test_an_idempotency_key_makes_a_retried_submission_return_its_first_task(api
                           headers={**api.headers(), "Idempotency-Key": "order-4712"}, timeout=30)
     assert fixed.status_code == 202 and "Idempotent-Replayed" not in fixed.headers   # a refusal binds nothing
     assert api.wait(first.json()["task_id"])["status"] == "completed"
+
+
+def test_the_stack_s_redis_refuses_writes_when_full_and_never_evicts(rds):
+    """maxmemory + noeviction: a full Redis refuses writes (the API answers 503) and never drops tasks."""
+    import redis as redis_lib
+
+    assert rds.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    before = rds.config_get("maxmemory")["maxmemory"]
+    assert int(before) > 0
+    rds.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(redis_lib.exceptions.OutOfMemoryError):
+            rds.set("sdq-test:oom-probe", "x")
+    finally:
+        rds.config_set("maxmemory", before)
