@@ -16,6 +16,23 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common.errors import StorageError
 
+# User metadata saying whose an object is (S3 returns it on HEAD): a task's files carry the task id, an
+# uploaded checkpoint's files their owner. An object read for a key (SD on EKS's s3:// image_link) must be
+# that key's, or name no owner at all (files the operator put in the bucket).
+TASK_ID_META = "task-id"
+OWNER_META = "owner"
+
+
+def task_metadata(task_id: str) -> dict[str, str]:
+    """The metadata of a file written for a task (init image, mask, output, side file)."""
+    return {TASK_ID_META: task_id}
+
+
+def owner_metadata(owner: str) -> dict[str, str]:
+    """The metadata of a file uploaded for a key outside any task (a checkpoint)."""
+    return {OWNER_META: owner}
+
+
 _S3_CONFIG = Config(signature_version="s3v4", s3={"addressing_style": "path"},
                     retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30)
 
@@ -84,10 +101,11 @@ class Storage:
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expiry)
 
     # --- large files (model checkpoints) -------------------------------------------
-    def start_multipart(self, key: str) -> str:
-        """Open a multipart upload for `key`; its upload id."""
+    def start_multipart(self, key: str, metadata: dict[str, str] | None = None) -> str:
+        """Open a multipart upload for `key` (the finished object carries `metadata`); its upload id."""
         try:
-            return self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+            return self.client.create_multipart_upload(Bucket=self.bucket, Key=key,
+                                                       Metadata=metadata or {})["UploadId"]
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"cannot start the upload of {key}: {exc}") from exc
 
@@ -139,10 +157,10 @@ class Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"cannot delete {len(keys)} object(s): {exc}") from exc
 
-    def put_stream(self, key: str, stream: BinaryIO) -> None:
+    def put_stream(self, key: str, stream: BinaryIO, metadata: dict[str, str] | None = None) -> None:
         """Upload a stream of unknown length (boto3 switches to multipart for big ones)."""
         try:
-            self.client.upload_fileobj(stream, self.bucket, key)
+            self.client.upload_fileobj(stream, self.bucket, key, ExtraArgs={"Metadata": metadata or {}})
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"upload of {key} failed: {exc}") from exc
 

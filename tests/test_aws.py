@@ -387,7 +387,7 @@ def test_keys_own_their_checkpoints_and_pools(base):
     assert r.status_code == 404
     r = requests.post(f"{base}/checkpoint", headers=headers(KEY_B, body=True), json={
         "checkpoint_type": "Lora", "filenames": [{"filename": "a-only.safetensors"}]})
-    assert r.status_code == 400 and "another API key" in r.json()["error"]
+    assert r.status_code == 200 and r.json()["checkpoint"]["id"] != created["id"]   # file names are per key
     r = requests.post(f"{base}/checkpoint", headers=headers(body=True), json={
         "checkpoint_type": "Lora", "filenames": [{"filename": "tiny_style.safetensors"}]})
     assert r.status_code == 400 and "already in the workers'" in r.json()["error"]
@@ -397,12 +397,21 @@ def test_keys_own_their_checkpoints_and_pools(base):
 
     requests.post(f"{base}/endpoints", headers=headers(body=True), json={"endpoint_name": "team-a-pool"})
     r = requests.post(f"{base}/endpoints", headers=headers(KEY_B, body=True), json={"endpoint_name": "team-a-pool"})
-    assert r.status_code == 403
+    taken = requests.post(f"{base}/endpoints", headers=headers(KEY_B, body=True), json={"endpoint_name": "gpu"})
+    assert r.status_code == taken.status_code == 400                 # a name another key holds: as a shared pool's
+    assert r.json()["detail"].replace("team-a-pool", "?") == taken.json()["detail"].replace("gpu", "?")
     requests.delete(f"{base}/endpoints", headers=headers(KEY_B, body=True), json={"delete_endpoint_list": ["team-a-pool"]})
     assert endpoint(base, "team-a-pool") is not None                 # not B's to delete
     body = {"task_type": "txt2img", "models": {"Stable-diffusion": ["sdq-tiny"]},
             "sagemaker_endpoint_name": "team-a-pool", "prompt": "x"}
     r = requests.post(f"{base}/inference/v2", headers=headers(KEY_POOLED, body=True), json=body)
-    assert r.status_code == 403 and "team-a-pool" in r.json()["detail"]   # api.keys[].pools
+    assert r.status_code == 400 and "team-a-pool not found" in r.json()["detail"]   # another key's: not there
+    own = {"endpoint_name": "pooled-own"}
+    assert requests.post(f"{base}/endpoints", headers=headers(KEY_POOLED, body=True), json=own).status_code == 200
+    r = requests.post(f"{base}/inference/v2", headers=headers(KEY_POOLED, body=True),
+                      json={**body, "sagemaker_endpoint_name": "pooled-own"})
+    assert r.status_code == 403 and "pooled-own" in r.json()["detail"]   # its own, but not in api.keys[].pools
+    requests.delete(f"{base}/endpoints", headers=headers(KEY_POOLED, body=True),
+                    json={"delete_endpoint_list": ["pooled-own"]})
     requests.delete(f"{base}/endpoints", headers=headers(body=True), json={"delete_endpoint_list": ["team-a-pool"]})
     assert endpoint(base, "team-a-pool") is None

@@ -5,6 +5,11 @@ bucket (presigned multipart PUTs, or a server-side download) and then name
 them in inference requests. The record (type, file names, status) lives in
 Redis; the bytes live in S3 under {prefix}/{type}/{id}/{filename}; a worker
 that gets a job naming one copies it into its model or LoRA directory first.
+
+Every lookup takes the caller's owner: a checkpoint belongs to the key that
+created it, and another key's does not exist for anyone else (same answers as
+a missing one). A record without an owner (written before owners were
+recorded) is shared: visible and usable by every key, changed by none.
 """
 from __future__ import annotations
 
@@ -57,6 +62,10 @@ class Checkpoint:
         stem, dot, suffix = name.rpartition(".")
         return f"{stem}-{self.id[:8]}.{suffix}" if dot else f"{name}-{self.id[:8]}"
 
+    def visible_to(self, owner: str) -> bool:
+        """Whether `owner` may see and use this checkpoint: its own, or a shared one (no owner)."""
+        return self.owner in ("", owner)
+
     def asset(self, name: str) -> dict[str, str]:
         """What a job needs a worker to fetch for this file (JobSpec.assets)."""
         return {"key": self.key_of(name), "dir": LOCAL_DIRS[self.type], "name": self.local_name(name)}
@@ -78,11 +87,6 @@ class CheckpointStore:
         """One writer per checkpoint at a time (a client retrying PUT /checkpoint races itself)."""
         return self.client.lock(keys.CHECKPOINT_LOCK(checkpoint_id), timeout=900, blocking_timeout=30)
 
-    def name_taken(self, kind: str, name: str, owner: str) -> bool:
-        """Another key's live (not Disabled) checkpoint of this type already holds a file of this name."""
-        return any(c.type == kind and c.status != "Disabled" and name in c.names and c.owner != owner
-                   for c in self.all())
-
     def save(self, checkpoint: Checkpoint) -> None:
         pipe = self.client.pipeline()
         pipe.set(keys.CHECKPOINT(checkpoint.id), json.dumps(asdict(checkpoint)))
@@ -90,24 +94,38 @@ class CheckpointStore:
         pipe.execute()
 
     def get(self, checkpoint_id: str) -> Checkpoint | None:
+        """Any checkpoint, whoever owns it: for changes, which check the owner themselves."""
         raw = self.client.get(keys.CHECKPOINT(checkpoint_id))
         return Checkpoint(**json.loads(raw)) if raw else None
 
+    def get_visible(self, checkpoint_id: str, owner: str) -> Checkpoint | None:
+        """The checkpoint if `owner` may see it; None, as for a missing id, when it is another key's."""
+        checkpoint = self.get(checkpoint_id)
+        return checkpoint if checkpoint is not None and checkpoint.visible_to(owner) else None
+
     def all(self) -> list[Checkpoint]:
-        """Every checkpoint, oldest first."""
+        """Every checkpoint, oldest first (whoever owns it)."""
         ids = self.client.zrange(keys.CHECKPOINTS(), 0, -1)
         values = self.client.mget([keys.CHECKPOINT(i) for i in ids]) if ids else []
         return [Checkpoint(**json.loads(v)) for v in values if v]
 
-    def find_active(self, kind: str, name: str) -> Checkpoint | None:
-        """The newest Active checkpoint of `kind` holding a file called `name` (one key owns a name at a time)."""
-        matches = [c for c in self.all() if c.type == kind and c.status == "Active" and name in c.names]
+    def visible(self, owner: str) -> list[Checkpoint]:
+        """The checkpoints `owner` may see, oldest first: its own and the shared ones."""
+        return [c for c in self.all() if c.visible_to(owner)]
+
+    def find_active(self, kind: str, name: str, owner: str) -> Checkpoint | None:
+        """The newest Active checkpoint of `kind` that `owner` may use holding a file called `name`.
+
+        Names are per key: two keys may each upload a `style.safetensors`, and
+        each one's jobs get its own (workers store them under different names).
+        """
+        matches = [c for c in self.visible(owner) if c.type == kind and c.status == "Active" and name in c.names]
         return matches[-1] if matches else None
 
-    def active_names(self, kind: str) -> list[str]:
-        """File names of every Active checkpoint of `kind`, each once, oldest first."""
+    def active_names(self, kind: str, owner: str) -> list[str]:
+        """File names of every Active checkpoint of `kind` that `owner` may use, each once, oldest first."""
         seen: dict[str, None] = {}
-        for checkpoint in self.all():
+        for checkpoint in self.visible(owner):
             if checkpoint.type == kind and checkpoint.status == "Active":
                 seen.update(dict.fromkeys(checkpoint.names))
         return list(seen)

@@ -73,10 +73,12 @@ WORKER = Key("worker:{id}", "string (JSON)",
 WORKERS = Key("workers", "sorted set", "index of worker ids by last heartbeat (dead entries pruned on read)")
 POOLS = Key("pools", "hash",
             "worker pools recorded through the AWS SD extension API's `/endpoints`: name → JSON (desired replicas, "
-            "instance type, owner, ...)")
+            "instance type, `owner`: the key that recorded it and alone sees it; none: shared, ...)")
 
 # --- uploaded models ------------------------------------------------------------------------------
-CHECKPOINT = Key("checkpoint:{id}", "string (JSON)", "an uploaded checkpoint (AWS SD extension API)")
+CHECKPOINT = Key("checkpoint:{id}", "string (JSON)",
+                 "an uploaded checkpoint (AWS SD extension API): type, file names, status, S3 prefix, `owner` (the "
+                 "key that uploaded it and alone sees it)")
 CHECKPOINT_LOCK = Key("checkpoint:{id}:lock", "string", "lock while a checkpoint is changed")
 CHECKPOINTS = Key("checkpoints", "sorted set", "index of checkpoint ids by creation time")
 

@@ -6,6 +6,11 @@ NAME). The AWS SD extension's endpoints are pools: POST /endpoints records a des
 pool and replica count in Redis (the hash `pools` in common/store/keys.py, which autoscaling
 reads); whether it is InService is what the live workers' heartbeats say.
 sdqueue never starts machines itself; capacity comes from the deployment.
+
+A pool recorded by a key is that key's: it alone sees it, sends jobs to it
+and changes it; for every other key it does not exist. Pools nobody owns (the
+default queue, a queue live workers serve that no key recorded, a record
+without an owner) are shared.
 """
 from __future__ import annotations
 
@@ -32,6 +37,11 @@ class PoolRecord:
     started_at: float = field(default_factory=time.time)
     in_service_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+    def visible_to(self, owner: str) -> bool:
+        """Whether `owner` may see and use this pool: its own, or a shared one (no owner)."""
+        return self.owner in ("", owner)
 
 
 class PoolStore:

@@ -7,6 +7,10 @@ the checkpoint Active; POST /upload_checkpoint has the service fetch files
 from URLs (SSRF-guarded). Inference requests then name the files, and the
 worker that runs them copies them into its model directory. Answers carry
 `statusCode` beside their fields; errors are {"statusCode", "error"}.
+
+A checkpoint is its creator's: listed, shown, changed and used for that key
+only (file names are per key, too); another key's id answers as a missing one.
+Its files in S3 carry the owner (common/storage.py: OWNER_META).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from api.downloads import DownloadRefused, open_download
 from api.limits import read_limited, submit_limited
 from api.services import Services, services
 from common.errors import StorageError
-from common.store import CheckpointStore
+from common.storage import owner_metadata
 from common.store.checkpoints import Checkpoint, filename_problem
 
 
@@ -36,10 +40,9 @@ def authenticate():
     return services().keys.check(DIALECT, bearer_token, forbidden, not_allowed)
 
 
-def name_problem(svc: Services, store: CheckpointStore, kind: str, name: str) -> str | None:
-    """Why a new upload may not use this file name: another key's checkpoint or a local model has it."""
-    if store.name_taken(kind, name, current_key().owner):
-        return f"a {kind} checkpoint of another API key already has a file named {name}"
+def name_problem(svc: Services, kind: str, name: str) -> str | None:
+    """Why a new upload may not use this file name: a model of the workers' directories has it (and would
+    shadow it). Other keys' uploads never matter: names are per key."""
     local = {m.name for m in svc.catalog.models()} if kind == "Stable-diffusion" else \
         {p.name for p in svc.catalog.loras().values()} if kind == "Lora" else set()
     if name in local:
@@ -52,14 +55,14 @@ def create_checkpoint(svc: Services, data: dict):
     store = svc.checkpoints
     files = data["filenames"]
     for item in files:
-        if problem := name_problem(svc, store, data["checkpoint_type"], item["filename"]):
+        if problem := name_problem(svc, data["checkpoint_type"], item["filename"]):
             return models_error(400, problem)
     checkpoint = store.new(data["checkpoint_type"], [f["filename"] for f in files], data["params"],
                            current_key().owner)
     uploads, presigned = {}, []
     for item in files:
         key = checkpoint.key_of(item["filename"])
-        upload_id = svc.storage.start_multipart(key)
+        upload_id = svc.storage.start_multipart(key, owner_metadata(checkpoint.owner))
         checkpoint.uploads[item["filename"]] = upload_id
         uploads[item["filename"]] = {"upload_id": upload_id, "bucket": svc.storage.bucket, "key": key}
         presigned.append({**uploads[item["filename"]], "filename": item["filename"],
@@ -94,10 +97,12 @@ def complete_uploads(svc: Services, checkpoint: Checkpoint, tags: dict[str, list
 def update_checkpoint(svc: Services, data: dict):
     """PUT /checkpoint: Active completes the uploads; Disabled / Initial only set the status."""
     store = svc.checkpoints
-    with store.lock(data["checkpoint_id"]):
-        checkpoint = store.get(data["checkpoint_id"])
-        if checkpoint is None or checkpoint.owner != current_key().owner:   # another key's: not there for this one
-            return models_error(404, f"checkpoint not found with id {data['checkpoint_id']}")
+    wanted = data["checkpoint_id"]
+    found = store.get(wanted)
+    if found is None or found.owner != current_key().owner:   # another key's (or a shared one): not there for it
+        return models_error(404, f"checkpoint not found with id {wanted}")   # before the lock: no wait tells either
+    with store.lock(wanted):
+        checkpoint = store.get(wanted)   # records are never deleted: still there, still this key's
         if data["status"] == "Active" and checkpoint.uploads:
             try:
                 complete_uploads(svc, checkpoint, data["multi_parts_tags"])
@@ -122,13 +127,13 @@ def upload_from_urls(svc: Services, data: dict):
         with download.response:
             if problem := filename_problem(download.name):
                 return models_error(400, f"contains invalid urls: {url}: {problem}")
-            if problem := name_problem(svc, store, data["checkpointType"], download.name):
+            if problem := name_problem(svc, data["checkpointType"], download.name):
                 return models_error(400, problem)
             if download.name in stored:
                 return models_error(400, f"contains invalid urls: two URLs give the file {download.name}")
             key = checkpoint.key_of(download.name)
             try:
-                svc.storage.put_stream(key, download.stream)
+                svc.storage.put_stream(key, download.stream, owner_metadata(checkpoint.owner))
             except DownloadRefused as exc:
                 return models_error(400, f"contains invalid urls: {exc}")
             stored[download.name] = {"uploadId": None, "bucket": svc.storage.bucket, "key": key,
@@ -146,9 +151,10 @@ def upload_from_urls(svc: Services, data: dict):
 @blp.arguments(schemas.CheckpointsQuery(), location="query")
 @blp.doc(security=SECURITY)
 def list_checkpoints(query: dict):
-    """Uploaded checkpoints and the models already in the workers' directories, filtered by status and types."""
+    """This key's uploaded checkpoints and the models already in the workers' directories, filtered by status and
+    types."""
     svc = services()
-    found = [listed_view(svc, c) for c in svc.checkpoints.all()] + local_views(svc)
+    found = [listed_view(svc, c) for c in svc.checkpoints.visible(current_key().owner)] + local_views(svc)
     found = [c for c in found if (not query["status"] or c["status"] in query["status"])
              and (not query["types"] or c["type"] in query["types"])]
     return jsonify({"statusCode": 200, "checkpoints": found})
@@ -159,13 +165,13 @@ def list_checkpoints(query: dict):
 @blp.arguments(schemas.CheckpointQuery(), location="query")
 @blp.doc(security=SECURITY)
 def get_checkpoint(query: dict):
-    """One uploaded checkpoint by `id` (or `checkpoint_id`)."""
+    """One uploaded checkpoint of this key by `id` (or `checkpoint_id`)."""
     svc = services()
     wanted = query["id"] or query["checkpoint_id"]
     if not wanted:
         return models_error(400, "query parameter id is required")
-    checkpoint = svc.checkpoints.get(wanted)
-    if checkpoint is None:
+    checkpoint = svc.checkpoints.get_visible(wanted, current_key().owner)
+    if checkpoint is None:   # missing, or another key's: the same answer
         return models_error(404, f"checkpoint not found with id {wanted}")
     return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint)})
 

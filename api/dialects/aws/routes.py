@@ -6,6 +6,10 @@ pools (common/store/pools.py): recorded here, served by whatever workers the
 deployment starts for them. Answers are the extension's raw, unwrapped
 bodies; errors are FastAPI's {"detail": ...}, and a wrong key gets API
 Gateway's 403 {"message"}.
+
+Every job, pool and uploaded checkpoint belongs to the key that made it:
+another key's answers exactly as a missing one (common/store/pools.py says
+which pools are shared).
 """
 from __future__ import annotations
 
@@ -67,12 +71,29 @@ def output_urls(job_id: str, keys: Callable[[Task], list[str]]):
     return jsonify([svc.storage.url_for(k) for k in keys(task)] if task.status is TaskStatus.COMPLETED else [])
 
 
-def known_pool(svc: Services, name: str) -> bool:
-    """A pool GPU workers serve or someone recorded (never the webhook queue)."""
+def visible_pool(svc: Services, name: str) -> bool:
+    """A pool this key may name: its own, or a shared one (the default queue, a record without owner, a queue
+    live workers serve that no key recorded). Another key's pool, like the webhook queue, is not there."""
     if name == svc.settings.callbacks.queue:
         return False
-    return (name == svc.settings.tasks.queue or svc.pools.get(name) is not None
-            or name in svc.workers.serving_queues())
+    if name == svc.settings.tasks.queue:
+        return True
+    record = svc.pools.get(name)
+    if record is not None:
+        return record.visible_to(current_key().owner)
+    return name in svc.workers.serving_queues()
+
+
+def claimable_pool(svc: Services, name: str) -> bool:
+    """Whether this key may record `name` as its own pool: a new name, or one it recorded itself.
+
+    Pool names are queue names, one namespace for every key: a shared pool
+    and another key's pool are both refused, with the same answer.
+    """
+    record = svc.pools.get(name)
+    if record is not None:
+        return record.owner == current_key().owner
+    return name != svc.settings.tasks.queue and name not in svc.workers.serving_queues()
 
 
 def run_inference(svc: Services, raw: Any):
@@ -85,15 +106,16 @@ def run_inference(svc: Services, raw: Any):
     except ValidationError as exc:
         return inference_error(422, flatten_messages(exc.messages, ["body"]))
     pool = data["sagemaker_endpoint_name"]
-    if not known_pool(svc, pool):
+    if not visible_pool(svc, pool):
         return inference_error(400, f"endpoint {pool} not found; GET /endpoints lists them")
     if not current_key().may_use_pool(pool):
         return inference_error(403, f"this API key may not use endpoint {pool}")
     store = svc.checkpoints
     models = data["models"]
+    owner = current_key().owner
     try:
-        model, assets = resolve_model(svc, store, models["Stable-diffusion"][0])
-        loras, lora_assets = resolve_loras(svc, store, models.get("Lora") or [])
+        model, assets = resolve_model(svc, store, models["Stable-diffusion"][0], owner)
+        loras, lora_assets = resolve_loras(svc, store, models.get("Lora") or [], owner)
     except LookupError as exc:
         return inference_error(400, str(exc))
     if not current_key().may_use_model(model.name):
@@ -106,22 +128,24 @@ def run_inference(svc: Services, raw: Any):
                  if names and kind not in ("Stable-diffusion", "Lora")]
     job_id = new_task_id()
     spec = build_inference_jobspec(svc, data, job_id, model, assets + lora_assets, loras, warnings)
-    submit_job(svc, current_key().owner, spec, job_id, queue=pool)
+    submit_job(svc, owner, spec, job_id, queue=pool)
     return jsonify({"inference_id": job_id, "status": "inprogress", "endpoint_name": pool,
                     "output_path": f"s3://{svc.storage.bucket}/{output_prefix(svc, job_id)}"})
 
 
 # --- endpoints (worker pools) ---------------------------------------------------------------
 def endpoint_views(svc: Services) -> list[dict]:
-    """Every pool: recorded ones (with their desired replicas) and any queue a live worker serves."""
+    """The pools this key may see: its recorded ones and the shared ones (with their desired replicas), and
+    any queue a live worker serves that no key recorded."""
     pools = svc.pools
     serving = svc.workers.serving_queues()
     views = []
     for record in pools.desired():
-        workers = serving.pop(record.name, [])
+        workers = serving.pop(record.name, [])   # popped even when hidden: another key's pool is never "unrecorded"
         if workers:
             record = pools.mark_in_service(record)
-        views.append(pool_view(svc, record, len(workers)))
+        if record.visible_to(current_key().owner) or record.name == svc.settings.tasks.queue:
+            views.append(pool_view(svc, record, len(workers)))
     for queue, workers in serving.items():
         if queue == svc.settings.callbacks.queue:
             continue
@@ -134,9 +158,9 @@ def create_endpoint(svc: Services, data: dict) -> dict:
     pools = svc.pools
     job_id = str(uuid.uuid4())
     name = data["endpoint_name"] or f"infer-endpoint-{job_id[:7]}"
+    if not claimable_pool(svc, name):
+        abort(400, message=f"endpoint name {name} is not available (a shared pool's or taken); choose another")
     record = pools.get(name) or PoolRecord(name, job_id, data["initial_instance_count"], owner=current_key().owner)
-    if record.owner and record.owner != current_key().owner:
-        abort(403, message=f"endpoint {name} belongs to another API key")
     record.replicas, record.instance_type = data["initial_instance_count"], data["instance_type"]
     record.extra["autoscaling"] = data["autoscaling_enabled"]
     pools.record(record)
@@ -145,9 +169,10 @@ def create_endpoint(svc: Services, data: dict) -> dict:
 
 
 def delete_endpoints(svc: Services, names: list[str]):
-    """Forget the caller's recorded pools; unknown names and other keys' pools are skipped (as the original skips)."""
+    """Forget the caller's recorded pools; unknown names, shared pools and other keys' pools are skipped (as the
+    original skips unknown ones), with the same answer."""
     pools = svc.pools
-    mine = [n for n in names if (p := pools.get(n)) is not None and p.owner in ("", current_key().owner)]
+    mine = [n for n in names if (p := pools.get(n)) is not None and p.owner == current_key().owner]
     pools.forget(mine)
     return jsonify("Endpoint deleted")
 
@@ -214,7 +239,7 @@ def param_output(query: dict):
 @read_limited
 @blp.doc(security=SECURITY)
 def list_endpoints():
-    """Worker pools: recorded ones and every queue a live worker serves (InService)."""
+    """Worker pools: this key's and the shared ones, and every queue a live worker serves (InService)."""
     return jsonify(endpoint_views(services()))
 
 
@@ -251,7 +276,7 @@ def delete_endpoints_route(data: dict):
 @blp.arguments(schemas.JobQuery(), location="query")
 @blp.doc(security=SECURITY)
 def endpoint_deployment_job(query: dict):
-    """One pool by its EndpointDeploymentJobId."""
+    """One pool (this key's or a shared one) by its EndpointDeploymentJobId."""
     found = [v for v in endpoint_views(services()) if v["EndpointDeploymentJobId"] == query["jobID"]]
     if not found:
         return inference_error(404, f"endpoint deployment job {query['jobID']} not found")
@@ -259,10 +284,10 @@ def endpoint_deployment_job(query: dict):
 
 
 def model_list_view(kind: str):
-    """A bare list of the file names of one model type: the LoRA directory's and every Active upload."""
+    """A bare list of the file names of one model type: the LoRA directory's and this key's Active uploads."""
     def view():
         svc = services()
-        names = svc.checkpoints.active_names(kind)
+        names = svc.checkpoints.active_names(kind, current_key().owner)
         local = [path.name for path in svc.catalog.loras().values()] if kind == "Lora" else []
         return jsonify(local + [n for n in names if n not in local])
     view.__doc__ = f"File names of the {kind} models available"

@@ -65,9 +65,10 @@ def job_view(task: Task) -> dict:
     return view
 
 
-def uploaded_asset(store: CheckpointStore, kind: str, name: str) -> dict[str, str]:
-    """The file a worker must fetch for an Active upload of `kind` called `name`; LookupError says why not."""
-    checkpoint = store.find_active(kind, name)
+def uploaded_asset(store: CheckpointStore, kind: str, name: str, owner: str) -> dict[str, str]:
+    """The file a worker must fetch for an Active upload of `kind` called `name` that `owner` may use;
+    LookupError says why not (another key's upload is not found, as a missing one)."""
+    checkpoint = store.find_active(kind, name, owner)
     if checkpoint is None:
         raise LookupError(f"checkpoint with name {name}, type {kind} is not found")
     if not name.endswith(WEIGHT_SUFFIXES):
@@ -75,12 +76,12 @@ def uploaded_asset(store: CheckpointStore, kind: str, name: str) -> dict[str, st
     return checkpoint.asset(name)
 
 
-def resolve_model(svc: Services, store: CheckpointStore, name: str) -> tuple[ModelInfo, list[dict]]:
-    """A model in the model directory, else an Active uploaded checkpoint (fetched by the worker)."""
+def resolve_model(svc: Services, store: CheckpointStore, name: str, owner: str) -> tuple[ModelInfo, list[dict]]:
+    """A model in the model directory, else an Active checkpoint `owner` uploaded (fetched by the worker)."""
     model = find_checkpoint(svc, name)
     if model is not None:
         return model, []
-    asset = uploaded_asset(store, "Stable-diffusion", name)
+    asset = uploaded_asset(store, "Stable-diffusion", name, owner)
     return uploaded_model(svc, asset), [asset]
 
 
@@ -119,8 +120,10 @@ def upload_family(svc: Services, asset: dict[str, str]) -> str:
     return family_from_keys(shapes) or DEFAULT_SINGLE_FILE_FAMILY
 
 
-def resolve_loras(svc: Services, store: CheckpointStore, names: list[str]) -> tuple[dict[str, str], list[dict]]:
-    """LoRAs usable in the prompt's <lora:name:weight> tags (tag name -> local name) and the files to fetch."""
+def resolve_loras(svc: Services, store: CheckpointStore, names: list[str],
+                  owner: str) -> tuple[dict[str, str], list[dict]]:
+    """LoRAs usable in the prompt's <lora:name:weight> tags (tag name -> local name) and the files to fetch:
+    the LoRA directory's, else `owner`'s Active uploads."""
     local = svc.catalog.loras()
     usable, assets = {}, []
     for name in names:
@@ -128,7 +131,7 @@ def resolve_loras(svc: Services, store: CheckpointStore, names: list[str]) -> tu
         if stem in local:
             usable[stem] = stem
             continue
-        asset = uploaded_asset(store, "Lora", name)
+        asset = uploaded_asset(store, "Lora", name, owner)
         usable[stem] = asset["name"].rsplit(".", 1)[0]
         assets.append(asset)
     return usable, assets
