@@ -9,6 +9,7 @@ import pytest
 import requests
 from PIL import Image
 
+from api.auth import ApiKey
 from tests.conftest import KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY
 from tests.helpers import FileServer, fetch
 
@@ -25,6 +26,7 @@ EKS_BODY = {
     "width": 64,
     "height": 64,
 }
+OWNER_A = ApiKey(KEY_A, "a").owner   # SD on EKS writes under {save_dir}/{owner}/{id_task}
 
 
 def list_keys(storage, prefix: str) -> list[str]:
@@ -48,10 +50,10 @@ def test_eks_example_answers_at_once_and_images_appear(stack, storage, path):
     assert r.status_code == 200, r.text
     id_task = body["alwayson_scripts"]["id_task"]
     assert r.json() == {"id_task": id_task, "task": "text-to-image", "sd_model_checkpoint": "sdq-tiny",
-                        "output_location": f"s3://{storage.bucket}/outputs/{id_task}"}
-    keys = wait_for_objects(storage, f"outputs/{id_task}/", 2)
-    assert keys[0] == f"outputs/{id_task}/0.png" and len(keys) == 2
-    assert keys[1].startswith(f"outputs/{id_task}/response-") and keys[1].endswith(".out")
+                        "output_location": f"s3://{storage.bucket}/outputs/{OWNER_A}/{id_task}"}
+    keys = wait_for_objects(storage, f"outputs/{OWNER_A}/{id_task}/", 2)
+    assert keys[0] == f"outputs/{OWNER_A}/{id_task}/0.png" and len(keys) == 2
+    assert keys[1].startswith(f"outputs/{OWNER_A}/{id_task}/response-") and keys[1].endswith(".out")
     out = json.loads(storage.get(keys[1]))   # the original's result file, beside the images
     assert out["images"] == [""] and out["info"] == ""
     params = out["parameters"]
@@ -77,7 +79,7 @@ def test_eks_image_to_image_and_errors(stack, storage):
     body = {**EKS_BODY, "init_images": [data_url(gradient(64, 64))],
             "alwayson_scripts": {**EKS_BODY["alwayson_scripts"], "task": "image-to-image", "id_task": "i2i-1"}}
     assert requests.post(stack.api_url + "/", json=body, headers={"x-api-key": KEY_A}, timeout=10).status_code == 200
-    assert wait_for_objects(storage, "outputs/i2i-1/", 2)[0] == "outputs/i2i-1/0.png"
+    assert wait_for_objects(storage, f"outputs/{OWNER_A}/i2i-1/", 2)[0] == f"outputs/{OWNER_A}/i2i-1/0.png"
     no_key = requests.post(stack.api_url + "/", json=EKS_BODY, timeout=10)
     assert no_key.status_code == 401 and "message" in no_key.json()
     missing = requests.post(stack.api_url + "/", json={"prompt": "x"}, headers={"x-api-key": KEY_A}, timeout=10)
@@ -106,8 +108,9 @@ def test_eks_image_link_fetches_http_and_s3_images(stack, storage):
             r = requests.post(stack.api_url + "/", json={**EKS_BODY, "alwayson_scripts": scripts},
                               headers={"x-api-key": KEY_A}, timeout=10)
             assert r.status_code == 200, r.text
-            assert wait_for_objects(storage, f"outputs/link-{n}/", 2)[0] == f"outputs/link-{n}/0.png"
-        a_output = f"s3://{storage.bucket}/" + wait_for_objects(storage, "outputs/dog-root/", 1)[0]   # KEY_A's
+            folder = f"outputs/{OWNER_A}/link-{n}"
+            assert wait_for_objects(storage, f"{folder}/", 2)[0] == f"{folder}/0.png"
+        a_output = f"s3://{storage.bucket}/" + wait_for_objects(storage, f"outputs/{OWNER_A}/dog-root/", 1)[0]   # A's
         scripts = {**EKS_BODY["alwayson_scripts"], "task": "image-to-image", "id_task": "b-reads-a", "image_link": a_output}
         r = requests.post(stack.api_url + "/", json={**EKS_BODY, "alwayson_scripts": scripts},
                           headers={"x-api-key": KEY_B}, timeout=10)

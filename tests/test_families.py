@@ -264,7 +264,8 @@ def test_sd_on_eks_and_the_aws_extension_run_every_family(stack, storage, model)
                                      "id_task": id_task}}
         r = requests.post(stack.api_url + "/", json=body, headers=HEADERS, timeout=30)
         assert r.status_code == 200, r.text
-        keys = wait_for_objects(storage, f"outputs/{id_task}/", 2)
+        folder = r.json()["output_location"].split("/", 3)[3]   # {save_dir}/{owner}/{id_task}
+        keys = wait_for_objects(storage, f"{folder}/", 2)
         assert Image.open(io.BytesIO(storage.get(keys[0]))).size == (128, 96)   # A1111 bodies name the size
 
     for task_type, extra in (("txt2img", {}), ("img2img", {"init_images": [data_url(gradient(200, 136))],

@@ -25,7 +25,7 @@ from common.sidecars import build_sidecar
 from common.jobspec import JobSpec
 from common.logs import log_context
 from common.queue import GENERATE_TASK, hand_over_callback
-from common.storage import Storage
+from common.storage import Storage, task_metadata
 from common.store import Claim, NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
 from worker.assets import asset_dirs, ensure_assets
 from worker.generation import (DROPPING, BatchMember, GenerationResult, generate, generate_batch, is_out_of_memory,
@@ -110,7 +110,7 @@ def upload_images(ctx: JobContext, task_id: str, spec: JobSpec, result: Generati
         for n, (image, seed, copy) in enumerate(zip(result.images, result.seeds, copies)):
             text = build_infotext(spec, seed, image.width, image.height, result.scheduler, VERSION)
             data = encode_image(image, ext, text, ctx.settings.worker.png_level)
-            metadata = {"seed": str(seed), "task-id": task_id}
+            metadata = {"seed": str(seed), **task_metadata(task_id)}
             key = output_key(ctx, task_id, spec, n)
             for target in (key, copy) if copy else (key,):
                 ctx.storage.put(target, data, CONTENT_TYPES[ext], metadata=metadata)
@@ -141,7 +141,8 @@ def write_sidecar(ctx: JobContext, task: Task, status: TaskStatus, fields: dict)
     error = None if status is TaskStatus.COMPLETED else fields.get("error") or status.value
     try:
         document = build_sidecar(task.spec, task.id, fields.get("seeds") or [], urls, error)
-        ctx.storage.put(task.spec.sidecar_key, json.dumps(document, ensure_ascii=False).encode(), "application/json")
+        ctx.storage.put(task.spec.sidecar_key, json.dumps(document, ensure_ascii=False).encode(), "application/json",
+                        metadata=task_metadata(task.id))   # the task's owner alone may read it (EKS image_link)
     except Exception:  # noqa: BLE001 - the job's own outcome must still be recorded
         log.exception("could not write %s for task %s", task.spec.sidecar_key, task.id)
 

@@ -26,6 +26,7 @@ from common.loratags import extract_loras
 from common.families import FLOW
 from common.samplers import (FLOW_FALLBACK, FLOW_SCHEDULE_TYPES, find_sampler, find_schedule_type, is_known_sampler,
                              samplers_for, scheduler_for)
+from common.storage import task_metadata
 from common.store import Task, TaskStatus
 
 
@@ -264,11 +265,12 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         if len(data["init_images"]) > 1:
             warnings.append("init_images: only the first image is used")
         init_key = svc.storage.input_key(task_id, f"init.{init.format}")
-        svc.storage.put(init_key, init.data, init.content_type)
+        svc.storage.put(init_key, init.data, init.content_type, metadata=task_metadata(task_id))
         strength = data["denoising_strength"]
         if data.get("mask") is not None:
             mask_key = svc.storage.input_key(task_id, "mask.png")
-            svc.storage.put(mask_key, prepared_mask(data, (width, height)), "image/png")
+            svc.storage.put(mask_key, prepared_mask(data, (width, height)), "image/png",
+                            metadata=task_metadata(task_id))
     prompt, loras = prompt_loras(svc, data["prompt"], warnings, model, extra_loras)
     return JobSpec(
         prompt=prompt, negative_prompt=data.get("negative_prompt") or None, model=model.name,

@@ -3,12 +3,14 @@
 Why a translator: the body is A1111 parameters plus `alwayson_scripts`
 (task, sd_model_checkpoint, id_task, uid, save_dir); it becomes the same
 canonical job, whose images the worker writes under
-s3://{bucket}/{save_dir}/{id_task}/, with the original's response-<uuid>.out
-JSON beside them. The call answers at once. The client's id_task is an
-idempotency key: the task id is derived from (key, id_task), and the atomic
-create refuses a second job with the same id. image-to-image takes
-init_images, or image_link URLs (http(s), SSRF-guarded, or s3:// in the
-service's bucket) that the API fetches.
+s3://{bucket}/{save_dir}/{owner}/{id_task}/ (owner: the key's owner id), with
+the original's response-<uuid>.out JSON beside them. The call answers at
+once. The client's id_task is an idempotency key per key: the task id is
+derived from (key, id_task), and the atomic create refuses a second job with
+the same id; another key's same id_task is a job of its own, in its own
+folder. image-to-image takes init_images, or image_link URLs (http(s),
+SSRF-guarded, or s3:// in the service's bucket: the caller's own objects
+only) that the API fetches.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from marshmallow import ValidationError
 from api.auth import current_key
 from api.dialects.a1111 import find_checkpoint
 from api.dialects.eks import schemas
-from api.dialects.eks.translate import DIALECT, build_eks_jobspec, eks_task_id, fetch_images, output_location
+from api.dialects.eks.translate import (DIALECT, build_eks_jobspec, earlier_location, eks_task_id, fetch_images,
+                                       output_location)
 from api.downloads import DownloadRefused
 from api.errors import DIALECT_RENDERERS, detail_text, flatten_messages, json_error
 from api.init_image import InitImageError
@@ -68,18 +71,21 @@ def submit():
         return eks_error(400, f"sd_model_checkpoint {scripts['sd_model_checkpoint']!r} not found")
     if not current_key().may_use_model(model.name):
         return eks_error(403, f"this API key may not use model {model.name!r}")
+    owner = current_key().owner
+    task_id = eks_task_id(owner, str(scripts["id_task"]))
+    earlier = earlier_location(svc, task_id, owner)
+    location = earlier or output_location(scripts, owner)
     answer = {"id_task": str(scripts["id_task"]), "task": scripts["task"],
               "sd_model_checkpoint": scripts["sd_model_checkpoint"],
-              "output_location": f"s3://{svc.storage.bucket}/{output_location(scripts)}"}
-    task_id = eks_task_id(current_key().owner, answer["id_task"])
-    if not svc.store.exists(task_id):   # a resubmission fetches and uploads nothing either
+              "output_location": f"s3://{svc.storage.bucket}/{location}"}
+    if earlier is None:   # a resubmission fetches and uploads nothing either
         fetched: list[str] = []
         if schemas.TASKS[scripts["task"]] == "img2img" and scripts["image_link"]:
             try:
                 data["init_images"] = fetch_images(svc, scripts["image_link"], fetched)
             except (DownloadRefused, InitImageError) as exc:
                 return eks_error(400, f"image_link: {exc}")
-        submit_job(svc, current_key().owner, build_eks_jobspec(svc, data, model, task_id, fetched), task_id)
+        submit_job(svc, owner, build_eks_jobspec(svc, data, model, task_id, fetched, location), task_id)
     return jsonify(answer)
 
 

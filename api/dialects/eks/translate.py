@@ -1,8 +1,10 @@
 """SD on EKS's translation: a validated body -> the canonical JobSpec, written where the original writes.
 
-Why: the job's images go to s3://{bucket}/{save_dir}/{id_task}/ with the
-original's response-<uuid>.out JSON beside them; the client's id_task is an
-idempotency key (the task id is derived from the key and id_task).
+Why: the job's images go to s3://{bucket}/{save_dir}/{owner}/{id_task}/ with
+the original's response-<uuid>.out JSON beside them; the client's id_task is
+an idempotency key per API key (the task id is derived from the key and
+id_task), and the owner id in the folder keeps two keys' jobs of the same
+id_task (or a chosen save_dir) from ever writing the same object.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from api.downloads import fetch_link
 from api.init_image import InitImage, image_from_bytes
 from api.services import Services
 from common.catalog import ModelInfo
+from common.errors import TaskNotFound
 from common.jobspec import JobSpec
+from common.storage import OWNER_META, TASK_ID_META
 
 
 DIALECT = "eks"
@@ -26,9 +30,38 @@ def eks_task_id(owner: str, id_task: str) -> str:
     return "eks-" + hashlib.sha256(f"{owner}\0{id_task}".encode()).hexdigest()[:32]
 
 
-def output_location(scripts: dict) -> str:
-    """{save_dir}/{id_task}: where the job's images and its .out file go in the bucket."""
-    return f"{scripts['save_dir'].strip('/')}/{scripts['id_task']}"
+def output_location(scripts: dict, owner: str) -> str:
+    """{save_dir}/{owner}/{id_task}: where the job's images and its .out file go in the bucket.
+
+    The owner id (`k_` and 20 hex digits, see api/auth.py) sits right above
+    id_task (which has no '/'), so the folders of two keys differ whatever
+    save_dir and id_task each chooses, and none is a task id of the other
+    dialects' folders ({storage.prefix}/{task_id}, {aws.output_prefix}/{job}).
+    """
+    return f"{scripts['save_dir'].strip('/')}/{owner}/{scripts['id_task']}"
+
+
+def earlier_location(svc: Services, task_id: str, owner: str) -> str | None:
+    """Where this key's job of the same id_task writes, if it has one: a resubmission answers that folder
+    (whatever save_dir it now sends), so output_location always says where the images are."""
+    try:
+        return svc.store.get_owned(task_id, owner).spec.output_prefix
+    except TaskNotFound:
+        return None
+
+
+def readable_by(svc: Services, owner: str, metadata: dict[str, str]) -> bool:
+    """Whether `owner` may read a bucket object with this user metadata (an s3:// image_link).
+
+    A task's files (images, init images, side files) are their task owner's, an
+    uploaded checkpoint's files their uploader's; a file that names no owner
+    was put there by the operator and is readable by every key. Anything else
+    answers as a missing object.
+    """
+    task_id = metadata.get(TASK_ID_META)
+    if task_id:
+        return svc.store.owner_of(task_id) == owner
+    return metadata.get(OWNER_META, owner) == owner
 
 
 def fetch_images(svc: Services, image_link: str, warnings: list[str]) -> list[InitImage]:
@@ -37,17 +70,17 @@ def fetch_images(svc: Services, image_link: str, warnings: list[str]) -> list[In
     if len(links) > 1:
         warnings.append(f"image_link: only the first of {len(links)} links is used")
 
-    def may_read(metadata: dict[str, str]) -> bool:
-        task_id = metadata.get("task-id")
-        return not task_id or svc.store.owner_of(task_id) == current_key().owner
-
-    return [image_from_bytes(fetch_link(links[0], svc.settings, svc.storage, may_read))]
+    owner = current_key().owner
+    return [image_from_bytes(fetch_link(links[0], svc.settings, svc.storage,
+                                        lambda metadata: readable_by(svc, owner, metadata)))]
 
 
-def build_eks_jobspec(svc: Services, data: dict, model: ModelInfo, task_id: str, fetched: list[str]) -> JobSpec:
-    """The body (validated, images fetched) -> the canonical job, with its output location and sidecar."""
+def build_eks_jobspec(svc: Services, data: dict, model: ModelInfo, task_id: str, fetched: list[str],
+                      location: str) -> JobSpec:
+    """The body (validated, images fetched) -> the canonical job, written at `location` (output_location's)
+    with its sidecar."""
     scripts = data["alwayson_scripts"]
-    id_task, mode, location = str(scripts["id_task"]), TASKS[scripts["task"]], output_location(scripts)
+    id_task, mode = str(scripts["id_task"]), TASKS[scripts["task"]]
     data["alwayson_scripts"] = {}
     warnings = unhonoured(data, mode) + fetched
     spec = build_a1111_jobspec(svc, data, mode, task_id, warnings, model=model, dialect=DIALECT)

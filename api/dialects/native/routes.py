@@ -23,6 +23,7 @@ from api.submission import new_task_id, submit_job, wait_until_terminal
 from common.errors import TaskNotFound
 from common.queue import hand_over_callback
 from common.schedulers import SCHEDULERS, schedule_of
+from common.storage import task_metadata
 from common.store import CancelOutcome, Task, TaskStatus
 
 
@@ -75,7 +76,7 @@ def generate(data: dict):
         if data["init_image"] is not None:
             image = data["init_image"]
             image_key = svc.storage.input_key(task_id, f"init.{image.format}")
-            svc.storage.put(image_key, image.data, image.content_type)
+            svc.storage.put(image_key, image.data, image.content_type, metadata=task_metadata(task_id))
         spec = build_jobspec(data, svc, current_key(), image_key)
         submit_job(svc, current_key().owner, spec, task_id)
     except BaseException:
