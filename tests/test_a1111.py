@@ -11,6 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
+from api.auth import ApiKey
 from common.infotext import parse_infotext
 from tests.conftest import KEY_A, KEY_B
 from tests.helpers import data_url, gradient
@@ -216,15 +217,15 @@ def test_a1111_client_script_runs_unmodified(sd, stack, storage):
         assert r.status_code == 200, r.text
         assert r.json()["images"] == []
         seeds += json.loads(r.json()["info"])["all_seeds"]
-    day = time.strftime("%Y-%m-%d")
-    listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=f"outputs/txt2img-images/{day}/")
+    folder = f"outputs/txt2img-images/{ApiKey(KEY_B, 'b').owner}/{time.strftime('%Y-%m-%d')}"   # this key's copies
+    listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=f"{folder}/")
     names = sorted(o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", []))
     mine = [n for n in names if int(n.split("-", 1)[1].split(".")[0]) in seeds]
     assert len(mine) == 8
     numbers = sorted(int(n.split("-")[0]) for n in mine)
     assert numbers == list(range(numbers[0], numbers[0] + 8))       # NNNNN numbered on, as A1111 does
     first = next(n for n in mine if int(n.split("-")[0]) == numbers[0])
-    saved = Image.open(io.BytesIO(storage.get(f"outputs/txt2img-images/{day}/{first}")))
+    saved = Image.open(io.BytesIO(storage.get(f"{folder}/{first}")))
     assert saved.size == (480, 264) and "parameters" in saved.info
 
 

@@ -95,7 +95,9 @@ DEFICIT = Key("deficit:{queue}", "string",
 IDEMPOTENCY = Key("idem:{owner}:{digest}", "string",
                   "`<task id> <sha256 of the body>` a native submission's Idempotency-Key (sha256 `digest`) "
                   "answered with; 24 h")
-SEQUENCE = Key("seq:{folder}", "string (counter)", "AUTOMATIC1111 `save_images` file numbering, per output folder")
+SEQUENCE = Key("seq:{folder}", "string (counter)",
+               "AUTOMATIC1111 `save_images` file numbering, per output folder (one per key and day: the folder "
+               "carries the key's owner id)")
 A1111_OPTIONS = Key("a1111:options:{owner}", "hash", "an API key's AUTOMATIC1111 `/options`")
 A1111_CURRENT = Key("a1111:current:{owner}", "string",
                     "an API key's latest AUTOMATIC1111 job (for `/progress`, `/interrupt`); 1 h")

@@ -41,6 +41,12 @@ A1111_FIELDS = {"model": "sd_model_checkpoint", "width": "width", "height": "hei
                 "negative_prompt": "negative_prompt", "refiner": "refiner_checkpoint"}
 
 
+def saved_copy_dir(mode: str, owner: str) -> str:
+    """Where `save_images` copies go: the web UI's folder, then the key's owner id, so that each key's copies
+    are numbered on their own (one counter per folder) and never sit among another key's."""
+    return f"{OUTDIRS[mode]}/{owner}"
+
+
 def model_title(model: ModelInfo) -> str:
     return f"{model.name} [{model_sha256(model)[:10]}]"
 
@@ -278,7 +284,8 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         num_inference_steps=data["steps"], guidance_scale=data["cfg_scale"], strength=strength,
         scheduler=scheduler, scheduler_config=config, sampler_name=sampler_name, seed=resolve_seed(data["seed"]),
         init_image_key=init_key, mask_image_key=mask_key,
-        loras=loras, dialect=dialect, save_copy_dir=OUTDIRS[mode] if data.get("save_images") else None,
+        loras=loras, dialect=dialect,
+        save_copy_dir=saved_copy_dir(mode, current_key().owner) if data.get("save_images") else None,
         refiner=refiner.name if refiner else None,
         refiner_switch=switch if refiner else None, family=model.family,
     )
