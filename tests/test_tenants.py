@@ -49,7 +49,6 @@ NO_OBJECT = {
     ("GET", "/docs"): "the API description",
     ("GET", "/redoc"): "the API description",
     ("GET", "/static/<path:filename>"): "Flask's static files",
-    ("POST", "/api/v1/generate"): "creates a task; names only shared models and LoRAs",
     ("GET", "/api/v1/models"): "the shared model directory",
     ("GET", "/api/v1/schedulers"): "a fixed list",
     ("GET", "/api/v1/loras"): "the shared LoRA directory",
@@ -84,8 +83,9 @@ def covers(*routes: tuple[str, str]) -> Callable:
 class Caller:
     base: str
 
-    def __call__(self, method: str, path: str, key: str, **kw: Any) -> requests.Response:
-        return requests.request(method, self.base + path, headers={"X-API-Key": key}, timeout=120, **kw)
+    def __call__(self, method: str, path: str, key: str, headers: dict | None = None, **kw: Any) -> requests.Response:
+        return requests.request(method, self.base + path, headers={"X-API-Key": key, **(headers or {})}, timeout=120,
+                                **kw)
 
 
 def normalised(response: requests.Response, ids: list[str]) -> tuple:
@@ -215,6 +215,26 @@ def native_tasks(w: World) -> None:
     assert w.call("GET", f"/api/v1/tasks/{w.task}", KEY_A).json()["status"] == "completed"
     assert w.task not in {t["task_id"] for t in w.call("GET", "/api/v1/tasks?limit=100", KEY_B).json()["tasks"]}
     assert w.task in {t["task_id"] for t in w.call("GET", "/api/v1/tasks?limit=100", KEY_A).json()["tasks"]}
+
+
+@covers(("POST", "/api/v1/generate"))
+def native_idempotency_keys(w: World) -> None:
+    """Another key's Idempotency-Key is a new one for this key: a new task, never A's replay or its 422."""
+    body = {"prompt": "a tenant's retried fox", "width": 64, "height": 64, "num_inference_steps": 2}
+
+    def submit(key: str, idempotency: str, **changes: Any) -> requests.Response:
+        return w.call("POST", "/api/v1/generate", key, headers={"Idempotency-Key": idempotency},
+                      json={**body, **changes})
+
+    for changes in ({}, {"prompt": "another body"}):   # for A: the same body is a replay, another a 422
+        mine, fresh = f"tenant-idem-{uuid.uuid4().hex}", f"tenant-idem-{uuid.uuid4().hex}"
+        first = submit(KEY_A, mine)
+        assert first.status_code == 202 and submit(KEY_A, mine).headers.get("Idempotent-Replayed") == "true"
+        foreign, new = submit(KEY_B, mine, **changes), submit(KEY_B, fresh, **changes)
+        ids = [foreign.json().get("task_id", "-"), new.json().get("task_id", "-")]
+        assert foreign.status_code == 202 and ids[0] != first.json()["task_id"], foreign.text
+        assert normalised(foreign, ids[:1]) == normalised(new, ids[1:])
+        assert "Idempotent-Replayed" not in foreign.headers
 
 
 @covers(("GET", "/inference/get-inference-job"), ("GET", "/inference/get-inference-job-image-output"),
