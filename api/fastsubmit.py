@@ -53,6 +53,8 @@ class FastSubmit:
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != ROUTE or environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start_response)
+        if self.svc.keys.match(environ.get(self.header_env)) is None:
+            return self.app(environ, start_response)   # no body is read for a request without a valid key
         started = time.perf_counter()
         body = self.read_body(environ)
         if body is not None:
