@@ -67,6 +67,23 @@ class _SettingBounds:
         self._bounds = (self._bounds[0], bound)
 
 
+class JsonSize(validate.Validator):
+    """A free-form value (a dict or list a client may fill with anything) is at most
+    `limits.max_extra_bytes` once serialised: such values are stored with the job (echoed parameters)."""
+
+    def __call__(self, value: Any) -> Any:
+        import orjson
+
+        most = services().settings.limits.max_extra_bytes
+        try:
+            size = len(orjson.dumps(value))
+        except TypeError:
+            raise ValidationError("must be plain JSON") from None
+        if size > most:
+            raise ValidationError(f"is {size} bytes as JSON; at most {most} (limits.max_extra_bytes)")
+        return value
+
+
 class SettingRange(_SettingBounds, validate.Range):
     """validate.Range whose bounds may be Settings."""
 

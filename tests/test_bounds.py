@@ -69,3 +69,23 @@ def test_the_stack_s_redis_refuses_writes_when_full_and_never_evicts(rds):
             rds.set("sdq-test:oom-probe", "x")
     finally:
         rds.config_set("maxmemory", before)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("script_args", ["x" * 70_000]),
+    ("comments", {"note": "x" * 70_000}),
+    ("alwayson_scripts", {"controlnet": {"args": ["x" * 70_000]}}),
+    ("override_settings", {"junk": "x" * 70_000}),
+    ("styles", [f"style {n}" for n in range(33)]),
+])
+def test_free_form_a1111_fields_are_bounded(stack, field, value):
+    """They travel with the job (its echoed parameters, in Redis for days): at most limits.max_extra_bytes."""
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64, field: value}
+    r = requests.post(f"{stack.api_url}/sdapi/v1/txt2img", json=body, auth=("anyone", KEY_A), timeout=60)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][1] == field, r.text
+
+
+def test_a1111_options_are_bounded(stack):
+    r = requests.post(f"{stack.api_url}/sdapi/v1/options", json={"junk": "x" * 70_000}, auth=("anyone", KEY_A),
+                      timeout=30)
+    assert r.status_code == 422, r.text

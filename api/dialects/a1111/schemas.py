@@ -11,8 +11,8 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from api.init_image import InitImageError, decode_init_image
-from api.schemas import (MAX_SEED, BaseSchema, InitImageField, LooseInteger, SettingLength, SettingRange, StrictFloat,
-                         limit)
+from api.schemas import (MAX_SEED, BaseSchema, InitImageField, JsonSize, LooseInteger, SettingLength, SettingRange,
+                         StrictFloat, limit)
 from api.services import services
 
 
@@ -38,6 +38,7 @@ class ImageList(fields.List):
         return images
 
 
+MAX_STYLES = 32   # A1111 style names a request may list (kept in its echoed parameters)
 SIZE = dict(load_default=None, allow_none=True, validate=SettingRange(limit("min_size"), limit("max_size", plus=7)),
             metadata={"description": "Pixels; rounded down to a multiple of 8 as A1111's latent space does (16 for "
                                      "SD3 and Flux). Default: 512 for SD 1.x/2.x as A1111; the model's native "
@@ -49,7 +50,8 @@ class Txt2ImgRequest(BaseSchema):
 
     prompt = fields.String(load_default="", validate=SettingLength(max=limit("max_prompt_chars")))
     negative_prompt = fields.String(load_default="", allow_none=True, validate=SettingLength(max=limit("max_prompt_chars")))
-    styles = fields.List(fields.String(), load_default=list, allow_none=True,
+    styles = fields.List(fields.String(validate=validate.Length(max=256)), load_default=list, allow_none=True,
+                         validate=validate.Length(max=MAX_STYLES),
                          metadata={"description": "Accepted; sdqueue has no style presets (reported in info)"})
     seed = LooseInteger(load_default=-1, allow_none=True, validate=validate.Range(-1, MAX_SEED),
                         metadata={"description": "-1: random; image n uses seed + n"})
@@ -83,7 +85,7 @@ class Txt2ImgRequest(BaseSchema):
     s_tmax = StrictFloat(load_default=None, allow_none=True)
     s_tmin = StrictFloat(load_default=None, allow_none=True)
     s_noise = StrictFloat(load_default=None, allow_none=True)
-    override_settings = fields.Dict(keys=fields.String(), load_default=None, allow_none=True, metadata={
+    override_settings = fields.Dict(keys=fields.String(), load_default=None, allow_none=True, validate=JsonSize(), metadata={
         "description": "sd_model_checkpoint picks the model for this request; others are reported in info"})
     override_settings_restore_afterwards = fields.Boolean(load_default=True)
     refiner_checkpoint = fields.String(load_default=None, allow_none=True, metadata={
@@ -91,7 +93,7 @@ class Txt2ImgRequest(BaseSchema):
     refiner_switch_at = StrictFloat(load_default=None, allow_none=True, metadata={
         "description": "Fraction of the steps before the refiner takes over (default 0.8; 1: no refiner pass)"})
     disable_extra_networks = fields.Boolean(load_default=False)
-    comments = fields.Dict(load_default=None, allow_none=True)
+    comments = fields.Dict(load_default=None, allow_none=True, validate=JsonSize())
     enable_hr = fields.Boolean(load_default=False)
     firstphase_width = LooseInteger(load_default=0)
     firstphase_height = LooseInteger(load_default=0)
@@ -102,11 +104,11 @@ class Txt2ImgRequest(BaseSchema):
     hr_resize_y = LooseInteger(load_default=0)
     force_task_id = fields.String(load_default=None, allow_none=True)
     script_name = fields.String(load_default=None, allow_none=True)
-    script_args = fields.List(fields.Raw(), load_default=list)
+    script_args = fields.List(fields.Raw(), load_default=list, validate=JsonSize())
     send_images = fields.Boolean(load_default=True)
     save_images = fields.Boolean(load_default=False, metadata={
         "description": "Also store the images as outputs/txt2img-images/YYYY-MM-DD/NNNNN-SEED.png in the bucket"})
-    alwayson_scripts = fields.Dict(keys=fields.String(), load_default=dict, metadata={
+    alwayson_scripts = fields.Dict(keys=fields.String(), load_default=dict, validate=JsonSize(), metadata={
         "description": "Accepted; scripts sdqueue does not run are named in info's warnings"})
     infotext = fields.String(load_default=None, allow_none=True)
 
@@ -150,10 +152,15 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 
 class OptionsUpdate(BaseSchema):
-    """POST /sdapi/v1/options: any option names; sd_model_checkpoint must name a model."""
+    """POST /sdapi/v1/options: any option names (stored per key, so bounded in size); sd_model_checkpoint must
+    name a model."""
 
     class Meta:
         unknown = "include"
+
+    @validates_schema
+    def bounded(self, data: dict, **_: Any) -> None:
+        JsonSize()(data)
 
 
 class PngInfoRequest(BaseSchema):
