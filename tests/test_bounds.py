@@ -89,3 +89,27 @@ def test_a1111_options_are_bounded(stack):
     r = requests.post(f"{stack.api_url}/sdapi/v1/options", json={"junk": "x" * 70_000}, auth=("anyone", KEY_A),
                       timeout=30)
     assert r.status_code == 422, r.text
+
+
+UNLIMITED = {   # endpoints no API key reaches, with why they carry no per-key limit
+    "static": "Flask's static files (unused)",
+    "api-docs.openapi_json": "the API description, the same for everyone",
+    "api-docs.openapi_redoc": "the API description, the same for everyone",
+    "api-docs.openapi_swagger_ui": "the API description, the same for everyone",
+    "health.health": "probes of load balancers and orchestrators (no key)",
+    "health.api_health": "probes of load balancers and orchestrators (no key)",
+    "metrics": "Prometheus (metrics.token, not an API key)",
+}
+
+
+def test_every_route_a_key_calls_has_a_rate_limit(monkeypatch):
+    """Reads and writes count against the key's read or submit limit; a new route without one fails here."""
+    from api import create_app
+    from api.limits import SCOPE_ATTRIBUTE
+
+    monkeypatch.setenv("SDQ_CONFIG", os.devnull)
+    monkeypatch.setenv("SDQ_API_KEYS", "unit-key")
+    app = create_app()
+    unmarked = {rule.endpoint for rule in app.url_map.iter_rules()
+                if getattr(app.view_functions[rule.endpoint], SCOPE_ATTRIBUTE, None) is None}
+    assert unmarked == set(UNLIMITED)

@@ -121,6 +121,7 @@ def img2img(data: dict):
 
 
 @blp.route("/options", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def get_options():
     """A1111's options; sd_model_checkpoint is this key's default model."""
@@ -129,6 +130,7 @@ def get_options():
 
 
 @blp.route("/options", methods=["POST"])
+@submit_limited
 @blp.arguments(schemas.OptionsUpdate(), location="json")
 @blp.doc(security=SECURITY)
 def set_options(data: dict):
@@ -146,6 +148,7 @@ def set_options(data: dict):
 
 
 @blp.route("/sd-models", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def sd_models():
     """Models in the model directory, titled `name [shorthash]` as A1111 does, with sdqueue's `family`."""
@@ -159,6 +162,7 @@ def sd_models():
 
 
 @blp.route("/samplers", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def samplers():
     return jsonify([{"name": s.name, "aliases": list(s.aliases), "options": {"scheduler": s.scheduler}}
@@ -166,6 +170,7 @@ def samplers():
 
 
 @blp.route("/schedulers", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def schedulers():
     return jsonify([{"name": SCHEDULE_NAMES[label], "label": label, "aliases": None,
@@ -174,6 +179,7 @@ def schedulers():
 
 
 @blp.route("/loras", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def loras():
     return jsonify([{"name": name, "alias": name, "path": str(path.resolve()), "metadata": {}}
@@ -181,6 +187,7 @@ def loras():
 
 
 @blp.route("/sd-vae", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def sd_vae():
     """Every model's own VAE is used; there are no separate VAE files."""
@@ -188,6 +195,7 @@ def sd_vae():
 
 
 @blp.route("/upscalers", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def upscalers():
     return jsonify([{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
@@ -195,12 +203,14 @@ def upscalers():
 
 
 @blp.route("/embeddings", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def embeddings():
     return jsonify({"loaded": {}, "skipped": {}})
 
 
 @blp.route("/memory", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def memory():
     """RAM of this API host; GPU memory lives on the workers (see GET /health)."""
@@ -208,6 +218,7 @@ def memory():
 
 
 @blp.route("/cmd-flags", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def cmd_flags():
     settings = services().settings
@@ -228,6 +239,7 @@ def progress(query: dict):
 
 
 @blp.route("/interrupt", methods=["POST"])
+@submit_limited
 @blp.doc(security=SECURITY)
 def interrupt():
     """Stop the caller's current job at its next step; its call answers with no images."""
@@ -236,6 +248,7 @@ def interrupt():
 
 
 @blp.route("/skip", methods=["POST"])
+@submit_limited
 @blp.doc(security=SECURITY)
 def skip():
     """As interrupt: a job's batches run as one unit in sdqueue."""
@@ -244,6 +257,7 @@ def skip():
 
 
 @blp.route("/refresh-checkpoints", methods=["POST"])
+@submit_limited
 @blp.doc(security=SECURITY)
 def refresh_checkpoints():
     services().catalog.refresh_now()
@@ -251,6 +265,7 @@ def refresh_checkpoints():
 
 
 @blp.route("/png-info", methods=["POST"])
+@submit_limited
 @blp.arguments(schemas.PngInfoRequest(), location="json")
 @blp.doc(security=SECURITY)
 def png_info_route(data: dict):

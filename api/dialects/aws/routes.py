@@ -184,6 +184,7 @@ def json_body(schema: Schema, description: str) -> dict:
 
 
 @blp.route("/inference/test-connection", methods=["GET"])
+@read_limited
 @blp.doc(security=SECURITY)
 def test_connection():
     """Whether the client reaches the API with a valid key."""
@@ -244,6 +245,7 @@ def list_endpoints():
 
 
 @blp.route("/endpoints", methods=["POST"])
+@submit_limited
 @blp.doc(security=SECURITY, requestBody=json_body(schemas.EndpointCreate(), "or {\"delete_endpoint_list\": [...]}"))
 def post_endpoints():
     """Record a pool and its desired replicas; with `delete_endpoint_list`, forget pools (as the extension's samples do)."""
@@ -264,6 +266,7 @@ def post_endpoints():
 
 
 @blp.route("/endpoints", methods=["DELETE"])
+@submit_limited
 @blp.arguments(schemas.EndpointDelete(), location="json")
 @blp.doc(security=SECURITY)
 def delete_endpoints_route(data: dict):

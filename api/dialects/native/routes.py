@@ -138,6 +138,7 @@ def get_task(query: dict, task_id: str):
 
 
 @blp.route("/tasks/<string:task_id>", methods=["DELETE"])
+@submit_limited
 @blp.response(200, schemas.TaskSchema)
 @blp.alt_response(202, schema=schemas.TaskSchema, description="Cancel requested; the job stops at its next step")
 @blp.alt_response(409, description="The task already completed or failed")
@@ -173,6 +174,7 @@ def list_tasks(query: dict):
 
 
 @blp.route("/models", methods=["GET"])
+@read_limited
 @blp.response(200, schemas.ModelListSchema)
 @blp.doc(security=SECURITY)
 def list_models():
@@ -185,6 +187,7 @@ def list_models():
 
 
 @blp.route("/schedulers", methods=["GET"])
+@read_limited
 @blp.response(200, schemas.SchedulerListSchema)
 @blp.doc(security=SECURITY)
 def list_schedulers():
@@ -194,6 +197,7 @@ def list_schedulers():
 
 
 @blp.route("/loras", methods=["GET"])
+@read_limited
 @blp.response(200, schemas.LoraListSchema)
 @blp.doc(security=SECURITY)
 def list_loras():
