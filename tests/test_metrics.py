@@ -104,6 +104,7 @@ def test_queue_depth_per_queue_and_priority(stack, rds):
     rds.zadd(key, {"h1": now_ms, "n1": PRIORITY_SPAN + now_ms, "l1": 2 * PRIORITY_SPAN + now_ms,
                    "l2": 2 * PRIORITY_SPAN + now_ms + 1})
     rds.zadd(f"{key}:m:sdq-tiny", {"h1": now_ms, "l1": 2 * PRIORITY_SPAN + now_ms})
+    rds.sadd(keys.PENDING_INDEXES(), key, f"{key}:m:sdq-tiny")   # as the create step records them (no SCAN)
     try:
         families = scrape(stack.api_url + "/metrics")
     finally:
@@ -373,3 +374,16 @@ def test_compose_monitoring_profile():
     assert result.returncode == 0, result.stderr
     rendered = yaml.safe_load(result.stdout)["services"]
     assert {"prometheus", "grafana"} <= set(rendered)
+
+
+def test_a_scrape_scans_no_keyspace_and_forgets_emptied_indexes(stack, api, rds):
+    """Queue depths come from the registry the create step writes: a scrape never SCANs; an index whose jobs
+    all left is pruned from it."""
+    from common.store import keys
+
+    api.run(**FAST)
+    rds.sadd(keys.PENDING_INDEXES(), keys.PENDING("long-gone-queue"))
+    before = rds.info("commandstats").get("cmdstat_scan", {}).get("calls", 0)
+    scrape(stack.api_url + "/metrics")
+    assert rds.info("commandstats").get("cmdstat_scan", {}).get("calls", 0) == before
+    assert keys.PENDING("long-gone-queue") not in rds.smembers(keys.PENDING_INDEXES())

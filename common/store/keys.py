@@ -56,6 +56,9 @@ PENDING = Key("pending:{queue}", "sorted set",
               "so the order is the order workers take them in")
 PENDING_MODEL = Key("pending:{queue}:m:{model}", "sorted set",
                     "the same tasks, per model (model affinity: a worker's own jobs)")
+PENDING_INDEXES = Key("pending-indexes", "set",
+                      "names of the queue and per-model waiting indexes ever written (what /metrics counts, "
+                      "without scanning the keyspace; emptied ones are pruned at a scrape)")
 PENDING_OWNER = Key("pending-owner:{owner}", "sorted set", "an API key's waiting tasks, by time (per-key backpressure)")
 RUNNING = Key("running", "sorted set", "tasks being processed, by claim time (the reaper scans it)")
 STATS = Key("stats:jobs", "hash", "counters: `submitted`, `completed`, `failed`, `cancelled`, `requeued`")

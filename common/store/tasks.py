@@ -32,7 +32,7 @@ from common.store.scripts import LuaScript
 DELIVERY_TTL = 24 * 3600   # how long a delivery remembers the job it took (beyond any job time limit)
 STATUS_SCAN_LIMIT = 2000   # listing with a status filter scans at most this many of an owner's newest tasks
 DEFICIT_TTL = 3600         # the reaper's memory of missing deliveries outlives any pause between its passes
-MAX_SCANNED_KEYS = 2000    # pending:* keys looked at per metrics scrape (queues and per-model indexes)
+MAX_SCANNED_KEYS = 2000    # waiting indexes counted per metrics scrape (queues and per-model indexes)
 IDEMPOTENCY_SECONDS = 24 * 3600   # a native Idempotency-Key answers with its first task this long
 
 
@@ -194,7 +194,7 @@ class TaskStore:
         outcome = self._evalsha_direct(
             self._create,
             [keys.TASK(task_id), keys.OWNER_TASKS(owner), message.list_key if message else "", keys.PENDING(queue),
-             keys.PENDING_MODEL(queue, spec.model), keys.PENDING_OWNER(owner), keys.STATS()],
+             keys.PENDING_MODEL(queue, spec.model), keys.PENDING_OWNER(owner), keys.STATS(), keys.PENDING_INDEXES()],
             [task_id, stamp, self.retention, message.payload if message else "", orjson.dumps(fields),
              pending_score(spec.priority, now), max_pending, max_pending_owner])
         if outcome[0] == "queue_full":
@@ -334,14 +334,22 @@ class TaskStore:
         return QueueFigures(stats, running, depth, model_depth)
 
     def _waiting_indexes(self, queues: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
-        """Queue names (given ones plus those with a pending index) and (queue, model) per-model indexes."""
+        """Queue names (given ones plus those with a pending index) and (queue, model) per-model indexes,
+        from the registry the create and requeue steps write (no keyspace scan); emptied indexes pruned."""
         prefix = keys.PENDING.prefix()
         infix = keys.PENDING_MODEL.prefix("")[len(prefix):]
+        names = sorted(self.client.smembers(keys.PENDING_INDEXES()))[:MAX_SCANNED_KEYS]
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(name)
+        gone = [name for name, alive in zip(names, pipe.execute()) if not alive]
+        if gone:   # a create may re-add one at any time: it records the name again
+            self.client.srem(keys.PENDING_INDEXES(), *gone)
         model_keys = []
-        for n, key in enumerate(self.client.scan_iter(match=prefix + "*", count=500)):
-            if n >= MAX_SCANNED_KEYS:
-                break
-            queue, found, model = key[len(prefix):].partition(infix)
+        for name in names:
+            if name in gone:
+                continue
+            queue, found, model = name[len(prefix):].partition(infix)
             if found:
                 model_keys.append((queue, model))
             else:
@@ -478,7 +486,7 @@ class TaskStore:
             [keys.TASK(job.task_id), keys.RUNNING(), message.list_key, keys.PENDING(job.queue),
              "" if job.model is None else keys.PENDING_MODEL(job.queue, job.model),
              "" if job.owner is None else keys.PENDING_OWNER(job.owner), keys.STATS(), keys.EVENTS(job.task_id),
-             keys.CALLBACK_OUTBOX()],
+             keys.CALLBACK_OUTBOX(), keys.PENDING_INDEXES()],
             [job.task_id, job.worker, job.attempt, repr(time.time()), max_attempts, self.retention, message.payload,
              front_score(job.priority)])
         return Requeue(RequeueOutcome(outcome), int(attempt[0]) if attempt else 0)

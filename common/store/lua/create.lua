@@ -1,10 +1,10 @@
 -- create: write a new pending task, index it and enqueue its Celery message, in one atomic call.
--- KEYS: task, owner_tasks, broker_list, pending, pending_model, pending_owner, stats
+-- KEYS: task, owner_tasks, broker_list, pending, pending_model, pending_owner, stats, registry
 -- ARGV: id, now, retention, message (or ''), fields (JSON), score, max pending in queue (0: none),
 --       max pending of the owner (0: none)
 -- Returns {'created'}, {'exists'}, {'queue_full', waiting} or {'owner_full', waiting}.
 -- include: lib
-local task, owner_tasks, broker_list, pending, pending_model, pending_owner, stats = unpack(KEYS)
+local task, owner_tasks, broker_list, pending, pending_model, pending_owner, stats, registry = unpack(KEYS)
 local id, now, retention = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('EXISTS', task) == 1 then return {'exists'} end
 local waiting = redis.call('ZCARD', pending)
@@ -16,7 +16,7 @@ local flat = {}
 for k, v in pairs(cjson.decode(ARGV[5])) do flat[#flat + 1] = k; flat[#flat + 1] = v end
 redis.call('HSET', task, unpack(flat))
 redis.call('EXPIRE', task, retention)
-index(id, ARGV[6], now, retention, pending, pending_model, pending_owner)
+index(id, ARGV[6], now, retention, pending, pending_model, pending_owner, registry)
 redis.call('ZADD', owner_tasks, now, id)
 redis.call('EXPIRE', owner_tasks, retention)
 redis.call('HINCRBY', stats, 'submitted', 1)

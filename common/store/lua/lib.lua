@@ -16,10 +16,13 @@ local function unindex(id, pending, pending_model, pending_owner)
   if pending_owner then redis.call('ZREM', pending_owner, id) end
 end
 
--- Put a task in the waiting indexes: by score in its queue and model, by time in its owner's.
-local function index(id, score, now, retention, pending, pending_model, pending_owner)
+-- Put a task in the waiting indexes: by score in its queue and model, by time in its owner's; the queue and
+-- model index names are recorded in `registry`.
+local function index(id, score, now, retention, pending, pending_model, pending_owner, registry)
   redis.call('ZADD', pending, score, id)
   if pending_model then redis.call('ZADD', pending_model, score, id) end
+  redis.call('SADD', registry, pending)      -- /metrics reads the index names here, never by SCAN
+  if pending_model then redis.call('SADD', registry, pending_model) end
   if pending_owner then   -- scored by time, so entries of tasks that expired while waiting can be pruned
     redis.call('ZADD', pending_owner, now, id)
     redis.call('EXPIRE', pending_owner, retention)

@@ -1,10 +1,10 @@
 -- requeue: take a job from a dead worker and put its next attempt first in its priority class.
--- KEYS: task, running, broker_list, pending, pending_model (or ''), pending_owner (or ''), stats, events, outbox
+-- KEYS: task, running, broker_list, pending, pending_model (or ''), pending_owner (or ''), stats, events, outbox, registry
 -- ARGV: id, dead worker, attempt, now, max attempts, retention, message, front score of its priority class
 -- Returns {'requeued', next attempt}, {'failed'} (it killed max attempts workers), {'cancelled'} (the client
 -- cancelled it while it ran) or {'taken'} (not that worker's attempt any more: another reaper was first).
 -- include: lib
-local task, running, broker_list, pending, pending_model, pending_owner, stats, events, outbox = unpack(KEYS)
+local task, running, broker_list, pending, pending_model, pending_owner, stats, events, outbox, registry = unpack(KEYS)
 local id, now, retention = ARGV[1], ARGV[4], ARGV[6]
 local st, worker, attempt, cancel = unpack(redis.call('HMGET', task, 'status', 'worker', 'attempt', 'cancel_requested'))
 if st ~= 'processing' or worker ~= ARGV[2] or attempt ~= ARGV[3] then return {'taken'} end
@@ -21,7 +21,7 @@ if tonumber(ARGV[3]) + 1 >= tonumber(ARGV[5]) then
 end
 local nxt = redis.call('HINCRBY', task, 'attempt', 1)
 redis.call('HSET', task, 'worker', '', 'requeued_at', now, 'updated_at', now)
-index(id, ARGV[8], now, retention, pending, opt(pending_model), opt(pending_owner))
+index(id, ARGV[8], now, retention, pending, opt(pending_model), opt(pending_owner), registry)
 redis.call('HINCRBY', stats, 'requeued', 1)
 redis.call('RPUSH', broker_list, ARGV[7])  -- consumers BRPOP: a delivery for it comes next
 return {'requeued', nxt}
