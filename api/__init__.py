@@ -68,7 +68,8 @@ def build_services(settings: Settings) -> Services:
         storage=Storage(settings),
         celery=celery,
         messages=MessageBuilder(celery),
-        keys=KeyRing(keys, settings.api.key_header, settings.tasks.max_pending_per_key),
+        keys=KeyRing(keys, settings.api.key_header, settings.tasks.max_pending_per_key, stores.auth_failures,
+                     settings.api.auth_failures_per_minute),
         catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default, settings.models.overrides),
         waits=EventHub(stores.tasks, settings.api.max_waiters),
     )

@@ -14,6 +14,7 @@ from typing import Callable
 
 from flask import g, request
 
+from common.store.authfailures import AuthFailures
 from common.store.tasks import PRIORITIES
 
 DIALECTS = ("native", "a1111", "eks", "aws", "draw")
@@ -123,11 +124,14 @@ def bearer_token() -> str | None:
 class KeyRing:
     """Looks a presented key up among the configured ones."""
 
-    def __init__(self, keys: list[ApiKey], header: str, default_max_pending: int = 0):
+    def __init__(self, keys: list[ApiKey], header: str, default_max_pending: int = 0,
+                 failures: AuthFailures | None = None, failures_per_minute: int = 0):
         self.keys = keys
         self.header = header
         self._by_owner = {k.owner: k for k in keys}
         self.default_max_pending = default_max_pending
+        self.failures = failures
+        self.failures_per_minute = failures_per_minute
 
     def max_pending(self, owner: str) -> int:
         """How many waiting jobs this key's owner may have (0: no limit)."""
@@ -161,11 +165,24 @@ class KeyRing:
         """
         key = self.match(request.headers.get(self.header)) or (self.match(extra()) if extra else None)
         if key is None:
-            return unauthorized()
+            return self.refuse(unauthorized)
         if not key.may_use_dialect(dialect):
             return forbidden()
         g.api_key = key
         return None
+
+
+    def refuse(self, unauthorized: Callable[[], object]) -> object:
+        """401, counted per client address; past api.auth_failures_per_minute, a 429 for the rest of the
+        minute to every further wrong key from that address (guessing keys gets slow; valid keys pass)."""
+        if self.failures is None or not self.failures_per_minute:
+            return unauthorized()
+        from api.errors import dialect_error
+
+        if self.failures.record(request.remote_addr or "unknown") > self.failures_per_minute:
+            return dialect_error(429, "too many requests with a wrong or missing API key from this address; "
+                                      "retry in a minute", {"Retry-After": "60"})
+        return unauthorized()
 
 
 def current_key() -> ApiKey:

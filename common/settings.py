@@ -46,6 +46,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("api.sync_timeout", int, 900, "Longest a synchronous call (A1111, /v1/draw) waits for its job."),
     Option("api.submit_limit", str, "10/second", "Default per-key submission rate (Flask-Limiter syntax, ';' separates limits)."),
     Option("api.read_limit", str, "50/second", "Default per-key rate of status reads and listings."),
+    Option("api.auth_failures_per_minute", int, 30, "Requests with a wrong or missing key one client address may "
+           "make per minute; beyond, 429 until the minute ends (0: no limit). Behind a proxy, the proxy's address "
+           "counts unless it sets the client's (gunicorn forwarded_allow_ips)."),
     Option("api.stage_prefix", str, "/prod", "API Gateway-style stage: every route also answers under it "
            "(/prod/ for SD on EKS, /prod/inference/v2 for the AWS extension); empty: off."),
     Option("api.max_body_bytes", int, 32 * 1024 * 1024, "Largest request body accepted (init images are base64)."),

@@ -45,6 +45,7 @@ STACK_ENV = {
     # The tests' SD 1.x models run 4 steps when a request names none (the tiny families keep their own defaults).
     "SDQ_MODELS_OVERRIDES": json.dumps({"sdq-tiny": {"steps": 4}, "tiny-single.safetensors": {"steps": 4}}),
     "SDQ_DOWNLOADS_ALLOW_HOSTS": "127.0.0.2",  # the model-hub stand-in of test_aws
+    "SDQ_API_AUTH_FAILURES_PER_MINUTE": "0",   # the suite sends wrong keys on purpose; test_bounds tests the limit
 }
 
 

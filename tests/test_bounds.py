@@ -113,3 +113,28 @@ def test_every_route_a_key_calls_has_a_rate_limit(monkeypatch):
     unmarked = {rule.endpoint for rule in app.url_map.iter_rules()
                 if getattr(app.view_functions[rule.endpoint], SCOPE_ATTRIBUTE, None) is None}
     assert unmarked == set(UNLIMITED)
+
+
+def test_guessing_keys_from_one_address_is_slowed_to_a_429(stack, monkeypatch):
+    """api.auth_failures_per_minute wrong keys per client address, counted in the stack's Redis; then 429
+    for the rest of the minute. Valid keys from that address, and other addresses, go on."""
+    import uuid
+
+    from api import create_app
+
+    monkeypatch.setenv("SDQ_CONFIG", os.devnull)
+    monkeypatch.setenv("SDQ_REDIS_URL", stack.redis_url)
+    monkeypatch.setenv("SDQ_API_KEYS", KEY_A)
+    monkeypatch.setenv("SDQ_API_AUTH_FAILURES_PER_MINUTE", "3")
+    client = create_app().test_client()
+    guesser = {"REMOTE_ADDR": f"10.{uuid.uuid4().int % 250}.7.{uuid.uuid4().int % 250}"}
+    answers = [client.get("/api/v1/models", headers={"X-API-Key": f"guess-{n}"}, environ_base=guesser).status_code
+               for n in range(5)]
+    assert answers == [401, 401, 401, 429, 429]
+    refused = client.get("/api/v1/models", headers={"X-API-Key": "guess-9"}, environ_base=guesser)
+    assert refused.headers["Retry-After"] == "60" and "detail" in refused.get_json()
+    assert client.get("/api/v1/models", headers={"X-API-Key": KEY_A}, environ_base=guesser).status_code == 200
+    other = {"REMOTE_ADDR": "10.250.250.250"}
+    assert client.get("/api/v1/models", headers={"X-API-Key": "guess"}, environ_base=other).status_code == 401
+    a1111 = client.get("/sdapi/v1/sd-models", headers={"X-API-Key": "guess-a"}, environ_base=guesser)
+    assert a1111.status_code == 429                                    # one count for every dialect

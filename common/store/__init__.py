@@ -3,7 +3,7 @@
 Why one package: keys are named once (keys.py), the atomic transitions are
 Lua files that receive every key through KEYS (lua/, loaded by scripts.py),
 and each store owns one noun: tasks, worker heartbeats, pools, uploaded
-checkpoints, A1111 per-key state. `open_stores` builds them all on one client.
+checkpoints, A1111 per-key state, failed authentications. `open_stores` builds them all on one client.
 Outside it, only libraries reach Redis on their own: Celery and kombu (the
 broker; common/queue.py has kombu publish and read back its message
 templates), Flask-Limiter (rate-limit counters), and dev/localstack.py (PING).
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.store.a1111 import A1111Store
+from common.store.authfailures import AuthFailures
 from common.store.checkpoints import CheckpointStore
 from common.store.connection import redis_client
 from common.store.pools import PoolRecord, PoolStore
@@ -20,7 +21,7 @@ from common.store.results import CancelOutcome, Claim, NoPick, Picked, Requeue, 
 from common.store.tasks import PRIORITIES, Task, TaskStatus, TaskStore
 from common.store.workers import WorkerInfo, WorkerRegistry, WorkerState
 
-__all__ = ["A1111Store", "CancelOutcome", "CheckpointStore", "Claim", "NoPick", "PRIORITIES", "Picked", "PoolRecord",
+__all__ = ["A1111Store", "AuthFailures", "CancelOutcome", "CheckpointStore", "Claim", "NoPick", "PRIORITIES", "Picked", "PoolRecord",
            "PoolStore", "Requeue", "RequeueOutcome", "RunningJob", "Stores", "Task", "TaskStatus", "TaskStore",
            "WorkerInfo", "WorkerRegistry", "WorkerState", "open_stores", "redis_client"]
 
@@ -34,10 +35,12 @@ class Stores:
     pools: PoolStore
     checkpoints: CheckpointStore
     a1111: A1111Store
+    auth_failures: AuthFailures
 
 
 def open_stores(url: str, retention_seconds: int, checkpoints_prefix: str = "models") -> Stores:
     """Every store on one new client for `url`."""
     client = redis_client(url)
     return Stores(tasks=TaskStore(client, retention_seconds), workers=WorkerRegistry(client), pools=PoolStore(client),
-                  checkpoints=CheckpointStore(client, checkpoints_prefix), a1111=A1111Store(client))
+                  checkpoints=CheckpointStore(client, checkpoints_prefix), a1111=A1111Store(client),
+                  auth_failures=AuthFailures(client))

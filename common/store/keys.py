@@ -94,6 +94,9 @@ REAPER_LOCK = Key("reaper-lock", "string", "one reaper at a time (expires after 
 DEFICIT = Key("deficit:{queue}", "string",
               "waiting jobs found without a message at the reaper's previous pass; 1 h")
 
+AUTH_FAILURES = Key("auth-failures:{address}", "string (counter)",
+                    "requests with a missing or wrong API key from one client address in the current minute")
+
 # --- per-key dialect state -----------------------------------------------------------------------
 IDEMPOTENCY = Key("idem:{owner}:{digest}", "string",
                   "`<task id> <sha256 of the body>` a native submission's Idempotency-Key (sha256 `digest`) "
