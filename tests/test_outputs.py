@@ -17,14 +17,14 @@ def test_work_runs_in_order_and_the_stage_is_bounded():
     stage.submit("a", lambda: (running.set(), gate.wait(30), done.append("a")), lambda exc: None)
     assert running.wait(30)                                               # "a" holds the stage
     stage.submit("b", lambda: done.append("b"), lambda exc: None)        # waits in the queue: it is full now
+    assert stage.full                    # so a third submit blocks: the GPU thread would wait here
 
     def third() -> None:
         stage.submit("c", lambda: done.append("c"), lambda exc: None)
         queued.set()
 
     threading.Thread(target=third).start()
-    assert not queued.wait(0.5)          # the third job's submit has not returned: the GPU thread would block here
-    assert done == []
+    assert not queued.is_set() and done == []     # nothing ran while "a" holds the stage; c's submit is held
     gate.set()
     assert queued.wait(30) and stage.drain(30) and done == ["a", "b", "c"]
 

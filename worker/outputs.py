@@ -39,6 +39,11 @@ class OutputStage:
         """Queue a job's remaining work; blocks while `depth` jobs are already waiting."""
         self._queue.put((label, work, on_crash))
 
+    @property
+    def full(self) -> bool:
+        """Whether `depth` jobs already wait, so the next submit blocks (the GPU thread waits for the stage)."""
+        return self._queue.full()
+
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every submitted work has run (a warm shutdown); False if `timeout` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
