@@ -226,9 +226,19 @@ def read_checkpoint_facts(path: str | Path) -> CheckpointFacts:
     except (OSError, ValueError):
         return CheckpointFacts(False, None)
     family = family_from_keys(shapes)
-    context = next((shape[-1] for name, shape in shapes.items()
-                    if name.startswith(UNET) and name.endswith("attn2.to_k.weight") and len(shape) == 2), None)
-    return CheckpointFacts(bool(shapes), family, context, variant_from_keys(family, shapes))
+    return CheckpointFacts(bool(shapes), family, unet_context_width(shapes), variant_from_keys(family, shapes))
+
+
+def unet_context_width(shapes: dict[str, list[int]]) -> int | None:
+    """The text-context width a single file's UNet cross-attends to (its first attn2.to_k), or None."""
+    return next((shape[-1] for name, shape in shapes.items()
+                 if name.startswith(UNET) and name.endswith("attn2.to_k.weight") and len(shape) == 2), None)
+
+
+def has_guidance_embedder(names: Iterable[str]) -> bool:
+    """Whether a Flux transformer embeds its guidance (FLUX.1 [dev]; [schnell] does not): original
+    `guidance_in.`, diffusers `.guidance_embedder.`."""
+    return any(".guidance_embedder." in n or n.removeprefix(UNET).startswith("guidance_in.") for n in names)
 
 
 def variant_from_keys(family: str | None, names: Iterable[str]) -> dict:
@@ -239,8 +249,7 @@ def variant_from_keys(family: str | None, names: Iterable[str]) -> dict:
         return {}
     names = list(names)
     if family == "flux":
-        guided = any(".guidance_embedder." in n or n.removeprefix(UNET).startswith("guidance_in.") for n in names)
-        return {} if guided else dict(SCHNELL_DEFAULTS)
+        return {} if has_guidance_embedder(names) else dict(SCHNELL_DEFAULTS)
     normed = any(".ln_q." in n or ".norm_q." in n for n in names)
     return dict(SD35_DEFAULTS) if normed else {}
 
@@ -249,35 +258,36 @@ TRANSFORMER_INPUTS = ("x_embedder.weight", "img_in.weight",            # Flux: d
                       "pos_embed.proj.weight", "x_embedder.proj.weight")  # SD3: diffusers / original layout
 
 
-def architecture_matches(checkpoint: str | Path, folder: str | Path) -> bool:
-    """Whether a diffusers folder's denoiser config builds a single file's shapes: a UNet's input and
-    context widths, a transformer's inner width.
+def checkpoint_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of a .safetensors file; {} for a .ckpt or an unreadable header (nothing to check)."""
+    try:
+        return read_safetensors_shapes(path) if Path(path).suffix.lower() == ".safetensors" else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def architecture_matches(shapes: dict[str, list[int]], folder: str | Path) -> bool:
+    """Whether a diffusers folder's denoiser config builds a single file's shapes (checkpoint_shapes): a
+    UNet's input and context widths, a transformer's inner width (and Flux's guidance embedder).
 
     Why: the folder lends the file its configs and tokenizers (and, for SD3
     and Flux, its text encoders and VAE); a tiny test folder of the same
-    family would build the wrong shapes. .ckpt files and unreadable headers
-    are not checked here (True): loading says what is wrong.
+    family would build the wrong shapes. No shapes (a .ckpt, an unreadable
+    header) pass (True): loading says what is wrong.
     """
-    try:
-        shapes = read_safetensors_shapes(checkpoint) if Path(checkpoint).suffix.lower() == ".safetensors" else {}
-    except (OSError, ValueError):
-        shapes = {}
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
     if conv_in:
         unet = read_json(Path(folder) / "unet" / "config.json")
-        context = next((shape for name, shape in shapes.items() if name.endswith("attn2.to_k.weight")), None)
+        context = unet_context_width(shapes)
         return conv_in[0] == (unet.get("block_out_channels") or [None])[0] and (
-            context is None or context[-1] == unet.get("cross_attention_dim"))
+            context is None or context == unet.get("cross_attention_dim"))
     embedder = next((shape for name, shape in shapes.items() if name.removeprefix(UNET) in TRANSFORMER_INPUTS), None)
     if not embedder:
         return True
     transformer = read_json(Path(folder) / "transformer" / "config.json")
     inner = (transformer.get("num_attention_heads") or 0) * (transformer.get("attention_head_dim") or 0)
-    if "guidance_embeds" in transformer:    # Flux: dev (a guidance embedder) and schnell (none) differ
-        guided = any(".guidance_embedder." in name or name.removeprefix(UNET).startswith("guidance_in.")
-                     for name in shapes)
-        if guided != bool(transformer["guidance_embeds"]):
-            return False
+    if "guidance_embeds" in transformer and has_guidance_embedder(shapes) != bool(transformer["guidance_embeds"]):
+        return False
     return embedder[0] == inner
 
 

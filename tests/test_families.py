@@ -165,7 +165,7 @@ def test_a_flux_transformer_file_runs_in_its_family_folder(api):
 
 
 def test_a_single_file_borrows_configs_only_from_its_own_architecture(settings, tmp_path):
-    from common.checkpoint_keys import architecture_matches
+    from common.checkpoint_keys import architecture_matches, checkpoint_shapes
 
     def header_file(name: str, shapes: dict[str, list[int]]) -> Path:
         header = {key: {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]} for key, shape in shapes.items()}
@@ -177,11 +177,11 @@ def test_a_single_file_borrows_configs_only_from_its_own_architecture(settings, 
     models = settings.models_dir
     real_xl = header_file("xl.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": [320, 4, 3, 3],
                                              "model.diffusion_model.x.attn2.to_k.weight": [640, 2048]})
-    assert not architecture_matches(real_xl, models / "sdq-tiny-xl")             # a real SDXL, a tiny folder
-    assert architecture_matches(models / "tiny-xl-single.safetensors", models / "sdq-tiny-xl")
+    assert not architecture_matches(checkpoint_shapes(real_xl), models / "sdq-tiny-xl")   # a real SDXL, a tiny folder
+    assert architecture_matches(checkpoint_shapes(models / "tiny-xl-single.safetensors"), models / "sdq-tiny-xl")
     real_flux = header_file("flux.safetensors", {"img_in.weight": [3072, 64], "guidance_in.in_layer.weight": [1, 1]})
-    assert not architecture_matches(real_flux, models / "sdq-tiny-flux")
-    tiny_flux = models / "tiny-flux-transformer.safetensors"
+    assert not architecture_matches(checkpoint_shapes(real_flux), models / "sdq-tiny-flux")
+    tiny_flux = checkpoint_shapes(models / "tiny-flux-transformer.safetensors")
     assert architecture_matches(tiny_flux, models / "sdq-tiny-flux")
     assert not architecture_matches(tiny_flux, models / "sdq-tiny-flux-schnell")   # dev weights, schnell config
 

@@ -198,12 +198,13 @@ def find_config_folder(model: ModelInfo, family: DiffusersFamily) -> Path | None
     folder of the same family; its configs would build the wrong shapes.
     """
     from common.catalog import list_models
-    from common.checkpoint_keys import architecture_matches
+    from common.checkpoint_keys import architecture_matches, checkpoint_shapes
 
+    shapes = checkpoint_shapes(model.path)          # read once, compared with every candidate
     candidates = list_models(model.path.parent / CONFIGS_DIR) + list_models(model.path.parent)
     for candidate in candidates:
         if candidate.kind == "diffusers" and candidate.family == model.family \
-                and architecture_matches(model.path, candidate.path):
+                and architecture_matches(shapes, candidate.path):
             return candidate.path
     return None
 
