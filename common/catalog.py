@@ -6,7 +6,7 @@ queueing, and report native sizes, while never importing diffusers.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -74,13 +74,20 @@ def describe_single_file(entry: Path, override: Mapping | None) -> ModelInfo:
         problem = "its safetensors header cannot be read (a broken or half-copied file?)"
     elif facts.readable and facts.family is None:
         problem = "its weights are not a model sdqueue serves (SD 1.x/2.x, SDXL, SD3, Flux): a VAE, LoRA or ControlNet?"
-    family = with_override_family(facts.family, override) or DEFAULT_SINGLE_FILE_FAMILY
-    if override and override.get("family") in PROFILES:
+    if with_override_family(None, override):     # the operator said what it is
         problem = None
-    problem = problem or override_fit_problem(PROFILES[family], override)
+    model = single_file_model(entry.name, entry, facts.family, override, facts.variant, facts.context_width)
+    return replace(model, problem=problem or override_fit_problem(model.profile, override))
+
+
+def single_file_model(name: str, path: Path, family: str | None, override: Mapping | None,
+                      variant: Mapping | None = None, context_width: int | None = None) -> ModelInfo:
+    """A single file of `family` (the operator's models.overrides family first; SD 1.x when unknown) with its
+    family's native size and defaults; also how an upload still in S3 is described (the AWS extension)."""
+    family = with_override_family(family, override) or DEFAULT_SINGLE_FILE_FAMILY
     native = PROFILES[family].native_size
-    return ModelInfo(entry.name, entry, "single_file", native, family,
-                     model_defaults(family, native, facts.variant, override), problem, facts.context_width)
+    return ModelInfo(name, path, "single_file", native, family, model_defaults(family, native, variant or {}, override),
+                     context_width=context_width)
 
 
 _FACTS: dict[tuple[str, int, int], CheckpointFacts] = {}

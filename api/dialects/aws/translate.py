@@ -17,9 +17,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from api.dialects.a1111 import build_a1111_jobspec, echo_parameters, find_checkpoint
 from api.dialects.aws.errors import DIALECT
 from api.services import Services
-from common.catalog import DEFAULT_SINGLE_FILE_FAMILY, WEIGHT_SUFFIXES, ModelInfo
+from common.catalog import DEFAULT_SINGLE_FILE_FAMILY, WEIGHT_SUFFIXES, ModelInfo, single_file_model
 from common.checkpoint_keys import family_from_keys, parse_safetensors_header
-from common.families import PROFILES, model_defaults, with_override_family
 from common.jobspec import JobSpec, LoraRef
 from common.store import CheckpointStore, PoolRecord, Task, TaskStatus
 from common.store.checkpoints import Checkpoint
@@ -100,11 +99,8 @@ def uploaded_model(svc: Services, asset: dict[str, str]) -> ModelInfo:
         if len(_UPLOAD_FAMILIES) >= _UPLOAD_FAMILIES_KEPT:
             _UPLOAD_FAMILIES.pop(next(iter(_UPLOAD_FAMILIES)))
         _UPLOAD_FAMILIES[asset["key"]] = family
-    override = svc.catalog.overrides.get(asset["name"])
-    family = with_override_family(family, override) or DEFAULT_SINGLE_FILE_FAMILY
-    native = PROFILES[family].native_size
-    return ModelInfo(asset["name"], svc.settings.models_dir / asset["name"], "single_file", native, family,
-                     model_defaults(family, native, {}, override))
+    return single_file_model(asset["name"], svc.settings.models_dir / asset["name"], family,
+                             svc.catalog.overrides.get(asset["name"]))
 
 
 def upload_family(svc: Services, asset: dict[str, str]) -> str:
