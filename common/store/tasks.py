@@ -159,6 +159,11 @@ class EventSubscription:
         self._pubsub.close()
 
 
+def idempotency_key_name(owner: str, key: str) -> str:
+    """The Redis key of an owner's Idempotency-Key (hashed: a client's header may be 255 characters of anything)."""
+    return keys.IDEMPOTENCY(owner, hashlib.sha256(key.encode()).hexdigest())
+
+
 class TaskStore:
     """All reads and writes of task state go through here."""
 
@@ -436,7 +441,7 @@ class TaskStore:
         None: this submission is the first and goes on. Else (task id, fingerprint) of the submission the
         key already belongs to: a retry gets that task back (and a different body with the same key a 422).
         """
-        name = keys.IDEMPOTENCY(owner, hashlib.sha256(key.encode()).hexdigest())
+        name = idempotency_key_name(owner, key)
         if self.client.set(name, f"{task_id} {fingerprint}", nx=True, ex=ttl):
             return None
         first, _, seen = (self.client.get(name) or "").partition(" ")
@@ -444,7 +449,7 @@ class TaskStore:
 
     def release_idempotency(self, owner: str, key: str) -> None:
         """The submission that claimed the key was refused: the key is free for its retry."""
-        self.client.delete(keys.IDEMPOTENCY(owner, hashlib.sha256(key.encode()).hexdigest()))
+        self.client.delete(idempotency_key_name(owner, key))
 
     def callback_handed_over(self, task_id: str) -> None:
         """Celery holds the task's webhook now: out of the outbox."""
