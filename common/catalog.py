@@ -58,9 +58,11 @@ def describe_folder(entry: Path, override: Mapping | None) -> ModelInfo:
         problem = f"{pipeline} is not a pipeline sdqueue serves (SD 1.x/2.x, SDXL, SD3, Flux)"
     family = with_override_family(detected, override) or DEFAULT_SINGLE_FILE_FAMILY
     problem = problem or override_fit_problem(PROFILES[family], override)
-    native = folder_native_size(entry, family)
-    defaults = model_defaults(family, native, folder_variant_defaults(entry, family), override)
-    context = read_json(entry / "unet" / "config.json").get("cross_attention_dim")
+    # Each config read once (the API lists the directory every 2 s).
+    unet, transformer = read_json(entry / "unet" / "config.json"), read_json(entry / "transformer" / "config.json")
+    native = folder_native_size(read_json(entry / "vae" / "config.json"), unet or transformer, family)
+    defaults = model_defaults(family, native, folder_variant_defaults(transformer, family), override)
+    context = unet.get("cross_attention_dim")
     return ModelInfo(entry.name, entry, "diffusers", native, family, defaults, problem,
                      context if isinstance(context, int) else None)
 

@@ -100,32 +100,30 @@ def detect_folder_family(folder: Path) -> str | None:
     return family
 
 
-def folder_native_size(folder: Path, family: str) -> int:
-    """Native pixels a side: the denoiser's sample size times the VAE's downscale, as the pipelines compute it.
+def folder_native_size(vae: Mapping[str, Any], denoiser: Mapping[str, Any], family: str) -> int:
+    """Native pixels a side from a folder's VAE and denoiser (UNet or transformer) configs: the denoiser's
+    sample size times the VAE's downscale, as the pipelines compute it.
 
     Flux's pipeline fixes its default sample size at 128 latents (1024 px);
     the others read the UNet's or transformer's `sample_size`.
     """
-    vae = read_json(folder / "vae" / "config.json")
     blocks = vae.get("block_out_channels")
     scale = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
     if family == "flux":
         return 128 * scale
-    denoiser = read_json(folder / "unet" / "config.json") or read_json(folder / "transformer" / "config.json")
     sample = denoiser.get("sample_size")
     if isinstance(sample, (list, tuple)):
         sample = sample[0]
     return int(sample) * scale if isinstance(sample, int) and sample > 0 else PROFILES[family].native_size
 
 
-def folder_variant_defaults(folder: Path, family: str) -> dict[str, Any]:
-    """Defaults a variant of a family ships with, read from its config.
+def folder_variant_defaults(transformer: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """Defaults a variant of a family ships with, read from its transformer config.
 
     FLUX.1 [schnell] (no guidance embedding) is timestep-distilled: 4 steps,
     no guidance. SD 3.5 (query-key RMS norm) is tuned for lower guidance
     than SD3 Medium.
     """
-    transformer = read_json(folder / "transformer" / "config.json")
     if family == "flux" and transformer and not transformer.get("guidance_embeds", True):
         return dict(SCHNELL_DEFAULTS)
     if family == "sd3" and transformer.get("qk_norm"):
