@@ -87,7 +87,8 @@ OPTIONS: tuple[Option, ...] = (
            "(models.overrides changes them per model)."),
     Option("tasks.queue", str, "gpu", "Celery queue GPU workers consume."),
     Option("tasks.retention_seconds", int, 7 * 24 * 3600, "How long task hashes are kept after their last change."),
-    Option("tasks.time_limit", int, 600, "Longest a job may run on a worker before it is failed."),
+    Option("tasks.time_limit", int, 600, "Longest a job may run on a worker (fetching its files and loading its "
+           "model included) before it is failed."),
     Option("tasks.progress_interval", float, 0.2, "Least seconds between progress writes."),
     Option("tasks.max_pending", int, 0, "Most jobs that may wait in a queue; beyond, submissions are refused (0: no limit)."),
     Option("tasks.max_attempts", int, 3, "A job whose worker dies this many times is failed, not resent."),
@@ -102,6 +103,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers.heartbeat_interval", float, 2.0, "Seconds between worker heartbeats."),
     Option("workers.heartbeat_ttl", float, 10.0, "A worker silent this long is dead; its job is redelivered."),
     Option("workers.reap_interval", float, 3.0, "Seconds between scans for jobs of dead workers."),
+    Option("workers.watchdog_margin", float, 60.0, "Seconds past tasks.time_limit after which a job still running is "
+           "failed by its worker's watchdog (which then restarts the worker: its GPU call or download is hung) or, "
+           "if that worker cannot, by the reaper. Every job ends within tasks.time_limit + this margin."),
+    Option("workers.stall_timeout", float, 300.0, "Seconds a running job may go without a denoising step (or the "
+           "end of its VAE decode) before the watchdog restarts its worker and the job is resent as its next attempt "
+           "(0: off). Fetching files and loading a model are bounded by the time limit only."),
     Option("worker.device", str, "", "Device for this worker: cuda, cuda:N, cpu; empty: cuda:0 if present else cpu."),
     Option("worker.name", str, "", "Worker name shown in health/Flower; empty: gpu<N>@<host>."),
     Option("worker.pool", str, "", "Worker pool (queue) this worker serves, e.g. an AWS-extension endpoint name; empty: tasks.queue."),

@@ -5,6 +5,8 @@ Its own Redis and worker (the session stack's S3 and models), so restarting Redi
 """
 from __future__ import annotations
 
+import signal
+import threading
 import time
 
 import pytest
@@ -65,3 +67,53 @@ def test_tasks_survive_a_redis_restart_and_pending_ones_still_run(own_redis):
     assert client.config_get("appendonly") == {"appendonly": "yes"}
     assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
     worker.stop()
+
+
+def test_every_accepted_submission_ends_after_redis_is_killed_under_load(own_redis):
+    """SIGKILL (no AOF flush at exit) while jobs are submitted and run: every submission that got a 2xx
+    reaches a final state; the ones refused meanwhile got a clear 503, never a 500."""
+    api = PoolApi(own_redis, QUEUE)
+    worker = own_redis.start_worker("loaded-worker", "--pool", QUEUE)
+    accepted: list[str] = []
+    refused: list[int] = []
+    stop = threading.Event()
+
+    def submit_until_stopped() -> None:
+        client = api.app.test_client()
+        n = 0
+        while not stop.is_set():
+            n += 1
+            response = client.post("/api/v1/generate", json={"prompt": "a harbour", "width": 64, "height": 64,
+                                                              "num_inference_steps": 2, "seed": n},
+                                   headers={"X-API-Key": KEY_A})
+            if response.status_code == 202:
+                accepted.append(response.get_json()["task_id"])
+            else:
+                assert response.status_code == 503 and response.is_json, response.get_data(as_text=True)
+                refused.append(response.status_code)
+            time.sleep(0.05)
+
+    submitter = threading.Thread(target=submit_until_stopped)
+    submitter.start()
+    try:
+        wait_until(lambda: len(accepted) >= 10)
+        own_redis.services["redis"].signal(signal.SIGKILL)
+        own_redis.services.pop("redis").proc.wait(10)
+        wait_until(lambda: refused)                      # the API noticed, and said so with a 503
+        own_redis.start_redis()
+        before = len(accepted)
+        wait_until(lambda: len(accepted) >= before + 10)
+    finally:
+        stop.set()
+        submitter.join(30)
+    tasks = api.wait_all(accepted, timeout=300)         # a hang guard, not a timing claim
+    assert all(t["status"] in ("completed", "failed", "cancelled") for t in tasks), tasks
+    assert [t["status"] for t in tasks].count("completed") == len(accepted)
+    worker.stop()
+
+
+def wait_until(check, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.1)

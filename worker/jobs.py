@@ -11,7 +11,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -31,6 +31,7 @@ from worker.assets import asset_dirs, ensure_assets
 from worker.generation import (DROPPING, BatchMember, GenerationResult, generate, generate_batch, is_out_of_memory,
                                release_memory)
 from worker.images import CONTENT_TYPES, encode_image
+from worker.ledger import Ledger
 from worker.metrics import observe_job
 from worker.monitor import StepMonitor
 from worker.outputs import OutputStage
@@ -54,6 +55,18 @@ class JobContext:
     watch: JobWatch
     outputs: OutputStage
     max_batch: int = 1       # images one pipeline call may hold (worker.max_batch, resolved for the device)
+    ledger: Ledger = field(default_factory=Ledger)
+
+
+def owed_tasks(ctx: JobContext) -> list[str]:
+    """Every task this process owes an ending: picked and running, or its outputs still being written.
+
+    The ledger is read first: a job enters the output stage before it leaves
+    the ledger (never the other way), so a job missing from the first read is
+    in the second, unless it has ended.
+    """
+    running = ctx.ledger.ids()
+    return sorted({*running, *ctx.outputs.held()})
 
 
 def describe_error(exc: BaseException) -> str:
@@ -150,6 +163,7 @@ def write_sidecar(ctx: JobContext, task: Task, status: TaskStatus, fields: dict)
 def announce(ctx: JobContext) -> None:
     """Publish the heartbeat now, so health and `loaded` reflect a change at once."""
     try:
+        ctx.info.jobs = owed_tasks(ctx)
         ctx.workers.publish(ctx.info, ctx.settings.workers.heartbeat_ttl)
     except Exception:  # the heartbeat thread will retry; a job must not fail for this
         log.exception("could not publish heartbeat")
@@ -181,9 +195,10 @@ def run_delivery(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str, d
         return picked.value
     if picked.model:
         ctx.info.models = ctx.registry.names_after(picked.model)   # as pick() announced
-    if picked.companions:
-        return run_batch(ctx, picked.claims)
-    return run_job(ctx, picked.task_id, picked.attempt)
+    with ctx.ledger.holding(claim.task_id for claim in picked.claims):
+        if picked.companions:
+            return run_batch(ctx, picked.claims)
+        return run_job(ctx, picked.task_id, picked.attempt)
 
 
 def hand_back(ctx: JobContext, hint_id: str, hint_attempt: int, queue: str) -> None:
@@ -282,14 +297,19 @@ def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], mon
                   keep: tuple[str, ...] = ()) -> Any:
     """Fetch the jobs' uploaded files, then the warm pipeline of their model (loaded if need be).
 
-    The jobs' time limits start after the downloads: fetching files is not generation.
+    Both count towards the jobs' time limits; neither makes steps, so the
+    watchdog bounds them by the time limit only, not by worker.stall_timeout.
     """
-    ensure_assets(ctx.storage, assets, asset_dirs(ctx.settings))
     for monitor in monitors:
-        monitor.restart_clock()
-    if find_model(ctx.settings.models_dir, model, ctx.settings.models.overrides) is None:
-        raise ModelError(f"model '{model}' is not in the model directory")
-    base = ctx.registry.get(model, keep)
+        monitor.enter_setup()
+    try:
+        ensure_assets(ctx.storage, assets, asset_dirs(ctx.settings))
+        if find_model(ctx.settings.models_dir, model, ctx.settings.models.overrides) is None:
+            raise ModelError(f"model '{model}' is not in the model directory")
+        base = ctx.registry.get(model, keep)
+    finally:
+        for monitor in monitors:
+            monitor.leave_setup()
     ctx.info.models = ctx.registry.names()
     return base
 
@@ -304,7 +324,7 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         init_image = load_input_image(ctx.storage, spec.init_image_key)
         mask_image = load_input_image(ctx.storage, spec.mask_image_key)
         started = time.perf_counter()
-        refiner = warm_pipeline(ctx, spec.refiner, [], [], keep=(spec.model,)) if spec.refiner else None
+        refiner = warm_pipeline(ctx, spec.refiner, [], [monitor], keep=(spec.model,)) if spec.refiner else None
         result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image, refiner)
         compute = time.perf_counter() - started
     except JobCancelled:

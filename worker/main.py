@@ -131,13 +131,14 @@ def mark_ready_when_consuming(info: WorkerInfo, heartbeat) -> None:
 
 def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     from worker.heartbeat import Heartbeat
-    from worker.jobs import JobContext
+    from worker.jobs import JobContext, owed_tasks
     from worker.registry import PipelineRegistry, load_pipeline
     from worker.metrics import start_metrics_server
     from worker.tasks import register_tasks
     from worker.speedups import Speedups, apply_process_wide, warm_up
     from worker.outputs import OutputStage
     from worker.watch import JobWatch
+    from worker.watchdog import Watchdog, WatchdogLimits, end_hung_jobs
 
     stores = open_stores(settings.redis.url, settings.tasks.retention_seconds)
     storage = Storage(settings)
@@ -165,9 +166,11 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info, watch, outputs,
                      info.max_batch)
     register_tasks(celery, lambda: ctx)
-    heartbeat = Heartbeat(stores.tasks, stores.workers, celery, info, settings)
+    heartbeat = Heartbeat(stores.tasks, stores.workers, celery, info, settings, owed=lambda: owed_tasks(ctx))
     heartbeat.beat()
     heartbeat.start()
+    if args.role == "gpu":
+        Watchdog(watch, WatchdogLimits.from_settings(settings), lambda hung: end_hung_jobs(ctx, hung)).start()
     try:
         if args.role == "gpu":
             storage.ensure_bucket()

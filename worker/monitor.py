@@ -22,14 +22,21 @@ class StepMonitor:
         self.watch = watch
         self.flags: JobFlags = watch.track(task_id, attempt)
         self.task_id = task_id
-        self.deadline = (started or time.monotonic()) + time_limit
+        if started is not None:
+            self.flags.started = self.flags.touched = started
+        self.deadline = self.flags.started + time_limit
         self.time_limit = time_limit
         self.steps = 0
         self._batch, self._batches = 0, 1
 
-    def restart_clock(self) -> None:
-        """Start the time limit now (after fetching model files, which is not generation)."""
-        self.deadline = time.monotonic() + self.time_limit
+    def enter_setup(self) -> None:
+        """Fetching files and loading a model: one long call each, bounded by the time limit, not by steps."""
+        self.flags.setup = True
+
+    def leave_setup(self) -> None:
+        """Setup is over: from now on the watchdog expects steps (worker.stall_timeout)."""
+        self.flags.setup = False
+        self.flags.touch()
 
     def begin_batch(self, index: int, count: int) -> None:
         """Progress spans all batches of a job (A1111's n_iter), not just the running one."""
@@ -59,3 +66,4 @@ class StepMonitor:
         if time.monotonic() > self.deadline:
             raise JobTimeLimit(f"job exceeded the time limit of {self.time_limit:g} s")
         self.flags.progress = (step, total)
+        self.flags.touch()

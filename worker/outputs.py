@@ -31,13 +31,22 @@ class OutputStage:
 
     def __init__(self, depth: int = 1, retry_pause: float = RETRY_PAUSE):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._held: list[str] = []        # labels submitted and not yet done (waiting or running)
+        self._held_lock = threading.Lock()
         self.retry_pause = retry_pause
         self._thread = threading.Thread(target=self._run, name="sdq-outputs", daemon=True)
         self._thread.start()
 
     def submit(self, label: str, work: Callable[[], None], on_crash: Callable[[BaseException], None]) -> None:
         """Queue a job's remaining work; blocks while `depth` jobs are already waiting."""
+        with self._held_lock:
+            self._held.append(label)
         self._queue.put((label, work, on_crash))
+
+    def held(self) -> list[str]:
+        """Labels (task ids) whose work is waiting or running: jobs this process still owes an ending."""
+        with self._held_lock:
+            return list(self._held)
 
     @property
     def full(self) -> bool:
@@ -59,6 +68,8 @@ class OutputStage:
             try:
                 self._do(label, work, on_crash)
             finally:
+                with self._held_lock:
+                    self._held.remove(label)
                 self._queue.task_done()
 
     def _do(self, label: str, work: Callable[[], None], on_crash: Callable[[BaseException], None]) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from common.errors import JobCancelled, StaleAttempt
 from common.store import Claim, TaskStore
@@ -30,6 +31,13 @@ class JobFlags:
     stale: bool = False                       # a newer attempt, or another worker, owns the job now
     progress: tuple[int, int] | None = None   # (step, total) the callback reached
     written: tuple[int, int] | None = None    # what the watcher last wrote
+    started: float = field(default_factory=time.monotonic)   # when the job's time limit started
+    touched: float = field(default_factory=time.monotonic)   # its last sign of progress (worker/watchdog.py)
+    setup: bool = False                       # fetching files or loading a model: no steps to watch
+
+    def touch(self) -> None:
+        """A sign of life from the job's thread: a step, or the end of a phase."""
+        self.touched = time.monotonic()
 
 
 class JobWatch(threading.Thread):
@@ -50,6 +58,11 @@ class JobWatch(threading.Thread):
             self._jobs[task_id] = flags
         return flags
 
+    def tracked(self) -> list[JobFlags]:
+        """The jobs this process is running now (for the watchdog and the heartbeat)."""
+        with self._lock:
+            return list(self._jobs.values())
+
     def untrack(self, flags: JobFlags) -> None:
         with self._lock:
             if self._jobs.get(flags.task_id) is flags:
@@ -57,8 +70,7 @@ class JobWatch(threading.Thread):
 
     def poll_once(self) -> None:
         """Refresh every tracked job's flags from its hash, and write the progress it made since."""
-        with self._lock:
-            jobs = list(self._jobs.values())
+        jobs = self.tracked()
         if not jobs:
             return
         claims = [Claim(f.task_id, f.attempt) for f in jobs]

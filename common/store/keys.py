@@ -71,8 +71,8 @@ MESSAGE_TEMPLATE = Key("message-template:{nonce}:{queue}", "list",
 
 # --- workers, pools, the reaper -----------------------------------------------------------------
 WORKER = Key("worker:{id}", "string (JSON)",
-             "a live worker process's heartbeat: name, device, queues, state, models held, current task; expires "
-             "after `workers.heartbeat_ttl`")
+             "a live worker process's heartbeat: name, device, queues, state, models held, current task, the tasks "
+             "it owes an ending; expires after `workers.heartbeat_ttl`")
 WORKERS = Key("workers", "sorted set", "index of worker ids by last heartbeat (dead entries pruned on read)")
 POOLS = Key("pools", "hash",
             "worker pools recorded through the AWS SD extension API's `/endpoints`: name → JSON (desired replicas, "

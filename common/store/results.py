@@ -77,3 +77,4 @@ class RunningJob:
     model: str | None   # None: the hash has no such field (its waiting indexes are skipped, as for any job)
     owner: str | None
     priority: str
+    started_at: float = 0.0   # when this attempt was taken (the taking worker's clock)

@@ -464,28 +464,34 @@ class TaskStore:
         return self.client.incrby(keys.SEQUENCE(folder), count) - count
 
     # --- reaper ---------------------------------------------------------
-    def running(self) -> list[RunningJob]:
-        """Every processing task; entries of tasks that are no longer processing are dropped."""
-        ids = self.client.zrange(keys.RUNNING(), 0, -1)
+    _RUNNING_FIELDS = ("status", "worker", "attempt", "queue", "model", "owner", "priority", "started_at")
+
+    def running(self, task_ids: list[str] | None = None) -> list[RunningJob]:
+        """Every processing task (or those of `task_ids` that are); entries of tasks that are no longer
+        processing are dropped from the running index."""
+        ids = self.client.zrange(keys.RUNNING(), 0, -1) if task_ids is None else task_ids
         pipe = self.client.pipeline(transaction=False)
         for task_id in ids:
-            pipe.hmget(keys.TASK(task_id), "status", "worker", "attempt", "queue", "model", "owner", "priority")
+            pipe.hmget(keys.TASK(task_id), *self._RUNNING_FIELDS)
         out, gone = [], []
-        for task_id, (status, worker, attempt, queue, model, owner, priority) in zip(ids, pipe.execute()):
+        for task_id, (status, worker, attempt, queue, model, owner, priority, started) in zip(ids, pipe.execute()):
             if status != TaskStatus.PROCESSING.value:
                 gone.append(task_id)
                 continue
-            out.append(RunningJob(task_id, worker or "", int(attempt or 0), queue or "", model, owner, priority or ""))
+            out.append(RunningJob(task_id, worker or "", int(attempt or 0), queue or "", model, owner, priority or "",
+                                  float(started or 0)))
         if gone:
             self.client.zrem(keys.RUNNING(), *gone)
         return out
 
-    def requeue(self, job: RunningJob, message: BrokerMessage, max_attempts: int) -> Requeue:
-        """Take a job from its dead worker and put `message` (the next attempt) first in its queue.
+    def requeue(self, job: RunningJob, message: BrokerMessage, max_attempts: int, give_up: str = "") -> Requeue:
+        """Take a job from its worker (dead, hung, or no longer running it) and put `message` (the next attempt)
+        first in its queue.
 
-        Failed instead when it has killed `max_attempts` workers; cancelled if
-        the client cancelled it while it ran; nothing if another reaper got
-        there first.
+        Failed instead when it has killed `max_attempts` workers, or with
+        `give_up` as its error when set (it ran past its time limit); cancelled
+        if the client cancelled it while it ran; nothing if another reaper got
+        there first or the job ended meanwhile.
         """
         outcome, *attempt = self._requeue(
             [keys.TASK(job.task_id), keys.RUNNING(), message.list_key, keys.PENDING(job.queue),
@@ -493,7 +499,7 @@ class TaskStore:
              "" if job.owner is None else keys.PENDING_OWNER(job.owner), keys.STATS(), keys.EVENTS(job.task_id),
              keys.CALLBACK_OUTBOX(), keys.PENDING_INDEXES()],
             [job.task_id, job.worker, job.attempt, repr(time.time()), max_attempts, self.retention, message.payload,
-             front_score(job.priority)])
+             front_score(job.priority), give_up])
         return Requeue(RequeueOutcome(outcome), int(attempt[0]) if attempt else 0)
 
     def take_reaper_turn(self, me: str, seconds: float) -> bool:

@@ -42,6 +42,7 @@ class WorkerInfo:
     compiled: bool = False       # the UNet runs torch.compile'd (worker.compile)
     speedups: list[str] = field(default_factory=list)   # worker/speedups.py switches in force
     task_id: str | None = None
+    jobs: list[str] | None = None   # every task it owes an ending (running, or its outputs being written); None: unknown
     error: str | None = None
     started_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)

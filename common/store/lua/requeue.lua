@@ -1,8 +1,10 @@
--- requeue: take a job from a dead worker and put its next attempt first in its priority class.
+-- requeue: take a job from a dead, hung or forgetful worker and put its next attempt first in its priority class.
 -- KEYS: task, running, broker_list, pending, pending_model (or ''), pending_owner (or ''), stats, events, outbox, registry
--- ARGV: id, dead worker, attempt, now, max attempts, retention, message, front score of its priority class
--- Returns {'requeued', next attempt}, {'failed'} (it killed max attempts workers), {'cancelled'} (the client
--- cancelled it while it ran) or {'taken'} (not that worker's attempt any more: another reaper was first).
+-- ARGV: id, worker, attempt, now, max attempts, retention, message, front score of its priority class,
+--       give-up error ('' to requeue; else the job is failed with it: it ran past its time limit)
+-- Returns {'requeued', next attempt}, {'failed'} (it killed max attempts workers, or it is given up),
+-- {'cancelled'} (the client cancelled it while it ran) or {'taken'} (not that worker's attempt any more:
+-- another reaper was first, or the job ended meanwhile).
 -- include: lib
 local task, running, broker_list, pending, pending_model, pending_owner, stats, events, outbox, registry = unpack(KEYS)
 local id, now, retention = ARGV[1], ARGV[4], ARGV[6]
@@ -13,6 +15,11 @@ if cancel == '1' then
   redis.call('HSET', task, 'error', 'cancelled by client')
   conclude(task, id, 'cancelled', now, retention, running, stats, events, outbox)
   return {'cancelled'}
+end
+if ARGV[9] and ARGV[9] ~= '' then
+  redis.call('HSET', task, 'error', ARGV[9])
+  conclude(task, id, 'failed', now, retention, running, stats, events, outbox)
+  return {'failed'}
 end
 if tonumber(ARGV[3]) + 1 >= tonumber(ARGV[5]) then
   redis.call('HSET', task, 'error', 'the worker running this job died ' .. ARGV[5] .. ' times; giving up')
