@@ -65,6 +65,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("storage.access_key", str, "sdqueue", "S3 access key id."),
     Option("storage.secret_key", str, "sdqueue-secret", "S3 secret key."),
     Option("storage.presign_expiry", int, 3600, "Seconds a presigned image URL stays valid."),
+    Option("storage.retention_days", int, 30, "Days after which S3 deletes a job's files (images, init images, "
+           "side files, saved copies; never uploaded checkpoints), by a bucket lifecycle rule set at start "
+           "(0: kept forever). Keep it at least tasks.retention_seconds, so a task that still answers has its images."),
+    Option("storage.abort_upload_days", int, 7, "Days after which S3 aborts a multipart upload never completed "
+           "(an abandoned checkpoint upload) and frees its parts (0: never)."),
+    Option("storage.lifecycle", bool, True, "Set the bucket lifecycle rules above at start (rules of other names "
+           "are kept); off: the operator manages the bucket's lifecycle."),
     Option("models.dir", str, "", "Model directory (diffusers folders, .safetensors files); empty: {data_dir}/models."),
     Option("models.default", str, "", "Default model name; empty: the first model found, or the built tiny model."),
     Option("models.lora_dir", str, "", "LoRA directory; empty: {data_dir}/loras."),

@@ -15,6 +15,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common.errors import StorageError
+from common.lifecycle import ensure_lifecycle
 
 # User metadata saying whose an object is (S3 returns it on HEAD): a task's files carry the task id, an
 # uploaded checkpoint's files their owner. An object read for a key (SD on EKS's s3:// image_link) must be
@@ -33,6 +34,8 @@ def owner_metadata(owner: str) -> dict[str, str]:
     return {OWNER_META: owner}
 
 
+# Retries: botocore's "standard" mode, 3 attempts in all, with exponential backoff and jitter, on throttling
+# (SlowDown, 503), 5xx answers and connection errors; what still fails is a StorageError for the caller.
 _S3_CONFIG = Config(signature_version="s3v4", s3={"addressing_style": "path"},
                     retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30)
 
@@ -42,6 +45,7 @@ class Storage:
 
     def __init__(self, settings) -> None:
         s = settings.storage
+        self.settings = settings
         self.bucket = s.bucket
         self.prefix = s.prefix.strip("/")
         self.public_base_url = s.public_base_url.rstrip("/")
@@ -61,7 +65,10 @@ class Storage:
         return f"{self.prefix}/{task_id}/input/{name}"
 
     def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist yet."""
+        """Create the bucket if it does not exist yet, then set its lifecycle rules (common/lifecycle.py).
+
+        A server that refuses the rules is warned about, never fatal: outputs then stay until the operator's own rule.
+        """
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError:
@@ -72,6 +79,7 @@ class Storage:
                     raise StorageError(f"cannot create bucket {self.bucket}: {exc}") from exc
         except BotoCoreError as exc:
             raise StorageError(f"object store unreachable: {exc}") from exc
+        ensure_lifecycle(self.client, self.bucket, self.settings)
 
     def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
         try:
