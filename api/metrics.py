@@ -7,7 +7,9 @@ api/gunicorn_conf.py; the process answering a scrape sums them all). Queue,
 job and worker figures are the cluster's, not a process's: they are read
 from Redis when /metrics is scraped, by a collector registered only on the
 registry that renders the answer, so each scrape has them once whatever
-process answers and however many API replicas there are.
+process answers and however many API replicas there are. A process keeps
+what it read for `metrics.cache_seconds` (5 s): several Prometheus servers,
+or a scrape storm, cost Redis one read per process per interval.
 
 Request latency: `sdq_api_request_duration_seconds{route,method,status}`, a
 histogram whose `_count` is the request counter. `route` is the Flask
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -81,20 +84,29 @@ class QueueCollector:
     Registered on the registry that renders /metrics (never in the multiprocess
     files), so every scrape has each figure exactly once. With several API
     replicas each reports the same figures: aggregate with max(), not sum().
+    What one read found is served for `cache_seconds` (`clock` says when, so
+    tests need no sleeping); scrapes that arrive during a read wait for it
+    instead of reading too.
     """
 
     def __init__(self, store: TaskStore | None, pools: PoolStore | None, workers: WorkerRegistry | None,
-                 default_queue: str, callbacks_queue: str):
+                 default_queue: str, callbacks_queue: str, cache_seconds: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.store, self.pools, self.workers = store, pools, workers
         self.default_queue = default_queue
         self.callbacks_queue = callbacks_queue
+        self.cache_seconds, self.clock = cache_seconds, clock
+        self._lock = threading.Lock()
+        self._figures: list[Metric] | None = None
+        self._read_at = 0.0
 
     def describe(self) -> list[Metric]:
         return list(self._families().values())
 
     def _families(self) -> dict[str, Metric]:
         return {
-            "up": _family("gauge", "sdq_redis_up", "1 if the API could read the queue figures from Redis at this scrape"),
+            "up": _family("gauge", "sdq_redis_up", "1 if the API could read the queue figures from Redis at its "
+                                                   "last read (at most metrics.cache_seconds ago)"),
             "jobs": _family("counter", "sdq_jobs", "Jobs by status since the task store began counting "
                                                    "(submitted, completed, failed, cancelled, requeued)", ["status"]),
             "depth": _family("gauge", "sdq_queue_depth", "Jobs waiting, per queue (worker pool) and priority",
@@ -113,16 +125,27 @@ class QueueCollector:
         }
 
     def collect(self) -> Iterator[Metric]:
+        yield from self.cached()
+
+    def cached(self) -> list[Metric]:
+        """The figures of the last read while they are younger than cache_seconds, else a new read."""
+        with self._lock:
+            now = self.clock()
+            if self._figures is None or now - self._read_at >= self.cache_seconds:
+                self._figures, self._read_at = self.read(), now
+            return self._figures
+
+    def read(self) -> list[Metric]:
+        """Every family, filled from Redis; only `sdq_redis_up` 0 when Redis does not answer."""
         families = self._families()
         try:
             self._fill(families)
         except redis.RedisError as exc:
             log.warning("metrics: cannot read queue figures from Redis: %s", exc)
             families["up"].add_metric([], 0)
-            yield families["up"]
-            return
+            return [families["up"]]
         families["up"].add_metric([], 1)
-        yield from families.values()
+        return list(families.values())
 
     def _fill(self, f: dict[str, Metric]) -> None:
         figures = self.store.queue_figures([self.default_queue, *self.pools.names()])
@@ -174,7 +197,8 @@ def build_registry(svc, settings) -> CollectorRegistry:
         MultiProcessCollector(registry)
     else:
         registry.register(REQUESTS)
-    registry.register(QueueCollector(svc.store, svc.pools, svc.workers, settings.tasks.queue, settings.callbacks.queue))
+    registry.register(QueueCollector(svc.store, svc.pools, svc.workers, settings.tasks.queue, settings.callbacks.queue,
+                                     settings.metrics.cache_seconds))
     return registry
 
 

@@ -46,6 +46,7 @@ STACK_ENV = {
     "SDQ_MODELS_OVERRIDES": json.dumps({"sdq-tiny": {"steps": 4}, "tiny-single.safetensors": {"steps": 4}}),
     "SDQ_DOWNLOADS_ALLOW_HOSTS": "127.0.0.2",  # the model-hub stand-in of test_aws
     "SDQ_API_AUTH_FAILURES_PER_MINUTE": "0",   # the suite sends wrong keys on purpose; test_bounds tests the limit
+    "SDQ_METRICS_CACHE_SECONDS": "0",          # each scrape reads Redis anew; test_metrics tests the cache itself
 }
 
 

@@ -313,6 +313,96 @@ def test_api_never_imports_torch():
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
 
 
+class CountingStores:
+    """Task, pool and worker stores that count the queue reads /metrics makes (the queue figures are fixed)."""
+
+    def __init__(self, depth: int = 3):
+        self.reads, self.depth, self.fail = 0, depth, False
+
+    def queue_figures(self, queues):
+        from common.store.tasks import QueueFigures
+
+        self.reads += 1
+        if self.fail:
+            import redis
+
+            raise redis.ConnectionError("Redis went away")
+        return QueueFigures({"submitted": "5"}, 1, {(q, "normal"): self.depth for q in queues}, {})
+
+    def names(self):
+        return []
+
+    def live(self):
+        return []
+
+
+def test_queue_figures_are_read_once_per_interval_whoever_scrapes():
+    """Many scrapes inside metrics.cache_seconds cost one Redis read; the clock is injected, nothing sleeps."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from api.metrics import QueueCollector
+
+    now = [100.0]
+    stores = CountingStores()
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(stores, stores, stores, "gpu", "callbacks", cache_seconds=5, clock=lambda: now[0]))
+    for _ in range(50):                                  # a scrape storm, or many Prometheus servers
+        text = generate_latest(registry).decode()
+    assert stores.reads == 1 and 'sdq_queue_depth{priority="normal",queue="gpu"} 3.0' in text
+    stores.depth, now[0] = 7, 104.9
+    assert 'queue="gpu"} 3.0' in generate_latest(registry).decode() and stores.reads == 1
+    now[0] = 105.0                                       # the interval is over: one new read
+    assert 'queue="gpu"} 7.0' in generate_latest(registry).decode() and stores.reads == 2
+    stores.fail, now[0] = True, 111.0                    # Redis down: up 0, and that is cached as well
+    for _ in range(3):
+        assert "sdq_redis_up 0.0" in generate_latest(registry).decode()
+    assert stores.reads == 3
+
+
+def test_no_cache_reads_at_every_scrape():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from api.metrics import QueueCollector
+
+    stores = CountingStores()
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(stores, stores, stores, "gpu", "callbacks", cache_seconds=0, clock=lambda: 1.0))
+    for _ in range(3):
+        generate_latest(registry)
+    assert stores.reads == 3
+
+
+def test_concurrent_scrapes_share_one_read():
+    """Scrapes that arrive while a read is under way wait for it instead of reading too."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from api.metrics import QueueCollector
+
+    stores = CountingStores()
+    started, release = threading.Event(), threading.Event()
+    figures = stores.queue_figures
+
+    def slow_figures(queues):
+        started.set()
+        release.wait(10)
+        return figures(queues)
+
+    stores.queue_figures = slow_figures
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(stores, stores, stores, "gpu", "callbacks", cache_seconds=5, clock=lambda: 1.0))
+    threads = [threading.Thread(target=generate_latest, args=(registry,)) for _ in range(8)]
+    threads[0].start()
+    assert started.wait(10)
+    for t in threads[1:]:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert stores.reads == 1
+
+
 # --- monitoring files ---------------------------------------------------------------------
 def exported_names() -> set[str]:
     from api.metrics import exported_names as api_names
