@@ -3,6 +3,7 @@ exists, shaped as documented) and the local stack's start-up guards."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import stat
@@ -18,7 +19,9 @@ from dev.localstack import (LOOPBACK, LocalStack, PortInUse, free_port, local_ap
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"SDQ_API_KEYS": "k1", "MINIO_ROOT_PASSWORD": "minio-secret-1", "FLOWER_BASIC_AUTH": "admin:pw",
-            "SDQ_CALLBACKS_SECRET": "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ="}
+            "SDQ_CALLBACKS_SECRET": "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=", "SDQ_METRICS_TOKEN": "metrics-token-1"}
+PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+DEFAULTED = re.compile(r"\$\{[A-Z_]+:-([^}]*)\}")   # ${VAR:-default}
 ENV = {**os.environ, **REQUIRED}
 
 
@@ -44,9 +47,25 @@ def published_ports(service: dict) -> set[int]:
     return ports
 
 
+def host_addresses(service: dict) -> set[str]:
+    """Host addresses a service's ports are published on ("" = every interface); ${VAR:-default} as its default."""
+    found = set()
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            found.add(port.get("host_ip", ""))
+            continue
+        parts = DEFAULTED.sub(lambda m: m.group(1), str(port)).split(":")
+        found.add(parts[0] if len(parts) == 3 else "")
+    return found
+
+
 def assert_secure_shape(services: dict) -> None:
     """What the security review asked for, checked on raw and on rendered compose."""
     assert 9001 not in published_ports(services["minio"]) and 9000 in published_ports(services["minio"])
+    assert host_addresses(services["flower"]) == {"127.0.0.1"}, "Flower is published on loopback only"
+    for name, service in services.items():
+        if name.startswith("worker-gpu") or name == "callbacks":
+            assert not service.get("ports"), f"{name}'s metrics port (no auth) stays on the compose network"
     assert services["flower"]["build"] == services["api"]["build"]
     assert "SDQ_REDIS_URL" in " ".join(services["flower"]["command"])
     assert services["flower"]["environment"]["SDQ_REDIS_URL"] == services["api"]["environment"]["SDQ_REDIS_URL"]
@@ -82,6 +101,28 @@ def test_compose_has_the_production_shape():
     assert "--role" in services["callbacks"]["command"] and "callbacks" in services["callbacks"]["command"]
     for name in ("api.Dockerfile", "worker.Dockerfile"):
         assert (ROOT / "docker" / name).exists()
+
+
+def test_metrics_need_the_token_and_prometheus_sends_it():
+    """Port 8000 is published, so /metrics requires SDQ_METRICS_TOKEN; Prometheus reads it from a compose secret."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    token = services["api"]["environment"]["SDQ_METRICS_TOKEN"]
+    assert re.fullmatch(r"\$\{SDQ_METRICS_TOKEN:\?[^}]+\}", token), f"compose must refuse to start without it: {token}"
+    assert compose["secrets"]["metrics_token"] == {"environment": "SDQ_METRICS_TOKEN"}
+    assert "metrics_token" in services["prometheus"]["secrets"]
+    jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
+    assert jobs["sdqueue-api"]["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/metrics_token"}
+    assert "authorization" not in jobs["sdqueue-worker"]                # the workers' port is internal and open
+    for name in ("worker-gpu0", "worker-gpu1", "callbacks"):
+        assert services[name]["expose"] == ["9101"] == [services[name]["environment"]["SDQ_METRICS_WORKER_PORT"]]
+    assert host_addresses(services["prometheus"]) == {"127.0.0.1"}
+
+
+def test_flower_stays_on_loopback_unless_told():
+    flower = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["flower"]
+    assert flower["ports"] == ["${FLOWER_BIND:-127.0.0.1}:5555:5555"]
+    assert host_addresses({"ports": ["9000:9000"]}) == {""} and host_addresses({"ports": ["127.0.0.1:1:1"]}) == {"127.0.0.1"}
 
 
 def test_local_secrets_are_private_from_the_start(tmp_path):

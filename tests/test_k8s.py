@@ -594,3 +594,71 @@ def test_the_example_overlay_shows_how_to_customise(overlay):
     [config_map] = objects(overlay, "ConfigMap").values()
     config = yaml.safe_load(config_map["data"]["config.yaml"])
     assert config["storage"]["endpoint_url"] and config["storage"]["public_endpoint_url"]
+
+
+# --- metrics: the API's token, the workers' ports ------------------------------------
+
+PROMETHEUS_OPERATOR = K8S / "components" / "prometheus-operator"
+
+
+def test_the_api_requires_the_metrics_token_from_the_secret(rendered, secret_example, tmp_path):
+    api = get(rendered, "Deployment", "sdqueue-api")
+    c = container(api, "api")
+    [item] = [e for e in c["env"] if e["name"] == "SDQ_METRICS_TOKEN"]
+    ref = item["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret_example["metadata"]["name"] and not ref.get("optional"), \
+        "a Secret without the token must stop the API pod, not open /metrics"
+    settings = sdqueue_settings(api, c, rendered, secret_example, tmp_path)
+    assert settings.metrics.token == secret_example["stringData"]["SDQ_METRICS_TOKEN"] != ""
+
+
+def test_worker_metrics_ports_stay_inside_the_cluster(rendered):
+    """The workers' /metrics has no auth: no Service selects their pods, no host port or network exposes it."""
+    worker_pods = [gpu_worker(rendered), get(rendered, "Deployment", "sdqueue-callbacks")]
+    for service in objects(rendered, "Service").values():
+        assert not any(selects(service["spec"]["selector"], pod_spec_labels(w)) for w in worker_pods), \
+            service["metadata"]["name"]
+    for w in workloads(rendered):
+        assert not pod_spec(w).get("hostNetwork")
+        assert not any("hostPort" in p for c in containers(w) for p in c.get("ports", [])), w["metadata"]["name"]
+    for w in worker_pods:
+        env = {e["name"]: e.get("value") for e in containers(w)[0]["env"]}
+        assert "SDQ_METRICS_WORKER_ADDR" not in env      # the pod's own address: reachable from Prometheus's pod
+
+
+def test_services_are_cluster_internal(rendered):
+    """The API goes out through an Ingress or LoadBalancer of the installation's choosing; Flower and Redis never."""
+    for name, service in objects(rendered, "Service").items():
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", name
+
+
+def test_the_prometheus_operator_component_sends_the_token(tmp_path, secret_example):
+    """The ServiceMonitor scrapes the API Service with the Secret's token; the PodMonitor the workers' port."""
+    root = tmp_path / "with-prometheus-operator"
+    root.mkdir()
+    (root / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "sdqueue",
+        "resources": [os.path.relpath(BASE, root)], "components": [os.path.relpath(PROMETHEUS_OPERATOR, root)]}))
+    docs = kustomize_build(root)
+    assert namespace_of(docs) == "sdqueue"
+    monitor = get(docs, "ServiceMonitor", "sdqueue-api")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    api_service = get(docs, "Service", "sdqueue-api")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= api_service["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in api_service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    credentials = endpoint["authorization"]["credentials"]
+    assert endpoint["authorization"]["type"] == "Bearer"
+    assert credentials["name"] == secret_example["metadata"]["name"]
+    assert credentials["key"] == "SDQ_METRICS_TOKEN" in secret_example["stringData"]
+
+    pods = get(docs, "PodMonitor", "sdqueue-workers")
+    [expression] = pods["spec"]["selector"]["matchExpressions"]
+    scraped = [w for w in workloads(docs)
+               if expression["operator"] == "In" and pod_spec_labels(w).get(expression["key"]) in expression["values"]]
+    assert {w["metadata"]["name"] for w in scraped} == {"sdqueue-worker", "sdqueue-callbacks"}
+    [endpoint] = pods["spec"]["podMetricsEndpoints"]
+    for w in scraped:
+        assert endpoint["port"] in {p["name"] for c in containers(w) for p in c.get("ports", [])}
+    overlay_text = (OVERLAY / "kustomization.yaml").read_text()
+    assert "../../components/prometheus-operator" in overlay_text   # shown (commented) where users look

@@ -458,7 +458,7 @@ def test_compose_monitoring_profile():
     if command is None:
         pytest.skip("no docker compose client on this machine")
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "SDQ_API_KEYS": "k1", "MINIO_ROOT_PASSWORD": "minio-secret-1",
-           "FLOWER_BASIC_AUTH": "admin:pw"}
+           "FLOWER_BASIC_AUTH": "admin:pw", "SDQ_CALLBACKS_SECRET": "whsec_c2VjcmV0", "SDQ_METRICS_TOKEN": "t"}
     result = subprocess.run([*command, "--profile", "monitoring", "config"], cwd=ROOT, env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
