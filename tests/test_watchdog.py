@@ -254,3 +254,11 @@ def test_a_worker_hung_loading_a_model_fails_the_job_in_time_and_restarts(stack,
         assert "restarting the worker" in service.log.read_text()
     finally:
         service.stop()
+
+
+def test_a_heartbeat_rewritten_by_the_scheduler_keeps_its_lists(rds):
+    """pick.lua rewrites the heartbeat's models with cjson, which writes an empty list as {}."""
+    from common.store.workers import worker_from_json
+
+    info = worker_from_json('{"id": "w", "name": "w", "device": "cpu", "queues": ["q"], "jobs": {}, "speedups": {}}')
+    assert info.jobs == [] and info.speedups == []

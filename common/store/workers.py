@@ -54,6 +54,9 @@ SERVING_STATES = (WorkerState.READY, WorkerState.BUSY)
 def worker_from_json(raw: str) -> WorkerInfo:
     """Decode a heartbeat, ignoring fields a newer worker version may add (rolling upgrades)."""
     data = json.loads(raw)
+    for name in ("queues", "models", "speedups", "jobs"):
+        if data.get(name) == {}:
+            data[name] = []      # Lua's cjson (TaskStore.pick rewrites the heartbeat) encodes an empty list as {}
     return WorkerInfo(**{f.name: data[f.name] for f in fields(WorkerInfo) if f.name in data})
 
 
