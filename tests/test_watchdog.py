@@ -256,7 +256,7 @@ def test_a_worker_hung_loading_a_model_fails_the_job_in_time_and_restarts(stack,
         service.stop()
 
 
-def test_a_heartbeat_rewritten_by_the_scheduler_keeps_its_lists(rds):
+def test_a_heartbeat_rewritten_by_the_scheduler_keeps_its_lists():
     """pick.lua rewrites the heartbeat's models with cjson, which writes an empty list as {}."""
     from common.store.workers import worker_from_json
 
