@@ -138,3 +138,17 @@ def test_guessing_keys_from_one_address_is_slowed_to_a_429(stack, monkeypatch):
     assert client.get("/api/v1/models", headers={"X-API-Key": "guess"}, environ_base=other).status_code == 401
     a1111 = client.get("/sdapi/v1/sd-models", headers={"X-API-Key": "guess-a"}, environ_base=guesser)
     assert a1111.status_code == 429                                    # one count for every dialect
+
+
+def test_free_form_fields_of_the_aws_extension_and_sd_on_eks_are_bounded(stack):
+    """The AWS extension's checkpoint `params` are stored with the checkpoint, SD on EKS's `uid` with the job."""
+    headers = {"x-api-key": KEY_A, "Content-Type": "application/json"}
+    checkpoint = {"checkpoint_type": "Stable-diffusion", "filenames": [{"filename": "a.safetensors"}],
+                  "params": {"note": "x" * 70_000}}
+    r = requests.post(f"{stack.api_url}/prod/checkpoint", json=checkpoint, headers=headers, timeout=30)
+    assert r.status_code == 400 and "params" in r.text, r.text
+    eks = {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+           "alwayson_scripts": {"task": "text-to-image", "sd_model_checkpoint": "sdq-tiny", "id_task": "uid-cap",
+                                "uid": "u" * 300}}
+    r = requests.post(f"{stack.api_url}/", json=eks, headers=headers, timeout=30)
+    assert r.status_code == 400 and "uid" in r.json()["message"], r.text

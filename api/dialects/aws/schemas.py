@@ -13,7 +13,7 @@ from typing import Any
 from marshmallow import ValidationError, fields, validate, validates
 
 from api.dialects.a1111 import Img2ImgRequest, Txt2ImgRequest
-from api.schemas import BaseSchema, LooseInteger, SettingRange, limit
+from api.schemas import BaseSchema, JsonSize, LooseInteger, SettingRange, limit
 from common.store.checkpoints import CHECKPOINT_TYPES, STATUSES, filename_problem
 
 
@@ -108,7 +108,8 @@ class FileToUpload(BaseSchema):
 class CheckpointCreate(BaseSchema):
     checkpoint_type = fields.String(required=True, validate=validate.OneOf(CHECKPOINT_TYPES))
     filenames = fields.List(fields.Nested(FileToUpload), required=True, validate=validate.Length(1, 20))
-    params = fields.Dict(load_default=dict)
+    params = fields.Dict(load_default=dict, validate=JsonSize(), metadata={
+        "description": "Free-form, stored with the checkpoint (at most limits.max_extra_bytes as JSON)"})
 
     @validates("filenames")
     def distinct(self, value: list[dict], **_: Any) -> None:
@@ -120,21 +121,23 @@ class CheckpointCreate(BaseSchema):
 
 
 class PartTag(BaseSchema):
-    ETag = fields.String(required=True)
+    ETag = fields.String(required=True, validate=validate.Length(1, 256))
     PartNumber = LooseInteger(required=True, validate=validate.Range(1, MAX_PARTS))
 
 
 class CheckpointUpdate(BaseSchema):
     checkpoint_id = fields.String(required=True, validate=validate.Length(1, 64))
     status = fields.String(required=True, validate=validate.OneOf(STATUSES))
-    multi_parts_tags = fields.Dict(keys=fields.String(), values=fields.List(fields.Nested(PartTag)),
-                                   load_default=dict, metadata={
+    multi_parts_tags = fields.Dict(keys=fields.String(validate=validate.Length(1, 255)),
+                                   values=fields.List(fields.Nested(PartTag), validate=validate.Length(max=MAX_PARTS)),
+                                   load_default=dict, validate=validate.Length(max=20), metadata={
                                        "description": "file name -> [{ETag, PartNumber}]; omitted: the parts S3 holds"})
 
 
 class CheckpointQuery(BaseSchema):
-    id = fields.String(load_default=None, metadata={"description": "Checkpoint id"})
-    checkpoint_id = fields.String(load_default=None, metadata={"description": "Same as id"})
+    id = fields.String(load_default=None, validate=validate.Length(max=64), metadata={"description": "Checkpoint id"})
+    checkpoint_id = fields.String(load_default=None, validate=validate.Length(max=64),
+                                  metadata={"description": "Same as id"})
 
 
 class CheckpointsQuery(BaseSchema):
@@ -146,4 +149,5 @@ class UploadCheckpoint(BaseSchema):
     checkpointType = fields.String(required=True, validate=validate.OneOf(CHECKPOINT_TYPES))
     modelUrl = fields.List(fields.Url(schemes={"http", "https"}, require_tld=False), required=True,
                            validate=validate.Length(1, 10))
-    params = fields.Dict(load_default=dict)
+    params = fields.Dict(load_default=dict, validate=JsonSize(), metadata={
+        "description": "Free-form, stored with the checkpoint (at most limits.max_extra_bytes as JSON)"})

@@ -14,13 +14,14 @@ TASKS = {"text-to-image": "txt2img", "image-to-image": "img2img"}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 SAVE_DIR_PATTERN = re.compile(r"^[A-Za-z0-9_.\-/]{1,256}$")
 MAX_LINKS = 16
+MAX_UID = 256
 
 
 class AlwaysOnScripts(BaseSchema):
     task = fields.String(required=True, validate=validate.OneOf(list(TASKS)))
     sd_model_checkpoint = fields.String(required=True)
     id_task = fields.Raw(required=True, metadata={"description": "Client-chosen job id; resubmitting it creates no second job"})
-    uid = fields.Raw(load_default=None)
+    uid = fields.Raw(load_default=None, metadata={"description": "The client's user id, echoed back (at most 256 characters)"})
     save_dir = fields.String(load_default="outputs")
     image_link = fields.String(load_default=None, allow_none=True)
 
@@ -28,6 +29,12 @@ class AlwaysOnScripts(BaseSchema):
     def plain_id(self, value: Any, **_: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (str, int)) or not ID_PATTERN.match(str(value)):
             raise ValidationError("id_task must be letters, digits, '-', '_' or '.' (at most 128)")
+
+    @validates("uid")
+    def plain_uid(self, value: Any, **_: Any) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))
+                                  or len(str(value)) > MAX_UID):
+            raise ValidationError(f"uid must be a string or an integer of at most {MAX_UID} characters")
 
     @validates("save_dir")
     def plain_dir(self, value: str, **_: Any) -> None:
