@@ -86,7 +86,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("limits.max_images", int, 10, "Largest num_images."),
     Option("limits.max_prompt_chars", int, 10000, "Longest prompt or negative prompt."),
     Option("limits.max_extra_bytes", int, 64 * 1024, "Largest free-form value (A1111 script_args, comments, "
-           "alwayson_scripts, override_settings, styles, /options) as JSON: they are stored with the job or the key."),
+           "alwayson_scripts, override_settings, styles, /options; the AWS extension's checkpoint params) as JSON: "
+           "they are stored with the job, the checkpoint or the key."),
     Option("limits.max_image_pixels", int, 4096 * 4096, "Most pixels of an uploaded image or mask (width x height), "
            "checked from the image header before anything is decoded."),
     Option("defaults.scheduler", str, "", "Scheduler for SD 1.x/2.x/SDXL models (beta schedules) when a request names "
