@@ -133,7 +133,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("aws.models_prefix", str, "models", "Key prefix of uploaded checkpoints: s3://{bucket}/{prefix}/{type}/{id}/{file}."),
     Option("aws.output_prefix", str, "out", "Key prefix of AWS-extension outputs: s3://{bucket}/{prefix}/{job}/result/image_{n}.jpg."),
     Option("aws.list_limit", int, 1000, "Most jobs GET /inference/list-inference-jobs returns (newest first)."),
-    Option("downloads.allow_hosts", list, [], "Hosts or CIDR ranges /upload_checkpoint may fetch from although they are private or loopback."),
+    Option("downloads.allow_hosts", list, [], "Host names or CIDR ranges that /upload_checkpoint and SD on EKS image_link "
+           "may fetch from although they are (or resolve to) private or loopback addresses."),
     Option("downloads.max_bytes", int, 32 * 1024 ** 3, "Largest file /upload_checkpoint downloads."),
     Option("downloads.timeout", float, 30.0, "Seconds to connect to / wait for data from a model or image URL."),
     Option("downloads.total_timeout", float, 3600.0, "Longest one download may take in all."),
@@ -141,7 +142,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("callbacks.secret", str, "", "Webhook signing secret (Standard Webhooks webhook-signature, and the legacy "
            "X-SDQueue-Signature): whsec_<base64>, or any string; `make run` generates one (data/webhook_secret), "
            "compose requires one; empty: unsigned."),
-    Option("callbacks.allow_private", bool, False, "Allow callback URLs on loopback/private/link-local addresses (SSRF guard off)."),
+    Option("callbacks.allow_private", bool, False, "Allow callback URLs on any address, loopback/private/link-local "
+           "included (the address check is off; URLs are still read strictly)."),
+    Option("callbacks.allow_hosts", list, [], "Host names or CIDR ranges callback URLs may reach although they are (or "
+           "resolve to) private or loopback addresses (the guard stays on for the rest)."),
     Option("callbacks.max_retries", int, 8, "Webhook retries (exponential backoff) before giving up."),
     Option("callbacks.timeout", float, 10.0, "Seconds a webhook receiver gets to answer."),
     Option("callbacks.backoff_max", int, 600, "Longest pause between webhook retries."),
