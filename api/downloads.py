@@ -1,9 +1,12 @@
-"""Model files fetched from client-given URLs (POST /upload_checkpoint), SSRF-guarded.
+"""Model files and image links fetched from client-given URLs (POST /upload_checkpoint, SD on EKS image_link).
 
-Why by hand around requests: every redirect hop is checked against the
-guard (civitai answers 307 to a CDN; a hostile server could answer 302 to
-Redis or the cloud metadata address), the file name comes from the final
-URL or Content-Disposition, and a size cap stops an endless body.
+Every request goes through the resolver-pinned client (common/egress.py),
+which refuses a non-public address before connecting. Redirects are followed
+here, at most MAX_REDIRECTS, each hop through the same client (civitai
+answers 307 to a CDN; a hostile server could answer 302 to Redis or the
+cloud metadata address), without reading a redirect's body; the file name
+comes from the final URL or Content-Disposition, and a size cap stops an
+endless body.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 
-from common.netguard import address_reason, blocked_reason
+from common.egress import PinnedSession
+from common.netguard import Refused, download_guard
 from common.storage import Storage
 
 MAX_REDIRECTS = 5
@@ -86,33 +90,28 @@ def declared_length(response: requests.Response) -> int:
     return int(value) if value.isdigit() else 0
 
 
-def peer_reason(response: requests.Response, host: str, allow: list[str]) -> str | None:
-    """Why the address actually connected to is refused (DNS may have changed since the check), else None."""
-    sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
-    if sock is None:   # http.client hands the socket to the response it is reading
-        sock = getattr(getattr(getattr(getattr(response.raw, "_fp", None), "fp", None), "raw", None), "_sock", None)
-    try:
-        address = sock.getpeername()[0] if sock is not None else None
-    except OSError:
-        return None
-    return None if address is None else address_reason(host, address, allow)
-
-
 def open_download(url: str, settings: Any, limit: int | None = None) -> Download:
-    """GET `url` following at most MAX_REDIRECTS redirects, each hop checked by the SSRF guard.
+    """GET `url` following at most MAX_REDIRECTS redirects, each hop connected only to a checked address.
 
     `limit`: most bytes accepted (default downloads.max_bytes).
     """
     limit = settings.downloads.max_bytes if limit is None else limit
-    session = requests.Session()
-    allow = settings.downloads.allow_hosts
+    session = PinnedSession(download_guard(settings))
+    try:
+        return follow(session, url, settings, limit)
+    except BaseException:
+        session.close()
+        raise
+
+
+def follow(session: PinnedSession, url: str, settings: Any, limit: int) -> Download:
+    """The 200 answer at the end of at most MAX_REDIRECTS redirects; a redirect's body is never read."""
     for _ in range(MAX_REDIRECTS + 1):
-        reason = blocked_reason(url, allow)
-        if reason:
-            raise DownloadRefused(f"{url}: {reason} (allow it in downloads.allow_hosts)")
         try:
             response = session.get(url, stream=True, allow_redirects=False, timeout=settings.downloads.timeout,
                                    headers={"User-Agent": "sdqueue-model-fetch"})
+        except Refused as exc:
+            raise DownloadRefused(f"{url}: {exc}") from exc
         except requests.RequestException as exc:
             raise DownloadRefused(f"{url}: {type(exc).__name__}: {exc}") from exc
         if response.is_redirect:
@@ -126,16 +125,13 @@ def open_download(url: str, settings: Any, limit: int | None = None) -> Download
         if declared > limit:
             response.close()
             raise DownloadRefused(f"{url}: {declared} bytes is more than the {limit} allowed")
-        if reason := peer_reason(response, urlsplit(url).hostname or "", allow):
-            response.close()
-            raise DownloadRefused(f"{url}: {reason}")
         deadline = time.monotonic() + settings.downloads.total_timeout
         return Download(file_name(response), CappedStream(response, limit, deadline), response)
     raise DownloadRefused(f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
 def fetch_link(link: str, settings: Any, storage: Storage, may_read: Callable[[dict[str, str]], bool]) -> bytes:
-    """The bytes behind an http(s) URL (guarded) or s3://{our bucket}/key, at most api.max_body_bytes.
+    """The bytes behind an http(s) URL (through open_download) or s3://{our bucket}/key, at most api.max_body_bytes.
 
     `may_read(metadata)`: whether the caller may read an object of the bucket
     (outputs carry their task id: another key's images do not exist for it).

@@ -14,7 +14,7 @@ from kombu.exceptions import OperationalError
 from celery.utils.time import get_exponential_backoff_interval
 
 from common.errors import TaskNotFound
-from common.netguard import blocked_reason
+from common.netguard import Refused, callback_guard
 from common.queue import CALLBACK_TASK, GENERATE_TASK
 from worker.jobs import JobContext, run_delivery
 from worker.webhook import RetryableDelivery, build_payload, deliver
@@ -30,14 +30,18 @@ def deliver_task_callback(ctx: JobContext, task_id: str, attempt: int) -> int | 
         return None
     if not task.spec.callback_url:
         return None
-    if not ctx.settings.callbacks.allow_private and (reason := blocked_reason(task.spec.callback_url)):
-        ctx.store.set_fields(task_id, callback_status=f"refused: {reason}")   # checked again: DNS may change
+    guard = callback_guard(ctx.settings)
+    if reason := guard.blocked_reason(task.spec.callback_url):   # the clearer early error; the connect checks again
+        ctx.store.set_fields(task_id, callback_status=f"refused: {reason}")
         return None
     urls = [ctx.storage.url_for(k) for k in task.result_keys]
     payload = build_payload(task.id, task.status.value, urls, task.error)
     try:
         code = deliver(task.spec.callback_url, payload, ctx.settings.callbacks.secret,
-                       ctx.settings.callbacks.timeout, attempt + 1)
+                       ctx.settings.callbacks.timeout, attempt + 1, guard)
+    except Refused as exc:   # DNS answers a refused address now: final, not retried
+        ctx.store.set_fields(task_id, callback_status=f"refused: {exc}")
+        return None
     except RetryableDelivery as exc:
         ctx.store.set_fields(task_id, callback_status=f"retrying after attempt {attempt + 1}: {exc}")
         raise

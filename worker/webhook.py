@@ -5,7 +5,9 @@ a CPU worker and never holds a GPU worker. Why Standard Webhooks: receivers
 verify with the `standardwebhooks` library of their language (id, timestamp
 and body signed together, so a captured request cannot be replayed later);
 the older `X-SDQueue-Signature` (body only) is still sent for receivers
-written against it.
+written against it. Why the pinned client (common/egress.py): the callback
+URL is the client's, so the connection itself refuses a non-public address
+(checked at the connect, not before it); redirects are not followed.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from datetime import datetime, timezone
 
 import requests
 from standardwebhooks.webhooks import Webhook
+
+from common.egress import PinnedSession
+from common.netguard import Guard
 
 SIGNATURE_HEADER = "X-SDQueue-Signature"
 USER_AGENT = "sdqueue-webhook/1"
@@ -63,18 +68,25 @@ def standard_headers(message_id: str, body: bytes, secret: str, now: datetime | 
             "webhook-signature": signature}
 
 
-def deliver(url: str, payload: dict, secret: str, timeout: float, attempt: int) -> int:
-    """POST the payload; return the status code, or raise RetryableDelivery."""
+def deliver(url: str, payload: dict, secret: str, timeout: float, attempt: int, guard: Guard) -> int:
+    """POST the payload through the pinned client; return the status code, or raise RetryableDelivery.
+
+    Raises netguard.Refused (not retried) when the URL or the address it
+    resolves to now is refused by `guard`. The answer's body is never read.
+    """
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                "X-SDQueue-Task-Id": payload["task_id"], "X-SDQueue-Attempt": str(attempt)}
     if secret:
         headers[SIGNATURE_HEADER] = sign(body, secret)
         headers.update(standard_headers(f"msg_{payload['task_id']}", body, secret))
-    try:
-        response = requests.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
-    except requests.RequestException as exc:
-        raise RetryableDelivery(f"{type(exc).__name__}: {exc}") from exc
+    with PinnedSession(guard) as session:
+        try:
+            response = session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False,
+                                    stream=True)
+        except requests.RequestException as exc:
+            raise RetryableDelivery(f"{type(exc).__name__}: {exc}") from exc
+        response.close()
     if response.status_code >= 500 or response.status_code in _RETRY_STATUS:
         raise RetryableDelivery(f"receiver answered {response.status_code}")
     return response.status_code

@@ -13,7 +13,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates, va
 from api.schemas import (MAX_SEED, BaseSchema, InitImageField, LooseInteger, Setting, SettingLength, SettingRange,
                          StrictFloat, limit, multiple_of_8)
 from api.services import services
-from common.netguard import blocked_reason
+from common.netguard import callback_guard
 from common.schedulers import SCHEDULERS
 from common.store.tasks import PRIORITIES
 
@@ -69,10 +69,8 @@ class GenerateRequest(BaseSchema):
 
     @validates("callback_url")
     def public_callback(self, value: str | None, **_: Any) -> None:
-        if value is not None and not services().settings.callbacks.allow_private:
-            reason = blocked_reason(value)
-            if reason:
-                raise ValidationError(f"callback_url refused: {reason} (see callbacks.allow_private)")
+        if value is not None and (reason := callback_guard(services().settings).blocked_reason(value)):
+            raise ValidationError(f"callback_url refused: {reason}")
 
     @validates("model")
     def known_model(self, value: str | None, **_: Any) -> None:
