@@ -70,8 +70,7 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}" + (f", {KNOWN_EXITS[code]}" if code in KNOWN_EXITS else "")
 
 
-KNOWN_EXITS = {3: "the worker could not load its default model",
-               75: "the worker's watchdog ended a hung job (worker/watchdog.py)"}
+KNOWN_EXITS = {75: "a worker's watchdog ended a hung job (worker/watchdog.py)"}
 
 
 def log_tail(path: Path | None, lines: int = 15, window: int = 64 * 1024) -> list[str]:
