@@ -41,16 +41,38 @@ _WEED_PORTS = {"s3.port.grpc": 1, "master.port": 2, "master.port.grpc": 3, "file
                "s3.port.iceberg": 10, "metricsPort": 11, "s3.port.lance": 12, "debug.port": 13}
 
 
+LOWEST_PORT = 10000
+
+
+def ephemeral_start() -> int:
+    """The first port the kernel hands to outgoing connections (Linux: ip_local_port_range, usually 32768).
+
+    Why it matters: a port chosen free in that range can be taken by any
+    outgoing connection (a client connecting to Redis) before our server binds it.
+    """
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free port below the ephemeral range, so no outgoing connection takes it before our server binds it."""
+    top = max(ephemeral_start(), LOWEST_PORT + 1000)
+    for _ in range(500):
+        port = LOWEST_PORT + secrets.randbelow(top - LOWEST_PORT)
+        if _port_free(port):
+            return port
+    with socket.socket() as sock:   # a crowded machine: any free port, as the kernel chooses
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
 
 
 def free_port_block(size: int = 14) -> int:
-    """A base port with `size` free ports after it (and their +10000 gRPC twins)."""
+    """A base port with `size` free ports after it (and their +10000 gRPC twins), below the ephemeral range."""
+    top = max(ephemeral_start() - 10000 - size, LOWEST_PORT + 1000)
     for _ in range(200):
-        base = 20000 + secrets.randbelow(30000)
+        base = LOWEST_PORT + secrets.randbelow(top - LOWEST_PORT)
         if all(_port_free(base + i) and _port_free(base + i + 10000) for i in range(size)):
             return base
     raise RuntimeError("no free port block found")
