@@ -53,7 +53,7 @@ def openapi_config(settings: Settings) -> dict:
 
 
 def build_services(settings: Settings) -> Services:
-    keys = parse_keys(settings.api.keys)
+    keys = parse_keys(settings.api.keys, reserved_queues=(settings.callbacks.queue,))
     if not keys:
         log.warning("no API keys configured (api.keys / SDQ_API_KEYS): every authenticated call will get 401")
     celery = create_celery(settings, name="sdqueue-api")

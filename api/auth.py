@@ -9,6 +9,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +19,7 @@ from common.store.authfailures import AuthFailures
 from common.store.tasks import PRIORITIES
 
 DIALECTS = ("native", "a1111", "eks", "aws", "draw")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,9 @@ class ApiKey:
     (Flask-Limiter strings, "" for none; default api.submit_limit / api.read_limit),
     `dialects`, `models`, worker `pools` (AWS-extension endpoints) and `priorities`
     it may use (default: all), `max_pending` jobs it may have waiting
-    (default tasks.max_pending_per_key; 0: no limit).
+    (default tasks.max_pending_per_key; 0: no limit), and the `queue` (worker
+    pool) its jobs go to when the request names none (default tasks.queue):
+    a tenant with GPUs of its own.
     """
 
     key: str
@@ -40,6 +44,7 @@ class ApiKey:
     pools: tuple[str, ...] | None = None
     priorities: tuple[str, ...] | None = None
     max_pending: int | None = None
+    queue: str | None = None
     owner: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,8 +81,23 @@ def _names(item: dict, field_name: str, i: int) -> tuple[str, ...] | None:
     return tuple(value)
 
 
-def parse_keys(raw: list) -> list[ApiKey]:
-    """Accept the native API's list of strings, or maps with `key`, optional `name` and policy fields."""
+def _queue(item: dict, i: int, reserved: tuple[str, ...]) -> str | None:
+    """A key's own queue: a plain name (it becomes a Redis key and a Celery queue), not a reserved one."""
+    value = item.get("queue")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not QUEUE_NAME.match(value):
+        raise ValueError(f"api.keys[{i}].queue: expected a queue name (letters, digits, '-', '_', '.')")
+    if value in reserved:
+        raise ValueError(f"api.keys[{i}].queue: {value!r} is not a worker pool (the webhook queue)")
+    return value
+
+
+def parse_keys(raw: list, reserved_queues: tuple[str, ...] = ()) -> list[ApiKey]:
+    """Accept the native API's list of strings, or maps with `key`, optional `name` and policy fields.
+
+    `reserved_queues`: queue names no key may send jobs to (the webhook queue).
+    """
     keys = []
     for i, item in enumerate(raw):
         if isinstance(item, str):
@@ -97,7 +117,8 @@ def parse_keys(raw: list) -> list[ApiKey]:
                 raise ValueError(f"api.keys[{i}].max_pending: expected a whole number >= 0")
             keys.append(ApiKey(str(item["key"]), str(item.get("name") or f"key{i + 1}"), dialects=dialects,
                                models=_names(item, "models", i), pools=_names(item, "pools", i),
-                               priorities=priorities, max_pending=max_pending, **limits))
+                               priorities=priorities, max_pending=max_pending,
+                               queue=_queue(item, i, reserved_queues), **limits))
         else:
             raise ValueError(f"api.keys[{i}]: expected a string or a map with 'key'")
     return keys
@@ -137,6 +158,11 @@ class KeyRing:
         """How many waiting jobs this key's owner may have (0: no limit)."""
         key = self._by_owner.get(owner)
         return self.default_max_pending if key is None or key.max_pending is None else key.max_pending
+
+    def queue_for(self, owner: str) -> str | None:
+        """The queue this owner's jobs go to when the request names no pool (api.keys[].queue), or None."""
+        key = self._by_owner.get(owner)
+        return None if key is None else key.queue
 
     def priority_for(self, owner: str, requested: str) -> str:
         """The priority a job of this owner gets (see ApiKey.priority_for)."""

@@ -34,14 +34,14 @@ def submit_job(svc: Services, owner: str, spec: JobSpec, task_id: str | None = N
 
     With a caller-chosen task_id that exists already, nothing is written and
     the existing id is returned (idempotent resubmission). `queue`: a worker
-    pool's queue (default tasks.queue). Raises QueueFull (nothing written)
+    pool's queue (default: the key's own, api.keys[].queue, else tasks.queue). Raises QueueFull (nothing written)
     beyond tasks.max_pending waiting jobs in the queue, or the key's own
     max_pending (api.keys[].max_pending, default tasks.max_pending_per_key),
     checked inside the same atomic write. A key limited to some priorities
     (api.keys[].priorities) gets its own default in dialects without the field.
     """
     task_id = task_id or new_task_id()
-    queue = queue or svc.settings.tasks.queue
+    queue = queue or svc.keys.queue_for(owner) or svc.settings.tasks.queue
     spec.priority = svc.keys.priority_for(owner, spec.priority)   # the native API refused a forbidden one already
     svc.store.create(task_id, owner, spec, queue, svc.messages.generate(task_id, 0, queue),
                      svc.settings.tasks.max_pending, svc.keys.max_pending(owner))

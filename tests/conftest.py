@@ -20,11 +20,14 @@ KEY_B = "test-key-bravo-9876543210"
 KEY_LIMITED = "test-key-limited-55555555"     # 2 submissions/s, 4 reads/s
 KEY_NATIVE_ONLY = "test-key-native-only-777"  # the native API only, the tiny model only, no high priority
 KEY_POOLED = "test-key-pooled-31415926"       # may send AWS-extension jobs to the pool "gpu" only
+KEY_FUZZ = "test-key-fuzz-27182818"           # tests/test_fuzz.py: no limits, its jobs wait where no worker serves
+FUZZ_QUEUE = "fuzz"
 POLICIES = {"api": {"keys": [
     {"key": KEY_LIMITED, "name": "limited", "submit_limit": "2/second", "read_limit": "4/second"},
     {"key": KEY_NATIVE_ONLY, "name": "native-only", "dialects": ["native"], "models": ["sdq-tiny"],
      "priorities": ["normal", "low"]},
     {"key": KEY_POOLED, "name": "pooled", "pools": ["gpu"]},
+    {"key": KEY_FUZZ, "name": "fuzz", "submit_limit": "", "read_limit": "", "max_pending": 0, "queue": FUZZ_QUEUE},
 ]}}
 CALLBACK_SECRET = "test-webhook-secret"
 STACK_ENV = {
@@ -56,7 +59,8 @@ def stack(tmp_path_factory) -> LocalStack:
     config = data / "config.yaml"
     config.write_text(yaml.safe_dump(POLICIES))
     st = LocalStack(data_dir=data, redis_port=free_port(), s3_port=free_port_block(), api_port=free_port(),
-                    flower_port=free_port(), api_keys=[KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY, KEY_POOLED], flower_password="pw",
+                    flower_port=free_port(), api_keys=[KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY, KEY_POOLED, KEY_FUZZ],
+                    flower_password="pw",
                     extra_env={**STACK_ENV, "SDQ_CONFIG": str(config)})
     try:
         build_default_model(st)

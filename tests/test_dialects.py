@@ -10,7 +10,7 @@ import requests
 from PIL import Image
 
 from api.auth import ApiKey
-from tests.conftest import KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY
+from tests.conftest import FUZZ_QUEUE, KEY_A, KEY_B, KEY_FUZZ, KEY_LIMITED, KEY_NATIVE_ONLY
 from tests.helpers import FileServer, fetch
 
 EKS_BODY = {
@@ -204,6 +204,27 @@ def test_key_policies_limit_dialects_and_models(stack):
                          "num_inference_steps": 1}, headers=headers, timeout=10).status_code == 202
     assert requests.get(f"{stack.api_url}/sdapi/v1/options", headers=headers, timeout=10).status_code == 403
     assert requests.post(stack.api_url + "/", json=EKS_BODY, headers=headers, timeout=10).status_code == 403
+
+
+def test_a_key_with_its_own_queue_sends_every_job_there(stack, rds):
+    """api.keys[].queue: the key's jobs wait in its pool's queue in every dialect that names no pool (here
+    none serves it), never in the default one."""
+    from common.store import keys
+
+    headers = {"X-API-Key": KEY_FUZZ}
+    native = requests.post(f"{stack.api_url}/api/v1/generate", json={"prompt": "x"}, headers=headers, timeout=10)
+    eks = requests.post(stack.api_url + "/", json={**EKS_BODY, "alwayson_scripts": {
+        **EKS_BODY["alwayson_scripts"], "id_task": "own-queue"}}, headers=headers, timeout=10)
+    assert native.status_code == 202 and eks.status_code == 200, eks.text
+    waiting = rds.zrange(keys.PENDING(FUZZ_QUEUE), 0, -1)
+    try:
+        assert native.json()["task_id"] in waiting and len(waiting) == 2
+        assert not set(waiting) & set(rds.zrange(keys.PENDING("gpu"), 0, -1))
+        assert requests.get(f"{stack.api_url}/api/v1/tasks/{native.json()['task_id']}", headers=headers,
+                            timeout=10).json()["queue_position"] == 1
+    finally:
+        for task_id in waiting:
+            requests.delete(f"{stack.api_url}/api/v1/tasks/{task_id}", headers=headers, timeout=10)
 
 
 def test_full_queue_is_refused_at_once_in_every_dialect(stack):

@@ -181,3 +181,15 @@ def test_a_replayed_or_tampered_webhook_fails_standard_verification():
     stale = standard_headers("msg_t", body, secret, now=datetime.now(tz=timezone.utc) - timedelta(hours=1))
     with pytest.raises(WebhookVerificationError):
         Webhook(secret).verify(body, stale)                      # a captured request replayed an hour later
+
+
+def test_a_key_s_own_queue_is_a_plain_name_and_never_the_webhook_queue():
+    from api.auth import parse_keys
+
+    (key,) = parse_keys([{"key": "k", "queue": "team-a"}], reserved_queues=("callbacks",))
+    assert key.queue == "team-a" and parse_keys(["plain"])[0].queue is None
+    for bad in ("", "has space", 7, "x" * 64):
+        with pytest.raises(ValueError, match=r"api.keys\[0\].queue"):
+            parse_keys([{"key": "k", "queue": bad}])
+    with pytest.raises(ValueError, match="webhook queue"):
+        parse_keys([{"key": "k", "queue": "callbacks"}], reserved_queues=("callbacks",))
