@@ -265,8 +265,9 @@ def test_draw_refuses_oversized_bodies(stack):
     assert r.status_code == 413 and r.get_json()["type"] == "error"
 
 
-def test_draw_answers_500_when_its_job_does_not_complete(stack, rds):
-    """The /v1/draw API's 500: the synchronous call's job ended without images (here: cancelled while queued)."""
+def test_draw_answers_409_when_its_key_cancels_its_job(stack, rds):
+    """A /v1/draw call whose job its own key cancelled (native DELETE, while queued) is the client's doing: 409, not
+    the 500 of a job that failed (issue 13: no 5xx for anything a client can do)."""
     import threading
 
     from api import create_app
@@ -286,5 +287,5 @@ def test_draw_answers_500_when_its_job_does_not_complete(stack, rds):
     assert app.test_client().delete(f"/api/v1/tasks/{task_id}", headers={"X-API-Key": KEY_A}).status_code == 200
     caller.join(30)
     r = answer["r"]
-    assert r.status_code == 500 and r.get_json()["error"]["type"] == "api_error"
+    assert r.status_code == 409 and r.get_json()["error"]["type"] == "invalid_request_error"
     assert "cancel" in r.get_json()["error"]["message"]

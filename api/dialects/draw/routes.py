@@ -29,9 +29,9 @@ from common.store import TaskStatus
 
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-               429: "rate_limit_error", 500: "api_error", 503: "overloaded_error", 504: "api_error",
-               529: "overloaded_error"}
+               404: "not_found_error", 405: "invalid_request_error", 409: "invalid_request_error",
+               413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
+               504: "api_error", 529: "overloaded_error"}
 
 
 def draw_error(status: int, detail: Any, headers: dict | None = None):
@@ -81,6 +81,8 @@ def draw(data: dict):
         task = wait_for_result(svc, task_id)
     except (QueueFull, WaitersFull) as exc:
         return draw_error(529, str(exc) or "the service is overloaded; retry later", {"Retry-After": "5"})
+    if task.status is TaskStatus.CANCELLED:   # its own key cancelled it (DELETE /api/v1/tasks/{id}): no server error
+        return draw_error(409, f"the job was cancelled before it finished ({task.error or 'cancelled'})")
     if task.status is not TaskStatus.COMPLETED:
         return draw_error(500, task.error or f"the job ended {task.status.value}")
     return jsonify({"urls": [svc.storage.url_for(k) for k in task.result_keys], "object": "draw",
