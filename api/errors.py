@@ -32,7 +32,7 @@ def flatten_messages(messages: Any, loc: list) -> list[dict]:
     if isinstance(messages, dict):
         out = []
         for key, value in messages.items():
-            sub = loc if key == "_schema" else loc + [int(key) if isinstance(key, int) or str(key).isdigit() else key]
+            sub = loc if key == "_schema" else loc + [list_index(key)]
             out += flatten_messages(value, sub)
         return out
     if isinstance(messages, (list, tuple)):
@@ -43,6 +43,14 @@ def flatten_messages(messages: Any, loc: list) -> list[dict]:
             out += flatten_messages(item, loc)
         return out
     return [_entry(loc, str(messages))]
+
+
+def list_index(key: Any) -> Any:
+    """A list item's index as an int ("3" from a dict of items too); any other key as it came. ASCII digits
+    only: "¹" and "٣" are str.isdigit() but int() refuses the one and would misname the other."""
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    return key
 
 
 def _entry(loc: list, message: str) -> dict:

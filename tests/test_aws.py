@@ -317,6 +317,20 @@ def test_checkpoint_errors(base):
     assert r.status_code == 400 and r.json()["statusCode"] == 400
 
 
+def test_an_error_under_a_digit_like_key_is_a_4xx_naming_it(base):
+    """"¹" is str.isdigit() but no int: an error under such a dict key answered 500 (found by tests/test_fuzz.py);
+    "٣" is a digit int() reads, but the key is the client's text, not a list index."""
+    r = requests.post(f"{base}/inference/v2", headers=headers(body=True), json={
+        "task_type": "txt2img", "models": {"Stable-diffusion": ["sdq-tiny"], "¹": [], "٣": []},
+        "sagemaker_endpoint_name": "gpu"})
+    assert r.status_code == 422, r.text
+    assert sorted(tuple(e["loc"]) for e in r.json()["detail"]) == [
+        ("body", "models", "¹", "key"), ("body", "models", "٣", "key")]
+    r = requests.put(f"{base}/checkpoint", headers=headers(body=True), json={
+        "checkpoint_id": "x", "status": "Active", "multi_parts_tags": {"²": [{"ETag": "e", "PartNumber": "x"}]}})
+    assert r.status_code == 400 and "multi_parts_tags.².value.0.PartNumber" in r.json()["error"], r.text
+
+
 def test_upload_checkpoint_refuses_private_addresses(base):
     server = FileServer({"/ok.safetensors": b"x" * 10, "/model.txt": b"text"},
                         {"/go": "http://127.0.0.1:1/secret.safetensors"})
