@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from flask import jsonify, request
 from flask_smorest import Blueprint, abort
-from marshmallow import Schema, ValidationError
+from marshmallow import ValidationError
 
 from api.auth import bearer_token, current_key
 from api.dialects.a1111 import unhonoured
@@ -28,6 +28,7 @@ from api.dialects.aws.translate import (build_inference_jobspec, job_view, outpu
                                         resolve_model, unrecorded_pool)
 from api.errors import flatten_messages
 from api.limits import read_limited, submit_limited
+from api.schemas import json_body
 from api.services import Services, services
 from api.submission import new_task_id, submit_job
 from common.errors import TaskNotFound
@@ -178,11 +179,6 @@ def delete_endpoints(svc: Services, names: list[str]):
 
 
 # --- routes --------------------------------------------------------------------------------
-def json_body(schema: Schema, description: str) -> dict:
-    """An OpenAPI requestBody for views that pick their schema themselves."""
-    return {"description": description, "required": True, "content": {"application/json": {"schema": schema}}}
-
-
 @blp.route("/inference/test-connection", methods=["GET"])
 @read_limited
 @blp.doc(security=SECURITY)
@@ -193,7 +189,8 @@ def test_connection():
 
 @blp.route("/inference/v2", methods=["POST"])
 @submit_limited
-@blp.doc(security=SECURITY, requestBody=json_body(schemas.TXT2IMG_REQUEST, "img2img adds init_images (and mask)"))
+@blp.doc(security=SECURITY, requestBody=json_body("task_type picks the request: img2img adds init_images (and mask)",
+                                                 schemas.TXT2IMG_REQUEST, schemas.IMG2IMG_REQUEST))
 def inference_v2():
     """Queue a txt2img/img2img job on the pool `sagemaker_endpoint_name` names; answers at once."""
     return run_inference(services(), request.get_json(silent=True))
@@ -246,7 +243,8 @@ def list_endpoints():
 
 @blp.route("/endpoints", methods=["POST"])
 @submit_limited
-@blp.doc(security=SECURITY, requestBody=json_body(schemas.EndpointCreate(), "or {\"delete_endpoint_list\": [...]}"))
+@blp.doc(security=SECURITY, requestBody=json_body("an endpoint to record, or {\"delete_endpoint_list\": [...]}",
+                                                 schemas.EndpointCreate(), schemas.EndpointDelete()))
 def post_endpoints():
     """Record a pool and its desired replicas; with `delete_endpoint_list`, forget pools (as the extension's samples do)."""
     raw = request.get_json(silent=True)

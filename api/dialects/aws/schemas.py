@@ -14,12 +14,15 @@ from marshmallow import ValidationError, fields, validate, validates
 
 from api.dialects.a1111 import Img2ImgRequest, Txt2ImgRequest
 from api.schemas import BaseSchema, JsonSize, LooseInteger, SettingRange, limit
-from common.store.checkpoints import CHECKPOINT_TYPES, STATUSES, filename_problem
+from common.store.checkpoints import CHECKPOINT_TYPES, FILE_SUFFIXES, STATUSES, filename_problem
 
 
 TASK_TYPES = ("txt2img", "img2img")
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 MAX_PARTS = 10000   # S3's limit on parts per multipart upload
+# What filename_problem accepts, as the document can say it (it also refuses "..", and takes any suffix's case).
+FILENAME_PATTERN = (r"^[A-Za-z0-9][A-Za-z0-9_.\- ()+\[\]]{0,180}\.("
+                    + "|".join(s.lstrip(".") for s in FILE_SUFFIXES) + ")$")
 
 
 def check_pool_name(value: str) -> None:
@@ -31,6 +34,11 @@ class ModelsField(fields.Dict):
     """{"Stable-diffusion": [file], "Lora": [files], ...}: lists of model file names by type."""
 
     def __init__(self, **kwargs: Any):
+        names = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 200}}
+        properties = {kind: {**names, "minItems": 1} if kind == "Stable-diffusion" else names
+                      for kind in CHECKPOINT_TYPES}
+        kwargs.setdefault("metadata", {}).update(   # the document says what _deserialize requires
+            properties=properties, required=["Stable-diffusion"])
         super().__init__(keys=fields.String(validate=validate.OneOf(CHECKPOINT_TYPES)),
                          values=fields.List(fields.String(validate=validate.Length(1, 200))), **kwargs)
 
@@ -96,7 +104,7 @@ class EndpointDelete(BaseSchema):
 
 
 class FileToUpload(BaseSchema):
-    filename = fields.String(required=True)
+    filename = fields.String(required=True, metadata={"pattern": FILENAME_PATTERN})
     parts_number = LooseInteger(load_default=1, validate=validate.Range(1, MAX_PARTS))
 
     @validates("filename")

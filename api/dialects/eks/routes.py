@@ -29,6 +29,7 @@ from api.downloads import DownloadRefused
 from api.errors import DIALECT_RENDERERS, detail_text, flatten_messages, json_error
 from api.init_image import InitImageError
 from api.limits import submit_limited
+from api.schemas import json_body
 from api.services import services
 from api.submission import submit_job
 
@@ -52,6 +53,9 @@ def authenticate():
 
 
 @submit_limited
+@blp.doc(security=[{"ApiKeyAuth": []}], requestBody=json_body(
+    "alwayson_scripts.task picks the request: image-to-image takes init_images or alwayson_scripts.image_link",
+    schemas.TXT2IMG_REQUEST, schemas.IMG2IMG_REQUEST))
 def submit():
     """Queue a text-to-image or image-to-image job; answers where its images will be."""
     raw = request.get_json(silent=True)

@@ -20,9 +20,11 @@ MAX_UID = 256
 class AlwaysOnScripts(BaseSchema):
     task = fields.String(required=True, validate=validate.OneOf(list(TASKS)))
     sd_model_checkpoint = fields.String(required=True)
-    id_task = fields.Raw(required=True, metadata={"description": "Client-chosen job id; resubmitting it creates no second job"})
+    id_task = fields.Raw(required=True, metadata={
+        "description": "Client-chosen job id; resubmitting it creates no second job",
+        "anyOf": [{"type": "string", "pattern": ID_PATTERN.pattern}, {"type": "integer", "minimum": 0}]})
     uid = fields.Raw(load_default=None, metadata={"description": "The client's user id, echoed back (at most 256 characters)"})
-    save_dir = fields.String(load_default="outputs")
+    save_dir = fields.String(load_default="outputs", metadata={"pattern": SAVE_DIR_PATTERN.pattern})
     image_link = fields.String(load_default=None, allow_none=True)
 
     @validates("id_task")
