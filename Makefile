@@ -10,19 +10,25 @@ STAMP  := $(VENV)/.deps-installed
 TORCH_INDEX ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# `make fuzz`: schemathesis examples per API operation and mode (`make test` runs tests/test_fuzz.py with 12).
+FUZZ_EXAMPLES ?= 200
 
 # bash with pipefail: a failing command piped into grep fails the recipe, so a
 # broken install is never stamped as installed.
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: run test deps system-deps bench docker-config clean purge
+.PHONY: run test fuzz deps system-deps bench docker-config clean purge
 
 run: deps
 	$(PY) -m dev.localstack run
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fuzz alone, longer: every documented operation, no 5xx and JSON answers (tests/test_fuzz.py).
+fuzz: deps
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest --timeout=1800 tests/test_fuzz.py $(PYTEST_ARGS)
 
 deps: system-deps $(STAMP)
 
