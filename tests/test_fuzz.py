@@ -59,7 +59,10 @@ class Canceller:
 
     def run(self) -> None:
         while not self.stop.wait(CANCEL_POLL_SECONDS):
-            self.cancel_waiting()
+            try:
+                self.cancel_waiting()
+            except Exception:   # noqa: BLE001 - a Redis hiccup must not leave synchronous calls waiting 900 s
+                pass
 
     def cancel_waiting(self) -> None:
         for queue in self.queues:
@@ -159,6 +162,7 @@ def fuzz_world(stack) -> Iterator[Targets]:
         canceller.stop.set()
         canceller.thread.join(timeout=10)
         canceller.cancel_waiting()
+        store.client.delete(FUZZ_QUEUE, FUZZ_POOL)   # the cancelled jobs' deliveries, which no worker would take
         forget_fuzz_endpoints(base)
 
 
