@@ -30,9 +30,10 @@ class ApiKey:
     (Flask-Limiter strings, "" for none; default api.submit_limit / api.read_limit),
     `dialects`, `models`, worker `pools` (AWS-extension endpoints) and `priorities`
     it may use (default: all), `max_pending` jobs it may have waiting
-    (default tasks.max_pending_per_key; 0: no limit), and the `queue` (worker
+    (default tasks.max_pending_per_key; 0: no limit), the `queue` (worker
     pool) its jobs go to when the request names none (default tasks.queue):
-    a tenant with GPUs of its own.
+    a tenant with GPUs of its own, and `lenient` (default api.lenient: accept
+    unsupported generation fields with a warning).
     """
 
     key: str
@@ -45,6 +46,7 @@ class ApiKey:
     priorities: tuple[str, ...] | None = None
     max_pending: int | None = None
     queue: str | None = None
+    lenient: bool | None = None
     owner: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +72,10 @@ class ApiKey:
         if self.may_use_priority(requested):
             return requested
         return "normal" if self.may_use_priority("normal") else self.priorities[0]
+
+    def is_lenient(self, default: bool) -> bool:
+        """Whether unsupported generation fields are accepted with a warning (api.lenient unless the key says)."""
+        return default if self.lenient is None else self.lenient
 
 
 def _names(item: dict, field_name: str, i: int) -> tuple[str, ...] | None:
@@ -115,9 +121,12 @@ def parse_keys(raw: list, reserved_queues: tuple[str, ...] = ()) -> list[ApiKey]
             max_pending = item.get("max_pending")
             if max_pending is not None and (not isinstance(max_pending, int) or max_pending < 0):
                 raise ValueError(f"api.keys[{i}].max_pending: expected a whole number >= 0")
+            lenient = item.get("lenient")
+            if lenient is not None and not isinstance(lenient, bool):
+                raise ValueError(f"api.keys[{i}].lenient: expected true or false")
             keys.append(ApiKey(str(item["key"]), str(item.get("name") or f"key{i + 1}"), dialects=dialects,
                                models=_names(item, "models", i), pools=_names(item, "pools", i),
-                               priorities=priorities, max_pending=max_pending,
+                               priorities=priorities, max_pending=max_pending, lenient=lenient,
                                queue=_queue(item, i, reserved_queues), **limits))
         else:
             raise ValueError(f"api.keys[{i}]: expected a string or a map with 'key'")

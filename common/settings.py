@@ -52,6 +52,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("api.stage_prefix", str, "/prod", "API Gateway-style stage: every route also answers under it "
            "(/prod/ for SD on EKS, /prod/inference/v2 for the AWS extension); empty: off."),
     Option("api.max_body_bytes", int, 32 * 1024 * 1024, "Largest request body accepted (init images are base64)."),
+    Option("api.lenient", bool, False, "Accept generation fields sdqueue cannot honour (restore_faces: true, tiling, "
+           "hires fix, ControlNet, ...) and name them in info.warnings instead of refusing them with a 422 naming "
+           "the field (api.keys[].lenient overrides per key). Values that leave the image unchanged (false, 0, "
+           "empty) are always accepted."),
     Option("api.fast_submit", bool, True, "Answer well-formed native submissions without Flask's request machinery "
            "(same schema, same answer; any refusal is still rendered by Flask). Off: every request through Flask."),
     Option("redis.url", str, "redis://127.0.0.1:6379/0", "Redis for task state, heartbeats and notifications."),

@@ -22,12 +22,14 @@ KEY_NATIVE_ONLY = "test-key-native-only-777"  # the native API only, the tiny mo
 KEY_POOLED = "test-key-pooled-31415926"       # may send AWS-extension jobs to the pool "gpu" only
 KEY_FUZZ = "test-key-fuzz-27182818"           # tests/test_fuzz.py: no limits, its jobs wait where no worker serves
 FUZZ_QUEUE = "fuzz"
+KEY_LENIENT = "test-key-lenient-24681357"     # unsupported generation fields are warnings, not 422s
 POLICIES = {"api": {"keys": [
     {"key": KEY_LIMITED, "name": "limited", "submit_limit": "2/second", "read_limit": "4/second"},
     {"key": KEY_NATIVE_ONLY, "name": "native-only", "dialects": ["native"], "models": ["sdq-tiny"],
      "priorities": ["normal", "low"]},
     {"key": KEY_POOLED, "name": "pooled", "pools": ["gpu"]},
     {"key": KEY_FUZZ, "name": "fuzz", "submit_limit": "", "read_limit": "", "max_pending": 0, "queue": FUZZ_QUEUE},
+    {"key": KEY_LENIENT, "name": "lenient", "lenient": True},
 ]}}
 CALLBACK_SECRET = "test-webhook-secret"
 STACK_ENV = {
@@ -59,7 +61,8 @@ def stack(tmp_path_factory) -> LocalStack:
     config = data / "config.yaml"
     config.write_text(yaml.safe_dump(POLICIES))
     st = LocalStack(data_dir=data, redis_port=free_port(), s3_port=free_port_block(), api_port=free_port(),
-                    flower_port=free_port(), api_keys=[KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY, KEY_POOLED, KEY_FUZZ],
+                    flower_port=free_port(), api_keys=[KEY_A, KEY_B, KEY_LIMITED, KEY_NATIVE_ONLY, KEY_POOLED, KEY_FUZZ,
+                                                       KEY_LENIENT],
                     flower_password="pw",
                     extra_env={**STACK_ENV, "SDQ_CONFIG": str(config)})
     try:

@@ -5,7 +5,7 @@ the AWS SD extension API) reuse: the request schemas and the translation.
 """
 from api.dialects.a1111.routes import blp
 from api.dialects.a1111.schemas import ImageList, Img2ImgRequest, Txt2ImgRequest
-from api.dialects.a1111.translate import build_a1111_jobspec, echo_parameters, find_checkpoint, unhonoured
+from api.dialects.a1111.translate import build_a1111_jobspec, echo_parameters, find_checkpoint, screen_fields
 
 __all__ = ["ImageList", "Img2ImgRequest", "Txt2ImgRequest", "blp", "build_a1111_jobspec", "echo_parameters",
-           "find_checkpoint", "unhonoured"]
+           "find_checkpoint", "screen_fields"]

@@ -19,7 +19,7 @@ from api.auth import basic_auth_password, current_key
 from api.dialects.a1111 import schemas
 from api.dialects.a1111.translate import (DIALECT, build_a1111_jobspec, build_info, default_options,
                                           echo_parameters, find_checkpoint, model_stem, model_title, png_info,
-                                          progress_of, stored_options, unhonoured)
+                                          progress_of, screen_fields, stored_options)
 from api.errors import DIALECT_RENDERERS, error_response, json_error
 from api.limits import read_limited, submit_limited
 from api.services import Services, services
@@ -67,7 +67,7 @@ def run_generation(data: dict, mode: str):
     """Submit, wait on the event hub, answer in A1111's shape."""
     svc = services()
     owner = current_key().owner
-    warnings = unhonoured(data, mode)
+    warnings = screen_fields(svc, data, mode)
     task_id = new_task_id()
     spec = build_a1111_jobspec(svc, data, mode, task_id, warnings)
     submit_job(svc, owner, spec, task_id)

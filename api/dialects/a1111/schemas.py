@@ -39,6 +39,8 @@ class ImageList(fields.List):
 
 
 MAX_STYLES = 32   # A1111 style names a request may list (kept in its echoed parameters)
+UNSUPPORTED = ("A value that would change the image in a way sdqueue does not run is a 422 naming the field "
+               "(a lenient key, api.lenient, accepts it and names it in info.warnings); see docs/compat/a1111.md")
 SIZE = dict(load_default=None, allow_none=True, validate=SettingRange(limit("min_size"), limit("max_size", plus=7)),
             metadata={"description": "Pixels; rounded down to a multiple of 8 as A1111's latent space does (16 for "
                                      "SD3 and Flux). Default: 512 for SD 1.x/2.x as A1111; the model's native "
@@ -52,7 +54,7 @@ class Txt2ImgRequest(BaseSchema):
     negative_prompt = fields.String(load_default="", allow_none=True, validate=SettingLength(max=limit("max_prompt_chars")))
     styles = fields.List(fields.String(validate=validate.Length(max=256)), load_default=list, allow_none=True,
                          validate=validate.Length(max=MAX_STYLES),
-                         metadata={"description": "Accepted; sdqueue has no style presets (reported in info)"})
+                         metadata={"description": "sdqueue has no saved styles: only [] is run. " + UNSUPPORTED})
     seed = LooseInteger(load_default=-1, allow_none=True, validate=validate.Range(-1, MAX_SEED),
                         metadata={"description": "-1: random; image n uses seed + n"})
     subseed = LooseInteger(load_default=-1, allow_none=True)
@@ -74,8 +76,8 @@ class Txt2ImgRequest(BaseSchema):
         "description": "Default: 7 for SD 1.x/2.x as A1111; the model's default for SDXL, SD3 and Flux"})
     width = LooseInteger(**SIZE)
     height = LooseInteger(**SIZE)
-    restore_faces = fields.Boolean(load_default=None, allow_none=True)
-    tiling = fields.Boolean(load_default=None, allow_none=True)
+    restore_faces = fields.Boolean(load_default=None, allow_none=True, metadata={"description": UNSUPPORTED})
+    tiling = fields.Boolean(load_default=None, allow_none=True, metadata={"description": UNSUPPORTED})
     do_not_save_samples = fields.Boolean(load_default=False)
     do_not_save_grid = fields.Boolean(load_default=False)
     eta = StrictFloat(load_default=None, allow_none=True)
@@ -86,7 +88,8 @@ class Txt2ImgRequest(BaseSchema):
     s_tmin = StrictFloat(load_default=None, allow_none=True)
     s_noise = StrictFloat(load_default=None, allow_none=True)
     override_settings = fields.Dict(keys=fields.String(), load_default=None, allow_none=True, validate=JsonSize(), metadata={
-        "description": "sd_model_checkpoint picks the model for this request; others are reported in info"})
+        "description": "sd_model_checkpoint picks the model for this request; options that only concern saving "
+                       "pass; other options are refused unless at their default. " + UNSUPPORTED})
     override_settings_restore_afterwards = fields.Boolean(load_default=True)
     refiner_checkpoint = fields.String(load_default=None, allow_none=True, metadata={
         "description": "An SDXL refiner (or SDXL) checkpoint that finishes an SDXL model's denoising"})
@@ -102,6 +105,14 @@ class Txt2ImgRequest(BaseSchema):
     hr_second_pass_steps = LooseInteger(load_default=0)
     hr_resize_x = LooseInteger(load_default=0)
     hr_resize_y = LooseInteger(load_default=0)
+    hr_checkpoint_name = fields.String(load_default=None, allow_none=True)
+    hr_sampler_name = fields.String(load_default=None, allow_none=True)
+    hr_scheduler = fields.String(load_default=None, allow_none=True)
+    hr_prompt = fields.String(load_default="", allow_none=True, validate=SettingLength(max=limit("max_prompt_chars")))
+    hr_negative_prompt = fields.String(load_default="", allow_none=True,
+                                       validate=SettingLength(max=limit("max_prompt_chars")))
+    firstpass_image = fields.String(load_default=None, allow_none=True, metadata={
+        "description": "Hires fix's first-pass image (base64); not echoed in parameters"})
     force_task_id = fields.String(load_default=None, allow_none=True)
     script_name = fields.String(load_default=None, allow_none=True)
     script_args = fields.List(fields.Raw(), load_default=list, validate=JsonSize())
@@ -109,7 +120,8 @@ class Txt2ImgRequest(BaseSchema):
     save_images = fields.Boolean(load_default=False, metadata={
         "description": "Also store the images as outputs/txt2img-images/YYYY-MM-DD/NNNNN-SEED.png in the bucket"})
     alwayson_scripts = fields.Dict(keys=fields.String(), load_default=dict, validate=JsonSize(), metadata={
-        "description": "Accepted; scripts sdqueue does not run are named in info's warnings"})
+        "description": "Scripts that are on (args given, not disabled) are refused: sdqueue runs none yet. "
+                       + UNSUPPORTED})
     infotext = fields.String(load_default=None, allow_none=True)
 
     @validates_schema

@@ -2,7 +2,7 @@
 
 Why public: SD on EKS and the AWS SD extension API carry A1111 parameters;
 they import `build_a1111_jobspec`, `echo_parameters`, `find_checkpoint` and
-`unhonoured` from this package rather than translating a second time.
+`screen_fields` from this package rather than translating a second time.
 """
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import base64
 import io
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from flask_smorest import abort
 from PIL import Image, ImageFilter, ImageOps
 
 from api.auth import current_key
+from api.dialects.a1111.fields import Refusal, nested_errors, refusals
 from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, image_size
 from api.services import Services
 from api.submission import resolve_seed
@@ -36,7 +37,6 @@ FALLBACK_SAMPLER = "DPM++ 2M"    # what A1111 1.9+ silently uses for an unknown 
 CLASSIC_FAMILIES = ("sd1", "sd2")   # the models A1111's own API defaults were chosen for
 # A1111's API defaults for SD 1.x/2.x models; dialects that carry A1111 bodies pass their own (the AWS template's).
 A1111_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "sampler": "Euler"}
-HONOURED_OVERRIDES = {"sd_model_checkpoint"}
 A1111_FIELDS = {"model": "sd_model_checkpoint", "width": "width", "height": "height",
                 "negative_prompt": "negative_prompt", "refiner": "refiner_checkpoint"}
 
@@ -102,29 +102,15 @@ def chosen_model(svc: Services, owner: str, overrides: dict | None, warnings: li
     return model
 
 
-def unhonoured(data: dict, mode: str) -> list[str]:
-    """Fields sdqueue accepts but cannot honour, named for `info` (never an error)."""
-    notes = []
-    if data.get("restore_faces"):
-        notes.append("restore_faces: no face restoration model in sdqueue; images are not face-restored")
-    if data.get("tiling"):
-        notes.append("tiling: not supported; images are not tileable")
-    if data.get("enable_hr"):
-        notes.append("enable_hr: hires fix is not supported; images are at the first-pass size")
-    if data.get("styles"):
-        notes.append(f"styles {data['styles']}: sdqueue has no saved styles; prompts were used as sent")
-    if data.get("subseed_strength"):
-        notes.append("subseed_strength: variation seeds are not supported")
-    if data.get("script_name"):
-        notes.append(f"script_name {data['script_name']!r}: scripts are not run by sdqueue")
-    for name in (data.get("alwayson_scripts") or {}):
-        notes.append(f"alwayson_scripts.{name}: not run by sdqueue (ignored)")
-    for name in (data.get("override_settings") or {}):
-        if name not in HONOURED_OVERRIDES:
-            notes.append(f"override_settings.{name}: ignored")
-    if mode == "img2img" and data.get("mask") is not None and data.get("inpainting_fill") not in (0, 1):
-        notes.append("inpainting_fill: latent fills are not supported; the original content is used")
-    return notes
+def screen_fields(svc: Services, data: dict, mode: str, extra: Sequence[Refusal] = ()) -> list[str]:
+    """Values sdqueue would not run as asked (fields.py, and a dialect's own `extra`): a 422 naming each, in the
+    serving dialect's error shape, or for a lenient key (api.lenient) warnings for info. [] when all run."""
+    found = refusals(data, mode) + list(extra)
+    if not found:
+        return []
+    if not current_key().is_lenient(svc.settings.api.lenient):
+        abort(422, errors={"json": nested_errors(found)})
+    return [refusal.warning for refusal in found]
 
 
 def resolve_sampler(data: dict, warnings: list[str], model: ModelInfo,
@@ -267,9 +253,7 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
                       negative_prompt=data.get("negative_prompt"), refiner=refiner, steps=data["steps"],
                       refiner_switch=switch, names=A1111_FIELDS)
     if mode == "img2img":
-        init = data["init_images"][0]
-        if len(data["init_images"]) > 1:
-            warnings.append("init_images: only the first image is used")
+        init = data["init_images"][0]      # several are refused unless lenient (fields.py)
         init_key = svc.storage.input_key(task_id, f"init.{init.format}")
         svc.storage.put(init_key, init.data, init.content_type, metadata=task_metadata(task_id))
         strength = data["denoising_strength"]
@@ -278,6 +262,8 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
             svc.storage.put(mask_key, prepared_mask(data, (width, height)), "image/png",
                             metadata=task_metadata(task_id))
     prompt, loras = prompt_loras(svc, data["prompt"], warnings, model, extra_loras)
+    if data.get("disable_extra_networks"):     # the web UI strips the tags and applies none
+        prompt, loras = extract_loras(data["prompt"])[0], []
     return JobSpec(
         prompt=prompt, negative_prompt=data.get("negative_prompt") or None, model=model.name,
         width=width, height=height, num_images=data["batch_size"] * data["n_iter"], batch_size=data["batch_size"],
@@ -311,15 +297,17 @@ def echo_parameters(data: dict) -> dict:
     """`parameters`: the request with defaults, images left out as A1111 does (unless include_init_images)."""
     echo = dict(data)
     keep = echo.get("include_init_images")
-    for name in ("init_images", "mask"):
+    for name in ("init_images", "mask", "firstpass_image"):
         if name in echo:
-            value = echo[name]
-            if keep and value is not None:
-                echo[name] = [base64.b64encode(v.data).decode() for v in value] if isinstance(value, list) \
-                    else base64.b64encode(value.data).decode()
-            else:
-                echo[name] = None
+            echo[name] = echoed_image(echo[name]) if keep else None
     return echo
+
+
+def echoed_image(value: Any) -> Any:
+    """An image field as `parameters` shows it with include_init_images: base64 again (text stays as sent)."""
+    if isinstance(value, list):
+        return [echoed_image(v) for v in value]
+    return base64.b64encode(value.data).decode() if hasattr(value, "data") else value
 
 
 def build_info(svc: Services, spec: JobSpec, task: Task, data: dict, warnings: list[str]) -> dict:

@@ -21,7 +21,7 @@ from flask_smorest import Blueprint, abort
 from marshmallow import ValidationError
 
 from api.auth import bearer_token, current_key
-from api.dialects.a1111 import unhonoured
+from api.dialects.a1111 import screen_fields
 from api.dialects.aws import schemas
 from api.dialects.aws.errors import DIALECT, INFERENCE_BLUEPRINT, forbidden, inference_error, not_allowed
 from api.dialects.aws.translate import (build_inference_jobspec, job_view, output_prefix, pool_view, resolve_loras,
@@ -122,7 +122,7 @@ def run_inference(svc: Services, raw: Any):
     if not current_key().may_use_model(model.name):
         return inference_error(403, f"this API key may not use model {model.name!r}")
     mode = data["task_type"]
-    warnings = unhonoured(data, mode)
+    warnings = screen_fields(svc, data, mode)
     if len(models["Stable-diffusion"]) > 1:
         warnings.append("models.Stable-diffusion: only the first checkpoint is used")
     warnings += [f"models.{kind}: not loaded by sdqueue (ignored)" for kind, names in models.items()

@@ -24,7 +24,7 @@ from api.auth import current_key
 from api.dialects.a1111 import find_checkpoint
 from api.dialects.eks import schemas
 from api.dialects.eks.translate import (DIALECT, build_eks_jobspec, earlier_location, eks_task_id, fetch_images,
-                                       output_location)
+                                       output_location, screen_eks)
 from api.downloads import DownloadRefused
 from api.errors import DIALECT_RENDERERS, detail_text, flatten_messages, json_error
 from api.init_image import InitImageError
@@ -83,13 +83,13 @@ def submit():
               "sd_model_checkpoint": scripts["sd_model_checkpoint"],
               "output_location": f"s3://{svc.storage.bucket}/{location}"}
     if earlier is None:   # a resubmission fetches and uploads nothing either
-        fetched: list[str] = []
+        warnings = screen_eks(svc, data)
         if schemas.TASKS[scripts["task"]] == "img2img" and scripts["image_link"]:
             try:
-                data["init_images"] = fetch_images(svc, scripts["image_link"], fetched)
+                data["init_images"] = fetch_images(svc, scripts["image_link"])
             except (DownloadRefused, InitImageError) as exc:
                 return eks_error(400, f"image_link: {exc}")
-        submit_job(svc, owner, build_eks_jobspec(svc, data, model, task_id, fetched, location), task_id)
+        submit_job(svc, owner, build_eks_jobspec(svc, data, model, task_id, warnings, location), task_id)
     return jsonify(answer)
 
 

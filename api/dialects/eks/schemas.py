@@ -4,10 +4,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from marshmallow import ValidationError, fields, validate, validates, validates_schema
+from marshmallow import INCLUDE, ValidationError, fields, validate, validates, validates_schema
 
 from api.dialects.a1111 import ImageList, Img2ImgRequest, Txt2ImgRequest
-from api.schemas import BaseSchema
+from api.schemas import BaseSchema, JsonSize
 
 
 TASKS = {"text-to-image": "txt2img", "image-to-image": "img2img"}
@@ -18,6 +18,12 @@ MAX_UID = 256
 
 
 class AlwaysOnScripts(BaseSchema):
+    """The envelope (task, model, id, folder, links); other keys are the web UI's alwayson scripts, kept so that
+    one that is on is refused by name (api/dialects/a1111/fields.py) rather than dropped."""
+
+    class Meta:
+        unknown = INCLUDE
+
     task = fields.String(required=True, validate=validate.OneOf(list(TASKS)))
     sd_model_checkpoint = fields.String(required=True)
     id_task = fields.Raw(required=True, metadata={
@@ -52,6 +58,9 @@ class AlwaysOnScripts(BaseSchema):
                 raise ValidationError(f"{link[:80]!r}: image_link is a comma-separated list of http(s):// or s3:// URLs")
 
 
+ENVELOPE = frozenset(AlwaysOnScripts._declared_fields)   # alwayson_scripts keys that are SD on EKS's own
+
+
 def links_of(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
@@ -59,13 +68,13 @@ def links_of(value: str | None) -> list[str]:
 class EksTxt2Img(Txt2ImgRequest):
     """A text-to-image job."""
 
-    alwayson_scripts = fields.Nested(AlwaysOnScripts, required=True)
+    alwayson_scripts = fields.Nested(AlwaysOnScripts, required=True, validate=JsonSize())
 
 
 class EksImg2Img(Img2ImgRequest):
     """An image-to-image job: init_images, or URLs in alwayson_scripts.image_link."""
 
-    alwayson_scripts = fields.Nested(AlwaysOnScripts, required=True)
+    alwayson_scripts = fields.Nested(AlwaysOnScripts, required=True, validate=JsonSize())
     init_images = ImageList(load_default=list, metadata={
         "description": "Base64 images; or give alwayson_scripts.image_link (URLs fetched by sdqueue)"})
 

@@ -12,8 +12,9 @@ import hashlib
 import uuid
 
 from api.auth import current_key
-from api.dialects.a1111 import build_a1111_jobspec, echo_parameters, unhonoured
-from api.dialects.eks.schemas import TASKS, links_of
+from api.dialects.a1111 import build_a1111_jobspec, echo_parameters, screen_fields
+from api.dialects.a1111.fields import Refusal
+from api.dialects.eks.schemas import ENVELOPE, TASKS, links_of
 from api.downloads import fetch_link
 from api.init_image import InitImage, image_from_bytes
 from api.services import Services
@@ -64,25 +65,34 @@ def readable_by(svc: Services, owner: str, metadata: dict[str, str]) -> bool:
     return metadata.get(OWNER_META, owner) == owner
 
 
-def fetch_images(svc: Services, image_link: str, warnings: list[str]) -> list[InitImage]:
+def screen_eks(svc: Services, data: dict) -> list[str]:
+    """The body's A1111 fields and the alwayson scripts beside the envelope, screened as the A1111 API screens
+    them (a 422-turned-400 naming each value sdqueue would not run, or warnings for a lenient key); several
+    image_link URLs too, since a job has one init image."""
+    scripts = data["alwayson_scripts"]
+    mode = TASKS[scripts["task"]]
+    view = {**data, "alwayson_scripts": {k: v for k, v in scripts.items() if k not in ENVELOPE}}
+    links = links_of(scripts.get("image_link")) if mode == "img2img" else []
+    extra = [Refusal(("alwayson_scripts", "image_link"), f"a job has one init image; {len(links)} links were given "
+                                                          "(the first is used)")] if len(links) > 1 else []
+    return screen_fields(svc, view, mode, extra)
+
+
+def fetch_images(svc: Services, image_link: str) -> list[InitImage]:
     """The init image: the first of the comma-separated image_link URLs, fetched and checked."""
     links = links_of(image_link)
-    if len(links) > 1:
-        warnings.append(f"image_link: only the first of {len(links)} links is used")
-
     owner = current_key().owner
     return [image_from_bytes(fetch_link(links[0], svc.settings, svc.storage,
                                         lambda metadata: readable_by(svc, owner, metadata)))]
 
 
-def build_eks_jobspec(svc: Services, data: dict, model: ModelInfo, task_id: str, fetched: list[str],
+def build_eks_jobspec(svc: Services, data: dict, model: ModelInfo, task_id: str, warnings: list[str],
                       location: str) -> JobSpec:
-    """The body (validated, images fetched) -> the canonical job, written at `location` (output_location's)
-    with its sidecar."""
+    """The body (validated, screened, images fetched) -> the canonical job, written at `location`
+    (output_location's) with its sidecar."""
     scripts = data["alwayson_scripts"]
     id_task, mode = str(scripts["id_task"]), TASKS[scripts["task"]]
     data["alwayson_scripts"] = {}
-    warnings = unhonoured(data, mode) + fetched
     spec = build_a1111_jobspec(svc, data, mode, task_id, warnings, model=model, dialect=DIALECT)
     spec.output_prefix = location
     spec.sidecar_key = f"{location}/response-{uuid.uuid4()}.out"
