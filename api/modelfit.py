@@ -18,7 +18,7 @@ from common.schedulers import schedule_of
 
 # canonical name -> the request field a dialect calls it (a dialect passes its own names)
 NATIVE_FIELDS = {"model": "model", "width": "width", "height": "height", "scheduler": "scheduler",
-                 "negative_prompt": "negative_prompt", "refiner": "refiner"}
+                 "negative_prompt": "negative_prompt", "refiner": "refiner", "mask": "mask_image"}
 REFINER_FAMILIES = ("sdxl", "sdxl-refiner")   # what can continue an SDXL model's denoising
 DEFAULT_REFINER_SWITCH = 0.8                   # diffusers' and A1111's usual hand-over point
 
@@ -45,6 +45,8 @@ def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: 
         add("model", f"model '{model.name}' is a {profile.label}: it refines another model's images "
                      "(use it as the refiner), it does not start from a prompt")
         return errors
+    if mode == "inpaint" and not profile.inpaint:
+        add("mask", f"{profile.label} models cannot inpaint here; send no mask, or use another model")
     for name, value in (("width", width), ("height", height)):
         problem = size_problem(profile, name, value)
         if problem:

@@ -33,6 +33,7 @@ class Profile:
     txt2img: bool = True      # False: only usable as a refiner (img2img of another model's latents)
     # Non-empty: the only schedulers its pipeline can drive (Flux passes its own sigmas, which Heun cannot take).
     only_schedulers: tuple[str, ...] = ()
+    inpaint: bool = True      # diffusers has an inpainting pipeline for it (every family served today)
 
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (

@@ -16,7 +16,7 @@ from typing import Any
 
 _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", "mask_image_key", "output_prefix",
                               "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
-                              "refiner_switch", "family"})
+                              "refiner_switch", "family", "inpaint_fill", "inpaint_area"})
 
 
 ZERO_NEGATIVE_FAMILIES = (None, "sdxl", "sdxl-refiner")   # a missing negative prompt is zeros, not ""
@@ -65,6 +65,8 @@ class JobSpec:
     refiner: str | None = None       # an SDXL model that finishes the denoising (the SDXL refiner pass)
     refiner_switch: float | None = None   # fraction of the steps the base runs before the refiner takes over
     family: str | None = None        # the model's family when the job was made (common/families.py)
+    inpaint_fill: str | None = None  # inpainting's masked area starts as the original ("original") or "fill"
+    inpaint_area: list[int] | None = None   # inpaint only this box of the init image (x1, y1, x2, y2), at full size
 
     @property
     def mode(self) -> str:

@@ -16,9 +16,9 @@ import marshmallow
 import pytest
 import yaml
 
-from api.auth import ApiKey, parse_keys
-from api.dialects.a1111.fields import (IMG2IMG, OPTION_RULES, RULES, TXT2IMG, UPSTREAM_IMG2IMG, UPSTREAM_TXT2IMG,
-                                       Treatment, option_refusals, refusals, script_is_off)
+from api.auth import parse_keys
+from api.dialects.a1111.fields import (OPTION_RULES, RULES, UPSTREAM_IMG2IMG, UPSTREAM_TXT2IMG, Treatment,
+                                       option_refusals, refusals, script_is_off)
 from api.dialects.a1111.schemas import Img2ImgRequest, Txt2ImgRequest
 from tests.conftest import KEY_A, KEY_B
 from tests.helpers import data_url, gradient

@@ -19,6 +19,7 @@ from PIL import Image
 
 from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt
 from common.jobspec import JobSpec, LoraRef
+from worker.inpaint import inpaint_inputs, paste_back
 from worker.pipelines import family_of
 from worker.speedups import refused, unfused_for_loras
 
@@ -80,6 +81,9 @@ def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_file
     family = family_of(base)
     scheduler = family.make_scheduler(base, spec.scheduler, spec.scheduler_config)
     view = family.make_view(base, spec, scheduler)
+    overlay = None
+    if spec.mode == "inpaint" and init_image is not None and mask_image is not None:
+        init_image, mask_image, overlay = inpaint_inputs(spec, init_image, mask_image)
     kwargs = family.build_call_kwargs(spec, init_image, mask_image)
     images: list[Image.Image] = []
     seeds = spec.seeds
@@ -99,6 +103,8 @@ def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_file
                 continue
             require_steps(view, "the model", spec)
             images += refine(refiner, spec, output.images, batch_seeds, on_step)
+    if overlay is not None:     # the web UI's overlay: unmasked pixels are the original's
+        images = [paste_back(image, overlay) for image in images]
     return GenerationResult(images=images, seeds=seeds, scheduler=type(scheduler).__name__,
                             strength=kwargs.get("strength"))
 

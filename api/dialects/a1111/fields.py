@@ -186,7 +186,12 @@ HIRES_OFF = (None, False)
 HIRES_NOTE = "a hires fix setting; hires fix is not run by sdqueue yet"
 CHURN_OFF = (None, 0)
 SCRIPT_OFF = (None, "", "None")
-INPAINT_WHOLE = "sdqueue inpaints the whole picture"
+
+
+def inpainting(note: str, runs: tuple, example: Any) -> FieldRule:
+    """An inpainting option (read only with a mask) that sdqueue runs for the values `runs`."""
+    return FieldRule(Treatment.HONOURED, note, lambda value, data: data.get("mask") is None or value in runs, example,
+                     context={"mask": "<image>"})
 
 
 def hires(own: tuple = (None,), example: Any = "x") -> FieldRule:
@@ -239,8 +244,8 @@ COMMON: dict[str, FieldRule] = {
     "comments": harmless("the web UI writes them into its infotext only"),
     "force_task_id": harmless("the web UI's progress id; sdqueue's task id is its own"),
     "script_name": unsupported("web UI scripts are not run by sdqueue", one_of(*SCRIPT_OFF), "x/y/z plot"),
-    "script_args": unsupported("web UI scripts are not run by sdqueue", unless_on("script_name", SCRIPT_OFF, (None, [])),
-                               [1, 2], script_name="x/y/z plot"),
+    "script_args": unsupported("web UI scripts are not run by sdqueue",
+                               unless_on("script_name", SCRIPT_OFF, (None, [])), [1, 2], script_name="x/y/z plot"),
     "send_images": honoured("false: the answer has no images"),
     "save_images": honoured("copies in the bucket under outputs/txt2img-images/{owner}/"),
     "alwayson_scripts": FieldRule(Treatment.UNSUPPORTED, "web UI scripts are not run by sdqueue",
@@ -277,19 +282,21 @@ IMG2IMG: dict[str, FieldRule] = {
     "denoising_strength": honoured("img2img strength"),
     "init_images": honoured("only the first init image is used; a batch of several is not supported",
                             lambda v, d: len(v or []) <= 1, ["<image>", "<image>"]),
-    "resize_mode": honoured("0 (just resize) is run; the other modes are not supported", one_of(None, 0), 1),
+    "resize_mode": honoured("0 (just resize) is run; crop and resize, resize and fill and latent upscale are not "
+                            "supported", one_of(None, 0), 1),
     "image_cfg_scale": harmless("only instruct-pix2pix models read it; sdqueue serves none"),
     "mask": honoured("inpainting: white is repainted"),
     "mask_blur_x": honoured("horizontal mask blur"),
     "mask_blur_y": honoured("vertical mask blur"),
     "mask_blur": honoured("mask blur (sets mask_blur_x and mask_blur_y)"),
-    "mask_round": honoured("true: the latent mask is rounded (diffusers' inpainting binarises it)",
-                           one_of(None, True), False),
-    "inpainting_fill": FieldRule(Treatment.HONOURED, "masked content: 0 (fill) and 1 (original) are run; the latent "
-                                 "fills (2, 3) are not supported",
-                                 lambda v, d: d.get("mask") is None or v in (None, 0, 1), 2, context={"mask": "<image>"}),
-    "inpaint_full_res": honoured(INPAINT_WHOLE),
-    "inpaint_full_res_padding": harmless(INPAINT_WHOLE),
+    "mask_round": inpainting("true: the latent mask is rounded (diffusers' inpainting binarises it); false is not "
+                             "supported", (None, True), False),
+    "inpainting_fill": inpainting("masked content: 0 (fill) and 1 (original) are run; the latent fills (2, 3) are "
+                                  "not supported", (None, 0, 1), 2),
+    "inpaint_full_res": honoured("true (the web UI's default): only the region around the mask is repainted, at "
+                                 "full size, and pasted back (the output has the init image's size); false: the "
+                                 "whole picture"),
+    "inpaint_full_res_padding": honoured("pixels around the mask in that region"),
     "inpainting_mask_invert": honoured("1: the black part of the mask is repainted"),
     "initial_noise_multiplier": unsupported("the initial noise is not scaled", one_of(None, 1), 0.5),
     "latent_mask": unsupported("a separate latent mask is not supported", one_of(None, ""), "<image>"),

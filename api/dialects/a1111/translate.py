@@ -13,9 +13,11 @@ import time
 from typing import Any, Sequence
 
 from flask_smorest import abort
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 
 from api.auth import current_key
+from api.init_image import InitImage
+from api.inpaint import FILLS, InpaintPlan, plan_inpaint
 from api.dialects.a1111.fields import Refusal, nested_errors, refusals
 from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, image_size
 from api.services import Services
@@ -38,7 +40,7 @@ CLASSIC_FAMILIES = ("sd1", "sd2")   # the models A1111's own API defaults were c
 # A1111's API defaults for SD 1.x/2.x models; dialects that carry A1111 bodies pass their own (the AWS template's).
 A1111_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "sampler": "Euler"}
 A1111_FIELDS = {"model": "sd_model_checkpoint", "width": "width", "height": "height",
-                "negative_prompt": "negative_prompt", "refiner": "refiner_checkpoint"}
+                "negative_prompt": "negative_prompt", "refiner": "refiner_checkpoint", "mask": "mask"}
 
 
 def saved_copy_dir(mode: str, owner: str) -> str:
@@ -193,18 +195,15 @@ def fill_model_defaults(svc: Services, data: dict, model: ModelInfo, mode: str,
                 f"{limits.min_size}..{limits.max_size}"]}})
 
 
-def prepared_mask(data: dict, size: tuple[int, int]) -> bytes:
-    """The inpainting mask as A1111 prepares it: inverted if asked, blurred, at the init image's size."""
-    with Image.open(io.BytesIO(data["mask"].data)) as raw:
-        mask = raw.convert("L").resize(size)
-    if data.get("inpainting_mask_invert"):
-        mask = ImageOps.invert(mask)
-    blur = data["mask_blur"] if data.get("mask_blur") is not None else max(data["mask_blur_x"], data["mask_blur_y"])
-    if blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(blur))
-    out = io.BytesIO()
-    mask.save(out, format="PNG")
-    return out.getvalue()
+def a1111_inpaint_plan(data: dict, init: InitImage, size: tuple[int, int]) -> InpaintPlan:
+    """The mask and region the web UI would use: mask_blur (else mask_blur_x/_y), inpainting_mask_invert,
+    inpaint_full_res ("only masked", with its padding) and inpainting_fill 0/1 (fill/original)."""
+    blur = data.get("mask_blur")
+    blur_x, blur_y = (blur, blur) if blur is not None else (data["mask_blur_x"], data["mask_blur_y"])
+    return plan_inpaint(data["mask"], init, *size, blur_x=blur_x, blur_y=blur_y,
+                        invert=bool(data.get("inpainting_mask_invert")), only_masked=bool(data.get("inpaint_full_res")),
+                        padding=data.get("inpaint_full_res_padding") or 0,
+                        fill=FILLS[data.get("inpainting_fill") or 0])
 
 
 def prompt_loras(svc: Services, prompt: str, warnings: list[str], model: ModelInfo,
@@ -246,7 +245,7 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
     refiner = chosen_refiner(svc, data)
     fill_model_defaults(svc, data, model, mode, classic_defaults)
     scheduler, config, sampler_name = resolve_sampler(data, warnings, model, classic_defaults["sampler"])
-    width, height, init_key, mask_key, strength = data["width"], data["height"], None, None, None
+    width, height, init_key, mask_key, strength, plan = data["width"], data["height"], None, None, None, None
     inpaint = mode == "img2img" and data.get("mask") is not None
     switch = data.get("refiner_switch_at") or DEFAULT_REFINER_SWITCH
     abort_unless_fits(model, mode="inpaint" if inpaint else mode, width=width, height=height,
@@ -258,9 +257,9 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         svc.storage.put(init_key, init.data, init.content_type, metadata=task_metadata(task_id))
         strength = data["denoising_strength"]
         if data.get("mask") is not None:
+            plan = a1111_inpaint_plan(data, init, (width, height))
             mask_key = svc.storage.input_key(task_id, "mask.png")
-            svc.storage.put(mask_key, prepared_mask(data, (width, height)), "image/png",
-                            metadata=task_metadata(task_id))
+            svc.storage.put(mask_key, plan.mask_png, "image/png", metadata=task_metadata(task_id))
     prompt, loras = prompt_loras(svc, data["prompt"], warnings, model, extra_loras)
     if data.get("disable_extra_networks"):     # the web UI strips the tags and applies none
         prompt, loras = extract_loras(data["prompt"])[0], []
@@ -274,6 +273,7 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         save_copy_dir=saved_copy_dir(mode, current_key().owner) if data.get("save_images") else None,
         refiner=refiner.name if refiner else None,
         refiner_switch=switch if refiner else None, family=model.family,
+        inpaint_fill=plan.fill if plan else None, inpaint_area=plan.area if plan else None,
     )
 
 

@@ -14,7 +14,7 @@ from flask_smorest import Blueprint, abort
 
 from api.auth import current_key
 from api.dialects.native import schemas
-from api.dialects.native.translate import build_jobspec, created_body, render_task
+from api.dialects.native.translate import attach_mask, build_jobspec, created_body, render_task
 from api.errors import error_response
 from api.fastsubmit import TASK_ID_ENVIRON
 from api.limits import read_limited, submit_limited
@@ -63,7 +63,7 @@ def owned_task_or_404(svc: Services, task_id: str) -> Task:
 @blp.response(202, schemas.TaskCreatedSchema)
 @blp.doc(security=SECURITY)
 def generate(data: dict):
-    """Queue a txt2img job, or img2img when init_image is given."""
+    """Queue a txt2img job; img2img when init_image is given; inpainting when mask_image comes with it."""
     svc = services()
     task_id = request.environ.get(TASK_ID_ENVIRON) or new_task_id()
     idempotency = idempotency_key()
@@ -78,6 +78,8 @@ def generate(data: dict):
             image_key = svc.storage.input_key(task_id, f"init.{image.format}")
             svc.storage.put(image_key, image.data, image.content_type, metadata=task_metadata(task_id))
         spec = build_jobspec(data, svc, current_key(), image_key)
+        if data["mask_image"] is not None:
+            attach_mask(svc, spec, data, task_id)
         submit_job(svc, current_key().owner, spec, task_id)
     except BaseException:
         if idempotency:

@@ -12,6 +12,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates, va
 
 from api.schemas import (MAX_SEED, BaseSchema, InitImageField, LooseInteger, Setting, SettingLength, SettingRange,
                          StrictFloat, limit, multiple_of_8)
+from api.inpaint import FILLS
 from api.services import services
 from common.netguard import callback_guard
 from common.schedulers import SCHEDULERS
@@ -31,13 +32,22 @@ class LoraSchema(BaseSchema):
 
 
 class GenerateRequest(BaseSchema):
-    """POST /api/v1/generate (the original's table plus model, loras and priority)."""
+    """POST /api/v1/generate (the original's table plus model, loras, priority and inpainting)."""
 
     prompt = fields.String(required=True, validate=SettingLength(max=limit("max_prompt_chars")),
                            metadata={"description": "What to draw", "example": "a cat sitting on a windowsill"})
     init_image = InitImageField(allow_none=True, load_default=None, metadata={
         "description": "Base64 image with its data:image/png;base64, (or jpeg) prefix: makes the job img2img; "
                        "the output has the init image's size (rounded down to a multiple of 8, or 16 for SD3 and Flux)"})
+    mask_image = InitImageField(allow_none=True, load_default=None, metadata={
+        "description": "Inpainting: a mask for init_image (same encoding and pixel limit), white where the image is "
+                       "repainted, black where it is kept; resized to the init image's size if it differs. Needs "
+                       "init_image"})
+    mask_blur = LooseInteger(load_default=4, validate=validate.Range(0, 64), metadata={
+        "description": "Inpainting: Gaussian blur (pixels) of the mask's edges, softening the seam; 0: a hard edge"})
+    masked_content = fields.String(load_default="original", validate=validate.OneOf(FILLS), metadata={
+        "description": "Inpainting: what the masked area starts from: `original` (the init image's pixels, kept "
+                       "as much as `strength` leaves them) or `fill` (colours blurred in from around the mask)"})
     negative_prompt = fields.String(allow_none=True, load_default=None, validate=SettingLength(max=limit("max_prompt_chars")),
                                     metadata={"description": "What not to draw; Flux models take none (422)"})
     width = LooseInteger(**SIZE, metadata={"description": "txt2img width; default: the model's native size; "
@@ -91,6 +101,11 @@ class GenerateRequest(BaseSchema):
                   for i, name in names.items() if name not in available}
         if errors:
             raise ValidationError(errors)
+
+    @validates_schema
+    def mask_needs_init_image(self, data: dict, **_: Any) -> None:
+        if data.get("mask_image") is not None and data.get("init_image") is None:
+            raise ValidationError("inpainting repaints part of init_image: send init_image too", field_name="mask_image")
 
     @validates_schema
     def init_image_size(self, data: dict, **_: Any) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 from flask_smorest import abort
 
 from api.auth import ApiKey
+from api.inpaint import plan_inpaint
 from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, default_scheduler, image_size
 from api.services import Services
 from api.submission import resolve_seed
 from api.timestamps import iso
 from common.jobspec import JobSpec, LoraRef
-from common.storage import Storage
+from common.storage import Storage, task_metadata
 from common.store import Task, TaskStatus, TaskStore
 
 
@@ -43,7 +44,7 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
         width, height = image_size(image.width, image.height, model)
     else:
         width, height = data["width"] or defaults.width, data["height"] or defaults.height
-    mode = "img2img" if image is not None else "txt2img"
+    mode = ("inpaint" if data.get("mask_image") is not None else "img2img") if image is not None else "txt2img"
     scheduler = data["scheduler"] or defaults.scheduler or default_scheduler(svc.settings, model)
     refiner = svc.catalog.model(data["refiner"]) if data["refiner"] else None
     if refiner is not None and not key.may_use_model(refiner.name):
@@ -65,7 +66,17 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
         callback_url=data["callback_url"], dialect="native", priority=data["priority"],
         refiner=refiner.name if refiner else None,
         refiner_switch=switch if refiner else None, family=model.family,
+        inpaint_fill=data["masked_content"] if mode == "inpaint" else None,
     )
+
+
+def attach_mask(svc: Services, spec: JobSpec, data: dict, task_id: str) -> None:
+    """Inpainting: the mask, prepared as the web UI prepares one (blurred, at the job's size), stored for the
+    worker; the job becomes an inpainting job."""
+    plan = plan_inpaint(data["mask_image"], data["init_image"], spec.width, spec.height, blur_x=data["mask_blur"],
+                        blur_y=data["mask_blur"], fill=data["masked_content"])
+    spec.mask_image_key = svc.storage.input_key(task_id, "mask.png")
+    svc.storage.put(spec.mask_image_key, plan.mask_png, "image/png", metadata=task_metadata(task_id))
 
 
 def image_urls(task: Task, storage: Storage) -> list[str]:
