@@ -16,7 +16,7 @@ from common.jobspec import JobSpec
 def aws_params(static: dict, spec: JobSpec, task_id: str, seeds: list[int], urls: list[str],
                error: str | None) -> dict[str, Any]:
     """The AWS extension's {job}_param.json: the request, A1111's info (a JSON string), the endpoint."""
-    info = {**generation_info(spec, seeds), "task_id": task_id}
+    info = {**generation_info(spec, seeds), "task_id": task_id, "warnings": spec.meta.get("warnings") or []}
     return {**static, "info": json.dumps(info, ensure_ascii=False), "images": urls, "error": error or ""}
 
 
@@ -28,7 +28,8 @@ def eks_response(static: dict, spec: JobSpec, task_id: str, seeds: list[int], ur
                   "error_msg": error or "", "image_mask_url": ""}
     if error:
         parameters["reason"] = None
-    return {"images": [""], "info": "", "parameters": parameters}
+    warnings = spec.meta.get("warnings")      # what a lenient key's job ran without (absent when none)
+    return {"images": [""], "info": "", "parameters": parameters, **({"warnings": warnings} if warnings else {})}
 
 
 STYLES: dict[str, Callable[..., dict[str, Any]]] = {"aws-params": aws_params, "eks-response": eks_response}

@@ -10,6 +10,8 @@ lenient key gets warnings instead of 422s.
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import marshmallow
@@ -18,7 +20,7 @@ import yaml
 
 from api.auth import parse_keys
 from api.dialects.a1111.fields import (OPTION_RULES, RULES, UPSTREAM_IMG2IMG, UPSTREAM_TXT2IMG, Treatment,
-                                       option_refusals, refusals, script_is_off)
+                                       markdown_rows, option_refusals, refusals, script_is_off)
 from api.dialects.a1111.schemas import Img2ImgRequest, Txt2ImgRequest
 from tests.conftest import KEY_A, KEY_B
 from tests.helpers import data_url, gradient
@@ -129,6 +131,12 @@ def test_override_settings_are_run_passed_or_refused():
     assert all(rule.note for rule in OPTION_RULES.values())
 
 
+def test_the_compatibility_page_shows_the_table():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "compat" / "a1111.md").read_text()
+    missing = [row for row in markdown_rows() if row not in page]
+    assert not missing, "docs/compat/a1111.md lacks these rows of the field table:\n" + "\n".join(missing)
+
+
 def test_a_key_may_be_lenient_or_strict_whatever_the_default():
     plain, lenient, strict = parse_keys(["k1", {"key": "k2", "lenient": True}, {"key": "k3", "lenient": False}])
     assert (plain.is_lenient(False), plain.is_lenient(True)) == (False, True)
@@ -234,3 +242,18 @@ def test_the_aws_extension_refuses_in_its_own_shape(client):
     r = client.post("/inference/v2", json=body, headers={"X-API-Key": KEY_A})
     assert r.status_code == 422, r.get_data(as_text=True)
     assert r.get_json()["detail"][0]["loc"] == ["body", "enable_hr"]
+
+
+def test_a_lenient_sd_on_eks_job_lists_what_it_ran_without_in_its_side_file(lenient_client, storage):
+    from api.auth import ApiKey
+    from tests.test_dialects import wait_for_objects
+
+    id_task = "lenient-" + str(time.time_ns())
+    scripts = {"task": "text-to-image", "sd_model_checkpoint": "sdq-tiny", "id_task": id_task}
+    r = lenient_client.post("/", json={**SMALL, "tiling": True, "alwayson_scripts": scripts},
+                            headers={"X-API-Key": KEY_A})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    prefix = f"outputs/{ApiKey(KEY_A, 'a').owner}/{id_task}/"
+    side = next(k for k in wait_for_objects(storage, prefix, 2, timeout=120) if k.endswith(".out"))
+    assert json.loads(storage.get(side))["warnings"] == [
+        "tiling: tileable images are not supported (accepted for a lenient key)"]

@@ -186,6 +186,7 @@ HIRES_OFF = (None, False)
 HIRES_NOTE = "a hires fix setting; hires fix is not run by sdqueue yet"
 CHURN_OFF = (None, 0)
 SCRIPT_OFF = (None, "", "None")
+TXT2IMG_FIELD_NOTE = "a txt2img field; img2img ignores it, as the web UI's does"
 
 
 def inpainting(note: str, runs: tuple, example: Any) -> FieldRule:
@@ -277,7 +278,7 @@ TXT2IMG: dict[str, FieldRule] = {
 IMG2IMG: dict[str, FieldRule] = {
     **COMMON,
     # sdqueue's img2img schema extends its txt2img one; the web UI's img2img has no hires fix and ignores these.
-    **{name: harmless("a txt2img field; img2img ignores it, as the web UI's does")
+    **{name: harmless(TXT2IMG_FIELD_NOTE)
        for name in TXT2IMG if name not in COMMON},
     "denoising_strength": honoured("img2img strength"),
     "init_images": honoured("only the first init image is used; a batch of several is not supported",
@@ -348,3 +349,28 @@ def nested_errors(found: list[Refusal]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node.setdefault(refusal.path[-1], []).append(refusal.message)
     return errors
+
+
+# --- the documentation's table ------------------------------------------------------------------------------
+SHOWN = {Treatment.HONOURED: "honoured", Treatment.HARMLESS: "harmless", Treatment.UNSUPPORTED: "refused"}
+
+
+def markdown_rows() -> list[str]:
+    """docs/compat/a1111.md's table of fields, made from this table (tests/test_fields.py checks that the page
+    holds these rows, and prints them when it does not)."""
+    import json
+
+    rows = ["| field | in | treatment | what sdqueue does | refused, e.g. |", "|---|---|---|---|---|"]
+    for name in dict.fromkeys([*TXT2IMG, *IMG2IMG]):
+        both = TXT2IMG.get(name) == IMG2IMG.get(name)
+        for mode, rule in (("both", TXT2IMG[name]),) if both else (("txt2img", TXT2IMG.get(name)),
+                                                                    ("img2img", IMG2IMG.get(name))):
+            if rule is None or rule.note == TXT2IMG_FIELD_NOTE:
+                continue
+            shown = SHOWN[rule.treatment] + (f" (until {rule.pending})" if rule.pending else "")
+            example = "" if rule.example is None else f"`{json.dumps(rule.example)}`"
+            if rule.context:
+                example += " with " + ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in rule.context.items())
+            rows.append(f"| `{name}` | {mode} | {shown} | {rule.note} | {example} |")
+    return rows
+
