@@ -257,3 +257,9 @@ def test_a_lenient_sd_on_eks_job_lists_what_it_ran_without_in_its_side_file(leni
     side = next(k for k in wait_for_objects(storage, prefix, 2, timeout=120) if k.endswith(".out"))
     assert json.loads(storage.get(side))["warnings"] == [
         "tiling: tileable images are not supported (accepted for a lenient key)"]
+
+
+def test_disable_extra_networks_strips_lora_tags_without_applying_them(client):
+    body = {"prompt": "a fox <lora:tiny_style:0.9> <lora:missing:1>", "seed": 5, "disable_extra_networks": True}
+    info = json.loads(a1111(client, "txt2img", body).get_json()["info"])
+    assert info["prompt"] == "a fox" and "Lora weights" not in info["infotexts"][0] and info["warnings"] == []

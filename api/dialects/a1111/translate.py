@@ -260,9 +260,10 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
             plan = a1111_inpaint_plan(data, init, (width, height))
             mask_key = svc.storage.input_key(task_id, "mask.png")
             svc.storage.put(mask_key, plan.mask_png, "image/png", metadata=task_metadata(task_id))
-    prompt, loras = prompt_loras(svc, data["prompt"], warnings, model, extra_loras)
     if data.get("disable_extra_networks"):     # the web UI strips the tags and applies none
         prompt, loras = extract_loras(data["prompt"])[0], []
+    else:
+        prompt, loras = prompt_loras(svc, data["prompt"], warnings, model, extra_loras)
     return JobSpec(
         prompt=prompt, negative_prompt=data.get("negative_prompt") or None, model=model.name,
         width=width, height=height, num_images=data["batch_size"] * data["n_iter"], batch_size=data["batch_size"],
