@@ -16,9 +16,9 @@ from flask_smorest import abort
 from PIL import Image
 
 from api.auth import current_key
+from api.dialects.a1111.fields import Refusal, nested_errors, refusals
 from api.init_image import InitImage
 from api.inpaint import FILLS, InpaintPlan, plan_inpaint
-from api.dialects.a1111.fields import Refusal, nested_errors, refusals
 from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, image_size
 from api.services import Services
 from api.submission import resolve_seed

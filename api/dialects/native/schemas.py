@@ -10,9 +10,9 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 
+from api.inpaint import FILLS
 from api.schemas import (MAX_SEED, BaseSchema, InitImageField, LooseInteger, Setting, SettingLength, SettingRange,
                          StrictFloat, limit, multiple_of_8)
-from api.inpaint import FILLS
 from api.services import services
 from common.netguard import callback_guard
 from common.schedulers import SCHEDULERS
