@@ -158,3 +158,13 @@ def test_a1111_mask_as_base64_still_inpaints(stack):
     assert r.status_code == 200, r.text
     out = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
     assert mean_difference(out, init, (32, 0, 64, 64)) < 1.0 and mean_difference(out, init, (0, 0, 32, 64)) > 10.0
+
+
+@pytest.mark.parametrize("model", ["sdq-tiny-xl", "sdq-tiny-sd3", "sdq-tiny-flux"])
+def test_native_inpainting_runs_on_every_family(api, model):
+    init = gradient(64, 64)
+    task = api.run(prompt="a kite", model=model, init_image=data_url(init), mask_image=data_url(left_half_mask()),
+                   mask_blur=0, strength=1.0, num_inference_steps=2, seed=3, negative_prompt=None)
+    assert task["status"] == "completed", task
+    out = Image.open(io.BytesIO(fetch(task["result_url"]))).convert("RGB")
+    assert out.size == (64, 64) and mean_difference(out, init, (32, 0, 64, 64)) < 1.0
