@@ -16,7 +16,7 @@ from typing import Any
 
 _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", "mask_image_key", "output_prefix",
                               "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
-                              "refiner_switch", "family", "inpaint_fill", "inpaint_area"})
+                              "refiner_switch", "family", "inpaint_fill", "inpaint_area", "prompt_syntax"})
 
 
 ZERO_NEGATIVE_FAMILIES = (None, "sdxl", "sdxl-refiner")   # a missing negative prompt is zeros, not ""
@@ -67,6 +67,7 @@ class JobSpec:
     family: str | None = None        # the model's family when the job was made (common/families.py)
     inpaint_fill: str | None = None  # inpainting's masked area starts as the original ("original") or "fill"
     inpaint_area: list[int] | None = None   # inpaint only this box of the init image (x1, y1, x2, y2), at full size
+    prompt_syntax: str | None = None   # "a1111": emphasis, BREAK, long prompts (common/promptsyntax.py); None: plain
 
     @property
     def mode(self) -> str:
@@ -95,7 +96,8 @@ class JobSpec:
         Inpainting, refiner passes and jobs split into several calls (A1111's
         n_iter) run alone. SDXL jobs with and without a negative prompt do not
         mix: SDXL encodes a missing one as zeros, not as the empty prompt (a
-        job of unknown family is treated as SDXL).
+        job of unknown family is treated as SDXL). Prompts in A1111's syntax
+        are encoded by sdqueue, plain ones by diffusers: they do not mix.
         """
         if self.mode == "inpaint" or len(self.batches) > 1 or self.refiner:
             return ""
@@ -103,6 +105,8 @@ class JobSpec:
                   self.scheduler, sorted(self.scheduler_config.items()), [(lr.name, lr.weight) for lr in self.loras],
                   self.strength if self.mode == "img2img" else None,
                   bool(self.negative_prompt) if self.family in ZERO_NEGATIVE_FAMILIES else None]
+        if self.prompt_syntax:
+            shared.append(self.prompt_syntax)
         return hashlib.sha1(orjson.dumps(shared, default=str)).hexdigest()[:16]
 
     @property

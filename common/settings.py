@@ -79,6 +79,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("models.dir", str, "", "Model directory (diffusers folders, .safetensors files); empty: {data_dir}/models."),
     Option("models.default", str, "", "Default model name; empty: the first model found, or the built tiny model."),
     Option("models.lora_dir", str, "", "LoRA directory; empty: {data_dir}/loras."),
+    Option("models.embeddings_dir", str, "", "Textual inversion embeddings (.safetensors, .pt; the file stem is the "
+           "word a prompt uses, as in A1111); empty: {models_dir}/embeddings."),
     Option("models.single_file_config", str, "", "Local diffusers folder describing single-file checkpoints; empty: the default model's folder."),
     Option("models.overrides", dict, {}, "Per model name: request defaults {width, height, steps, guidance_scale, "
            "strength, scheduler} replacing its family's, and `family` (sd1, sd2, sdxl, sdxl-refiner, sd3, flux) for a "
@@ -243,6 +245,10 @@ class Settings(SimpleNamespace):
     @property
     def lora_dir(self) -> Path:
         return Path(self.models.lora_dir or Path(self.data_dir) / "loras")
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return Path(self.models.embeddings_dir or self.models_dir / "embeddings")
 
     @property
     def broker_url(self) -> str:

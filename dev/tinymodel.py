@@ -376,6 +376,37 @@ def build_tiny_lora(model_dir: Path, out_file: Path, seed: int = 7, rank: int = 
     return out_file
 
 
+def build_tiny_embedding(model_dir: Path, out_file: Path, vectors: int = 2, seed: int = 11) -> Path:
+    """A random textual inversion embedding for a tiny SD 1.x or SDXL model, in A1111's formats, chosen by
+    the file's suffix: `.pt` as A1111's trainer saves it (string_to_param, step, checkpoint), `.safetensors`
+    with `emb_params`; for SDXL (a second text encoder) `clip_l` + `clip_g` pairs. The vectors are far
+    larger than the tiny encoders' own (std 0.02), so an embedding visibly changes the conditioning."""
+    import torch
+
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    width = json.loads((model_dir / "text_encoder" / "config.json").read_text())["hidden_size"]
+    second = model_dir / "text_encoder_2" / "config.json"
+    generator = torch.Generator().manual_seed(seed)
+
+    def random(columns: int) -> Any:
+        return torch.randn(vectors, columns, generator=generator)
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    if second.exists():
+        from safetensors.torch import save_file
+
+        save_file({"clip_l": random(width), "clip_g": random(json.loads(second.read_text())["hidden_size"])},
+                  str(out_file))
+    elif out_file.suffix == ".pt":
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": random(width)}, "name": out_file.stem,
+                    "step": 500, "sd_checkpoint": "0123456789", "sd_checkpoint_name": model_dir.name}, out_file)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"emb_params": random(width)}, str(out_file))
+    return out_file
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, nargs="?",

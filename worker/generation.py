@@ -2,9 +2,10 @@
 
 Why small steps (as diffusers' own pipelines do): ask the pipeline's family
 (worker/pipelines) for the view (txt2img/img2img/inpaint, scheduler) and the
-call's arguments, apply LoRAs, make one seeded generator per image, run,
-always unload LoRAs. This part is the same for every family; views share
-the base's weights, so a per-request scheduler never touches the shared pipe.
+call's arguments, apply LoRAs, encode the prompts as the job's syntax asks
+(worker/conditioning.py), make one seeded generator per image, run, always
+unload LoRAs. This part is the same for every family; views share the
+base's weights, so a per-request scheduler never touches the shared pipe.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from PIL import Image
 
 from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt
 from common.jobspec import JobSpec, LoraRef
+from worker.conditioning import EMBEDDING_NAMES, conditioned
 from worker.inpaint import inpaint_inputs, paste_back
 from worker.pipelines import family_of
 from worker.speedups import refused, unfused_for_loras
@@ -93,6 +95,7 @@ def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_file
         kwargs.update(denoising_end=spec.refiner_switch)
     kwargs.update(callback_on_step_end=on_step, output_type="pil" if refiner is None else "latent")
     with applied_loras(base, spec.loras, lora_files):
+        kwargs = conditioned(base, spec, kwargs)     # after the LoRAs: they may adapt the text encoders
         for index, count in enumerate(batches):
             if hasattr(on_step, "begin_batch"):
                 on_step.begin_batch(index, len(batches))
@@ -142,11 +145,15 @@ def refine(refiner: Any, spec: JobSpec, latents: Any, seeds: list[int], on_step:
     view = family.make_view(refiner, spec, scheduler, mode="img2img")
     count = len(seeds)
     # None as in the base pass: an SDXL model used as refiner encodes a missing negative prompt as zeros.
-    negative = [spec.negative_prompt] * count if spec.negative_prompt else None
-    output = view(prompt=[spec.prompt] * count, negative_prompt=negative, image=latents,
-                  num_inference_steps=spec.num_inference_steps, denoising_start=spec.refiner_switch,
-                  guidance_scale=spec.guidance_scale, num_images_per_prompt=1, generator=make_generators(seeds),
-                  callback_on_step_end=on_step, output_type="pil")
+    prompts = conditioned(refiner, spec, {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt or None})
+    if "prompt_embeds" in prompts:             # one conditioning, repeated for each image by the pipeline
+        prompts.update(num_images_per_prompt=count)
+    else:
+        prompts = {"prompt": [prompts["prompt"]] * count, "num_images_per_prompt": 1,
+                   "negative_prompt": [prompts["negative_prompt"]] * count if prompts["negative_prompt"] else None}
+    output = view(**prompts, image=latents, num_inference_steps=spec.num_inference_steps,
+                  denoising_start=spec.refiner_switch, guidance_scale=spec.guidance_scale,
+                  generator=make_generators(seeds), callback_on_step_end=on_step, output_type="pil")
     require_steps(view, "the refiner", spec)
     return list(output.images)
 
@@ -161,7 +168,8 @@ def require_steps(view: Any, which: str, spec: JobSpec) -> None:
 
 
 # --- several jobs in one pipeline call -------------------------------------------------------
-VARYING_ARGUMENTS = ("prompt", "negative_prompt", "image")   # per image in a shared call; the rest is shared
+# Per image in a shared call (the texts, or their embeddings in A1111's syntax); the rest is shared.
+VARYING_ARGUMENTS = ("prompt", "negative_prompt", "image", *EMBEDDING_NAMES)
 DROPPING = (JobCancelled, JobTimeLimit, StaleAttempt)       # end one job of a shared call, not the call
 
 
@@ -179,6 +187,7 @@ class BatchMember:
     on_step: Callable[[int, int], None]
     result: GenerationResult | None = None
     dropped: BaseException | None = None
+    call_kwargs: dict[str, Any] | None = None     # its own arguments, prompts encoded (set by generate_batch)
 
     @property
     def live(self) -> bool:
@@ -207,7 +216,8 @@ class SharedStep:
 
 
 def merged_call_kwargs(per_job: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
-    """One call's arguments from each job's own (and its image count): per-image lists of what may differ.
+    """One call's arguments from each job's own (and its image count): per-image lists of what may differ,
+    prompt embeddings stacked image by image (they are equally long: generate_batch groups them).
 
     When no job has a negative prompt it stays None, as a solo run passes it:
     SDXL encodes None as zeros (force_zeros_for_empty_prompt), not as the
@@ -218,8 +228,13 @@ def merged_call_kwargs(per_job: list[tuple[dict[str, Any], int]]) -> dict[str, A
         if name not in per_job[0][0]:
             continue
         values = [kwargs.get(name) for kwargs, count in per_job for _ in range(count)]
-        merged[name] = None if name == "negative_prompt" and not any(values) else \
-            [blank_if_none(name, value) for value in values]
+        if name in EMBEDDING_NAMES:
+            import torch
+
+            merged[name] = torch.cat(values)
+        else:
+            merged[name] = None if name == "negative_prompt" and not any(values) else \
+                [blank_if_none(name, value) for value in values]
     return merged
 
 
@@ -245,19 +260,37 @@ def generate_batch(base: Any, members: list[BatchMember], lora_files: dict[str, 
     scheduler = family.make_scheduler(base, first.scheduler, first.scheduler_config)
     view = family.make_view(base, first, scheduler)
     with applied_loras(base, first.loras, lora_files):
-        run_shared(view, family, members, on_drop, type(scheduler).__name__, fault)
+        for member in members:
+            member.call_kwargs = conditioned(base, member.spec, family.build_call_kwargs(member.spec,
+                                                                                         member.init_image, None))
+        for group in same_length(members):
+            run_shared(view, group, on_drop, type(scheduler).__name__, fault)
     if not any(m.live for m in members):
         raise members[-1].dropped               # nobody got images: the caller sees why
 
 
-def run_shared(view: Any, family: Any, members: list[BatchMember], on_drop: Callable[[BatchMember], None],
+def same_length(members: list[BatchMember]) -> list[list[BatchMember]]:
+    """The members by the length of their prompt embeddings (one group for plain prompts), in order of arrival.
+
+    Why not pad them to one length as A1111 pads a batch: the empty chunks
+    would change a short prompt's image; a job's images must not depend on
+    the jobs it happens to share a call with. Jobs of another length run in
+    a call of their own, one after the other.
+    """
+    groups: dict[int, list[BatchMember]] = {}
+    for member in members:
+        embeds = (member.call_kwargs or {}).get("prompt_embeds")
+        groups.setdefault(0 if embeds is None else embeds.shape[1], []).append(member)
+    return list(groups.values())
+
+
+def run_shared(view: Any, members: list[BatchMember], on_drop: Callable[[BatchMember], None],
                scheduler_name: str, fault: Callable[[int], None] | None) -> None:
     """One call for the live members, or two half calls when it runs out of memory."""
     live = [m for m in members if m.live]
     if not live:
         return
-    per_job = [(family.build_call_kwargs(m.spec, m.init_image, None), m.spec.num_images) for m in live]
-    kwargs = merged_call_kwargs(per_job)
+    kwargs = merged_call_kwargs([(m.call_kwargs, m.spec.num_images) for m in live])
     seeds = [seed for m in live for seed in m.spec.seeds]
     kwargs.update(num_images_per_prompt=1, generator=make_generators(seeds), output_type="pil",
                   callback_on_step_end=SharedStep(live, on_drop))
@@ -291,8 +324,8 @@ def run_shared(view: Any, family: Any, members: list[BatchMember], on_drop: Call
     del failure
     release_memory()
     half = len(live) // 2
-    run_shared(view, family, live[:half], on_drop, scheduler_name, fault)
-    run_shared(view, family, live[half:], on_drop, scheduler_name, fault)
+    run_shared(view, live[:half], on_drop, scheduler_name, fault)
+    run_shared(view, live[half:], on_drop, scheduler_name, fault)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

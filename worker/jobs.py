@@ -19,6 +19,7 @@ from celery import Celery
 from PIL import Image
 
 from common.catalog import find_model, list_loras
+from common.embeddings import list_embeddings
 from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt, StorageError, TaskNotFound
 from common.infotext import VERSION, build_infotext
 from common.sidecars import build_sidecar
@@ -28,6 +29,7 @@ from common.queue import GENERATE_TASK, hand_over_callback
 from common.storage import Storage, task_metadata
 from common.store import Claim, NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
 from worker.assets import asset_dirs, ensure_assets
+from worker.embeddings import sync_embeddings
 from worker.generation import (DROPPING, BatchMember, GenerationResult, generate, generate_batch, is_out_of_memory,
                                release_memory)
 from worker.images import CONTENT_TYPES, encode_image
@@ -295,9 +297,10 @@ def conclude(ctx: JobContext, task: Task, attempt: int, status: TaskStatus, fiel
 
 def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], monitors: list[StepMonitor],
                   keep: tuple[str, ...] = ()) -> Any:
-    """Fetch the jobs' uploaded files, then the warm pipeline of their model (loaded if need be).
+    """Fetch the jobs' uploaded files, then the warm pipeline of their model (loaded if need be), its
+    embeddings in step with the embeddings folder (a stat per file when nothing changed).
 
-    Both count towards the jobs' time limits; neither makes steps, so the
+    All count towards the jobs' time limits; none makes steps, so the
     watchdog bounds them by the time limit only, not by worker.stall_timeout.
     """
     for monitor in monitors:
@@ -307,6 +310,7 @@ def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], mon
         if find_model(ctx.settings.models_dir, model, ctx.settings.models.overrides) is None:
             raise ModelError(f"model '{model}' is not in the model directory")
         base = ctx.registry.get(model, keep)
+        sync_embeddings(base, list_embeddings(ctx.settings.embeddings_dir))
     finally:
         for monitor in monitors:
             monitor.leave_setup()

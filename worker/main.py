@@ -154,7 +154,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
         model = find_model(settings.models_dir, model_name, settings.models.overrides)
         if model is None:
             raise FileNotFoundError(f"model '{model_name}' not found in {settings.models_dir}")
-        return load_pipeline(model, info.device, sf_config, settings.worker.dtype, speedups)
+        return load_pipeline(model, info.device, sf_config, settings.worker.dtype, speedups, settings.embeddings_dir)
 
     registry = PipelineRegistry(settings.models.max_loaded, loader)
     # Before the default model loads: its load is counted, and a scrape during a long load answers.

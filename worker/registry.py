@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.catalog import ModelInfo
+from common.embeddings import list_embeddings
+from worker.embeddings import sync_embeddings
 from worker.metrics import observe_model_load
 from worker.pipelines import family_for
 from worker.pipelines.base import resolve_dtype
@@ -23,11 +25,14 @@ log = logging.getLogger("sdqueue.worker")
 
 
 def load_pipeline(model: ModelInfo, device: str, single_file_config: Path | None, dtype: str = "auto",
-                  speedups: Speedups | None = None) -> Any:
+                  speedups: Speedups | None = None, embeddings_dir: Path | None = None) -> Any:
     """Load one model onto `device` the way its family loads it (worker/pipelines), in `dtype` (worker.dtype),
-    with the worker's speed-ups applied once (worker/speedups.py)."""
+    with the textual inversion embeddings of `embeddings_dir` that fit it (worker/embeddings.py) and the
+    worker's speed-ups applied once (worker/speedups.py)."""
     family = family_for(model)
     pipe = family.load(model, device, single_file_config, resolve_dtype(dtype, family, device))
+    if embeddings_dir is not None:
+        sync_embeddings(pipe, list_embeddings(embeddings_dir))
     return apply_speedups(pipe, speedups or Speedups())
 
 

@@ -28,6 +28,10 @@ class Family(Protocol):
 
     name: str
     families: tuple[str, ...]   # the catalog's family names it serves (common/families.py)
+    # The CLIP text encoders that A1111-syntax prompts are encoded with and embeddings loaded into:
+    # (embedding part, tokenizer attribute, text encoder attribute); empty: prompts go in as written.
+    clip_encoders: tuple[tuple[str, str, str], ...]
+    penultimate: bool           # conditioning from the encoders' penultimate layer, pooled from the last (SDXL)
 
     def matches(self, model: ModelInfo) -> bool:
         """Whether a model in the model directory belongs to this family (no torch: reads files only)."""
@@ -75,6 +79,8 @@ class DiffusersFamily:
     families: tuple[str, ...] = ()
     pipeline_classes: tuple[str, ...] = ()   # diffusers classes whose instances this family runs
     single_file_class = ""                   # the diffusers class that reads this family's single files
+    clip_encoders: tuple[tuple[str, str, str], ...] = ()   # SD3 and Flux (T5 besides CLIP): prompts as written
+    penultimate = False
 
     @property
     def profile(self) -> Profile:

@@ -18,6 +18,7 @@ class StableDiffusion(DiffusersFamily):
     families = ("sd1", "sd2")
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     single_file_class = "StableDiffusionPipeline"
+    clip_encoders = (("", "tokenizer", "text_encoder"),)   # CLIP-L (1.x) or OpenCLIP-H (2.x), its last layer
 
     def load_options(self) -> dict[str, Any]:
         """No safety checker: sdqueue serves images as generated (operators filter downstream if they must)."""

@@ -16,7 +16,11 @@ from worker.pipelines.base import DiffusersFamily
 
 
 class XLVae(DiffusersFamily):
-    """What SDXL and its refiner share: a VAE that diffusers runs in fp32 when it is marked `force_upcast`."""
+    """What SDXL and its refiner share: a VAE that diffusers runs in fp32 when it is marked `force_upcast`,
+    and CLIP-L + OpenCLIP-bigG conditioning (the refiner has the second only), from their penultimate layers."""
+
+    clip_encoders = (("clip_l", "tokenizer", "text_encoder"), ("clip_g", "tokenizer_2", "text_encoder_2"))
+    penultimate = True
 
     def load(self, model: ModelInfo, device: str, single_file_config: Path | None, dtype: str) -> Any:
         """Load as every family does; in bfloat16, keep the VAE in bfloat16 too.
