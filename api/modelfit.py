@@ -14,6 +14,7 @@ from flask_smorest import abort
 
 from common.catalog import ModelInfo, lora_problem
 from common.families import schedule_problem, size_problem
+from common.promptsyntax import A1111, WEIGHTED_FAMILIES
 from common.schedulers import schedule_of
 
 # canonical name -> the request field a dialect calls it (a dialect passes its own names)
@@ -26,7 +27,7 @@ DEFAULT_REFINER_SWITCH = 0.8                   # diffusers' and A1111's usual ha
 def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: str | None = None,
                negative_prompt: str | None = None,
                refiner: ModelInfo | None = None, steps: int = 0, refiner_switch: float = DEFAULT_REFINER_SWITCH,
-               loras: Sequence[tuple[str, Path]] = (),
+               loras: Sequence[tuple[str, Path]] = (), prompt_syntax: str | None = None,
                names: Mapping[str, str] = NATIVE_FIELDS) -> dict[str, Any]:
     """Field name -> messages for what `model` cannot do with these values ({} when it fits).
 
@@ -58,6 +59,9 @@ def fit_errors(model: ModelInfo, mode: str, width: int, height: int, scheduler: 
     if negative_prompt and not profile.negative_prompt:
         add("negative_prompt", f"{profile.label} models take no negative prompt (their guidance is distilled, "
                                "without an unconditional pass); leave it empty")
+    if prompt_syntax == A1111 and model.family not in WEIGHTED_FAMILIES:
+        add("prompt_syntax", f"A1111's prompt syntax applies to SD 1.x/2.x and SDXL models (their CLIP text "
+                             f"encoders); {profile.label} models take the prompt as written: use plain")
     if refiner is not None:
         problem = refiner_problem(model, refiner, mode, steps, refiner_switch)
         if problem:

@@ -11,7 +11,7 @@ import redis
 import yaml
 
 from dev.localstack import LocalStack, build_default_model, free_port, free_port_block
-from dev.tinymodel import ensure_tiny_models
+from dev.tinymodel import build_tiny_embedding, ensure_tiny_models
 from tests.helpers import Api, build_test_lora
 from tests.single_file import write_single_file_checkpoint
 
@@ -74,6 +74,11 @@ def stack(tmp_path_factory) -> LocalStack:
         build_test_lora(settings.models_dir / "sdq-tiny", lora_dir / "tiny_style.safetensors")
         (lora_dir / "broken.safetensors").write_bytes(b"this is not a safetensors file")
         build_test_lora(settings.models_dir / "sdq-tiny-xl", lora_dir / "tiny_xl_style.safetensors")
+        embeddings = settings.embeddings_dir            # tests/test_embeddings.py, tests/test_prompts.py
+        build_tiny_embedding(settings.models_dir / "sdq-tiny", embeddings / "tiny_emb.safetensors")
+        build_tiny_embedding(settings.models_dir / "sdq-tiny", embeddings / "Tiny_Trained.pt", vectors=3, seed=12)
+        build_tiny_embedding(settings.models_dir / "sdq-tiny-xl", embeddings / "tiny_xl_emb.safetensors", seed=13)
+        (embeddings / "broken_emb.pt").write_bytes(b"this is not an embedding")
         write_single_file_checkpoint(settings.models_dir / "sdq-tiny",
                                      settings.models_dir / "tiny-single.safetensors")
         write_single_file_checkpoint(settings.models_dir / "sdq-tiny-xl",

@@ -110,8 +110,8 @@ def sync_embeddings(pipe: Any, files: dict[str, Path]) -> EmbeddingState:
         try:
             state.loaded[name] = load_embedding(pipe, encoders, state, path)
             changed = True
-        except (OSError, ValueError, RuntimeError) as exc:
-            state.skipped[name] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one broken file (torch.load raises anything) never stops the model
+            state.skipped[name] = f"{type(exc).__name__}: {exc}"
             log.info("embedding %s not loaded for %s: %s", name, type(pipe).__name__, exc)
     if changed:
         state.index()

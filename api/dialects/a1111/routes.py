@@ -17,7 +17,7 @@ from flask_smorest import Blueprint
 
 from api.auth import basic_auth_password, current_key
 from api.dialects.a1111 import schemas
-from api.dialects.a1111.translate import (DIALECT, build_a1111_jobspec, build_info, default_options,
+from api.dialects.a1111.translate import (DIALECT, build_a1111_jobspec, build_info, chosen_model, default_options,
                                           echo_parameters, find_checkpoint, model_stem, model_title, png_info,
                                           progress_of, screen_fields, stored_options)
 from api.errors import DIALECT_RENDERERS, error_response, json_error
@@ -25,6 +25,7 @@ from api.limits import read_limited, submit_limited
 from api.services import Services, services
 from api.submission import new_task_id, submit_job, wait_for_result
 from common.catalog import model_sha256
+from common.embeddings import report_for
 from common.samplers import SAMPLERS, SCHEDULE_TYPES
 from common.store import Task, TaskStatus
 
@@ -206,7 +207,19 @@ def upscalers():
 @read_limited
 @blp.doc(security=SECURITY)
 def embeddings():
-    return jsonify({"loaded": {}, "skipped": {}})
+    """The embeddings folder's textual inversion embeddings: those that fit this key's current model are
+    `loaded`, the others `skipped` (A1111's EmbeddingsResponse); unreadable files are in neither."""
+    svc = services()
+    model = chosen_model(svc, current_key().owner, None, [])
+    return jsonify(report_for(svc.settings.embeddings_dir, model.family, model.context_width).to_dict())
+
+
+@blp.route("/refresh-embeddings", methods=["POST"])
+@submit_limited
+@blp.doc(security=SECURITY)
+def refresh_embeddings():
+    """Null, as A1111: the folder is read on every listing, and workers check it before every job."""
+    return jsonify(None)
 
 
 @blp.route("/memory", methods=["GET"])

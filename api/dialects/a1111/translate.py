@@ -26,6 +26,7 @@ from common.catalog import ModelInfo, lora_problem, model_sha256
 from common.infotext import SCHEDULE_LABELS, generation_info, parse_infotext
 from common.jobspec import JobSpec, LoraRef
 from common.loratags import extract_loras
+from common.promptsyntax import A1111, WEIGHTED_FAMILIES, uses_syntax
 from common.families import FLOW
 from common.samplers import (FLOW_FALLBACK, FLOW_SCHEDULE_TYPES, find_sampler, find_schedule_type, is_known_sampler,
                              samplers_for, scheduler_for)
@@ -230,6 +231,18 @@ def prompt_loras(svc: Services, prompt: str, warnings: list[str], model: ModelIn
     return cleaned, usable
 
 
+def prompt_syntax_for(model: ModelInfo, texts: dict[str, str | None], warnings: list[str]) -> str | None:
+    """A1111's prompt syntax wherever sdqueue encodes the prompts (SD 1.x/2.x, SDXL); SD3 and Flux take them as
+    written, noted in `warnings` when they use the syntax (a Flux prompt with parentheses must not fail)."""
+    if model.family in WEIGHTED_FAMILIES:
+        return A1111
+    used = [name for name, text in texts.items() if uses_syntax(text)]
+    if used:
+        warnings.append(f"{' and '.join(used)}: A1111's emphasis syntax ((word:1.2), [word], BREAK) is not applied "
+                        f"to {model.profile.label} models; the text was used as written")
+    return None
+
+
 def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warnings: list[str],
                         model: ModelInfo | None = None, dialect: str = DIALECT,
                         extra_loras: frozenset[str] = frozenset(), classic_defaults: dict = A1111_DEFAULTS) -> JobSpec:
@@ -264,6 +277,7 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         prompt, loras = extract_loras(data["prompt"])[0], []
     else:
         prompt, loras = prompt_loras(svc, data["prompt"], warnings, model, extra_loras)
+    syntax = prompt_syntax_for(model, {"prompt": prompt, "negative_prompt": data.get("negative_prompt")}, warnings)
     return JobSpec(
         prompt=prompt, negative_prompt=data.get("negative_prompt") or None, model=model.name,
         width=width, height=height, num_images=data["batch_size"] * data["n_iter"], batch_size=data["batch_size"],
@@ -273,7 +287,7 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         loras=loras, dialect=dialect,
         save_copy_dir=saved_copy_dir(mode, current_key().owner) if data.get("save_images") else None,
         refiner=refiner.name if refiner else None,
-        refiner_switch=switch if refiner else None, family=model.family,
+        refiner_switch=switch if refiner else None, family=model.family, prompt_syntax=syntax,
         inpaint_fill=plan.fill if plan else None, inpaint_area=plan.area if plan else None,
     )
 

@@ -15,6 +15,7 @@ from api.schemas import (MAX_SEED, BaseSchema, InitImageField, LooseInteger, Set
                          StrictFloat, limit, multiple_of_8)
 from api.services import services
 from common.netguard import callback_guard
+from common.promptsyntax import PLAIN, PROMPT_SYNTAXES
 from common.schedulers import SCHEDULERS
 from common.store.tasks import PRIORITIES
 
@@ -36,6 +37,11 @@ class GenerateRequest(BaseSchema):
 
     prompt = fields.String(required=True, validate=SettingLength(max=limit("max_prompt_chars")),
                            metadata={"description": "What to draw", "example": "a cat sitting on a windowsill"})
+    prompt_syntax = fields.String(load_default=PLAIN, validate=validate.OneOf(PROMPT_SYNTAXES), metadata={
+        "description": "plain: the prompts as written, cut at the text encoder's 77 tokens (as before); a1111: "
+                       "the AUTOMATIC1111 web UI's emphasis ((word:1.3), (word), [word], \\( escapes), BREAK and "
+                       "prompts longer than 77 tokens, for prompt and negative_prompt; SD 1.x/2.x and SDXL only (422 "
+                       "for SD3 and Flux). Textual inversion embeddings apply with either"})
     init_image = InitImageField(allow_none=True, load_default=None, metadata={
         "description": "Base64 image with its data:image/png;base64, (or jpeg) prefix: makes the job img2img; "
                        "the output has the init image's size (rounded down to a multiple of 8, or 16 for SD3 and Flux)"})

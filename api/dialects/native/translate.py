@@ -14,6 +14,7 @@ from api.services import Services
 from api.submission import resolve_seed
 from api.timestamps import iso
 from common.jobspec import JobSpec, LoraRef
+from common.promptsyntax import A1111
 from common.storage import Storage, task_metadata
 from common.store import Task, TaskStatus, TaskStore
 
@@ -54,6 +55,7 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
     switch = data["refiner_switch"] or DEFAULT_REFINER_SWITCH
     abort_unless_fits(model, mode=mode, width=width, height=height, scheduler=data["scheduler"],
                       negative_prompt=data["negative_prompt"], refiner=refiner, steps=steps, refiner_switch=switch,
+                      prompt_syntax=data["prompt_syntax"],
                       loras=[(lr["name"], available[lr["name"]]) for lr in data["loras"] if lr["name"] in available])
     return JobSpec(
         prompt=data["prompt"], negative_prompt=data["negative_prompt"], model=model_name,
@@ -67,6 +69,7 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
         refiner=refiner.name if refiner else None,
         refiner_switch=switch if refiner else None, family=model.family,
         inpaint_fill=data["masked_content"] if mode == "inpaint" else None,
+        prompt_syntax=A1111 if data["prompt_syntax"] == A1111 else None,
     )
 
 
