@@ -243,6 +243,35 @@ def test_jobs_with_different_weighted_prompts_share_calls_and_get_their_solo_ima
             assert np.abs(np.asarray(got, dtype=np.int16) - want).max() <= 2
 
 
+def test_jobs_waiting_for_their_own_call_are_checked_at_every_step(sd, settings):
+    """A job whose prompt length runs in the next call reports step 0 while it waits (the watchdog sees it
+    alive), and a cancel ends it there, before its call starts."""
+    from common.errors import JobCancelled
+    from worker.generation import BatchMember, generate_batch
+
+    same_call = dict(BASE, model="m", prompt_syntax=A1111, family="sd1")
+    short, long, cancelled = (JobSpec(prompt="a (red:1.2) fox", seed=1, **same_call),
+                              JobSpec(prompt=LONG, seed=2, **same_call), JobSpec(prompt=LONG + " x", seed=3, **same_call))
+    seen: dict[int, list[int]] = {1: [], 2: [], 3: []}
+
+    def recorder(seed: int, cancel_after: int | None = None):
+        def on_step(step: int, total: int) -> None:
+            seen[seed].append(step)
+            if cancel_after is not None and len(seen[seed]) > cancel_after:
+                raise JobCancelled(str(seed))
+        return on_step
+
+    members = [BatchMember(short, None, recorder(1)), BatchMember(long, None, recorder(2)),
+               BatchMember(cancelled, None, recorder(3, cancel_after=1))]
+    dropped = []
+    generate_batch(sd, members, list_loras(settings.lora_dir), on_drop=dropped.append)
+    steps = len(seen[1])
+    assert seen[1] == list(range(1, steps + 1))
+    assert seen[2] == [0] * steps + list(range(1, steps + 1))             # waited, then ran
+    assert seen[3] == [0, 0] and dropped == [members[2]] and members[2].result is None
+    assert members[0].result and members[1].result
+
+
 def image_of_job(pipe, settings, job: JobSpec, n: int) -> np.ndarray:
     from worker.generation import generate
 

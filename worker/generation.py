@@ -14,7 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from PIL import Image
 
@@ -195,18 +195,26 @@ class BatchMember:
 
 
 class SharedStep:
-    """callback_on_step_end of a shared call: every live member's own progress, cancel and time limit."""
+    """callback_on_step_end of a shared call: every live member's own progress, cancel and time limit.
 
-    def __init__(self, members: list[BatchMember], on_drop: Callable[[BatchMember], None]):
+    `waiting`: jobs of the same pick whose own call comes next (another
+    prompt length, the other half after running out of memory). They are
+    checked at every step too, at step 0: a cancel or time limit ends them
+    while they wait, and the watchdog sees them alive, not stalled.
+    """
+
+    def __init__(self, members: list[BatchMember], on_drop: Callable[[BatchMember], None],
+                 waiting: Sequence[BatchMember] = ()):
         self.members = members
         self.on_drop = on_drop
+        self.waiting = waiting
 
     def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
         total = int(getattr(pipe, "num_timesteps", 0) or 0)
-        for member in self.members:
+        for member, done in [(m, step + 1) for m in self.members] + [(m, 0) for m in self.waiting]:
             if member.live:
                 try:
-                    member.on_step(step + 1, total)
+                    member.on_step(done, total)
                 except DROPPING as exc:
                     member.dropped = exc
                     self.on_drop(member)
@@ -263,8 +271,12 @@ def generate_batch(base: Any, members: list[BatchMember], lora_files: dict[str, 
         for member in members:
             member.call_kwargs = conditioned(base, member.spec, family.build_call_kwargs(member.spec,
                                                                                          member.init_image, None))
-        for group in same_length(members):
-            run_shared(view, group, on_drop, type(scheduler).__name__, fault)
+        groups = same_length(members)
+        for index, group in enumerate(groups):
+            later = [member for waiting in groups[index + 1:] for member in waiting]
+            run_shared(view, group, on_drop, type(scheduler).__name__, fault, later)
+    for member in members:
+        member.call_kwargs = None               # its prompt embeddings: not held while its images are uploaded
     if not any(m.live for m in members):
         raise members[-1].dropped               # nobody got images: the caller sees why
 
@@ -285,15 +297,15 @@ def same_length(members: list[BatchMember]) -> list[list[BatchMember]]:
 
 
 def run_shared(view: Any, members: list[BatchMember], on_drop: Callable[[BatchMember], None],
-               scheduler_name: str, fault: Callable[[int], None] | None) -> None:
-    """One call for the live members, or two half calls when it runs out of memory."""
+               scheduler_name: str, fault: Callable[[int], None] | None, waiting: Sequence[BatchMember] = ()) -> None:
+    """One call for the live members, or two half calls when it runs out of memory; `waiting` (SharedStep)."""
     live = [m for m in members if m.live]
     if not live:
         return
     kwargs = merged_call_kwargs([(m.call_kwargs, m.spec.num_images) for m in live])
     seeds = [seed for m in live for seed in m.spec.seeds]
     kwargs.update(num_images_per_prompt=1, generator=make_generators(seeds), output_type="pil",
-                  callback_on_step_end=SharedStep(live, on_drop))
+                  callback_on_step_end=SharedStep(live, on_drop, waiting))
     try:
         if fault is not None:
             fault(len(seeds))
@@ -324,8 +336,8 @@ def run_shared(view: Any, members: list[BatchMember], on_drop: Callable[[BatchMe
     del failure
     release_memory()
     half = len(live) // 2
-    run_shared(view, live[:half], on_drop, scheduler_name, fault)
-    run_shared(view, live[half:], on_drop, scheduler_name, fault)
+    run_shared(view, live[:half], on_drop, scheduler_name, fault, [*live[half:], *waiting])
+    run_shared(view, live[half:], on_drop, scheduler_name, fault, waiting)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
