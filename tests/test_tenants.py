@@ -60,10 +60,11 @@ NO_OBJECT = {
     ("GET", "/sdapi/v1/schedulers"): "a fixed list",
     ("GET", "/sdapi/v1/sd-vae"): "a fixed list",
     ("GET", "/sdapi/v1/upscalers"): "a fixed list",
-    ("GET", "/sdapi/v1/embeddings"): "a fixed list",
+    ("GET", "/sdapi/v1/embeddings"): "the shared embeddings folder, for this key's own current model",
     ("GET", "/sdapi/v1/memory"): "the API host's RAM",
     ("GET", "/sdapi/v1/cmd-flags"): "a fixed set",
     ("POST", "/sdapi/v1/refresh-checkpoints"): "re-reads the shared model directory",
+    ("POST", "/sdapi/v1/refresh-embeddings"): "a fixed answer",
     ("POST", "/sdapi/v1/png-info"): "reads the PNG in the body",
 }
 CASES: dict[tuple[str, str], Callable] = {}

@@ -66,8 +66,9 @@ def vocabulary(pipe: Any, tokenizer: Any) -> Vocabulary:
         return tokenizer([with_tokens(t, pipe) for t in texts], truncation=False, add_special_tokens=False)["input_ids"]
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Vocabulary(tokenizer.bos_token_id, tokenizer.eos_token_id, pad, tokenizer.get_vocab().get(",</w>"),
-                      tokenize, token_groups(pipe, tokenizer))
+    comma = tokenizer.convert_tokens_to_ids(",</w>")         # a word-final comma, as A1111 looks it up
+    return Vocabulary(tokenizer.bos_token_id, tokenizer.eos_token_id, pad,
+                      None if comma == tokenizer.unk_token_id else comma, tokenize, token_groups(pipe, tokenizer))
 
 
 def chunk_prompt(fragments: list[Fragment], vocab: Vocabulary) -> list[Chunk]:
