@@ -250,8 +250,8 @@ def test_jobs_waiting_for_their_own_call_are_checked_at_every_step(sd, settings)
     from worker.generation import BatchMember, generate_batch
 
     same_call = dict(BASE, model="m", prompt_syntax=A1111, family="sd1")
-    short, long, cancelled = (JobSpec(prompt="a (red:1.2) fox", seed=1, **same_call),
-                              JobSpec(prompt=LONG, seed=2, **same_call), JobSpec(prompt=LONG + " x", seed=3, **same_call))
+    short = JobSpec(prompt="a (red:1.2) fox", seed=1, **same_call)
+    long, cancelled = JobSpec(prompt=LONG, seed=2, **same_call), JobSpec(prompt=LONG + " x", seed=3, **same_call)
     seen: dict[int, list[int]] = {1: [], 2: [], 3: []}
 
     def recorder(seed: int, cancel_after: int | None = None):
