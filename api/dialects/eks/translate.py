@@ -12,8 +12,7 @@ import hashlib
 import uuid
 
 from api.auth import current_key
-from api.dialects.a1111 import build_a1111_jobspec, echo_parameters, screen_fields
-from api.dialects.a1111.fields import Refusal
+from api.dialects.a1111 import Refusal, build_a1111_jobspec, echo_parameters, screen_fields
 from api.dialects.eks.schemas import ENVELOPE, TASKS, links_of
 from api.downloads import fetch_link
 from api.init_image import InitImage, image_from_bytes
