@@ -15,7 +15,14 @@ SCHEDULE_LABELS = (("use_karras_sigmas", "Karras"), ("use_exponential_sigmas", "
 
 def build_infotext(spec: JobSpec, seed: int, width: int, height: int, sampler: str | None = None,
                    version: str = "") -> str:
-    """Prompt, negative prompt, then one `Key: value, ...` line, as A1111 writes it."""
+    """Prompt, negative prompt, then one `Key: value, ...` line, as A1111 writes it.
+
+    A hires fix image's Size is its first pass's, as the web UI writes it
+    (its Hires upscale or Hires resize gives the rest), so pasting the text
+    back into the web UI makes the same request.
+    """
+    if spec.hires:
+        width, height = spec.width, spec.height
     params = {
         "Steps": spec.num_inference_steps,
         "Sampler": spec.sampler_name or sampler or spec.scheduler or "default",
@@ -29,6 +36,8 @@ def build_infotext(spec: JobSpec, seed: int, width: int, height: int, sampler: s
         params["Schedule type"] = schedule
     if spec.init_image_key and spec.strength is not None:
         params["Denoising strength"] = spec.strength
+    if spec.hires:
+        params.update(hires_params(spec))
     if spec.refiner:
         params["Refiner"] = spec.refiner
         params["Refiner switch at"] = spec.refiner_switch
@@ -43,6 +52,24 @@ def build_infotext(spec: JobSpec, seed: int, width: int, height: int, sampler: s
     return f"{text}\n{line}"
 
 
+def hires_params(spec: JobSpec) -> dict[str, object]:
+    """The web UI's infotext entries of a hires fix (StableDiffusionProcessingTxt2Img.init), in its order."""
+    hires = spec.hires or {}
+    params: dict[str, object] = {"Denoising strength": hires.get("strength")}
+    if hires.get("resize"):
+        params["Hires resize"] = hires["resize"]
+    else:
+        params["Hires upscale"] = hires.get("scale")
+    if hires.get("steps"):
+        params["Hires steps"] = hires["steps"]
+    params["Hires upscaler"] = hires.get("upscaler")
+    for key, label in (("sampler_name", "Hires sampler"), ("schedule", "Hires schedule type"),
+                       ("prompt", "Hires prompt"), ("negative_prompt", "Hires negative prompt")):
+        if hires.get(key):
+            params[label] = hires[key]
+    return params
+
+
 def generation_info(spec: JobSpec, seeds: list[int]) -> dict:
     """The generation facts of a finished job in A1111's `info` names (shared by the dialects that report them)."""
     negative = spec.negative_prompt or ""
@@ -51,7 +78,7 @@ def generation_info(spec: JobSpec, seeds: list[int]) -> dict:
         "negative_prompt": negative, "all_negative_prompts": [negative] * len(seeds),
         "seed": spec.seed, "all_seeds": seeds, "width": spec.width, "height": spec.height,
         "sampler_name": spec.sampler_name, "cfg_scale": spec.guidance_scale, "steps": spec.num_inference_steps,
-        "batch_size": spec.batch_size or len(seeds), "denoising_strength": spec.strength,
+        "batch_size": spec.batch_size or len(seeds), "denoising_strength": spec.strength if spec.strength is not None else (spec.hires or {}).get("strength"),
         "infotexts": [build_infotext(spec, s, spec.width, spec.height, version=VERSION) for s in seeds],
         "version": VERSION,
     }

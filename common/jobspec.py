@@ -16,7 +16,8 @@ from typing import Any
 
 _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", "mask_image_key", "output_prefix",
                               "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
-                              "refiner_switch", "family", "inpaint_fill", "inpaint_area", "prompt_syntax"})
+                              "refiner_switch", "family", "inpaint_fill", "inpaint_area", "prompt_syntax",
+                              "hires"})
 
 
 ZERO_NEGATIVE_FAMILIES = (None, "sdxl", "sdxl-refiner")   # a missing negative prompt is zeros, not ""
@@ -68,6 +69,9 @@ class JobSpec:
     inpaint_fill: str | None = None  # inpainting's masked area starts as the original ("original") or "fill"
     inpaint_area: list[int] | None = None   # inpaint only this box of the init image (x1, y1, x2, y2), at full size
     prompt_syntax: str | None = None   # "a1111": emphasis, BREAK, long prompts (common/promptsyntax.py); None: plain
+    # The hires fix (txt2img): upscaler, upscale_width/_height, width/height (the output), steps (0: the job's),
+    # strength, and optionally prompt, negative_prompt, scheduler, scheduler_config, sampler_name, scale, resize
+    hires: dict[str, Any] | None = None
 
     @property
     def mode(self) -> str:
@@ -93,13 +97,13 @@ class JobSpec:
         Why these fields: one call has one model, mode, size, step count,
         scheduler (and its options), guidance, strength and LoRA set; prompts,
         negative prompts, seeds and init images may differ per image.
-        Inpainting, refiner passes and jobs split into several calls (A1111's
-        n_iter) run alone. SDXL jobs with and without a negative prompt do not
+        Inpainting, refiner passes, hires fix jobs (a second pass per call) and
+        jobs split into several calls (A1111's n_iter) run alone. SDXL jobs with and without a negative prompt do not
         mix: SDXL encodes a missing one as zeros, not as the empty prompt (a
         job of unknown family is treated as SDXL). Prompts in A1111's syntax
         are encoded by sdqueue, plain ones by diffusers: they do not mix.
         """
-        if self.mode == "inpaint" or len(self.batches) > 1 or self.refiner:
+        if self.mode == "inpaint" or len(self.batches) > 1 or self.refiner or self.hires:
             return ""
         shared = [self.model, self.mode, self.width, self.height, self.num_inference_steps, self.guidance_scale,
                   self.scheduler, sorted(self.scheduler_config.items()), [(lr.name, lr.weight) for lr in self.loras],

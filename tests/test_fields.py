@@ -102,11 +102,11 @@ def test_each_example_is_refused_by_name_and_its_default_is_not(mode, name):
 
 
 def test_settings_of_a_feature_pass_while_it_is_off():
-    data = {**defaults("txt2img"), "hr_scale": 4.0, "hr_resize_x": 2048, "s_tmax": 5.0, "script_args": [1],
+    data = {**defaults("txt2img"), "hr_checkpoint_name": "other", "hr_scale": 4.0, "s_tmax": 5.0, "script_args": [1],
             "subseed": 99, "seed_resize_from_h": 768}
     assert refusals(data, "txt2img") == []
     on = {r.name for r in refusals({**data, "enable_hr": True, "s_churn": 0.3}, "txt2img")}
-    assert on == {"enable_hr", "hr_scale", "hr_resize_x", "s_churn", "s_tmax"}   # the defaults of the rest pass
+    assert on == {"hr_checkpoint_name", "s_churn", "s_tmax"}   # the defaults of the rest pass; hr_scale is run
 
 
 def test_scripts_that_are_off_pass_and_scripts_that_are_on_are_named():
@@ -198,14 +198,14 @@ def test_the_aws_extensions_documented_defaults_run(client):
 
 
 def test_a_lenient_key_runs_without_them_and_names_each_in_warnings(lenient_client):
-    body = {"restore_faces": True, "tiling": True, "enable_hr": True, "hr_scale": 1.5, "styles": ["cinematic"],
+    body = {"restore_faces": True, "tiling": True, "firstphase_width": 256, "styles": ["cinematic"],
             "alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "model": "canny"}]}},
             "override_settings": {"CLIP_stop_at_last_layers": 2}, "subseed_strength": 0.3}
     r = a1111(lenient_client, "txt2img", body)
     assert r.status_code == 200, r.get_data(as_text=True)
     warnings = json.loads(r.get_json()["info"])["warnings"]
     named = {w.split(":", 1)[0] for w in warnings}
-    assert named == {"restore_faces", "tiling", "enable_hr", "hr_scale", "styles", "alwayson_scripts.controlnet",
+    assert named == {"restore_faces", "tiling", "firstphase_width", "styles", "alwayson_scripts.controlnet",
                      "override_settings.CLIP_stop_at_last_layers", "subseed_strength"}
     assert all(w.endswith("(accepted for a lenient key)") for w in warnings)
     assert len(r.get_json()["images"]) == 1
@@ -238,10 +238,10 @@ def test_sd_on_eks_refuses_in_its_own_shape(client):
 
 def test_the_aws_extension_refuses_in_its_own_shape(client):
     body = {"task_type": "txt2img", "models": {"Stable-diffusion": ["sdq-tiny"]}, "sagemaker_endpoint_name": "gpu",
-            **SMALL, "enable_hr": True}
+            **SMALL, "tiling": True}
     r = client.post("/inference/v2", json=body, headers={"X-API-Key": KEY_A})
     assert r.status_code == 422, r.get_data(as_text=True)
-    assert r.get_json()["detail"][0]["loc"] == ["body", "enable_hr"]
+    assert r.get_json()["detail"][0]["loc"] == ["body", "tiling"]
 
 
 def test_a_lenient_sd_on_eks_job_lists_what_it_ran_without_in_its_side_file(lenient_client, storage):

@@ -16,11 +16,19 @@ from common.jobspec import JobSpec, LoraRef
 
 SPEC = dict(prompt="a red fox", model="sdq-tiny", width=64, height=64, num_inference_steps=3, guidance_scale=7.5,
             seed=3)
+HIRES = {"upscale_width": 128, "upscale_height": 128, "width": 128, "height": 96, "steps": 2, "strength": 0.6}
+
+
+def output_size(spec: JobSpec) -> tuple[int, int]:
+    return (spec.hires["width"], spec.hires["height"]) if spec.hires else (spec.width, spec.height)
 JOBS = {
     "txt2img": JobSpec(**SPEC),
     "img2img": JobSpec(**SPEC, init_image_key="in/init.png", strength=0.7),
     "inpaint": JobSpec(**SPEC, init_image_key="in/init.png", mask_image_key="in/mask.png", strength=0.7),
     "txt2img with a LoRA": JobSpec(**SPEC, loras=[LoraRef("tiny_style", 0.8)]),
+    "hires fix, latent upscaler": JobSpec(**SPEC, hires={**HIRES, "upscaler": "Latent (bicubic antialiased)"}),
+    "hires fix, pixel upscaler, another second-pass scheduler": JobSpec(**SPEC, hires={
+        **HIRES, "upscaler": "Lanczos", "scheduler": "EulerAncestralDiscreteScheduler"}),
     "img2img with a LoRA, another scheduler": JobSpec(**SPEC, init_image_key="in/init.png", strength=0.6,
                                                       scheduler="EulerAncestralDiscreteScheduler",
                                                       loras=[LoraRef("tiny_style", 1.0)]),
@@ -57,7 +65,7 @@ def test_a_job_leaves_the_shared_weights_as_they_were(bf16_pipeline, settings, j
     assert {dtype for dtype, _ in before.values()} == {torch.bfloat16}
     image, mask = Image.new("RGB", (64, 64), "orange"), Image.new("L", (64, 64), 255)
     result = generate(bf16_pipeline, JOBS[job], image, list_loras(settings.lora_dir), no_step, mask)
-    assert len(result.images) == 1 and result.images[0].size == (64, 64)
+    assert len(result.images) == 1 and result.images[0].size == output_size(JOBS[job])
     assert weights(bf16_pipeline) == before          # same dtype, same storage: nothing converted or copied
     assert bf16_pipeline.dtype == torch.bfloat16
 
@@ -81,11 +89,12 @@ def test_health_reports_each_worker_s_precision(api):
 
 FAMILY_JOBS = {   # model -> its jobs (sizes its family accepts; a LoRA where the test stack has one)
     "sdq-tiny-xl": [dict(), dict(init_image_key="in/init.png", strength=0.7),
-                    dict(loras=[LoraRef("tiny_xl_style", 0.8)])],
+                    dict(loras=[LoraRef("tiny_xl_style", 0.8)]), dict(hires={**HIRES, "upscaler": "Latent"}),
+                    dict(hires={**HIRES, "upscaler": "Nearest"})],
     "sdq-tiny-sd3": [dict(), dict(init_image_key="in/init.png", strength=0.7),
-                     dict(scheduler="FlowMatchHeunDiscreteScheduler")],
+                     dict(scheduler="FlowMatchHeunDiscreteScheduler"), dict(hires={**HIRES, "upscaler": "Latent"})],
     "sdq-tiny-flux": [dict(), dict(init_image_key="in/init.png", strength=0.7),
-                      dict(scheduler_config={"use_karras_sigmas": True})],
+                      dict(scheduler_config={"use_karras_sigmas": True}), dict(hires={**HIRES, "upscaler": "Latent"})],
 }
 
 
@@ -103,7 +112,7 @@ def test_every_family_keeps_its_shared_weights_in_bfloat16(settings, model):
     for extra in FAMILY_JOBS[model]:
         spec = JobSpec(**{**SPEC, "model": model, "num_inference_steps": 2, **extra})
         result = generate(pipe, spec, Image.new("RGB", (64, 64), "orange"), list_loras(settings.lora_dir), no_step)
-        assert result.images[0].size == (64, 64), extra
+        assert result.images[0].size == output_size(spec), extra
         assert weights(pipe) == before, extra
 
 

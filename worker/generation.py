@@ -79,7 +79,12 @@ def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_file
     `on_step` is the step callback; if it has `begin_batch(index, count)`, it
     is told which batch runs, so progress spans the whole job. `refiner`: the
     warm pipeline of spec.refiner, which finishes each batch's denoising.
+    A hires fix job runs its two passes in worker/hires.py.
     """
+    if spec.hires:
+        from worker.hires import generate_hires
+
+        return generate_hires(base, spec, lora_files, on_step)
     family = family_of(base)
     scheduler = family.make_scheduler(base, spec.scheduler, spec.scheduler_config)
     view = family.make_view(base, spec, scheduler)

@@ -181,9 +181,7 @@ def option_refusals(data: Mapping[str, Any]) -> dict[str, str]:
 
 
 # --- the table ------------------------------------------------------------------------------------------
-HIRES = "hires fix"
 HIRES_OFF = (None, False)
-HIRES_NOTE = "a hires fix setting; hires fix is not run by sdqueue yet"
 CHURN_OFF = (None, 0)
 SCRIPT_OFF = (None, "", "None")
 TXT2IMG_FIELD_NOTE = "a txt2img field; img2img ignores it, as the web UI's does"
@@ -195,9 +193,9 @@ def inpainting(note: str, runs: tuple, example: Any) -> FieldRule:
                      context={"mask": "<image>"})
 
 
-def hires(own: tuple = (None,), example: Any = "x") -> FieldRule:
-    """A setting the web UI reads only with enable_hr."""
-    return unsupported(HIRES_NOTE, unless_on("enable_hr", HIRES_OFF, own), example, HIRES, enable_hr=True)
+def hires(note: str, own: tuple = (None,), example: Any = "x") -> FieldRule:
+    """A hires fix setting sdqueue does not run (the web UI reads it only with enable_hr)."""
+    return unsupported(note, unless_on("enable_hr", HIRES_OFF, own), example, enable_hr=True)
 
 
 COMMON: dict[str, FieldRule] = {
@@ -241,7 +239,8 @@ COMMON: dict[str, FieldRule] = {
     "refiner_checkpoint": honoured("the SDXL refiner pass"),
     "refiner_switch_at": honoured("where the refiner takes over"),
     "disable_extra_networks": honoured("true: <lora:...> tags are removed from the prompt and not applied"),
-    "firstpass_image": hires(example="<image>"),
+    "firstpass_image": hires("a given first-pass image is not supported (the hires fix makes its own)",
+                             example="<image>"),
     "comments": harmless("the web UI writes them into its infotext only"),
     "force_task_id": harmless("the web UI's progress id; sdqueue's task id is its own"),
     "script_name": unsupported("web UI scripts are not run by sdqueue", one_of(*SCRIPT_OFF), "x/y/z plot"),
@@ -257,22 +256,23 @@ COMMON: dict[str, FieldRule] = {
 
 TXT2IMG: dict[str, FieldRule] = {
     **COMMON,
-    "denoising_strength": hires(example=0.5),
-    "enable_hr": unsupported("hires fix is not run by sdqueue yet", one_of(*HIRES_OFF), True, HIRES),
-    "firstphase_width": unsupported("the old hires fix's first-pass size is not supported", one_of(None, 0), 256,
-                                    HIRES),
-    "firstphase_height": unsupported("the old hires fix's first-pass size is not supported", one_of(None, 0), 256,
-                                     HIRES),
-    "hr_scale": hires((None, 2.0), 1.5),
-    "hr_upscaler": hires((None, "", "None", "Latent")),
-    "hr_second_pass_steps": hires((None, 0), 10),
-    "hr_resize_x": hires((None, 0), 1024),
-    "hr_resize_y": hires((None, 0), 1024),
-    "hr_checkpoint_name": hires((None, "", "Use same checkpoint")),
-    "hr_sampler_name": hires((None, "", "Use same sampler")),
-    "hr_scheduler": hires((None, "", "Use same scheduler")),
-    "hr_prompt": hires((None, "")),
-    "hr_negative_prompt": hires((None, "")),
+    "denoising_strength": honoured("the hires fix's second-pass strength (default 0.75 as the web UI for SD 1.x/2.x, "
+                                   "the model's img2img strength for the others)"),
+    "enable_hr": honoured("the hires fix: the first pass, an upscale, then img2img at the upscaled size, in one job"),
+    "firstphase_width": unsupported("the old hires fix's first-pass size is not supported", one_of(None, 0), 256),
+    "firstphase_height": unsupported("the old hires fix's first-pass size is not supported", one_of(None, 0), 256),
+    "hr_scale": honoured("upscale factor (default 2) when hr_resize_x/y are 0"),
+    "hr_upscaler": honoured("a latent mode (GET /latent-upscale-modes; default Latent) or a pixel upscaler "
+                            "(GET /upscalers); unknown names are a 422"),
+    "hr_second_pass_steps": honoured("second-pass steps; 0: as many as steps"),
+    "hr_resize_x": honoured("hires width (one side alone keeps the aspect ratio; both crop the centre)"),
+    "hr_resize_y": honoured("hires height (one side alone keeps the aspect ratio; both crop the centre)"),
+    "hr_checkpoint_name": hires("the hires pass runs on the first pass's model",
+                                (None, "", "Use same checkpoint")),
+    "hr_sampler_name": honoured("the second pass's sampler (\"Use same sampler\": the first pass's)"),
+    "hr_scheduler": honoured("the second pass's schedule type (\"Use same scheduler\": the first pass's)"),
+    "hr_prompt": honoured("the second pass's prompt (empty: the prompt; LoRA tags are not applied again)"),
+    "hr_negative_prompt": honoured("the second pass's negative prompt (empty: the negative prompt)"),
 }
 
 IMG2IMG: dict[str, FieldRule] = {

@@ -17,6 +17,7 @@ from flask_smorest import Blueprint
 
 from api.auth import basic_auth_password, current_key
 from api.dialects.a1111 import schemas
+from api.dialects.a1111.extras import answer_batch, answer_single
 from api.dialects.a1111.translate import (DIALECT, build_a1111_jobspec, build_info, chosen_model, default_options,
                                           echo_parameters, find_checkpoint, model_stem, model_title, png_info,
                                           progress_of, screen_fields, stored_options)
@@ -27,6 +28,7 @@ from api.submission import new_task_id, submit_job, wait_for_result
 from common.catalog import model_sha256
 from common.embeddings import report_for
 from common.samplers import SAMPLERS, SCHEDULE_TYPES
+from common.upscalers import LATENT_MODES, LISTED_SCALE, PIXEL_UPSCALERS
 from common.store import Task, TaskStatus
 
 
@@ -199,8 +201,35 @@ def sd_vae():
 @read_limited
 @blp.doc(security=SECURITY)
 def upscalers():
-    return jsonify([{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
-                    for n in ("None", "Lanczos", "Nearest")])
+    """The pixel upscalers (hr_upscaler, extras' upscaler_1/2), as the web UI's UpscalerItem."""
+    return jsonify([{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": LISTED_SCALE}
+                    for name in PIXEL_UPSCALERS])
+
+
+@blp.route("/latent-upscale-modes", methods=["GET"])
+@read_limited
+@blp.doc(security=SECURITY)
+def latent_upscale_modes():
+    """The hires fix's latent upscalers (hr_upscaler)."""
+    return jsonify([{"name": name} for name in LATENT_MODES])
+
+
+@blp.route("/extra-single-image", methods=["POST"])
+@submit_limited
+@blp.arguments(schemas.EXTRAS_SINGLE_REQUEST, location="json")
+@blp.doc(security=SECURITY)
+def extra_single_image(data: dict):
+    """Upscale one image with the upscalers of GET /upscalers; answers a base64 PNG and html_info."""
+    return jsonify(answer_single(services(), data))
+
+
+@blp.route("/extra-batch-images", methods=["POST"])
+@submit_limited
+@blp.arguments(schemas.EXTRAS_BATCH_REQUEST, location="json")
+@blp.doc(security=SECURITY)
+def extra_batch_images(data: dict):
+    """Upscale each image of imageList; answers base64 PNGs and html_info."""
+    return jsonify(answer_batch(services(), data))
 
 
 @blp.route("/embeddings", methods=["GET"])

@@ -163,6 +163,41 @@ class Img2ImgRequest(Txt2ImgRequest):
                                       field_name="init_images")
 
 
+class ExtrasRequest(BaseSchema):
+    """The web UI's ExtrasBaseRequest: upscaling (and face restoration, which sdqueue refuses unless 0)."""
+
+    resize_mode = LooseInteger(load_default=0, validate=validate.OneOf([0, 1]), metadata={
+        "description": "0: upscale by upscaling_resize; 1: to upscaling_resize_w x upscaling_resize_h"})
+    show_extras_results = fields.Boolean(load_default=True)
+    gfpgan_visibility = StrictFloat(load_default=0, validate=validate.Range(0, 1), metadata={
+        "description": "GFPGAN face restoration is not run: only 0. " + UNSUPPORTED})
+    codeformer_visibility = StrictFloat(load_default=0, validate=validate.Range(0, 1), metadata={
+        "description": "CodeFormer face restoration is not run: only 0. " + UNSUPPORTED})
+    codeformer_weight = StrictFloat(load_default=0, validate=validate.Range(0, 1))
+    upscaling_resize = StrictFloat(load_default=2, validate=validate.Range(1, 8))
+    upscaling_resize_w = LooseInteger(load_default=512, validate=validate.Range(min=1))
+    upscaling_resize_h = LooseInteger(load_default=512, validate=validate.Range(min=1))
+    upscaling_crop = fields.Boolean(load_default=True)
+    upscaler_1 = fields.String(load_default="None", metadata={"description": "GET /sdapi/v1/upscalers; None: no upscale"})
+    upscaler_2 = fields.String(load_default="None")
+    extras_upscaler_2_visibility = StrictFloat(load_default=0, validate=validate.Range(0, 1))
+    upscale_first = fields.Boolean(load_default=False)
+
+
+class ExtrasSingleImageRequest(ExtrasRequest):
+    image = InitImageField(required=True, metadata={"description": "Base64 image (bare or data URL)"})
+
+
+class FileData(BaseSchema):
+    data = InitImageField(required=True)
+    name = fields.String(load_default="")
+
+
+class ExtrasBatchImagesRequest(ExtrasRequest):
+    imageList = fields.List(fields.Nested(FileData), required=True,
+                            validate=SettingLength(min=1, max=limit("max_images")))
+
+
 class OptionsUpdate(BaseSchema):
     """POST /sdapi/v1/options: any option names (stored per key, so bounded in size); sd_model_checkpoint must
     name a model."""
@@ -192,3 +227,5 @@ class A1111Response(Schema):
 # Instances, not classes: webargs would build (and deep-copy) a schema per request.
 TXT2IMG_REQUEST = Txt2ImgRequest()
 IMG2IMG_REQUEST = Img2ImgRequest()
+EXTRAS_SINGLE_REQUEST = ExtrasSingleImageRequest()
+EXTRAS_BATCH_REQUEST = ExtrasBatchImagesRequest()

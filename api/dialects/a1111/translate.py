@@ -17,13 +17,14 @@ from PIL import Image
 
 from api.auth import current_key
 from api.dialects.a1111.fields import Refusal, nested_errors, refusals
+from api.dialects.a1111.hires import build_hires
 from api.init_image import InitImage
 from api.inpaint import FILLS, InpaintPlan, plan_inpaint
 from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, image_size
 from api.services import Services
 from api.submission import resolve_seed
 from common.catalog import ModelInfo, lora_problem, model_sha256
-from common.infotext import SCHEDULE_LABELS, generation_info, parse_infotext
+from common.infotext import SCHEDULE_LABELS, generation_info, hires_params, parse_infotext
 from common.jobspec import JobSpec, LoraRef
 from common.loratags import extract_loras
 from common.promptsyntax import A1111, WEIGHTED_FAMILIES, uses_syntax
@@ -278,6 +279,8 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
     else:
         prompt, loras = prompt_loras(svc, data["prompt"], warnings, model, extra_loras)
     syntax = prompt_syntax_for(model, {"prompt": prompt, "negative_prompt": data.get("negative_prompt")}, warnings)
+    hires = build_hires(svc, data, model, prompt, warnings, model.family in CLASSIC_FAMILIES, resolve_sampler,
+                        refiner) if mode == "txt2img" else None
     return JobSpec(
         prompt=prompt, negative_prompt=data.get("negative_prompt") or None, model=model.name,
         width=width, height=height, num_images=data["batch_size"] * data["n_iter"], batch_size=data["batch_size"],
@@ -288,7 +291,7 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         save_copy_dir=saved_copy_dir(mode, current_key().owner) if data.get("save_images") else None,
         refiner=refiner.name if refiner else None,
         refiner_switch=switch if refiner else None, family=model.family, prompt_syntax=syntax,
-        inpaint_fill=plan.fill if plan else None, inpaint_area=plan.area if plan else None,
+        inpaint_fill=plan.fill if plan else None, inpaint_area=plan.area if plan else None, hires=hires,
     )
 
 
@@ -353,6 +356,8 @@ def extra_generation_params(spec: JobSpec) -> dict:
         extra["Schedule type"] = schedule
     if spec.refiner:
         extra.update({"Refiner": spec.refiner, "Refiner switch at": spec.refiner_switch})
+    if spec.hires:
+        extra.update({k: v for k, v in hires_params(spec).items() if k != "Denoising strength"})
     return extra
 
 
