@@ -349,7 +349,8 @@ def build_info(svc: Services, spec: JobSpec, task: Task, data: dict, warnings: l
 
 
 def extra_generation_params(spec: JobSpec) -> dict:
-    """A1111's extra_generation_params: the infotext's entries beyond the fixed ones (schedule type, refiner)."""
+    """A1111's extra_generation_params: the infotext's entries beyond the fixed ones (schedule type, refiner,
+    the hires fix's)."""
     extra: dict[str, Any] = {}
     schedule = next((label for option, label in SCHEDULE_LABELS if spec.scheduler_config.get(option)), None)
     if schedule:
@@ -357,7 +358,7 @@ def extra_generation_params(spec: JobSpec) -> dict:
     if spec.refiner:
         extra.update({"Refiner": spec.refiner, "Refiner switch at": spec.refiner_switch})
     if spec.hires:
-        extra.update({k: v for k, v in hires_params(spec).items() if k != "Denoising strength"})
+        extra.update(hires_params(spec))
     return extra
 
 
