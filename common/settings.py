@@ -53,7 +53,7 @@ OPTIONS: tuple[Option, ...] = (
            "(/prod/ for SD on EKS, /prod/inference/v2 for the AWS extension); empty: off."),
     Option("api.max_body_bytes", int, 32 * 1024 * 1024, "Largest request body accepted (init images are base64)."),
     Option("api.lenient", bool, False, "Accept generation fields sdqueue cannot honour (restore_faces: true, tiling, "
-           "hires fix, ControlNet, ...) and name them in info.warnings instead of refusing them with a 422 naming "
+           "hr_checkpoint_name, ControlNet, ...) and name them in info.warnings instead of refusing them with a 422 naming "
            "the field (api.keys[].lenient overrides per key). Values that leave the image unchanged (false, 0, "
            "empty) are always accepted."),
     Option("api.fast_submit", bool, True, "Answer well-formed native submissions without Flask's request machinery "
