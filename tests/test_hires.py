@@ -113,6 +113,15 @@ def test_hr_resize_pixel_upscalers_and_the_second_pass_settings(sd):
     assert decode(one_side.json()["images"][0]).size == (96, 144)
 
 
+def test_hr_scheduler_alone_keeps_the_first_pass_sampler(sd):
+    r = sd.post("txt2img", {**SMALL, "sampler_index": "DPM++ 2M", "enable_hr": True, "hr_scale": 1.5,
+                            "hr_scheduler": "Karras", "hr_sampler_name": "Use same sampler"})
+    assert r.status_code == 200, r.text
+    text = parse_infotext(decode(r.json()["images"][0]).info["parameters"])
+    assert text["Hires schedule type"] == "Karras" and "Hires sampler" not in text
+    assert decode(r.json()["images"][0]).size == (96, 96)
+
+
 def test_hires_refusals_name_the_field(sd):
     r = sd.post("txt2img", {**SMALL, "enable_hr": True, "hr_upscaler": "4x-UltraSharp"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "hr_upscaler"], r.text

@@ -86,7 +86,8 @@ def hires_sampler(data: dict, warnings: list[str], model: ModelInfo, resolve: An
     sampler, schedule = chosen(data, "hr_sampler_name"), chosen(data, "hr_scheduler")
     if sampler is None and schedule is None:
         return {}
-    request = {"sampler_name": sampler or data["sampler_name"], "sampler_index": None,
+    first = data.get("sampler_name") or data.get("sampler_index")     # as the first pass resolved it
+    request = {"sampler_name": sampler or first, "sampler_index": None,
                "scheduler": schedule if schedule is not None else data.get("scheduler")}
     try:
         scheduler, config, name = resolve(request, warnings, model)
