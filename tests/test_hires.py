@@ -185,3 +185,20 @@ def test_extra_batch_images(sd):
                                        "upscaling_resize": 2, "upscaler_1": "Nearest"})
     assert r.status_code == 200, r.text
     assert [decode(image).size for image in r.json()["images"]] == [(80, 64), (32, 32)]
+
+
+def test_both_hires_passes_read_the_prompt_syntax(sd):
+    """Emphasis reaches the first and the second pass (and `(word:1.0)` is plain `word` in both)."""
+    def pixels(prompt: str, upscaler: str) -> bytes:
+        r = sd.post("txt2img", {**SMALL, "prompt": prompt, "enable_hr": True, "hr_scale": 1.5,
+                                "hr_second_pass_steps": 2, "hr_upscaler": upscaler})
+        assert r.status_code == 200, r.text
+        return decode(r.json()["images"][0]).tobytes()
+
+    for upscaler in ("Latent", "Lanczos"):
+        plain = pixels("a red lighthouse", upscaler)
+        assert pixels("a (red:1.0) lighthouse", upscaler) == plain
+        assert pixels("a (red:1.8) lighthouse", upscaler) != plain
+    first_only = sd.post("txt2img", {**SMALL, "prompt": "a red lighthouse", "enable_hr": True, "hr_scale": 1.5,
+                                     "hr_second_pass_steps": 2, "hr_prompt": "a (red:1.8) lighthouse"})
+    assert decode(first_only.json()["images"][0]).tobytes() != pixels("a red lighthouse", "Latent")

@@ -148,19 +148,26 @@ def refine(refiner: Any, spec: JobSpec, latents: Any, seeds: list[int], on_step:
     family = family_of(refiner)
     scheduler = family.make_scheduler(refiner, spec.scheduler, spec.scheduler_config)
     view = family.make_view(refiner, spec, scheduler, mode="img2img")
-    count = len(seeds)
     # None as in the base pass: an SDXL model used as refiner encodes a missing negative prompt as zeros.
-    prompts = conditioned(refiner, spec, {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt or None})
-    if "prompt_embeds" in prompts:             # one conditioning, repeated for each image by the pipeline
-        prompts.update(num_images_per_prompt=count)
-    else:
-        prompts = {"prompt": [prompts["prompt"]] * count, "num_images_per_prompt": 1,
-                   "negative_prompt": [prompts["negative_prompt"]] * count if prompts["negative_prompt"] else None}
+    prompts = per_image_prompts(refiner, spec, {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt or None},
+                                len(seeds))
     output = view(**prompts, image=latents, num_inference_steps=spec.num_inference_steps,
                   denoising_start=spec.refiner_switch, guidance_scale=spec.guidance_scale,
                   generator=make_generators(seeds), callback_on_step_end=on_step, output_type="pil")
     require_steps(view, "the refiner", spec)
     return list(output.images)
+
+
+def per_image_prompts(pipe: Any, spec: JobSpec, texts: dict[str, Any], count: int) -> dict[str, Any]:
+    """A second pass's prompt arguments for `count` images already made (one latent or image each), encoded as
+    the job's prompt syntax asks (`texts`: prompt, and negative_prompt when the family takes one)."""
+    prompts = conditioned(pipe, spec, texts)
+    if "prompt_embeds" in prompts:             # one conditioning, repeated for each image by the pipeline
+        return {**prompts, "num_images_per_prompt": count}
+    out = {**prompts, "prompt": [prompts["prompt"]] * count, "num_images_per_prompt": 1}
+    if "negative_prompt" in prompts:
+        out["negative_prompt"] = [prompts["negative_prompt"]] * count if prompts["negative_prompt"] else None
+    return out
 
 
 def require_steps(view: Any, which: str, spec: JobSpec) -> None:

@@ -20,7 +20,8 @@ from PIL import Image
 from common.errors import ModelError
 from common.jobspec import JobSpec
 from common.upscalers import LATENT_MODES, centre_box, is_latent, resize_pixels
-from worker.generation import GenerationResult, PassSteps, applied_loras, make_generators
+from worker.conditioning import conditioned
+from worker.generation import GenerationResult, PassSteps, applied_loras, make_generators, per_image_prompts
 from worker.pipelines import family_of
 from worker.pipelines.base import effective_strength
 
@@ -76,6 +77,7 @@ def generate_hires(base: Any, spec: JobSpec, lora_files: dict[str, Path], on_ste
     kwargs.update(callback_on_step_end=steps, output_type="latent" if plan.latent else "pil")
     images: list[Image.Image] = []
     with applied_loras(base, spec.loras, lora_files):
+        kwargs = conditioned(base, spec, kwargs)     # after the LoRAs: they may adapt the text encoders
         for count in batches:
             seeds = spec.seeds[len(images):len(images) + count]
             output = first(**kwargs, num_images_per_prompt=count, generator=make_generators(seeds))
@@ -128,13 +130,11 @@ def second_pass(view: Any, family: Any, spec: JobSpec, plan: HiresPlan, images: 
     pass's noise from the image's seed again (rng.ImageRNG), so an image is
     reproduced by its seed alone.
     """
-    count = len(seeds)
-    at_size = dataclasses.replace(spec, width=plan.width, height=plan.height, negative_prompt=plan.negative_prompt)
-    negative = family.negative_kwargs(at_size)
-    if negative.get("negative_prompt"):
-        negative["negative_prompt"] = [negative["negative_prompt"]] * count
-    output = view(prompt=[plan.prompt] * count, image=images, num_inference_steps=plan.steps,
+    at_size = dataclasses.replace(spec, width=plan.width, height=plan.height, prompt=plan.prompt,
+                                  negative_prompt=plan.negative_prompt)
+    prompts = per_image_prompts(view, at_size, {"prompt": plan.prompt, **family.negative_kwargs(at_size)}, len(seeds))
+    output = view(**prompts, image=images, num_inference_steps=plan.steps,
                   strength=effective_strength(plan.strength, plan.steps), guidance_scale=spec.guidance_scale,
-                  num_images_per_prompt=1, generator=make_generators(seeds), callback_on_step_end=on_step,
-                  output_type="pil", **negative, **family.image_size_kwargs(at_size))
+                  generator=make_generators(seeds), callback_on_step_end=on_step,
+                  output_type="pil", **family.image_size_kwargs(at_size))
     return list(output.images)
