@@ -17,7 +17,7 @@ from typing import Any
 _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", "mask_image_key", "output_prefix",
                               "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
                               "refiner_switch", "family", "inpaint_fill", "inpaint_area", "prompt_syntax",
-                              "hires"})
+                              "hires", "controlnet"})
 
 
 ZERO_NEGATIVE_FAMILIES = (None, "sdxl", "sdxl-refiner")   # a missing negative prompt is zeros, not ""
@@ -72,6 +72,10 @@ class JobSpec:
     # The hires fix (txt2img): upscaler, upscale_width/_height, width/height (the output), steps (0: the job's),
     # strength, and optionally prompt, negative_prompt, scheduler, scheduler_config, sampler_name, scale, resize
     hires: dict[str, Any] | None = None
+    # ControlNet units (MultiControlNet when several), each {"model", "image_key" (None: the init image),
+    # "scale", "start", "end", "preprocessor" (none | canny), "low", "high", "processor_res", "resize_mode",
+    # "guess_mode"}; see api/controlnet.py and worker/controlnet.py
+    controlnet: list[dict[str, Any]] | None = None
 
     @property
     def mode(self) -> str:

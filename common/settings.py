@@ -81,6 +81,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("models.lora_dir", str, "", "LoRA directory; empty: {data_dir}/loras."),
     Option("models.embeddings_dir", str, "", "Textual inversion embeddings (.safetensors, .pt; the file stem is the "
            "word a prompt uses, as in A1111); empty: {models_dir}/embeddings."),
+    Option("models.controlnet_dir", str, "", "ControlNet models (diffusers folders with config.json, or single "
+           ".safetensors/.pth files), as sd-webui-controlnet's models folder; empty: {models_dir}/controlnet."),
     Option("models.single_file_config", str, "", "Local diffusers folder describing single-file checkpoints; empty: the default model's folder."),
     Option("models.overrides", dict, {}, "Per model name: request defaults {width, height, steps, guidance_scale, "
            "strength, scheduler} replacing its family's, and `family` (sd1, sd2, sdxl, sdxl-refiner, sd3, flux) for a "
@@ -249,6 +251,10 @@ class Settings(SimpleNamespace):
     @property
     def embeddings_dir(self) -> Path:
         return Path(self.models.embeddings_dir or self.models_dir / "embeddings")
+
+    @property
+    def controlnet_dir(self) -> Path:
+        return Path(self.models.controlnet_dir or self.models_dir / "controlnet")
 
     @property
     def broker_url(self) -> str:

@@ -350,6 +350,52 @@ def ensure_tiny_models(models_dir: Path, names: Iterable[str] | None = None) -> 
     return paths
 
 
+# ControlNets for the tiny SD 1.x and SDXL models, in {models_dir}/controlnet (name -> (base model, seed)).
+TINY_CONTROLNETS = {"sdq-tiny-cn": ("sdq-tiny", 21), "sdq-tiny-cn-b": ("sdq-tiny", 22),
+                    "sdq-tiny-xl-cn": ("sdq-tiny-xl", 23)}
+
+
+def build_tiny_controlnet(model_dir: Path, out_dir: Path, seed: int = 21) -> Path:
+    """A ControlNet for a tiny SD 1.x or SDXL model: its UNet's encoder (ControlNetModel.from_unet) with random
+    zero convolutions and a random hint encoder (ControlNet's start at zero: no visible effect), saved as a
+    diffusers folder (config.json + weights), atomically."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet", local_files_only=True)
+    controlnet = ControlNetModel.from_unet(unet)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir.parent))
+    try:
+        controlnet.save_pretrained(staging / "model", safe_serialization=True)
+        try:
+            os.replace(staging / "model", out_dir)
+        except OSError:
+            if not (out_dir / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def ensure_tiny_controlnets(models_dir: Path, controlnet_dir: Path | None = None) -> list[Path]:
+    """The tiny ControlNets (TINY_CONTROLNETS) in controlnet_dir (default {models_dir}/controlnet), built once."""
+    controlnet_dir = Path(controlnet_dir or Path(models_dir) / "controlnet")
+    paths = []
+    for name, (base, seed) in TINY_CONTROLNETS.items():
+        folder = controlnet_dir / name
+        paths.append(folder if (folder / "config.json").exists() else
+                     build_tiny_controlnet(Path(models_dir) / base, folder, seed))
+    return paths
+
+
 def build_tiny_lora(model_dir: Path, out_file: Path, seed: int = 7, rank: int = 4) -> Path:
     """A LoRA for any tiny family's denoiser (the UNet of SD 1.x/SDXL, the transformer of SD3/Flux)
     on its attention projections, with random non-zero B matrices (peft starts them at zero: no
@@ -420,6 +466,7 @@ def main() -> None:
     quiet_libraries()
     if args.all is not None:
         print("\n".join(str(p) for p in ensure_tiny_models(args.all)))
+        print("\n".join(str(p) for p in ensure_tiny_controlnets(args.all)))
     else:
         print(ensure_tiny_model(args.out))
 

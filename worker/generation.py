@@ -73,25 +73,38 @@ def make_generators(seeds: list[int]) -> list[Any]:
 
 
 def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_files: dict[str, Path],
-             on_step: Any, mask_image: Image.Image | None = None, refiner: Any = None) -> GenerationResult:
+             on_step: Any, mask_image: Image.Image | None = None, refiner: Any = None,
+             controlnet: tuple[list[Any], list[Image.Image | None]] | None = None) -> GenerationResult:
     """Run the job, batch by batch; exceptions from on_step (cancel, time limit) propagate unchanged.
 
     `on_step` is the step callback; if it has `begin_batch(index, count)`, it
     is told which batch runs, so progress spans the whole job. `refiner`: the
     warm pipeline of spec.refiner, which finishes each batch's denoising.
-    A hires fix job runs its two passes in worker/hires.py.
+    A hires fix job runs its two passes in worker/hires.py. `controlnet`:
+    the job's ControlNet models and each unit's image (None: the init image),
+    for a job with spec.controlnet (worker/controlnet.py).
     """
+    if spec.controlnet and (spec.hires or refiner is not None or controlnet is None):
+        raise ModelError("ControlNet runs without the hires fix and the refiner pass, with its models loaded")
     if spec.hires:
         from worker.hires import generate_hires
 
         return generate_hires(base, spec, lora_files, on_step)
     family = family_of(base)
     scheduler = family.make_scheduler(base, spec.scheduler, spec.scheduler_config)
-    view = family.make_view(base, spec, scheduler)
+    original = init_image
+    if controlnet is not None:
+        from worker.controlnet import control_images, control_kwargs, controlnet_view
+
+        view = controlnet_view(base, family, spec, scheduler, controlnet[0])
+    else:
+        view = family.make_view(base, spec, scheduler)
     overlay = None
     if spec.mode == "inpaint" and init_image is not None and mask_image is not None:
         init_image, mask_image, overlay = inpaint_inputs(spec, init_image, mask_image)
     kwargs = family.build_call_kwargs(spec, init_image, mask_image)
+    if controlnet is not None:
+        kwargs.update(control_kwargs(spec, control_images(spec, controlnet[1], original)))
     images: list[Image.Image] = []
     seeds = spec.seeds
     batches = spec.batches

@@ -318,6 +318,20 @@ def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], mon
     return base
 
 
+def warm_controlnets(ctx: JobContext, base: Any, spec: JobSpec, monitor: StepMonitor) -> tuple[list, list]:
+    """The job's ControlNet models (kept warm with `base`) and each unit's stored control image (None: the unit
+    uses the init image); loading counts as setup, as a model load does."""
+    from worker.controlnet import controlnet_models
+
+    monitor.enter_setup()
+    try:
+        models = controlnet_models(base, spec, ctx.settings.controlnet_dir)
+        images = [load_input_image(ctx.storage, unit.get("image_key")) for unit in spec.controlnet or []]
+    finally:
+        monitor.leave_setup()
+    return models, images
+
+
 def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict] | Generated:
     """Run the pipeline: its images (for the output stage), or the job's ending as a status and fields."""
     spec = task.spec
@@ -329,7 +343,9 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         mask_image = load_input_image(ctx.storage, spec.mask_image_key)
         started = time.perf_counter()
         refiner = warm_pipeline(ctx, spec.refiner, [], [monitor], keep=(spec.model,)) if spec.refiner else None
-        result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image, refiner)
+        controlnet = warm_controlnets(ctx, base, spec, monitor) if spec.controlnet else None
+        result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image, refiner,
+                          controlnet)
         compute = time.perf_counter() - started
     except JobCancelled:
         return TaskStatus.CANCELLED, {"error": "cancelled by client"}
