@@ -90,7 +90,7 @@ class FastSubmit:
         serving = serve_with(self.svc)   # the schema's bounds and validators read services()
         try:
             data = self.schema.load(orjson.loads(body))
-            if data["init_image"] is not None:
+            if data["init_image"] is not None or data.get("controlnet"):   # images to store: Flask's route
                 return None
             spec = self.build(data, self.svc, key)
             task_id = new_task_id()

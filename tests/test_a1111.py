@@ -79,16 +79,16 @@ def test_karras_sampler_names_and_unknown_sampler_fall_back(sd):
 
 def test_unsupported_values_are_refused_by_name_unless_the_key_is_lenient(sd, stack):
     body = {"prompt": "x", "restore_faces": True, "firstphase_width": 256, "styles": ["cinematic"],
-            "alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}, "extra options": {"args": []}}, **SMALL}
+            "alwayson_scripts": {"ADetailer": {"args": [True, {}]}, "extra options": {"args": []}}, **SMALL}
     r = sd.post("txt2img", body)
     assert r.status_code == 422, r.text
     assert {tuple(e["loc"]) for e in r.json()["detail"]} == {
         ("body", "restore_faces"), ("body", "firstphase_width"), ("body", "styles"),
-        ("body", "alwayson_scripts", "controlnet")}
+        ("body", "alwayson_scripts", "ADetailer")}
     r = requests.post(f"{stack.api_url}/sdapi/v1/txt2img", json=body, auth=("anyone", KEY_LENIENT), timeout=120)
     assert r.status_code == 200, r.text
     warnings = " ".join(json.loads(r.json()["info"])["warnings"])
-    assert "restore_faces" in warnings and "alwayson_scripts.controlnet" in warnings and "firstphase_width" in warnings
+    assert "restore_faces" in warnings and "alwayson_scripts.ADetailer" in warnings and "firstphase_width" in warnings
     defaults = {"prompt": "x", "restore_faces": False, "tiling": False, "enable_hr": False, "styles": [],
                 "subseed_strength": 0, "alwayson_scripts": {}, **SMALL}
     assert sd.post("txt2img", defaults).status_code == 200        # what clients send by default is never refused

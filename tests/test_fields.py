@@ -117,9 +117,19 @@ def test_scripts_that_are_off_pass_and_scripts_that_are_on_are_named():
     found = refusals({**defaults("txt2img"), "alwayson_scripts": {
         "ControlNet": {"args": [{"enabled": True}]}, "ADetailer": {"args": [True, {}]}, "Refiner": {"args": [False]}}},
         "txt2img")
-    assert {r.name: r.note for r in found} == {
-        "alwayson_scripts.ControlNet": "ControlNet is not run by sdqueue yet",
+    assert {r.name: r.note for r in found} == {          # ControlNet is run (its units are screened on their own)
         "alwayson_scripts.ADetailer": "the 'ADetailer' script is not run by sdqueue"}
+
+
+def test_controlnet_unit_settings_sdqueue_does_not_run_are_named():
+    units = [{"model": "a", "control_mode": "My prompt is more important"}, {"model": "b", "pixel_perfect": True},
+             {"model": "c", "enabled": False, "control_mode": 1}, {"model": "d", "control_mode": 2}]
+    found = refusals({**defaults("txt2img"), "alwayson_scripts": {"controlnet": {"args": units}}}, "txt2img")
+    assert {r.name for r in found} == {"alwayson_scripts.controlnet.args.0.control_mode",
+                                       "alwayson_scripts.controlnet.args.1.pixel_perfect",
+                                       "alwayson_scripts.controlnet.args.3.control_mode"}   # 2 mixed with 0
+    agreed = [{"model": "a", "control_mode": "ControlNet is more important"}, {"model": "b", "control_mode": 2}]
+    assert refusals({**defaults("txt2img"), "alwayson_scripts": {"controlnet": {"args": agreed}}}, "txt2img") == []
 
 
 def test_override_settings_are_run_passed_or_refused():
@@ -199,13 +209,13 @@ def test_the_aws_extensions_documented_defaults_run(client):
 
 def test_a_lenient_key_runs_without_them_and_names_each_in_warnings(lenient_client):
     body = {"restore_faces": True, "tiling": True, "firstphase_width": 256, "styles": ["cinematic"],
-            "alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "model": "canny"}]}},
+            "alwayson_scripts": {"ADetailer": {"args": [True, {}]}},
             "override_settings": {"CLIP_stop_at_last_layers": 2}, "subseed_strength": 0.3}
     r = a1111(lenient_client, "txt2img", body)
     assert r.status_code == 200, r.get_data(as_text=True)
     warnings = json.loads(r.get_json()["info"])["warnings"]
     named = {w.split(":", 1)[0] for w in warnings}
-    assert named == {"restore_faces", "tiling", "firstphase_width", "styles", "alwayson_scripts.controlnet",
+    assert named == {"restore_faces", "tiling", "firstphase_width", "styles", "alwayson_scripts.ADetailer",
                      "override_settings.CLIP_stop_at_last_layers", "subseed_strength"}
     assert all(w.endswith("(accepted for a lenient key)") for w in warnings)
     assert len(r.get_json()["images"]) == 1
@@ -223,14 +233,14 @@ def test_lenience_is_per_key(client, lenient_client):
 
 def test_sd_on_eks_refuses_in_its_own_shape(client):
     scripts = {"task": "text-to-image", "sd_model_checkpoint": "sdq-tiny", "id_task": "refused-cn", "uid": "1",
-               "controlnet": {"args": [{"enabled": True, "model": "canny"}]}}
+               "ADetailer": {"args": [True, {}]}}
     r = client.post("/", json={**SMALL, "restore_faces": True, "alwayson_scripts": scripts},
                     headers={"X-API-Key": KEY_A})
     assert r.status_code == 400, r.get_data(as_text=True)
     message = r.get_json()["message"]
     assert "restore_faces: face restoration is not run" in message
-    assert "alwayson_scripts.controlnet: ControlNet is not run by sdqueue yet" in message
-    links = {**scripts, "task": "image-to-image", "id_task": "two-links", "controlnet": {"args": []},
+    assert "alwayson_scripts.ADetailer: the 'ADetailer' script is not run by sdqueue" in message
+    links = {**scripts, "task": "image-to-image", "id_task": "two-links", "ADetailer": {"args": []},
              "image_link": "https://example.com/a.png,https://example.com/b.png"}
     r = client.post("/", json={**SMALL, "alwayson_scripts": links}, headers={"X-API-Key": KEY_A})
     assert r.status_code == 400 and r.get_json()["message"].startswith("alwayson_scripts.image_link: a job has one")

@@ -15,6 +15,7 @@ from api.dialects import a1111, aws, draw, eks, native
 BLUEPRINTS: tuple[Blueprint, ...] = (
     native.blp,              # /api/v1: the native API
     a1111.blp,               # /sdapi/v1: the AUTOMATIC1111 web UI API
+    a1111.controlnet_blp,    # /controlnet/*: the sd-webui-controlnet extension's API
     draw.blp,                # /v1/draw
     eks.blp,                 # POST /: SD on EKS
     aws.inference_blp,       # /inference/*, /endpoints: the AWS SD extension API

@@ -97,9 +97,8 @@ def unsupported(note: str, accepts: Accepts, example: Any, pending: str = "", **
 
 
 # --- alwayson_scripts and override_settings: dict fields screened entry by entry ---------------------------
-SCRIPT_NOTES = {   # lower-cased script name -> why it is refused when it is on
-    "controlnet": "ControlNet is not run by sdqueue yet",
-}
+SCRIPT_NOTES: dict[str, str] = {}   # lower-cased script name -> why it is refused when it is on
+HONOURED_SCRIPTS = ("controlnet",)   # run: sd-webui-controlnet's units (api/dialects/a1111/controlnet.py)
 
 
 def script_is_off(value: Any) -> bool:
@@ -116,10 +115,11 @@ def script_is_off(value: Any) -> bool:
 
 
 def script_refusals(data: Mapping[str, Any]) -> dict[str, str]:
-    """alwayson_scripts entries that are on: sdqueue runs no web UI scripts (ControlNet is planned)."""
+    """alwayson_scripts entries that are on, other than ControlNet: sdqueue runs no other web UI scripts (the
+    ControlNet units' own settings are screened by controlnet.unit_refusals)."""
     scripts = data.get("alwayson_scripts") or {}
     return {name: SCRIPT_NOTES.get(name.lower(), f"the {name!r} script is not run by sdqueue")
-            for name, value in scripts.items() if not script_is_off(value)}
+            for name, value in scripts.items() if not script_is_off(value) and name.lower() not in HONOURED_SCRIPTS}
 
 
 OPTION_RULES: dict[str, FieldRule] = {
@@ -248,9 +248,10 @@ COMMON: dict[str, FieldRule] = {
                                unless_on("script_name", SCRIPT_OFF, (None, [])), [1, 2], script_name="x/y/z plot"),
     "send_images": honoured("false: the answer has no images"),
     "save_images": honoured("copies in the bucket under outputs/txt2img-images/{owner}/"),
-    "alwayson_scripts": FieldRule(Treatment.UNSUPPORTED, "web UI scripts are not run by sdqueue",
-                                  lambda v, d: not script_refusals(d), {"controlnet": {"args": [{"enabled": True}]}},
-                                  pending="ControlNet", entries=script_refusals),
+    "alwayson_scripts": FieldRule(Treatment.HONOURED, "controlnet: sd-webui-controlnet's units are run (see "
+                                  "ControlNet); other web UI scripts are refused unless off",
+                                  lambda v, d: not script_refusals(d), {"ADetailer": {"args": [True, {}]}},
+                                  entries=script_refusals),
     "infotext": unsupported("parameters are not read from an infotext", one_of(None, ""), "a cat\nSteps: 20"),
 }
 
@@ -337,7 +338,9 @@ def refusals(data: Mapping[str, Any], mode: str) -> list[Refusal]:
             found += [Refusal((name, key), why) for key, why in rule.entries(data).items()]
         else:
             found.append(Refusal((name,), rule.note))
-    return found
+    from api.dialects.a1111.controlnet import unit_refusals
+
+    return found + [Refusal(path, note) for path, note in unit_refusals(data)]
 
 
 def nested_errors(found: list[Refusal]) -> dict[str, Any]:

@@ -25,7 +25,9 @@ from api.errors import DIALECT_RENDERERS, error_response, json_error
 from api.limits import read_limited, submit_limited
 from api.services import Services, services
 from api.submission import new_task_id, submit_job, wait_for_result
+from api.controlnet import controlnet_list
 from common.catalog import model_sha256
+from common.controlnets import CANNY_HIGH, CANNY_LOW, MAX_UNITS, PREPROCESSORS, PROCESSOR_RES
 from common.embeddings import report_for
 from common.samplers import SAMPLERS, SCHEDULE_TYPES
 from common.upscalers import LATENT_MODES, LISTED_SCALE, PIXEL_UPSCALERS
@@ -38,6 +40,11 @@ SCHEDULE_NAMES = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "kar
 
 blp = Blueprint(DIALECT, __name__, url_prefix="/sdapi/v1",
                 description="AUTOMATIC1111 web UI API: synchronous calls, queued and run by the workers")
+CONTROLNET_BLUEPRINT = "a1111-controlnet"
+# sd-webui-controlnet's own routes (its scripts/api.py), under the same keys and error shape as /sdapi/v1.
+controlnet_blp = Blueprint(CONTROLNET_BLUEPRINT, __name__, url_prefix="/controlnet",
+                           description="The sd-webui-controlnet extension's API: its models and preprocessors")
+CONTROLNET_API_VERSION = 2   # what the extension's GET /controlnet/version answers
 
 
 # --- errors and auth, in A1111's shapes -------------------------------------------
@@ -58,8 +65,10 @@ def forbidden():
 
 
 DIALECT_RENDERERS[DIALECT] = a1111_error
+DIALECT_RENDERERS[CONTROLNET_BLUEPRINT] = a1111_error
 
 
+@controlnet_blp.before_request
 @blp.before_request
 def authenticate():
     """The key header, or HTTP Basic with the key as password (A1111's --api-auth)."""
@@ -324,3 +333,41 @@ def ram_figures() -> dict:
         return {"free": float(free), "used": total - free, "total": float(total)}
     except (OSError, KeyError, ValueError):
         return {"free": 0.0, "used": 0, "total": 0.0}
+
+
+# --- sd-webui-controlnet's routes ----------------------------------------------------------
+@controlnet_blp.route("/version", methods=["GET"])
+@read_limited
+@controlnet_blp.doc(security=SECURITY)
+def controlnet_version():
+    """The extension's API version."""
+    return jsonify({"version": CONTROLNET_API_VERSION})
+
+
+@controlnet_blp.route("/model_list", methods=["GET"])
+@read_limited
+@controlnet_blp.doc(security=SECURITY)
+def controlnet_model_list():
+    """ControlNet models in models/controlnet as the extension lists them ("name [hash]"); `update` is accepted."""
+    return jsonify({"model_list": [c["title"] for c in controlnet_list(services())]})
+
+
+@controlnet_blp.route("/module_list", methods=["GET"])
+@read_limited
+@controlnet_blp.doc(security=SECURITY)
+def controlnet_module_list():
+    """The preprocessors sdqueue runs (none, canny), with the extension's slider details for canny."""
+    return jsonify({"module_list": list(PREPROCESSORS), "module_detail": {
+        "none": {"model_free": False, "sliders": []},
+        "canny": {"model_free": False, "sliders": [
+            {"name": "Preprocessor Resolution", "value": PROCESSOR_RES, "min": 64, "max": 2048},
+            {"name": "Canny Low Threshold", "value": CANNY_LOW, "min": 1, "max": 255},
+            {"name": "Canny High Threshold", "value": CANNY_HIGH, "min": 1, "max": 255}]}}})
+
+
+@controlnet_blp.route("/settings", methods=["GET"])
+@read_limited
+@controlnet_blp.doc(security=SECURITY)
+def controlnet_settings():
+    """How many units a request may carry (the extension's control_net_unit_count)."""
+    return jsonify({"control_net_unit_count": MAX_UNITS})

@@ -16,6 +16,8 @@ from flask_smorest import abort
 from PIL import Image
 
 from api.auth import current_key
+from api.controlnet import plan_controlnet
+from api.dialects.a1111.controlnet import a1111_units
 from api.dialects.a1111.fields import Refusal, nested_errors, refusals
 from api.dialects.a1111.hires import build_hires
 from api.init_image import InitImage
@@ -281,6 +283,7 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
     syntax = prompt_syntax_for(model, {"prompt": prompt, "negative_prompt": data.get("negative_prompt")}, warnings)
     hires = build_hires(svc, data, model, prompt, warnings, model.family in CLASSIC_FAMILIES, resolve_sampler,
                         refiner) if mode == "txt2img" else None
+    controlnet = a1111_controlnet(svc, data, model, task_id, mode, hires, refiner)
     return JobSpec(
         prompt=prompt, negative_prompt=data.get("negative_prompt") or None, model=model.name,
         width=width, height=height, num_images=data["batch_size"] * data["n_iter"], batch_size=data["batch_size"],
@@ -292,7 +295,24 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         refiner=refiner.name if refiner else None,
         refiner_switch=switch if refiner else None, family=model.family, prompt_syntax=syntax,
         inpaint_fill=plan.fill if plan else None, inpaint_area=plan.area if plan else None, hires=hires,
+        controlnet=controlnet,
     )
+
+
+def a1111_controlnet(svc: Services, data: dict, model: ModelInfo, task_id: str, mode: str, hires: dict | None,
+                     refiner: ModelInfo | None) -> list[dict] | None:
+    """JobSpec.controlnet from alwayson_scripts.controlnet (api/dialects/a1111/controlnet.py); the hires fix and
+    the refiner pass do not run with ControlNet (a 422 naming enable_hr / refiner_checkpoint)."""
+    units = a1111_units(data)
+    if not units:
+        return None
+    if hires:
+        abort(422, errors={"json": {"enable_hr": [
+            "the hires fix is not run with ControlNet; leave enable_hr false or the ControlNet units off"]}})
+    if refiner is not None:
+        abort(422, errors={"json": {"refiner_checkpoint": [
+            "the refiner pass is not run with ControlNet; leave refiner_checkpoint out or the ControlNet units off"]}})
+    return plan_controlnet(svc, units, model, task_id, has_init=mode == "img2img")
 
 
 def chosen_refiner(svc: Services, data: dict) -> ModelInfo | None:

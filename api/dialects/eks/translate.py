@@ -91,7 +91,7 @@ def build_eks_jobspec(svc: Services, data: dict, model: ModelInfo, task_id: str,
     (output_location's) with its sidecar."""
     scripts = data["alwayson_scripts"]
     id_task, mode = str(scripts["id_task"]), TASKS[scripts["task"]]
-    data["alwayson_scripts"] = {}
+    data["alwayson_scripts"] = {k: v for k, v in scripts.items() if k not in ENVELOPE}   # ControlNet units stay
     spec = build_a1111_jobspec(svc, data, mode, task_id, warnings, model=model, dialect=DIALECT)
     spec.output_prefix = location
     spec.sidecar_key = f"{location}/response-{uuid.uuid4()}.out"

@@ -14,7 +14,8 @@ from flask_smorest import Blueprint, abort
 
 from api.auth import current_key
 from api.dialects.native import schemas
-from api.dialects.native.translate import attach_mask, build_jobspec, created_body, render_task
+from api.controlnet import controlnet_list
+from api.dialects.native.translate import attach_controlnet, attach_mask, build_jobspec, created_body, render_task
 from api.errors import error_response
 from api.fastsubmit import TASK_ID_ENVIRON
 from api.limits import read_limited, submit_limited
@@ -80,6 +81,8 @@ def generate(data: dict):
         spec = build_jobspec(data, svc, current_key(), image_key)
         if data["mask_image"] is not None:
             attach_mask(svc, spec, data, task_id)
+        if data["controlnet"]:
+            attach_controlnet(svc, spec, data, task_id)
         submit_job(svc, current_key().owner, spec, task_id)
     except BaseException:
         if idempotency:
@@ -185,7 +188,8 @@ def list_models():
     warm = {m for w in svc.workers.live() for m in w.models}
     default = svc.catalog.default_model()
     return {"default": default, "models": [
-        {**m.to_dict(), "default": m.name == default, "loaded": m.name in warm} for m in svc.catalog.models()]}
+        {**m.to_dict(), "default": m.name == default, "loaded": m.name in warm} for m in svc.catalog.models()],
+        "controlnets": controlnet_list(svc)}
 
 
 @blp.route("/schedulers", methods=["GET"])

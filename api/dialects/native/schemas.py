@@ -14,6 +14,7 @@ from api.inpaint import FILLS
 from api.schemas import (MAX_SEED, BaseSchema, InitImageField, LooseInteger, Setting, SettingLength, SettingRange,
                          StrictFloat, limit, multiple_of_8)
 from api.services import services
+from common.controlnets import CANNY_HIGH, CANNY_LOW, MAX_UNITS, PROCESSOR_RES, RESIZE_MODES
 from common.netguard import callback_guard
 from common.promptsyntax import PLAIN, PROMPT_SYNTAXES
 from common.schedulers import SCHEDULERS
@@ -30,6 +31,33 @@ class LoraSchema(BaseSchema):
     name = fields.String(required=True, metadata={"description": "LoRA file name (without extension) in the LoRA directory"})
     weight = StrictFloat(load_default=1.0, validate=validate.Range(-10, 10),
                          metadata={"description": "Adapter weight"})
+
+
+class ControlNetUnitSchema(BaseSchema):
+    """One ControlNet unit (several: MultiControlNet)."""
+
+    model = fields.String(required=True, metadata={"description": "A ControlNet in models/controlnet (GET "
+                                                                  "/api/v1/models: controlnets), of the model's generation"})
+    image = InitImageField(allow_none=True, load_default=None, metadata={
+        "description": "The control image (base64, as init_image); omitted with init_image: the init image"})
+    scale = StrictFloat(load_default=1.0, validate=validate.Range(0, 5), metadata={
+        "description": "controlnet_conditioning_scale (the extension's weight); 0: no effect"})
+    start = StrictFloat(load_default=0.0, validate=validate.Range(0, 1),
+                        metadata={"description": "Fraction of the steps where it starts acting"})
+    end = StrictFloat(load_default=1.0, validate=validate.Range(0, 1),
+                      metadata={"description": "Fraction of the steps where it stops acting"})
+    preprocessor = fields.String(load_default="none", metadata={
+        "description": "none (the image is the control map) or canny (edges of the image)"})
+    low_threshold = StrictFloat(load_default=CANNY_LOW, metadata={"description": "canny's low threshold"})
+    high_threshold = StrictFloat(load_default=CANNY_HIGH, metadata={"description": "canny's high threshold"})
+    processor_res = LooseInteger(load_default=PROCESSOR_RES, metadata={
+        "description": "The preprocessor's resolution (short side of the image it reads)"})
+    resize_mode = fields.String(load_default="crop_and_resize", validate=validate.OneOf(RESIZE_MODES), metadata={
+        "description": "How the control image is fitted to the output size: just_resize (stretch), crop_and_resize "
+                       "(cover, crop the centre), resize_and_fill (fit inside, pad)"})
+    guess_mode = fields.Boolean(load_default=False, metadata={
+        "description": "diffusers' guess mode (the extension's \"ControlNet is more important\"): the ControlNet "
+                       "reads the conditional pass only; every unit of a request must agree"})
 
 
 class GenerateRequest(BaseSchema):
@@ -79,6 +107,10 @@ class GenerateRequest(BaseSchema):
         "description": "An SDXL refiner (or SDXL) model that finishes an SDXL model's denoising (GET /api/v1/models)"})
     refiner_switch = StrictFloat(allow_none=True, load_default=None, validate=validate.Range(0.01, 0.99), metadata={
         "description": "Fraction of the steps the model runs before the refiner takes over; default 0.8"})
+    controlnet = fields.List(fields.Nested(ControlNetUnitSchema), load_default=list,
+                             validate=validate.Length(max=MAX_UNITS), metadata={
+        "description": "ControlNet units (SD 1.x/2.x and SDXL models; several at once: MultiControlNet), with "
+                       "txt2img, img2img and inpainting; not with a refiner"})
     priority = fields.String(load_default="normal", validate=validate.OneOf(PRIORITIES), metadata={
         "description": "high, normal or low: the order workers take waiting jobs in (queue_position shows it); "
                        "a key may be limited to some (api.keys[].priorities)"})
@@ -203,8 +235,18 @@ class ModelSchema(Schema):
     loaded = fields.Boolean(metadata={"description": "Warm on at least one live worker"})
 
 
+class ControlNetSchema(Schema):
+    name = fields.String()
+    title = fields.String(metadata={"description": "As sd-webui-controlnet lists it: name [hash]"})
+    type = fields.String(metadata={"description": "diffusers (a folder) or single_file"})
+    family = fields.String(metadata={"description": "sd1 (SD 1.x/2.x models) or sdxl"})
+    context_width = fields.Integer(allow_none=True)
+
+
 class ModelListSchema(Schema):
     models = fields.List(fields.Nested(ModelSchema))
+    controlnets = fields.List(fields.Nested(ControlNetSchema), metadata={
+        "description": "ControlNet models in models/controlnet, usable in `controlnet`"})
     default = fields.String(allow_none=True)
 
 

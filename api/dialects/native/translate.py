@@ -8,6 +8,7 @@ from __future__ import annotations
 from flask_smorest import abort
 
 from api.auth import ApiKey
+from api.controlnet import NATIVE_NAMES, UnitRequest, plan_controlnet
 from api.inpaint import plan_inpaint
 from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, default_scheduler, image_size
 from api.services import Services
@@ -80,6 +81,21 @@ def attach_mask(svc: Services, spec: JobSpec, data: dict, task_id: str) -> None:
                         blur_y=data["mask_blur"], fill=data["masked_content"])
     spec.mask_image_key = svc.storage.input_key(task_id, "mask.png")
     svc.storage.put(spec.mask_image_key, plan.mask_png, "image/png", metadata=task_metadata(task_id))
+
+
+def attach_controlnet(svc: Services, spec: JobSpec, data: dict, task_id: str) -> None:
+    """The request's ControlNet units, checked and their images stored (api/controlnet.py)."""
+    if spec.refiner:
+        abort(422, errors={"json": {"controlnet": ["ControlNet runs without a refiner pass; leave refiner out"]}})
+    units = [UnitRequest(model=u["model"], image=u["image"], where=("controlnet", str(i)), names=NATIVE_NAMES,
+                         scale=u["scale"], start=u["start"], end=u["end"], preprocessor=u["preprocessor"],
+                         low=u["low_threshold"], high=u["high_threshold"], processor_res=u["processor_res"],
+                         resize_mode=u["resize_mode"], guess_mode=u["guess_mode"])
+             for i, u in enumerate(data["controlnet"])]
+    if len({u.guess_mode for u in units}) > 1:
+        abort(422, errors={"json": {"controlnet": ["guess_mode applies to the whole call: every unit must agree"]}})
+    spec.controlnet = plan_controlnet(svc, units, svc.catalog.model(spec.model), task_id,
+                                      spec.init_image_key is not None)
 
 
 def image_urls(task: Task, storage: Storage) -> list[str]:
