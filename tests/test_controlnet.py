@@ -222,3 +222,24 @@ def test_control_images_belong_to_their_task_and_cannot_be_named_by_another_key(
             **SMALL, "alwayson_scripts": {"controlnet": {"args": [unit(image=reference)]}}})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "image", r.text
     assert api.get(f"/api/v1/tasks/{task_id}", key=KEY_B).status_code == 404
+
+
+def test_a_single_file_controlnet_loads_with_a_config_made_from_the_base_unet(settings, tmp_path):
+    import shutil
+
+    import torch
+
+    from common.controlnets import list_controlnets
+    from worker.controlnet import load_controlnet
+    from worker.registry import load_pipeline
+
+    for model, name in (("sdq-tiny", "sdq-tiny-cn"), ("sdq-tiny-xl", "sdq-tiny-xl-cn")):
+        folder = settings.controlnet_dir / name
+        shutil.copyfile(folder / "diffusion_pytorch_model.safetensors", tmp_path / f"{name}-file.safetensors")
+        info = list_controlnets(tmp_path)[f"{name}-file"]
+        assert info.kind == "single_file" and info.group == ("sdxl" if "xl" in name else "sd")
+        pipe = load_pipeline(find_model(settings.models_dir, model), "cpu", None, "float32")
+        loaded = load_controlnet(pipe, info).state_dict()
+        reference = load_controlnet(pipe, list_controlnets(settings.controlnet_dir)[name]).state_dict()
+        assert loaded.keys() == reference.keys()
+        assert all(torch.equal(loaded[k], reference[k]) for k in reference)
