@@ -11,14 +11,17 @@ info.warnings. SD on EKS and the AWS SD extension carry the same fields and
 are screened by the same table; tests/test_fields.py proves that every field
 of the web UI's models is in it.
 
-No Flask here: `refusals(data, mode)` is a pure function of a validated
-request; translate.screen_fields decides between a 422 and warnings.
+`refusals(data, mode)` is a pure function of a validated request (ControlNet
+units are judged by api/dialects/a1111/controlnet.py); translate.screen_fields
+decides between a 422 and warnings.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Mapping
+
+from api.dialects.a1111.controlnet import unit_refusals
 
 # The request models of AUTOMATIC1111's stable-diffusion-webui v1.10 (its API's last shape):
 # modules/api/models.py builds StableDiffusionTxt2ImgProcessingAPI / StableDiffusionImg2ImgProcessingAPI from
@@ -338,8 +341,6 @@ def refusals(data: Mapping[str, Any], mode: str) -> list[Refusal]:
             found += [Refusal((name, key), why) for key, why in rule.entries(data).items()]
         else:
             found.append(Refusal((name,), rule.note))
-    from api.dialects.a1111.controlnet import unit_refusals
-
     return found + [Refusal(path, note) for path, note in unit_refusals(data)]
 
 
