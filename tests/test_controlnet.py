@@ -243,3 +243,21 @@ def test_a_single_file_controlnet_loads_with_a_config_made_from_the_base_unet(se
         reference = load_controlnet(pipe, list_controlnets(settings.controlnet_dir)[name]).state_dict()
         assert loaded.keys() == reference.keys()
         assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_the_webuiapi_clients_controlnet_helper_works(stack):
+    """The `webuiapi` package's ControlNetUnit (what many A1111 clients use), unchanged, against sdqueue."""
+    import webuiapi
+
+    from tests.conftest import KEY_A
+
+    client = webuiapi.WebUIApi(baseurl=f"{stack.api_url}/sdapi/v1", username="anyone", password=KEY_A)
+    name = next(m for m in client.controlnet_model_list() if m.startswith("sdq-tiny-cn ["))
+    assert "canny" in client.controlnet_module_list()
+    control = webuiapi.ControlNetUnit(image=square(), module="canny", model=name, threshold_a=100, threshold_b=200)
+    body = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 3, "seed": 11}
+    with_unit = client.txt2img(**body, controlnet_units=[control])
+    without = client.txt2img(**body)
+    assert with_unit.image.size == without.image.size == (64, 64)
+    difference = np.abs(np.asarray(with_unit.image, dtype=int) - np.asarray(without.image, dtype=int)).mean()
+    assert difference > 1
