@@ -168,10 +168,11 @@ class _NamesOnly(pickle.Unpickler):
         return None
 
 
-def read_ckpt_keys(path: str | Path) -> list[str]:
+def read_ckpt_keys(path: str | Path, wrappers: tuple[str, ...] = ("state_dict",)) -> list[str]:
     """The state-dict keys of a torch zip checkpoint (.ckpt/.pt/.pth), without torch and
     without running anything the pickle names. Like diffusers' loader, follows nested
-    "state_dict" entries. ValueError for torch's pre-1.6 format or an unreadable file."""
+    "state_dict" entries (`wrappers`: the entries followed, first found first; Real-ESRGAN
+    wraps its weights in "params_ema"). ValueError for torch's pre-1.6 format or an unreadable file."""
     try:
         with zipfile.ZipFile(path) as archive:
             pickles = [i for i in archive.infolist() if i.filename.count("/") == 1
@@ -187,8 +188,9 @@ def read_ckpt_keys(path: str | Path) -> list[str]:
                     raise ValueError(f"{path}: unreadable pickle ({type(e).__name__}: {e})") from None
     except zipfile.BadZipFile:
         raise ValueError(f"{path}: not a zip (torch's legacy format is not read)") from None
-    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    while isinstance(state, dict) and (inner := next((state[w] for w in wrappers
+                                                      if isinstance(state.get(w), dict)), None)) is not None:
+        state = inner
     if not isinstance(state, dict):
         raise ValueError(f"{path}: the pickle holds no state dict")
     return [k for k in state if isinstance(k, str)]

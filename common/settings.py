@@ -83,6 +83,8 @@ OPTIONS: tuple[Option, ...] = (
            "word a prompt uses, as in A1111); empty: {models_dir}/embeddings."),
     Option("models.controlnet_dir", str, "", "ControlNet models (diffusers folders with config.json, or single "
            ".safetensors/.pth files), as sd-webui-controlnet's models folder; empty: {models_dir}/controlnet."),
+    Option("models.upscalers_dir", str, "", "ESRGAN / Real-ESRGAN upscalers (.pth, .safetensors; the file stem is the "
+           "name hr_upscaler takes, as in A1111's models/ESRGAN); empty: {models_dir}/upscalers."),
     Option("models.single_file_config", str, "", "Local diffusers folder describing single-file checkpoints; empty: the default model's folder."),
     Option("models.overrides", dict, {}, "Per model name: request defaults {width, height, steps, guidance_scale, "
            "strength, scheduler} replacing its family's, and `family` (sd1, sd2, sdxl, sdxl-refiner, sd3, flux) for a "
@@ -255,6 +257,10 @@ class Settings(SimpleNamespace):
     @property
     def controlnet_dir(self) -> Path:
         return Path(self.models.controlnet_dir or self.models_dir / "controlnet")
+
+    @property
+    def upscalers_dir(self) -> Path:
+        return Path(self.models.upscalers_dir or self.models_dir / "upscalers")
 
     @property
     def broker_url(self) -> str:

@@ -4,17 +4,24 @@ Why one module: the API checks a name and a size before anything is
 queued (hr_upscaler, extras' upscaler_1), and the worker runs the same
 table, so a name the API accepts is one the worker can run. Two kinds:
 latent modes (the web UI's shared.latent_upscale_modes: interpolating the
-first pass's latents, hires fix only) and pixel upscalers (PIL resamplers;
-"None" is the web UI's plain Lanczos resize). ESRGAN-class models are not
-served: see docs/models.md (models/upscalers).
+first pass's latents, hires fix only), pixel upscalers (PIL resamplers;
+"None" is the web UI's plain Lanczos resize) and model upscalers: ESRGAN /
+Real-ESRGAN (RRDBNet) files in models.upscalers_dir, run by the worker in
+the hires fix only (worker/esrgan.py; docs/models.md).
 
-No torch here: the API imports it.
+No torch here: the API imports it. Model upscalers are described from
+their weight names (and shapes, in a safetensors header) alone.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
+
+from common.checkpoint_keys import read_ckpt_keys, read_safetensors_shapes
 
 # name -> (torch.nn.functional.interpolate mode, antialias), as the web UI's shared.latent_upscale_modes
 LATENT_MODES: dict[str, tuple[str, bool]] = {
@@ -37,12 +44,93 @@ NO_UPSCALE = "None"
 LISTED_SCALE = 4.0   # the `scale` /sdapi/v1/upscalers reports for the resamplers (the web UI's value)
 
 
+MODEL_SUFFIXES = (".pth", ".pt", ".safetensors")
+WRAPPERS = ("params_ema", "params", "state_dict")    # Real-ESRGAN / BasicSR checkpoint wrappers
+_UPSAMPLE = re.compile(r"^conv_up\d+\.weight$")
+_OLD_TOP = re.compile(r"^model\.(\d+)\.weight$")
+
+
+@dataclass(frozen=True)
+class ModelUpscaler:
+    """An ESRGAN-class file: its name (the file stem, as the web UI lists it), layout and scale (None: unknown)."""
+
+    name: str
+    path: Path
+    model_name: str          # "ESRGAN" (the original layout) or "RealESRGAN" (BasicSR's names)
+    scale: int | None
+
+    def to_item(self) -> dict:
+        """The web UI's UpscalerItem."""
+        return {"name": self.name, "model_name": self.model_name, "model_path": str(self.path), "model_url": None,
+                "scale": self.scale}
+
+
+def weight_shapes(path: Path) -> dict[str, list[int]]:
+    """Weight name -> shape ([] where only names can be read: a .pth pickle); {} when unreadable."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            return read_safetensors_shapes(path)
+        return {name: [] for name in read_ckpt_keys(path, WRAPPERS)}
+    except (OSError, ValueError):
+        return {}
+
+
+def rrdb_scale(shapes: dict[str, list[int]], old: bool) -> int | None:
+    """2 ** (upsampling convs), divided by the input's pixel-unshuffle factor when the shapes tell it (Real-ESRGAN
+    x2/x1 models unshuffle); None when they cannot (a .pth read by names only)."""
+    if old:     # model.0 conv_first, model.1 the body, then the upsampling convs, conv_hr, conv_last
+        return 2 ** (len([k for k in shapes if _OLD_TOP.match(k) and k != "model.1.weight"]) - 3)
+    ups = sum(1 for k in shapes if _UPSAMPLE.match(k))
+    first, last = shapes.get("conv_first.weight", []), shapes.get("conv_last.weight", [])
+    if len(first) != 4 or len(last) != 4:
+        return None
+    unshuffle = math.isqrt(max(first[1] // max(last[0], 1), 1))
+    return max(1, 2 ** ups // unshuffle)
+
+
+def describe_model_upscaler(path: Path) -> ModelUpscaler | None:
+    """The file as an upscaler, or None when its weights are not an RRDBNet in either layout."""
+    shapes = weight_shapes(path)
+    if "model.0.weight" in shapes and any(k.startswith("model.1.sub.0.RDB1.") for k in shapes):
+        return ModelUpscaler(path.stem, path, "ESRGAN", rrdb_scale(shapes, old=True))
+    if "conv_first.weight" in shapes and "body.0.rdb1.conv1.weight" in shapes:
+        return ModelUpscaler(path.stem, path, "RealESRGAN", rrdb_scale(shapes, old=False))
+    return None
+
+
+_DESCRIBED: dict[tuple[str, int, int], ModelUpscaler | None] = {}
+
+
+def list_model_upscalers(folder: Path) -> dict[str, ModelUpscaler]:
+    """Name -> ESRGAN-class upscaler in `folder` (files of other architectures, and names the built-in upscalers
+    already use, are left out); each file read once per (size, mtime)."""
+    if not folder.is_dir():
+        return {}
+    found: dict[str, ModelUpscaler] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in MODEL_SUFFIXES or path.name.startswith("."):
+            continue
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _DESCRIBED:
+            _DESCRIBED[key] = describe_model_upscaler(path)
+        model = _DESCRIBED[key]
+        if model is not None and not is_builtin(model.name):
+            found.setdefault(model.name, model)
+    return found
+
+
 def is_latent(name: str) -> bool:
     return name in LATENT_MODES
 
 
-def is_known(name: str) -> bool:
+def is_builtin(name: str) -> bool:
     return name in LATENT_MODES or name in PIXEL_UPSCALERS
+
+
+def is_known(name: str, folder: Path | None = None) -> bool:
+    """A latent mode, a resampler, or a model upscaler in `folder` (models.upscalers_dir)."""
+    return is_builtin(name) or (folder is not None and name in list_model_upscalers(folder))
 
 
 def resize_pixels(image: Image.Image, width: int, height: int, name: str) -> Image.Image:

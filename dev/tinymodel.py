@@ -396,6 +396,59 @@ def ensure_tiny_controlnets(models_dir: Path, controlnet_dir: Path | None = None
     return paths
 
 
+# ESRGAN-class upscalers in {models_dir}/upscalers (file name -> key layout): the same random weights twice.
+TINY_UPSCALERS = {"sdq-tiny-esrgan-x4.pth": "realesrgan", "sdq-tiny-esrgan-x4-old.pth": "esrgan"}
+
+
+def tiny_rrdb_state(seed: int = 31, scale: int = 4) -> dict:
+    """A tiny Real-ESRGAN RRDBNet (8 features, 4 growth channels, 1 block) with random weights, BasicSR names."""
+    import torch
+
+    from worker.esrgan import RRDBNet, RRDBShape
+
+    torch.manual_seed(seed)
+    unshuffle = {4: 1, 2: 2, 1: 4}[scale]
+    network = RRDBNet(RRDBShape(3, 3, 8, 4, 1, 2, unshuffle))
+    return {k: v.clone() for k, v in network.state_dict().items()}
+
+
+def as_old_esrgan_keys(state: dict) -> dict:
+    """BasicSR names -> the original ESRGAN layout (x4): the inverse of worker.esrgan.as_basicsr_keys."""
+    blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("body."))
+    tops = {"conv_first": 0, "conv_up1": 3, "conv_up2": 6, "conv_hr": 8, "conv_last": 10}
+    out = {}
+    for key, value in state.items():
+        module, kind = key.rsplit(".", 1)
+        if module.startswith("body."):
+            _, block, rdb, conv = module.split(".")
+            out[f"model.1.sub.{block}.RDB{rdb[-1]}.{conv}.0.{kind}"] = value
+        elif module == "conv_body":
+            out[f"model.1.sub.{blocks}.{kind}"] = value
+        else:
+            out[f"model.{tops[module]}.{kind}"] = value
+    return out
+
+
+def build_tiny_upscaler(out_file: Path, layout: str = "realesrgan", seed: int = 31) -> Path:
+    """A tiny x4 upscaler file: Real-ESRGAN's `.pth` ({"params_ema": ...}) or the original ESRGAN layout."""
+    import torch
+
+    state = tiny_rrdb_state(seed)
+    payload = {"params_ema": state} if layout == "realesrgan" else as_old_esrgan_keys(state)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_file.with_name(f".building-{out_file.name}")
+    torch.save(payload, staging)
+    os.replace(staging, out_file)
+    return out_file
+
+
+def ensure_tiny_upscalers(upscalers_dir: Path) -> list[Path]:
+    """The tiny upscalers (TINY_UPSCALERS) in upscalers_dir, built once."""
+    return [path if path.exists() else build_tiny_upscaler(path, layout)
+            for path, layout in ((Path(upscalers_dir) / name, layout) for name, layout in TINY_UPSCALERS.items())]
+
+
 def build_tiny_lora(model_dir: Path, out_file: Path, seed: int = 7, rank: int = 4) -> Path:
     """A LoRA for any tiny family's denoiser (the UNet of SD 1.x/SDXL, the transformer of SD3/Flux)
     on its attention projections, with random non-zero B matrices (peft starts them at zero: no
@@ -467,6 +520,7 @@ def main() -> None:
     if args.all is not None:
         print("\n".join(str(p) for p in ensure_tiny_models(args.all)))
         print("\n".join(str(p) for p in ensure_tiny_controlnets(args.all)))
+        print("\n".join(str(p) for p in ensure_tiny_upscalers(Path(args.all) / "upscalers")))
     else:
         print(ensure_tiny_model(args.out))
 

@@ -11,7 +11,7 @@ import redis
 import yaml
 
 from dev.localstack import LocalStack, build_default_model, free_port, free_port_block
-from dev.tinymodel import build_tiny_embedding, ensure_tiny_controlnets, ensure_tiny_models
+from dev.tinymodel import build_tiny_embedding, ensure_tiny_controlnets, ensure_tiny_models, ensure_tiny_upscalers
 from tests.helpers import Api, build_test_lora
 from tests.single_file import write_single_file_checkpoint
 
@@ -70,6 +70,7 @@ def stack(tmp_path_factory) -> LocalStack:
         settings = st.settings()
         ensure_tiny_models(settings.models_dir)        # SDXL (+ refiner), SD3, Flux (dev, schnell): tests/test_families
         ensure_tiny_controlnets(settings.models_dir, settings.controlnet_dir)   # tests/test_controlnet.py
+        ensure_tiny_upscalers(settings.upscalers_dir)                           # tests/test_esrgan.py
         lora_dir = settings.lora_dir
         lora_dir.mkdir(parents=True, exist_ok=True)
         build_test_lora(settings.models_dir / "sdq-tiny", lora_dir / "tiny_style.safetensors")
