@@ -107,7 +107,7 @@ def list_model_upscalers(folder: Path) -> dict[str, ModelUpscaler]:
     if not folder.is_dir():
         return {}
     found: dict[str, ModelUpscaler] = {}
-    for path in sorted(folder.iterdir()):
+    for path in sorted(folder.iterdir(), key=lambda p: (p.stem, p.suffix)):     # by name, as listed
         if not path.is_file() or path.suffix.lower() not in MODEL_SUFFIXES or path.name.startswith("."):
             continue
         stat = path.stat()

@@ -9,10 +9,16 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from common.infotext import parse_infotext
 from common.upscalers import describe_model_upscaler, list_model_upscalers
 from dev.tinymodel import as_old_esrgan_keys, build_tiny_upscaler, tiny_rrdb_state
+from tests.test_a1111 import decode, sd  # noqa: F401 - the A1111 client fixture
+from tests.test_hires import png
 from worker.esrgan import as_basicsr_keys, build_network, infer_shape, load_network, run_tiled, upscale_once, \
     upscale_to
+
+TINY = "sdq-tiny-esrgan-x4"
+SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 3, "seed": 11}
 
 
 
@@ -88,3 +94,32 @@ def test_the_listing_reads_names_without_torch(tmp_path: Path):
     assert (found["real"].model_name, found["real"].scale) == ("RealESRGAN", None)   # .pth: names only
     assert (found["x2"].model_name, found["x2"].scale) == ("RealESRGAN", 2)            # safetensors: shapes
     assert describe_model_upscaler(tmp_path / "other.safetensors") is None
+
+
+# --- A1111 on the real stack ---------------------------------------------------------------------------------
+def test_upscalers_list_the_model_files(sd):
+    items = {u["name"]: u for u in sd.get("upscalers").json()}
+    assert list(items)[:3] == ["None", "Lanczos", "Nearest"]
+    assert items[TINY]["model_name"] == "RealESRGAN" and items[TINY]["model_path"].endswith(f"{TINY}.pth")
+    assert items[f"{TINY}-old"]["model_name"] == "ESRGAN" and items[f"{TINY}-old"]["scale"] == 4
+    assert set(items[TINY]) == {"name", "model_name", "model_path", "model_url", "scale"}
+
+
+def test_hires_with_a_model_upscaler(sd):
+    r = sd.post("txt2img", {**SMALL, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2,
+                            "hr_upscaler": TINY})
+    assert r.status_code == 200, r.text
+    image = decode(r.json()["images"][0])
+    assert image.size == (96, 96)                  # x4 by the model, then Lanczos to the hires size
+    assert parse_infotext(image.info["parameters"])["Hires upscaler"] == TINY
+    lanczos = sd.post("txt2img", {**SMALL, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2,
+                                  "hr_upscaler": "Lanczos"})
+    assert decode(lanczos.json()["images"][0]).tobytes() != image.tobytes()   # the model really ran
+
+
+def test_model_upscalers_are_refused_where_they_do_not_run(sd):
+    r = sd.post("txt2img", {**SMALL, "enable_hr": True, "hr_upscaler": "not-a-model"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "hr_upscaler"], r.text
+    r = sd.post("extra-single-image", {"image": png(40, 32), "upscaler_1": TINY})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "upscaler_1"], r.text
+    assert "hires fix" in r.text

@@ -147,7 +147,7 @@ def test_sdxl_hires_works(sd):
 
 def test_upscaler_lists(sd):
     names = [u["name"] for u in sd.get("upscalers").json()]
-    assert names == ["None", "Lanczos", "Nearest"]
+    assert names == ["None", "Lanczos", "Nearest", "sdq-tiny-esrgan-x4", "sdq-tiny-esrgan-x4-old"]   # then models
     assert set(sd.get("upscalers").json()[0]) == {"name", "model_name", "model_path", "model_url", "scale"}
     modes = [m["name"] for m in sd.get("latent-upscale-modes").json()]
     assert modes == ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",

@@ -74,7 +74,8 @@ def make_generators(seeds: list[int]) -> list[Any]:
 
 def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_files: dict[str, Path],
              on_step: Any, mask_image: Image.Image | None = None, refiner: Any = None,
-             controlnet: tuple[list[Any], list[Image.Image | None]] | None = None) -> GenerationResult:
+             controlnet: tuple[list[Any], list[Image.Image | None]] | None = None,
+             upscaler: Any = None) -> GenerationResult:
     """Run the job, batch by batch; exceptions from on_step (cancel, time limit) propagate unchanged.
 
     `on_step` is the step callback; if it has `begin_batch(index, count)`, it
@@ -82,14 +83,15 @@ def generate(base: Any, spec: JobSpec, init_image: Image.Image | None, lora_file
     warm pipeline of spec.refiner, which finishes each batch's denoising.
     A hires fix job runs its two passes in worker/hires.py. `controlnet`:
     the job's ControlNet models and each unit's image (None: the init image),
-    for a job with spec.controlnet (worker/controlnet.py).
+    for a job with spec.controlnet (worker/controlnet.py). `upscaler`: the
+    warm ESRGAN-class network a hires fix job's upscaler names (worker/esrgan.py).
     """
     if spec.controlnet and (spec.hires or refiner is not None or controlnet is None):
         raise ModelError("ControlNet runs without the hires fix and the refiner pass, with its models loaded")
     if spec.hires:
         from worker.hires import generate_hires
 
-        return generate_hires(base, spec, lora_files, on_step)
+        return generate_hires(base, spec, lora_files, on_step, upscaler)
     family = family_of(base)
     scheduler = family.make_scheduler(base, spec.scheduler, spec.scheduler_config)
     original = init_image

@@ -5,7 +5,8 @@ Why its own module: it is the web UI's StableDiffusionProcessingTxt2Img
 know about it. Latent upscalers interpolate the first pass's latents
 (torch.nn.functional.interpolate with the web UI's modes) and hand them to
 the family's img2img view as they are; pixel upscalers take the decoded
-image, resize it (PIL) and let the img2img view encode it again. Both views
+image, resize it (PIL, or an ESRGAN-class model first: worker/esrgan.py)
+and let the img2img view encode it again. Both views
 share the base's weights (share_weights), so nothing is converted or copied.
 Both passes count on one progress scale and one time limit (PassSteps).
 """
@@ -19,7 +20,7 @@ from PIL import Image
 
 from common.errors import ModelError
 from common.jobspec import JobSpec
-from common.upscalers import LATENT_MODES, centre_box, is_latent, resize_pixels
+from common.upscalers import LATENT_MODES, centre_box, is_builtin, is_latent, list_model_upscalers, resize_pixels
 from worker.conditioning import conditioned
 from worker.generation import GenerationResult, PassSteps, applied_loras, make_generators, per_image_prompts
 from worker.pipelines import family_of
@@ -64,8 +65,11 @@ class HiresPlan:
         return max(1, int(self.steps * effective_strength(self.strength, self.steps)))
 
 
-def generate_hires(base: Any, spec: JobSpec, lora_files: dict[str, Path], on_step: Any) -> GenerationResult:
-    """Run a hires fix job batch by batch: first pass, upscale, second pass; images at the hires size."""
+def generate_hires(base: Any, spec: JobSpec, lora_files: dict[str, Path], on_step: Any,
+                   upscaler: Any = None) -> GenerationResult:
+    """Run a hires fix job batch by batch: first pass, upscale, second pass; images at the hires size.
+
+    `upscaler`: the warm network of a model upscaler (model_upscaler), None for the others."""
     family = family_of(base)
     plan = HiresPlan.of(spec)
     first = family.make_view(base, spec, family.make_scheduler(base, spec.scheduler, spec.scheduler_config))
@@ -82,15 +86,35 @@ def generate_hires(base: Any, spec: JobSpec, lora_files: dict[str, Path], on_ste
             seeds = spec.seeds[len(images):len(images) + count]
             output = first(**kwargs, num_images_per_prompt=count, generator=make_generators(seeds))
             upscaled = upscale_latents(first, spec, plan, output.images) if plan.latent else \
-                [upscale_image(image, plan) for image in output.images]
+                [upscale_image(image, plan, upscaler) for image in output.images]
             images += second_pass(second, family, spec, plan, upscaled, seeds, steps)
     return GenerationResult(images=images, seeds=spec.seeds, scheduler=type(first.scheduler).__name__,
                             strength=plan.strength)
 
 
-def upscale_image(image: Image.Image, plan: HiresPlan) -> Image.Image:
-    """A pixel upscaler: resize to the upscaled size, then keep the centre at the output size."""
-    image = resize_pixels(image, plan.upscale_width, plan.upscale_height, plan.upscaler)
+def needs_model_upscaler(spec: JobSpec) -> bool:
+    return bool(spec.hires) and not is_builtin(spec.hires["upscaler"])
+
+
+def model_upscaler(base: Any, spec: JobSpec, folder: Path) -> Any:
+    """The warm ESRGAN-class network the job's hr_upscaler names (in the pipeline's dtype, on its device)."""
+    from worker.esrgan import warm_network
+
+    found = list_model_upscalers(folder).get(spec.hires["upscaler"])
+    if found is None:
+        raise ModelError(f"upscaler '{spec.hires['upscaler']}' is not in the upscalers directory")
+    return warm_network(base, found.path)
+
+
+def upscale_image(image: Image.Image, plan: HiresPlan, upscaler: Any = None) -> Image.Image:
+    """A pixel upscaler: resize to the upscaled size (a model upscaler: the model until it covers it, then
+    Lanczos, as the web UI's resize_image), then keep the centre at the output size."""
+    if upscaler is not None:
+        from worker.esrgan import upscale_to
+
+        image = upscale_to(upscaler, image, plan.upscale_width, plan.upscale_height)
+    else:
+        image = resize_pixels(image, plan.upscale_width, plan.upscale_height, plan.upscaler)
     return image.crop(centre_box(*image.size, plan.width, plan.height)) if image.size != (plan.width, plan.height) \
         else image
 

@@ -332,6 +332,20 @@ def warm_controlnets(ctx: JobContext, base: Any, spec: JobSpec, monitor: StepMon
     return models, images
 
 
+def warm_upscaler(ctx: JobContext, base: Any, spec: JobSpec, monitor: StepMonitor) -> Any:
+    """The hires fix's model upscaler (kept warm with `base`), or None for a latent mode or a resampler;
+    loading counts as setup, as a model load does."""
+    from worker.hires import model_upscaler, needs_model_upscaler
+
+    if not needs_model_upscaler(spec):
+        return None
+    monitor.enter_setup()
+    try:
+        return model_upscaler(base, spec, ctx.settings.upscalers_dir)
+    finally:
+        monitor.leave_setup()
+
+
 def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict] | Generated:
     """Run the pipeline: its images (for the output stage), or the job's ending as a status and fields."""
     spec = task.spec
@@ -344,8 +358,9 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         started = time.perf_counter()
         refiner = warm_pipeline(ctx, spec.refiner, [], [monitor], keep=(spec.model,)) if spec.refiner else None
         controlnet = warm_controlnets(ctx, base, spec, monitor) if spec.controlnet else None
+        upscaler = warm_upscaler(ctx, base, spec, monitor)
         result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image, refiner,
-                          controlnet)
+                          controlnet, upscaler)
         compute = time.perf_counter() - started
     except JobCancelled:
         return TaskStatus.CANCELLED, {"error": "cancelled by client"}

@@ -1,9 +1,11 @@
 """The web UI's extras tab (`/extra-single-image`, `/extra-batch-images`): upscaling an image, nothing else.
 
-Why on the API host: the upscalers sdqueue serves are PIL resamplers
-(common/upscalers.py); they need no model and no GPU, and a bounded image
-(limits.max_size) resizes in milliseconds, so a round trip through the
-queue would only add latency. Face restoration (GFPGAN, CodeFormer) is not
+Why on the API host: the extras run the PIL resamplers (common/upscalers.py);
+they need no model and no GPU, and a bounded image (limits.max_size) resizes
+in milliseconds, so a round trip through the queue would only add latency.
+The ESRGAN-class models of GET /upscalers need torch, which the API host
+does not have: naming one is a 422 saying they run in the hires fix only
+(running them here would mean a new job kind through the queue). Face restoration (GFPGAN, CodeFormer) is not
 run: a visibility above 0 is a 422 naming the field, as the A1111 field
 table refuses what it would not run (or, for a lenient key, named in
 html_info).
@@ -25,7 +27,7 @@ from api.auth import current_key
 from api.dialects.a1111.fields import Refusal, nested_errors
 from api.init_image import InitImage
 from api.services import Services
-from common.upscalers import NO_UPSCALE, PIXEL_UPSCALERS, extras_size
+from common.upscalers import NO_UPSCALE, PIXEL_UPSCALERS, extras_size, list_model_upscalers
 
 FACE_RESTORERS = {"gfpgan_visibility": "GFPGAN face restoration is not run by sdqueue",
                   "codeformer_visibility": "CodeFormer face restoration is not run by sdqueue"}
@@ -39,12 +41,16 @@ def screen_extras(svc: Services, data: dict) -> list[str]:
     return [refusal.warning for refusal in found]
 
 
-def check_upscalers(data: dict) -> None:
-    """upscaler_1 and (when it is blended in) upscaler_2 must be upscalers sdqueue has."""
+def check_upscalers(svc: Services, data: dict) -> None:
+    """upscaler_1 and (when it is blended in) upscaler_2 must be resamplers: the model upscalers of
+    GET /upscalers need a worker's torch and run in the hires fix only (a 422 that says so)."""
     wanted = [("upscaler_1", data["upscaler_1"])]
     if data["extras_upscaler_2_visibility"] > 0:
         wanted.append(("upscaler_2", data["upscaler_2"]))
-    errors = {field: [f"upscaler {name!r} not found; see GET /sdapi/v1/upscalers"]
+    models = list_model_upscalers(svc.settings.upscalers_dir)
+    errors = {field: [f"upscaler {name!r} is a model upscaler; model upscalers run in the hires fix only "
+                      f"(txt2img hr_upscaler), the extras run {', '.join(PIXEL_UPSCALERS)}" if name in models else
+                      f"upscaler {name!r} not found; see GET /sdapi/v1/upscalers"]
               for field, name in wanted if name not in PIXEL_UPSCALERS}
     if errors:
         abort(422, errors={"json": errors})
@@ -121,7 +127,7 @@ def png_base64(image: Image.Image) -> str:
 def extras_answer(svc: Services, images: list[InitImage], data: dict, field: str) -> tuple[list[str], str]:
     """Checks first (face restorers, upscaler names, sizes), then each image upscaled: base64 PNGs and html_info."""
     warnings = screen_extras(svc, data)
-    check_upscalers(data)
+    check_upscalers(svc, data)
     for init in images:
         check_size(svc, init, data, field)
     out, info = [], {}

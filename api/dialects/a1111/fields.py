@@ -266,8 +266,8 @@ TXT2IMG: dict[str, FieldRule] = {
     "firstphase_width": unsupported("the old hires fix's first-pass size is not supported", one_of(None, 0), 256),
     "firstphase_height": unsupported("the old hires fix's first-pass size is not supported", one_of(None, 0), 256),
     "hr_scale": honoured("upscale factor (default 2) when hr_resize_x/y are 0"),
-    "hr_upscaler": honoured("a latent mode (GET /latent-upscale-modes; default Latent) or a pixel upscaler "
-                            "(GET /upscalers); unknown names are a 422"),
+    "hr_upscaler": honoured("a latent mode (GET /latent-upscale-modes; default Latent), a pixel upscaler or an "
+                            "ESRGAN-class model (GET /upscalers); unknown names are a 422"),
     "hr_second_pass_steps": honoured("second-pass steps; 0: as many as steps"),
     "hr_resize_x": honoured("hires width (one side alone keeps the aspect ratio; both crop the centre)"),
     "hr_resize_y": honoured("hires height (one side alone keeps the aspect ratio; both crop the centre)"),

@@ -28,10 +28,11 @@ def chosen(data: dict, name: str) -> str | None:
     return None if value in (None, "", SAME.get(name)) else value
 
 
-def hires_upscaler(data: dict) -> str:
-    """hr_upscaler, by the web UI's names (latent modes and pixel upscalers); a 422 naming it when unknown."""
+def hires_upscaler(svc: Services, data: dict) -> str:
+    """hr_upscaler, by the web UI's names (latent modes, pixel upscalers, the ESRGAN-class files of
+    models.upscalers_dir); a 422 naming it when unknown."""
     name = data.get("hr_upscaler") or DEFAULT_HIRES_UPSCALER
-    if not is_known(name):
+    if not is_known(name, svc.settings.upscalers_dir):
         abort(422, errors={"json": {"hr_upscaler": [
             f"upscaler {name!r} not found; see GET /sdapi/v1/upscalers and GET /sdapi/v1/latent-upscale-modes"]}})
     return name
@@ -125,7 +126,7 @@ def build_hires(svc: Services, data: dict, model: ModelInfo, prompt: str, warnin
     if refiner is not None:
         abort(422, errors={"json": {"enable_hr": [
             "the hires fix runs without a refiner pass here; leave refiner_checkpoint out or enable_hr false"]}})
-    upscaler = hires_upscaler(data)
+    upscaler = hires_upscaler(svc, data)
     size = checked_size(svc, data, model)
     resize = f"{data.get('hr_resize_x') or 0}x{data.get('hr_resize_y') or 0}" if size_field(data) != "hr_scale" \
         else None

@@ -30,7 +30,7 @@ from common.catalog import model_sha256
 from common.controlnets import CANNY_HIGH, CANNY_LOW, MAX_UNITS, PREPROCESSORS, PROCESSOR_RES
 from common.embeddings import report_for
 from common.samplers import SAMPLERS, SCHEDULE_TYPES
-from common.upscalers import LATENT_MODES, LISTED_SCALE, PIXEL_UPSCALERS
+from common.upscalers import LATENT_MODES, LISTED_SCALE, PIXEL_UPSCALERS, list_model_upscalers
 from common.store import Task, TaskStatus
 
 
@@ -210,9 +210,11 @@ def sd_vae():
 @read_limited
 @blp.doc(security=SECURITY)
 def upscalers():
-    """The pixel upscalers (hr_upscaler, extras' upscaler_1/2), as the web UI's UpscalerItem."""
+    """The pixel upscalers (hr_upscaler, extras' upscaler_1/2), then the ESRGAN-class files of
+    models.upscalers_dir (hr_upscaler only), as the web UI's UpscalerItem."""
+    models = list_model_upscalers(services().settings.upscalers_dir)
     return jsonify([{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": LISTED_SCALE}
-                    for name in PIXEL_UPSCALERS])
+                    for name in PIXEL_UPSCALERS] + [model.to_item() for model in models.values()])
 
 
 @blp.route("/latent-upscale-modes", methods=["GET"])
