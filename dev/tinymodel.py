@@ -511,7 +511,8 @@ def main() -> None:
     parser.add_argument("out", type=Path, nargs="?",
                         help=f"folder for {TINY_MODEL_NAME} (skipped if it already holds a model)")
     parser.add_argument("--all", type=Path, metavar="MODELS_DIR",
-                        help=f"build every tiny model ({', '.join(TINY_MODELS)}) missing from MODELS_DIR")
+                        help=f"build every tiny model ({', '.join(TINY_MODELS)}), ControlNet and upscaler "
+                             "missing from MODELS_DIR")
     args = parser.parse_args()
     if (args.out is None) == (args.all is None):
         parser.error("give either OUT or --all MODELS_DIR")

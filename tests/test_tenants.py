@@ -63,7 +63,7 @@ NO_OBJECT = {
     ("GET", "/sdapi/v1/samplers"): "a fixed list",
     ("GET", "/sdapi/v1/schedulers"): "a fixed list",
     ("GET", "/sdapi/v1/sd-vae"): "a fixed list",
-    ("GET", "/sdapi/v1/upscalers"): "a fixed list",
+    ("GET", "/sdapi/v1/upscalers"): "a fixed list and the shared upscalers folder",
     ("GET", "/sdapi/v1/embeddings"): "the shared embeddings folder, for this key's own current model",
     ("GET", "/sdapi/v1/latent-upscale-modes"): "a fixed list",
     ("POST", "/sdapi/v1/extra-single-image"): "upscales the image in the body; stores nothing",

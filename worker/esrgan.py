@@ -35,7 +35,7 @@ from common.errors import ModelError
 log = logging.getLogger("sdqueue.worker")
 
 TILE = 192            # input pixels per tile side (the web UI's ESRGAN_tile default)
-TILE_OVERLAP = 16     # input pixels each tile reads past its edges, so seams see the same context (ESRGAN_tile_overlap 8..)
+TILE_OVERLAP = 16     # input pixels each tile reads past its edges, so seams see the context a whole image would
 MAX_WARM_PER_MODEL = 2   # upscalers kept beside one warm pipeline
 MAX_PASSES = 3        # the web UI's Upscaler.upscale applies a model at most three times to reach a size
 WRAPPERS = ("params_ema", "params", "state_dict")   # Real-ESRGAN / BasicSR checkpoint wrappers, in order of preference
