@@ -254,10 +254,12 @@ def test_the_webuiapi_clients_controlnet_helper_works(stack):
     client = webuiapi.WebUIApi(baseurl=f"{stack.api_url}/sdapi/v1", username="anyone", password=KEY_A)
     name = next(m for m in client.controlnet_model_list() if m.startswith("sdq-tiny-cn ["))
     assert "canny" in client.controlnet_module_list()
-    control = webuiapi.ControlNetUnit(image=square(), module="canny", model=name, threshold_a=100, threshold_b=200)
+    control = webuiapi.ControlNetUnit(image=square(), module="canny", model=name, threshold_a=100, threshold_b=200,
+                                      processor_res=64)   # at 512 the 64-px square's edges thin out to almost nothing
     body = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 3, "seed": 11}
-    with_unit = client.txt2img(**body, controlnet_units=[control])
-    without = client.txt2img(**body)
+    # Fresh `alwayson_scripts` each call: webuiapi's default for it is one dict that it fills in place.
+    without = client.txt2img(**body, alwayson_scripts={})
+    with_unit = client.txt2img(**body, controlnet_units=[control], alwayson_scripts={})
     assert with_unit.image.size == without.image.size == (64, 64)
     difference = np.abs(np.asarray(with_unit.image, dtype=int) - np.asarray(without.image, dtype=int)).mean()
     assert difference > 1

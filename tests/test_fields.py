@@ -273,3 +273,14 @@ def test_disable_extra_networks_strips_lora_tags_without_applying_them(client):
     body = {"prompt": "a fox <lora:tiny_style:0.9> <lora:missing:1>", "seed": 5, "disable_extra_networks": True}
     info = json.loads(a1111(client, "txt2img", body).get_json()["info"])
     assert info["prompt"] == "a fox" and "Lora weights" not in info["infotexts"][0] and info["warnings"] == []
+
+
+def test_eta_passes_where_it_changes_nothing():
+    """Clients such as webuiapi always send eta=1.0: inert for ancestral samplers, ignored by the others."""
+    from api.dialects.a1111.fields import eta_inert
+
+    assert eta_inert(1.0, {"sampler_name": "Euler a"}) and eta_inert(None, {"sampler_name": "Euler a"})
+    assert not eta_inert(0.5, {"sampler_name": "Euler a"})
+    assert eta_inert(0, {"sampler_index": "DDIM"}) and not eta_inert(1, {"sampler_index": "DDIM"})
+    assert eta_inert(0.5, {"sampler_name": "DPM++ 2M Karras"})          # a deterministic sampler takes no eta
+    assert eta_inert(1.0, {}) and not eta_inert(0.3, {})

@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Any, Callable, Mapping
 
 from api.dialects.a1111.controlnet import unit_refusals
+from common.samplers import find_sampler
 
 # The request models of AUTOMATIC1111's stable-diffusion-webui v1.10 (its API's last shape):
 # modules/api/models.py builds StableDiffusionTxt2ImgProcessingAPI / StableDiffusionImg2ImgProcessingAPI from
@@ -92,6 +93,25 @@ def honoured(note: str, accepts: Accepts = anything, example: Any = None) -> Fie
 
 def harmless(note: str) -> FieldRule:
     return FieldRule(Treatment.HARMLESS, note)
+
+
+ETA_ONE = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE")
+
+
+def eta_inert(value: Any, data: Mapping[str, Any]) -> bool:
+    """eta as sdqueue runs it: 1 for ancestral and SDE samplers, 0 for DDIM, no effect on the others (the web
+    UI reads it for those alone). Clients such as `webuiapi` always send eta=1.0; with no sampler named, the
+    two usual defaults pass."""
+    if value is None:
+        return True
+    name = data.get("sampler_name") or data.get("sampler_index")
+    found = find_sampler(str(name)) if name else None
+    if found is None:
+        return value in (0, 1)
+    sampler = found[0].name
+    if sampler in ETA_ONE:
+        return value == 1
+    return value == 0 if sampler == "DDIM" else True
 
 
 def unsupported(note: str, accepts: Accepts, example: Any, pending: str = "", **context: Any) -> FieldRule:
@@ -229,7 +249,8 @@ COMMON: dict[str, FieldRule] = {
     "tiling": unsupported("tileable images are not supported", one_of(None, False), True),
     "do_not_save_samples": harmless("sdqueue stores copies only with save_images"),
     "do_not_save_grid": harmless("sdqueue makes no grids"),
-    "eta": unsupported("eta is not applied (ancestral samplers run with 1, DDIM with 0)", one_of(None), 0.5),
+    "eta": unsupported("eta is not applied (ancestral and SDE samplers run with 1, DDIM with 0, the others "
+                       "take none)", eta_inert, 0.5, sampler_name="Euler a"),
     "s_min_uncond": unsupported("the negative pass is never skipped", one_of(None, 0), 2.0),
     "s_churn": unsupported("sampler churn is not supported", one_of(*CHURN_OFF), 0.5),
     "s_tmin": unsupported("sampler churn is not supported", unless_on("s_churn", CHURN_OFF), 0.5, s_churn=0.5),
