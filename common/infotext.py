@@ -21,6 +21,10 @@ def build_infotext(spec: JobSpec, seed: int, width: int, height: int, sampler: s
     (its Hires upscale or Hires resize gives the rest), so pasting the text
     back into the web UI makes the same request.
     """
+    if spec.extras:     # an extras upscale: the web UI writes its postprocessing entries alone
+        from common.extras import extras_info, infotext_line
+
+        return infotext_line(extras_info(spec.extras))
     if spec.hires:
         width, height = spec.width, spec.height
     params = {

@@ -17,7 +17,7 @@ from typing import Any
 _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", "mask_image_key", "output_prefix",
                               "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
                               "refiner_switch", "family", "inpaint_fill", "inpaint_area", "prompt_syntax",
-                              "hires", "controlnet"})
+                              "hires", "controlnet", "extras"})
 
 
 ZERO_NEGATIVE_FAMILIES = (None, "sdxl", "sdxl-refiner")   # a missing negative prompt is zeros, not ""
@@ -76,10 +76,15 @@ class JobSpec:
     # "scale", "start", "end", "preprocessor" (none | canny), "low", "high", "processor_res", "resize_mode",
     # "guess_mode"}; see api/controlnet.py and worker/controlnet.py
     controlnet: list[dict[str, Any]] | None = None
+    # The A1111 extras with a model upscaler (api/dialects/a1111/extras.py, worker/extras.py): the request's fields
+    # (common/extras.py FIELDS) and "image_keys", its images under the task's input prefix; no diffusion runs
+    extras: dict[str, Any] | None = None
 
     @property
     def mode(self) -> str:
-        """txt2img; img2img when an init image was given; inpaint when a mask came with it."""
+        """txt2img; img2img when an init image was given; inpaint when a mask came with it; extras (no diffusion)."""
+        if self.extras:
+            return "extras"
         if not self.init_image_key:
             return "txt2img"
         return "inpaint" if self.mask_image_key else "img2img"
@@ -101,13 +106,13 @@ class JobSpec:
         Why these fields: one call has one model, mode, size, step count,
         scheduler (and its options), guidance, strength and LoRA set; prompts,
         negative prompts, seeds and init images may differ per image.
-        Inpainting, refiner passes, hires fix jobs (a second pass per call) and
+        Inpainting, extras upscales, refiner passes, hires fix jobs (a second pass per call) and
         jobs split into several calls (A1111's n_iter) run alone. SDXL jobs with and without a negative prompt do not
         mix: SDXL encodes a missing one as zeros, not as the empty prompt (a
         job of unknown family is treated as SDXL). Prompts in A1111's syntax
         are encoded by sdqueue, plain ones by diffusers: they do not mix.
         """
-        if self.mode == "inpaint" or len(self.batches) > 1 or self.refiner or self.hires:
+        if self.mode in ("inpaint", "extras") or len(self.batches) > 1 or self.refiner or self.hires:
             return ""
         shared = [self.model, self.mode, self.width, self.height, self.num_inference_steps, self.guidance_scale,
                   self.scheduler, sorted(self.scheduler_config.items()), [(lr.name, lr.weight) for lr in self.loras],

@@ -117,9 +117,67 @@ def test_hires_with_a_model_upscaler(sd):
     assert decode(lanczos.json()["images"][0]).tobytes() != image.tobytes()   # the model really ran
 
 
-def test_model_upscalers_are_refused_where_they_do_not_run(sd):
+def test_unknown_upscalers_are_refused(sd):
     r = sd.post("txt2img", {**SMALL, "enable_hr": True, "hr_upscaler": "not-a-model"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "hr_upscaler"], r.text
-    r = sd.post("extra-single-image", {"image": png(40, 32), "upscaler_1": TINY})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "upscaler_1"], r.text
-    assert "hires fix" in r.text
+    r = sd.post("extra-single-image", {"image": png(40, 32), "upscaler_1": "Lanczos", "upscaler_2": "not-a-model",
+                                       "extras_upscaler_2_visibility": 0.5})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "upscaler_2"], r.text
+    r = sd.post("extra-single-image", {"image": png(40, 32), "upscaler_1": TINY, "gfpgan_visibility": 0.5})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gfpgan_visibility"], r.text
+    r = sd.post("extra-single-image", {"image": png(40, 32), "upscaler_1": TINY, "upscaling_resize": 4,
+                                       "resize_mode": 1, "upscaling_resize_w": 4096, "upscaling_resize_h": 64})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "upscaling_resize_w"], r.text
+
+
+# --- the extras with a model upscaler: a queued job ------------------------------------------------------------
+def test_extra_single_image_with_a_model_upscaler(sd):
+    body = {"image": png(40, 32), "upscaling_resize": 2, "upscaler_1": TINY}
+    r = sd.post("extra-single-image", body)
+    assert r.status_code == 200, r.text
+    image = decode(r.json()["image"])
+    assert image.size == (80, 64)                 # x4 by the model, then Lanczos to the requested size
+    assert f"Postprocess upscaler: {TINY}" in r.json()["html_info"]
+    assert "Postprocess upscale by: 2" in r.json()["html_info"]
+    assert image.info["parameters"] == r.json()["html_info"][3:-4]    # the same entries, in the PNG
+    lanczos = sd.post("extra-single-image", {**body, "upscaler_1": "Lanczos"})
+    assert decode(lanczos.json()["image"]).tobytes() != image.convert("RGB").tobytes()   # the model really ran
+    r = sd.post("extra-single-image", {**body, "resize_mode": 1, "upscaling_resize_w": 100, "upscaling_resize_h": 50})
+    assert r.status_code == 200, r.text
+    assert decode(r.json()["image"]).size == (100, 50)   # to a size, centre cropped
+    assert "Postprocess crop to: 100x50" in r.json()["html_info"]
+
+
+def test_extra_batch_images_with_a_model_upscaler(sd):
+    r = sd.post("extra-batch-images", {"imageList": [{"data": png(40, 32), "name": "a.png"},
+                                                     {"data": png(16, 16, "red"), "name": "b.png"}],
+                                       "upscaling_resize": 2, "upscaler_1": f"{TINY}-old"})
+    assert r.status_code == 200, r.text
+    assert [decode(image).size for image in r.json()["images"]] == [(80, 64), (32, 32)]
+    assert f"Postprocess upscaler: {TINY}-old" in r.json()["html_info"]
+
+
+def test_a_model_upscaler_blended_in_as_upscaler_2(sd):
+    body = {"image": png(40, 32), "upscaling_resize": 2, "upscaler_1": "Nearest", "upscaler_2": TINY,
+            "extras_upscaler_2_visibility": 0.5}
+    r = sd.post("extra-single-image", body)
+    assert r.status_code == 200, r.text
+    image = decode(r.json()["image"])
+    assert image.size == (80, 64)
+    assert f"Postprocess upscaler 2: {TINY}" in r.json()["html_info"]
+    nearest = sd.post("extra-single-image", {**body, "extras_upscaler_2_visibility": 0})
+    assert "Postprocess upscaler 2" not in nearest.json()["html_info"]
+    assert decode(nearest.json()["image"]).tobytes() != image.convert("RGB").tobytes()
+
+
+def test_an_extras_job_runs_alone_without_a_pipeline():
+    from common.extras import FIELDS
+    from common.jobspec import JobSpec
+
+    data = {"upscaler_1": TINY, "upscaler_2": "None", "extras_upscaler_2_visibility": 0, "resize_mode": 0,
+            "upscaling_resize": 2, "upscaling_resize_w": 512, "upscaling_resize_h": 512, "upscaling_crop": True}
+    assert set(data) == set(FIELDS)
+    spec = JobSpec(prompt="", model="m", width=80, height=64, num_inference_steps=0, guidance_scale=0, seed=0,
+                   extras={**data, "image_keys": ["k"]})
+    assert spec.mode == "extras" and spec.batch_key() == ""
+    assert JobSpec.from_json(spec.to_json()).extras == spec.extras

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
+import redis
 import requests
 
 from api.auth import ApiKey
 from api.dialects.eks.translate import eks_task_id
+from common.store import keys
 from tests.conftest import KEY_A, KEY_B, KEY_POOLED
 from tests.helpers import FileServer, data_url, gradient
 
@@ -66,8 +68,9 @@ NO_OBJECT = {
     ("GET", "/sdapi/v1/upscalers"): "a fixed list and the shared upscalers folder",
     ("GET", "/sdapi/v1/embeddings"): "the shared embeddings folder, for this key's own current model",
     ("GET", "/sdapi/v1/latent-upscale-modes"): "a fixed list",
-    ("POST", "/sdapi/v1/extra-single-image"): "upscales the image in the body; stores nothing",
-    ("POST", "/sdapi/v1/extra-batch-images"): "upscales the images in the body; stores nothing",
+    ("POST", "/sdapi/v1/extra-single-image"): "upscales the image in the body (a model upscaler's job and its "
+                                              "stored inputs are the key's own: eks_id_task_and_links)",
+    ("POST", "/sdapi/v1/extra-batch-images"): "upscales the images in the body (as extra-single-image)",
     ("GET", "/sdapi/v1/memory"): "the API host's RAM",
     ("GET", "/sdapi/v1/cmd-flags"): "a fixed set",
     ("POST", "/sdapi/v1/refresh-checkpoints"): "re-reads the shared model directory",
@@ -201,8 +204,13 @@ def world(stack, settings) -> World:
     image, sidecar = wait_until(lambda: len(listed(storage, folder)) == 2 and listed(storage, folder),
                                 what="A's SD on EKS outputs")
     (init,) = listed(storage, f"outputs/{eks_task_id(OWNER_A, EKS_I2I_ID)}/input/")
+    r = call("POST", "/sdapi/v1/extra-single-image", KEY_A, json={"image": data_url(gradient(16, 16)),
+                                                                 "upscaler_1": "sdq-tiny-esrgan-x4"})
+    assert r.status_code == 200, r.text         # a model upscaler: a queued job with its image stored
+    extras_task = redis.Redis.from_url(settings.redis.url).get(keys.A1111_CURRENT(OWNER_A)).decode()
+    (extras_input,) = listed(storage, f"outputs/{extras_task}/input/")
     lora = checkpoints["Lora"]
-    eks_keys = {"image": image, "side file": sidecar, "init image": init,
+    eks_keys = {"image": image, "side file": sidecar, "init image": init, "extras input": extras_input,
                 "checkpoint file": f"{lora['s3_location'].split('/', 3)[3]}/{FILES['Lora']}"}
     wait_until(lambda: call("GET", f"/api/v1/tasks/{task}?wait=5", KEY_A).json()["status"] == "completed",
                what="A's native task")

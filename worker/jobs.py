@@ -352,6 +352,12 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
     monitor = StepMonitor(ctx.watch, task.id, attempt, ctx.settings.tasks.time_limit)
     try:
         ctx.store.check_still_mine(task.id, attempt, ctx.info.id)   # cancelled while it waited: no model load
+        if spec.extras:     # an extras upscale: the upscaler alone, no pipeline (worker/extras.py)
+            from worker.extras import run_extras_job
+
+            started = time.perf_counter()
+            result = run_extras_job(ctx, spec, monitor)
+            return Generated(result, time.perf_counter() - started, 0)
         base = warm_pipeline(ctx, spec.model, spec.assets, [monitor])
         init_image = load_input_image(ctx.storage, spec.init_image_key)
         mask_image = load_input_image(ctx.storage, spec.mask_image_key)

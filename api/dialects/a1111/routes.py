@@ -17,7 +17,7 @@ from flask_smorest import Blueprint
 
 from api.auth import basic_auth_password, current_key
 from api.dialects.a1111 import schemas
-from api.dialects.a1111.extras import answer_batch, answer_single
+from api.dialects.a1111.extras import ExtrasFailed, answer_batch, answer_single
 from api.dialects.a1111.translate import (DIALECT, build_a1111_jobspec, build_info, chosen_model, default_options,
                                           echo_parameters, find_checkpoint, model_stem, model_title, png_info,
                                           progress_of, screen_fields, stored_options)
@@ -210,8 +210,8 @@ def sd_vae():
 @read_limited
 @blp.doc(security=SECURITY)
 def upscalers():
-    """The pixel upscalers (hr_upscaler, extras' upscaler_1/2), then the ESRGAN-class files of
-    models.upscalers_dir (hr_upscaler only), as the web UI's UpscalerItem."""
+    """The pixel upscalers, then the ESRGAN-class files of models.upscalers_dir (all of them: hr_upscaler and
+    extras' upscaler_1/2), as the web UI's UpscalerItem."""
     models = list_model_upscalers(services().settings.upscalers_dir)
     return jsonify([{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": LISTED_SCALE}
                     for name in PIXEL_UPSCALERS] + [model.to_item() for model in models.values()])
@@ -225,13 +225,21 @@ def latent_upscale_modes():
     return jsonify([{"name": name} for name in LATENT_MODES])
 
 
+def extras_response(answer, data: dict):
+    """The extras' answer; a failed queued job (a model upscaler) is a 500 in A1111's shape, as txt2img's is."""
+    try:
+        return jsonify(answer(services(), data))
+    except ExtrasFailed as exc:
+        return json_error(500, {"error": "RuntimeError", "detail": str(exc), "body": "", "errors": str(exc)})
+
+
 @blp.route("/extra-single-image", methods=["POST"])
 @submit_limited
 @blp.arguments(schemas.EXTRAS_SINGLE_REQUEST, location="json")
 @blp.doc(security=SECURITY)
 def extra_single_image(data: dict):
     """Upscale one image with the upscalers of GET /upscalers; answers a base64 PNG and html_info."""
-    return jsonify(answer_single(services(), data))
+    return extras_response(answer_single, data)
 
 
 @blp.route("/extra-batch-images", methods=["POST"])
@@ -240,7 +248,7 @@ def extra_single_image(data: dict):
 @blp.doc(security=SECURITY)
 def extra_batch_images(data: dict):
     """Upscale each image of imageList; answers base64 PNGs and html_info."""
-    return jsonify(answer_batch(services(), data))
+    return extras_response(answer_batch, data)
 
 
 @blp.route("/embeddings", methods=["GET"])
