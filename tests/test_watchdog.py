@@ -55,17 +55,20 @@ def test_a_job_without_a_step_for_the_stall_timeout_is_stalled_unless_it_is_sett
     assert find_hung([flags(0, 10)], WatchdogLimits(100, 10, 0), now=99) == []   # stall_timeout 0: off
 
 
-def test_steps_and_the_end_of_setup_count_as_progress(store, queue):
+def test_steps_and_the_end_of_setup_count_as_progress(store, queue, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("worker.watch.time.monotonic", lambda: clock[0])   # the clock is driven, not waited for
     watch = JobWatch(store, "w", 1)
-    monitor = StepMonitor(watch, new_task(store, queue=queue), 0, time_limit=60, started=time.monotonic() - 50)
-    assert monitor.flags.touched == monitor.flags.started
+    monitor = StepMonitor(watch, new_task(store, queue=queue), 0, time_limit=600, started=950.0)
+    assert monitor.flags.touched == monitor.flags.started == 950.0
     monitor.enter_setup()
     assert monitor.flags.setup
+    clock[0] = 1010.0
     monitor.leave_setup()
-    assert not monitor.flags.setup and monitor.flags.touched > monitor.flags.started + 49
-    before = monitor.flags.touched
+    assert not monitor.flags.setup and monitor.flags.touched == 1010.0
+    clock[0] = 1020.0
     monitor.on_step(1, 4)
-    assert monitor.flags.touched >= before and monitor.flags.progress == (1, 4)
+    assert monitor.flags.touched == 1020.0 and monitor.flags.progress == (1, 4)
     monitor.close()
 
 
