@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, Callable
 
 import requests
 from PIL import Image
@@ -71,6 +72,18 @@ class Api:
 
     def run(self, **body) -> dict:
         return self.wait(self.submit(**body))
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 120, what: str = "") -> Any:
+    """The first truthy value of `predicate`, polled; an AssertionError after `timeout` (a hang guard, not a
+    timing claim)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what or 'a condition'}")
 
 
 def fetch(url: str) -> bytes:

@@ -14,6 +14,7 @@ import redis
 
 from dev.localstack import LocalStack, free_port
 from tests.conftest import KEY_A, STACK_ENV
+from tests.helpers import wait_until
 from tests.test_routing import PoolApi
 
 QUEUE = "durable"
@@ -110,10 +111,3 @@ def test_every_accepted_submission_ends_after_redis_is_killed_under_load(own_red
     assert all(t["status"] in ("completed", "failed", "cancelled") for t in tasks), tasks
     assert [t["status"] for t in tasks].count("completed") == len(accepted)
     worker.stop()
-
-
-def wait_until(check, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "gave up waiting"
-        time.sleep(0.1)

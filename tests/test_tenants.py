@@ -28,7 +28,7 @@ from api.auth import ApiKey
 from api.dialects.eks.translate import eks_task_id
 from common.store import keys
 from tests.conftest import KEY_A, KEY_B, KEY_POOLED
-from tests.helpers import FileServer, data_url, gradient
+from tests.helpers import FileServer, data_url, gradient, wait_until
 
 OWNER_A, OWNER_B = ApiKey(KEY_A, "a").owner, ApiKey(KEY_B, "b").owner
 FAST = {"steps": 2, "width": 64, "height": 64}
@@ -124,16 +124,6 @@ def shape(value: Any) -> Any:
     if isinstance(value, list):
         return [shape(v) for v in value[:1]]
     return type(value).__name__
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 120, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def listed(storage, prefix: str) -> list[str]:

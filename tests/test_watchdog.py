@@ -14,6 +14,7 @@ import pytest
 from common.queue import create_celery
 from common.store import RequeueOutcome, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, keys
 from common.store.results import RunningJob
+from tests.helpers import wait_until
 from tests.test_taskstore import new_task, running_job, take
 from worker.jobs import JobContext
 from worker.monitor import StepMonitor
@@ -175,7 +176,8 @@ def test_a_job_whose_live_worker_cannot_end_it_is_failed_past_the_limit(store, r
     WorkerRegistry(rds).publish(WorkerInfo(id=fake, name="wedged@test", device="cpu", queues=[queue],
                                            jobs=[task_id]), 120)
     try:
-        ended = wait_status(store, task_id, {TaskStatus.FAILED})
+        ended = wait_until(lambda: (task := store.get(task_id)).status is TaskStatus.FAILED and task, 60,
+                           "the overdue job to fail")
         assert "time limit" in ended.error
     finally:
         WorkerRegistry(rds).remove(fake)
@@ -189,23 +191,11 @@ def test_a_job_its_live_worker_no_longer_lists_is_resent(store, rds, queue):
     WorkerRegistry(rds).publish(WorkerInfo(id=fake, name="busy@test", device="cpu", queues=[queue],
                                            jobs=["another-task"]), 120)
     try:
-        deadline = time.monotonic() + 60
-        while store.get(task_id).attempt == 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: store.get(task_id).attempt != 0, 60, "the job's next attempt")
         assert store.get(task_id).attempt == 1 and not rds.hget(keys.TASK(task_id), "worker")
     finally:
         WorkerRegistry(rds).remove(fake)
         store.request_cancel(store.get(task_id))
-
-
-def wait_status(store: TaskStore, task_id: str, wanted: set[TaskStatus], timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        task = store.get(task_id)
-        if task.status in wanted:
-            return task
-        time.sleep(0.2)
-    raise AssertionError(f"{task_id} still {store.get(task_id).status}")
 
 
 HANG_HOOK = """
