@@ -49,14 +49,19 @@ class UnitRequest:
     guess_mode: bool = False
 
 
-def refuse(path: tuple[str, ...], message: str) -> None:
-    """A 422 naming the field at `path` (nested as marshmallow's messages)."""
+def nest(path: tuple[str, ...], message: str) -> dict[str, Any]:
+    """`message` for the field at `path`, nested as marshmallow's messages ({"a": {"0": {"b": [message]}}})."""
     errors: dict[str, Any] = {}
     node = errors
     for part in path[:-1]:
         node = node.setdefault(part, {})
     node[path[-1]] = [message]
-    abort(422, errors={"json": errors})
+    return errors
+
+
+def refuse(path: tuple[str, ...], message: str) -> None:
+    """A 422 naming the field at `path`."""
+    abort(422, errors={"json": nest(path, message)})
 
 
 def plan_controlnet(svc: Services, units: list[UnitRequest], model: ModelInfo, task_id: str, has_init: bool,

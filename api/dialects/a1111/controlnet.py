@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from flask_smorest import abort
 
-from api.controlnet import A1111_NAMES, UnitRequest
+from api.controlnet import A1111_NAMES, UnitRequest, nest
 from api.init_image import InitImageError, decode_init_image
 from common.controlnets import CANNY_HIGH, CANNY_LOW, PROCESSOR_RES
 
@@ -87,15 +87,6 @@ def number(unit: Mapping[str, Any], name: str, default: float, path: tuple[str, 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         abort(422, errors={"json": nest((*path, name), "must be a number")})
     return float(value)
-
-
-def nest(path: tuple[str, ...], message: str) -> dict:
-    errors: dict[str, Any] = {}
-    node = errors
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-    node[path[-1]] = [message]
-    return errors
 
 
 def a1111_units(data: Mapping[str, Any]) -> list[UnitRequest]:
