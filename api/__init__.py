@@ -22,7 +22,7 @@ from api.limits import RateLimits
 from api.services import Catalog, Services
 from api.stage import StagePrefix
 from api.submission import SyncTimeout
-from api.waiter import EventHub, WaitersFull
+from api.waiter import EventHub, StreamsFull, WaitersFull
 from common.errors import QueueFull, StorageError
 from common.queue import MessageBuilder, create_celery
 from common.settings import Settings, load_settings
@@ -71,7 +71,7 @@ def build_services(settings: Settings) -> Services:
         keys=KeyRing(keys, settings.api.key_header, settings.tasks.max_pending_per_key, stores.auth_failures,
                      settings.api.auth_failures_per_minute),
         catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default, settings.models.overrides),
-        waits=EventHub(stores.tasks, settings.api.max_waiters),
+        waits=EventHub(stores.tasks, settings.api.max_waiters, settings.api.max_streams),
     )
 
 
@@ -104,6 +104,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(WaitersFull)
     def too_many_waiting(error: WaitersFull):
         return dialect_error(503, "too many synchronous requests are waiting on this API process; retry shortly",
+                             {"Retry-After": RETRY_AFTER_SECONDS})
+
+    @app.errorhandler(StreamsFull)
+    def too_many_streams(error: StreamsFull):
+        return dialect_error(503, "too many event streams are open on this API process; reconnect shortly",
                              {"Retry-After": RETRY_AFTER_SECONDS})
 
     @app.errorhandler(SyncTimeout)

@@ -6,6 +6,9 @@ worker publishes it. Hundreds may wait at once, so they share ONE pattern
 subscription per process and each waits on a threading.Event, instead of
 holding a Redis connection apiece. A missed event (Redis restarted while
 waiting) costs at most RECHECK_SECONDS: every waiter re-reads its task then.
+SSE streams (api/eventstream.py) listen on the same hub, in slots of their
+own (`api.max_streams`), and are woken by every event, progress included;
+waiters only by the events that may change a task's status.
 """
 from __future__ import annotations
 
@@ -23,20 +26,41 @@ log = logging.getLogger("sdqueue.api")
 RECHECK_SECONDS = 5.0
 RECONNECT_SECONDS = 1.0
 SUBSCRIBE_WAIT_SECONDS = 2.0
+STEP_EVENTS = frozenset({"progress", "preview"})   # no status change: waiters sleep on
 
 
 class WaitersFull(Exception):
     """Every wait slot of this process is taken; the caller should retry shortly."""
 
 
+class StreamsFull(Exception):
+    """Every SSE stream slot of this process is taken; the client should reconnect shortly."""
+
+
+class Listener:
+    """One SSE stream's hold on the hub: `news` is set at each event of its task; close() frees the slot (once)."""
+
+    def __init__(self, news: threading.Event, release: Callable[[], None]):
+        self.news = news
+        self._release: Callable[[], None] | None = release
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
 class EventHub:
     """One pub/sub listener thread per process, waking the requests that wait on a task."""
 
-    def __init__(self, store: TaskStore, max_waiters: int):
+    def __init__(self, store: TaskStore, max_waiters: int, max_streams: int = 0):
         self._store = store
         self._slots = threading.BoundedSemaphore(max(1, max_waiters))
+        self._stream_slots = threading.BoundedSemaphore(max(1, max_streams))
+        self.max_streams = max(1, max_streams)
+        self._streams_open = 0
         self._lock = threading.Lock()
-        self._waiters: dict[str, set[threading.Event]] = {}
+        self._waiters: dict[str, dict[threading.Event, bool]] = {}   # task id -> {event: wakes on step events}
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -71,16 +95,43 @@ class EventHub:
             self._unregister(task_id, event)
             self._slots.release()
 
-    def _register(self, task_id: str, event: threading.Event) -> None:
+    # --- streaming --------------------------------------------------------------
+    def listen(self, task_id: str) -> "Listener":
+        """A stream slot and an Event set at every event of the task, until the Listener is closed.
+
+        Raises StreamsFull when every slot of this process is taken (before
+        the answer starts, so the client gets a 503).
+        """
+        if not self._stream_slots.acquire(blocking=False):
+            raise StreamsFull()
+        event = threading.Event()
+        with self._lock:
+            self._streams_open += 1
+        self._register(task_id, event, steps=True)
+        self._subscribed.wait(SUBSCRIBE_WAIT_SECONDS)
+        return Listener(event, lambda: self._release_stream(task_id, event))
+
+    def _release_stream(self, task_id: str, event: threading.Event) -> None:
+        self._unregister(task_id, event)
+        with self._lock:
+            self._streams_open -= 1
+        self._stream_slots.release()
+
+    @property
+    def streams_open(self) -> int:
+        """SSE streams this process holds now (bench/streams.py and /metrics read it)."""
+        return self._streams_open
+
+    def _register(self, task_id: str, event: threading.Event, steps: bool = False) -> None:
         with self._lock:
             self._ensure_listener()
-            self._waiters.setdefault(task_id, set()).add(event)
+            self._waiters.setdefault(task_id, {})[event] = steps
 
     def _unregister(self, task_id: str, event: threading.Event) -> None:
         with self._lock:
             events = self._waiters.get(task_id)
             if events is not None:
-                events.discard(event)
+                events.pop(event, None)
                 if not events:
                     del self._waiters[task_id]
 
@@ -111,16 +162,18 @@ class EventHub:
             self._subscribed.set()
             self._wake_all()
             while True:
-                task_id = events.next_task(timeout=RECHECK_SECONDS)
-                if task_id is not None:
-                    self._wake(task_id)
+                news = events.next_event(timeout=RECHECK_SECONDS)
+                if news is not None:
+                    self._wake(*news)
         finally:
             events.close()
 
-    def _wake(self, task_id: str) -> None:
+    def _wake(self, task_id: str, kind: str) -> None:
+        step_event = kind in STEP_EVENTS
         with self._lock:
-            for event in self._waiters.get(task_id, ()):
-                event.set()
+            for event, steps in self._waiters.get(task_id, {}).items():
+                if steps or not step_event:
+                    event.set()
 
     def _wake_all(self) -> None:
         with self._lock:

@@ -39,10 +39,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("api.keys", list, [], "Accepted API keys (strings, or {key, name} maps). Env: comma-separated."),
     Option("api.key_header", str, "X-API-Key", "Header that carries the API key."),
     Option("api.workers", int, 2, "gunicorn worker processes."),
-    Option("api.threads", int, 160, "Threads per gunicorn worker, started on demand (each waiting request holds one)."),
+    Option("api.threads", int, 224, "Threads per gunicorn worker, started on demand (each waiting request and each "
+           "open SSE stream holds one)."),
     Option("api.max_wait_seconds", int, 60, "Longest ?wait= a task read may block for."),
     Option("api.max_waiters", int, 128, "Requests that may wait for a job at once per API process (?wait=, A1111, /v1/draw); "
            "beyond, ?wait= answers at once and synchronous calls get 503. Keep it below api.threads."),
+    Option("api.max_streams", int, 64, "SSE streams (GET /api/v1/tasks/{id}/events) one API process holds open at "
+           "once; beyond, 503 with Retry-After. Keep api.max_waiters + api.max_streams below api.threads."),
+    Option("api.stream_seconds", int, 300, "Longest an SSE stream stays open; the client resumes with Last-Event-ID "
+           "(EventSource does) and loses nothing."),
     Option("api.sync_timeout", int, 900, "Longest a synchronous call (A1111, /v1/draw) waits for its job."),
     Option("api.submit_limit", str, "10/second", "Default per-key submission rate (Flask-Limiter syntax, ';' separates limits)."),
     Option("api.read_limit", str, "50/second", "Default per-key rate of status reads and listings."),
@@ -108,6 +113,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("tasks.time_limit", int, 600, "Longest a job may run on a worker (fetching its files and loading its "
            "model included) before it is failed."),
     Option("tasks.progress_interval", float, 0.2, "Least seconds between progress writes."),
+    Option("tasks.preview_size", int, 256, "Long side in pixels of the previews a job sends while it runs (preview_every)."),
+    Option("tasks.max_previews", int, 50, "Most previews one job makes: a preview_every that would make more is "
+           "widened to steps / this."),
+    Option("tasks.preview_format", str, "jpeg", "Previews' image format: jpeg or webp."),
     Option("tasks.max_pending", int, 0, "Most jobs that may wait in a queue; beyond, submissions are refused (0: no limit)."),
     Option("tasks.max_attempts", int, 3, "A job whose worker dies this many times is failed, not resent."),
     Option("tasks.max_pending_per_key", int, 100, "Most jobs one API key may have waiting (api.keys[].max_pending overrides); "

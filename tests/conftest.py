@@ -44,6 +44,7 @@ STACK_ENV = {
     "SDQ_API_WORKERS": "2",
     "SDQ_API_THREADS": "80",                  # one API process alone holds test_a1111's 60 waiting calls
     "SDQ_API_MAX_WAITERS": "64",              # (the kernel, not sdqueue, spreads connections over processes)
+    "SDQ_API_MAX_STREAMS": "12",              # waiters + streams stay below the threads
     "SDQ_API_SUBMIT_LIMIT": "",               # rate limits are tested with keys that have their own
     "SDQ_API_READ_LIMIT": "",
     "SDQ_TASKS_PROGRESS_INTERVAL": "0.05",

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import requests
 from PIL import Image
@@ -72,6 +72,52 @@ class Api:
 
     def run(self, **body) -> dict:
         return self.wait(self.submit(**body))
+
+
+@dataclass
+class Sse:
+    """One server-sent event as a client reads it."""
+
+    kind: str
+    data: dict
+    id: str | None = None
+
+
+def read_sse(response: requests.Response) -> Iterator[Sse]:
+    """The events of an open text/event-stream response (comments and retry lines skipped)."""
+    kind, data, event_id = "message", [], None
+    for line in response.iter_lines(decode_unicode=True):
+        if line == "":
+            if data:
+                yield Sse(kind, json.loads("\n".join(data)), event_id)
+            kind, data, event_id = "message", [], None
+        elif line.startswith(":") or line.startswith("retry:"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                kind = value
+            elif name == "data":
+                data.append(value)
+            elif name == "id":
+                event_id = value
+
+
+def stream_events(api: "Api", task_id: str, last_id: str | None = None, key: str | None = None,
+                  until: Callable[[Sse], bool] | None = None, timeout: float = 120) -> list[Sse]:
+    """Every event of a task's stream until it closes (or until `until(event)` holds)."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    with requests.get(f"{api.base}/api/v1/tasks/{task_id}/events", headers={**api.headers(key), **headers},
+                      stream=True, timeout=timeout) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events = []
+        for event in read_sse(response):
+            events.append(event)
+            if until is not None and until(event):
+                break
+        return events
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 120, what: str = "") -> Any:

@@ -17,11 +17,12 @@ from common.store.authfailures import AuthFailures
 from common.store.checkpoints import CheckpointStore
 from common.store.connection import redis_client
 from common.store.pools import PoolRecord, PoolStore
-from common.store.results import CancelOutcome, Claim, NoPick, Picked, Requeue, RequeueOutcome, RunningJob
+from common.store.results import (EVENT_KINDS, FINAL_EVENTS, CancelOutcome, Claim, NoPick, Picked, Preview, Requeue,
+                                  RequeueOutcome, RunningJob, TaskEvent)
 from common.store.tasks import PRIORITIES, Task, TaskStatus, TaskStore
 from common.store.workers import WorkerInfo, WorkerRegistry, WorkerState
 
-__all__ = ["A1111Store", "AuthFailures", "CancelOutcome", "CheckpointStore", "Claim", "NoPick", "PRIORITIES", "Picked", "PoolRecord",
+__all__ = ["A1111Store", "AuthFailures", "CancelOutcome", "EVENT_KINDS", "FINAL_EVENTS", "Preview", "TaskEvent", "CheckpointStore", "Claim", "NoPick", "PRIORITIES", "Picked", "PoolRecord",
            "PoolStore", "Requeue", "RequeueOutcome", "RunningJob", "Stores", "Task", "TaskStatus", "TaskStore",
            "WorkerInfo", "WorkerRegistry", "WorkerState", "open_stores", "redis_client"]
 

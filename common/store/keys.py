@@ -47,10 +47,18 @@ TASK = Key("task:{id}", "hash",
            "one task: `id`, `status`, `owner` (hash of the API key), `spec` (the JobSpec as JSON), `queue`, `model`, "
            "`priority`, `attempt`, `worker`, `runs`, timestamps (`created_at`, `updated_at`, `started_at`, "
            "`finished_at`, `requeued_at`), `progress_step`, `progress_total`, `result_keys`, `seeds`, `error`, "
-           "`cancel_requested`, `compute_seconds`, `scheduler_used`, `callback_status`; expires "
+           "`cancel_requested`, `compute_seconds`, `scheduler_used`, `callback_status`, `steps_since` and "
+           "`steps_from` (where the ETA is measured from); expires "
            "`tasks.retention_seconds` after its last change")
 EVENTS = Key("events:{id}", "pub/sub channel",
-             "each new status of a task (waiters of `?wait=` and the synchronous dialects listen)")
+             "the kind of each new event of a task (`queued`, `started`, `progress`, `preview`, or its final "
+             "status): waiters of `?wait=`, the synchronous dialects and SSE streams listen")
+EVENT_LOG = Key("event-log:{id}", "stream",
+                "a task's events (`event` and its fields), what SSE streams send and resume from by their ids; "
+                "about 200 kept, only the final one once the task ended; expires with the task")
+PREVIEW = Key("preview:{id}", "string",
+              "a running task's newest preview (JSON: step, total, image as a data URL, width, height); "
+              "deleted when the task ends or is put back in its queue")
 PENDING = Key("pending:{queue}", "sorted set",
               "the tasks waiting in a queue (worker pool); score = priority rank × 10^15 + µs since 2020-01-01, "
               "so the order is the order workers take them in")

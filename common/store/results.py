@@ -78,3 +78,36 @@ class RunningJob:
     owner: str | None
     priority: str
     started_at: float = 0.0   # when this attempt was taken (the taking worker's clock)
+
+
+FINAL_EVENTS = ("completed", "failed", "cancelled")
+EVENT_KINDS = ("queued", "started", "progress", "preview", *FINAL_EVENTS)
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """One entry of a task's event log: its id (a Redis stream id, what SSE's Last-Event-ID names), its kind
+    (EVENT_KINDS) and its recorded fields (strings, as the Lua scripts wrote them)."""
+
+    id: str
+    kind: str
+    fields: dict
+
+    @property
+    def final(self) -> bool:
+        return self.kind in FINAL_EVENTS
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A running job's newest preview: a small image of its latents at `step` of `total`, as a data URL."""
+
+    step: int
+    total: int
+    image: str
+    width: int
+    height: int
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "total": self.total, "image": self.image, "width": self.width,
+                "height": self.height}

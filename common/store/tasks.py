@@ -26,7 +26,8 @@ from common.errors import JobCancelled, QueueFull, StaleAttempt, TaskNotFound
 from common.jobspec import JobSpec
 from common.queue import BrokerMessage
 from common.store import keys
-from common.store.results import CancelOutcome, Claim, NoPick, Picked, Requeue, RequeueOutcome, RunningJob
+from common.store.results import (CancelOutcome, Claim, NoPick, Picked, Preview, Requeue, RequeueOutcome, RunningJob,
+                                  TaskEvent)
 from common.store.scripts import LuaScript
 
 DELIVERY_TTL = 24 * 3600   # how long a delivery remembers the job it took (beyond any job time limit)
@@ -148,11 +149,11 @@ class EventSubscription:
         self._pubsub.psubscribe(keys.EVENTS("*"))
         self._pubsub.get_message(timeout=timeout)
 
-    def next_task(self, timeout: float) -> str | None:
-        """The id of the next task with news, or None after `timeout` s without any."""
+    def next_event(self, timeout: float) -> tuple[str, str] | None:
+        """(task id, event kind) of the next task with news, or None after `timeout` s without any."""
         message = self._pubsub.get_message(timeout=timeout)
         if message and message.get("type") == "pmessage":
-            return message["channel"][len(keys.EVENTS.prefix()):]
+            return message["channel"][len(keys.EVENTS.prefix()):], message["data"]
         return None
 
     def close(self) -> None:
@@ -199,7 +200,8 @@ class TaskStore:
         outcome = self._evalsha_direct(
             self._create,
             [keys.TASK(task_id), keys.OWNER_TASKS(owner), message.list_key if message else "", keys.PENDING(queue),
-             keys.PENDING_MODEL(queue, spec.model), keys.PENDING_OWNER(owner), keys.STATS(), keys.PENDING_INDEXES()],
+             keys.PENDING_MODEL(queue, spec.model), keys.PENDING_OWNER(owner), keys.STATS(), keys.PENDING_INDEXES(),
+             keys.EVENTS(task_id), keys.EVENT_LOG(task_id)],
             [task_id, stamp, self.retention, message.payload if message else "", orjson.dumps(fields),
              pending_score(spec.priority, now), max_pending, max_pending_owner])
         if outcome[0] == "queue_full":
@@ -311,9 +313,29 @@ class TaskStore:
         """Cancel a waiting task now, or flag a running one to stop at its next step."""
         outcome = self._cancel(
             [keys.TASK(task.id), keys.RUNNING(), keys.PENDING(task.queue), keys.PENDING_MODEL(task.queue, task.spec.model),
-             keys.PENDING_OWNER(task.owner), keys.STATS(), keys.EVENTS(task.id), keys.CALLBACK_OUTBOX()],
+             keys.PENDING_OWNER(task.owner), keys.STATS(), keys.EVENTS(task.id), keys.CALLBACK_OUTBOX(),
+             keys.EVENT_LOG(task.id), keys.PREVIEW(task.id)],
             [task.id, repr(time.time()), self.retention])
         return CancelOutcome(outcome)
+
+    def events_after(self, task_id: str, after: str | None, count: int = 200) -> list[TaskEvent]:
+        """A task's recorded events after the one with id `after` (all of them when None), oldest first."""
+        start = "-" if after is None else "(" + after
+        return [TaskEvent(event_id, fields.pop("event", ""), fields)
+                for event_id, fields in self.client.xrange(keys.EVENT_LOG(task_id), start, "+", count=count)]
+
+    def last_event(self, task_id: str) -> TaskEvent | None:
+        """A task's newest recorded event (its final one once it ended), None if it has none."""
+        newest = self.client.xrevrange(keys.EVENT_LOG(task_id), "+", "-", count=1)
+        return TaskEvent(newest[0][0], newest[0][1].pop("event", ""), newest[0][1]) if newest else None
+
+    def preview(self, task_id: str) -> Preview | None:
+        """A running task's newest preview, None when it has none (not asked for, none yet, or it ended)."""
+        raw = self.client.get(keys.PREVIEW(task_id))
+        if not raw:
+            return None
+        data = orjson.loads(raw)
+        return Preview(int(data["step"]), int(data["total"]), data["image"], int(data["width"]), int(data["height"]))
 
     def watch_events(self) -> EventSubscription:
         """A new subscription to every task's status changes."""
@@ -383,9 +405,9 @@ class TaskStore:
         wait_ms = -1 if affinity_wait is None else int(affinity_wait * 1000)
         script_keys = [keys.PENDING(queue), queue, keys.DELIVERY(delivery or uuid.uuid4().hex),
                        keys.PENDING_MODEL.prefix(queue), keys.TASK.prefix(), keys.WORKER.prefix(), keys.WORKERS(),
-                       keys.PENDING_OWNER.prefix(), keys.RUNNING(), keys.EVENTS.prefix()]
+                       keys.PENDING_OWNER.prefix(), keys.RUNNING(), keys.EVENTS.prefix(), keys.EVENT_LOG.prefix()]
         args = [worker, repr(time.time()), json.dumps(held), wait_ms, queue, scan_limit, capacity, DELIVERY_TTL,
-                SCORE_EPOCH, PRIORITY_SPAN, max_images]
+                SCORE_EPOCH, PRIORITY_SPAN, max_images, self.retention]
         for _ in range(8):
             task_id, detail, *rest = self._pick(script_keys, args)
             if task_id:
@@ -395,9 +417,14 @@ class TaskStore:
                 return NoPick(detail)
         return NoPick.WAIT
 
-    def report_progress(self, task_id: str, attempt: int, worker: str, step: int, total: int) -> bool:
-        """Record a running job's progress; nothing once it ended or another attempt or worker holds it."""
-        return bool(self._progress([keys.TASK(task_id)], [attempt, worker, step, total, repr(time.time())]))
+    def report_progress(self, task_id: str, attempt: int, worker: str, step: int, total: int,
+                        preview: Preview | None = None) -> bool:
+        """Record a running job's progress (and its newest preview); nothing once it ended or another attempt or
+        worker holds it."""
+        return bool(self._progress(
+            [keys.TASK(task_id), keys.EVENTS(task_id), keys.EVENT_LOG(task_id), keys.PREVIEW(task_id)],
+            [attempt, worker, step, total, repr(time.time()), self.retention,
+             orjson.dumps(preview.to_dict()) if preview else "", preview.step if preview else 0]))
 
     def check_still_mine(self, task_id: str, attempt: int, worker: str) -> None:
         """Raise JobCancelled or StaleAttempt when this run must stop."""
@@ -427,7 +454,7 @@ class TaskStore:
         for name, value in fields.items():
             pairs += [name, value if isinstance(value, str) else json.dumps(value)]
         return bool(self._finish([keys.TASK(task_id), keys.RUNNING(), keys.STATS(), keys.EVENTS(task_id),
-                                  keys.CALLBACK_OUTBOX()],
+                                  keys.CALLBACK_OUTBOX(), keys.EVENT_LOG(task_id), keys.PREVIEW(task_id)],
                                  [attempt, worker, repr(time.time()), status.value, self.retention, task_id, *pairs]))
 
     def set_fields(self, task_id: str, **fields: str) -> None:
@@ -497,7 +524,7 @@ class TaskStore:
             [keys.TASK(job.task_id), keys.RUNNING(), message.list_key, keys.PENDING(job.queue),
              "" if job.model is None else keys.PENDING_MODEL(job.queue, job.model),
              "" if job.owner is None else keys.PENDING_OWNER(job.owner), keys.STATS(), keys.EVENTS(job.task_id),
-             keys.CALLBACK_OUTBOX(), keys.PENDING_INDEXES()],
+             keys.CALLBACK_OUTBOX(), keys.PENDING_INDEXES(), keys.EVENT_LOG(job.task_id), keys.PREVIEW(job.task_id)],
             [job.task_id, job.worker, job.attempt, repr(time.time()), max_attempts, self.retention, message.payload,
              front_score(job.priority), give_up])
         return Requeue(RequeueOutcome(outcome), int(attempt[0]) if attempt else 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from flask import jsonify, request
+from flask import Response, jsonify, request
 from flask_smorest import Blueprint, abort
 
 from api.auth import current_key
@@ -17,6 +17,7 @@ from api.dialects.native import schemas
 from api.controlnet import controlnet_list
 from api.dialects.native.translate import attach_controlnet, attach_mask, build_jobspec, created_body, render_task
 from api.errors import error_response
+from api.eventstream import open_stream, valid_event_id
 from api.fastsubmit import TASK_ID_ENVIRON
 from api.limits import read_limited, submit_limited
 from api.services import Services, services
@@ -140,6 +141,35 @@ def get_task(query: dict, task_id: str):
         wait_until_terminal(svc, task_id, query["wait"])
         task = svc.store.get(task_id)
     return render_task(task, svc.storage, svc.store)
+
+
+LAST_EVENT_ID = "Last-Event-ID"
+
+
+@blp.route("/tasks/<string:task_id>/events", methods=["GET"])
+@read_limited
+@blp.arguments(schemas.EventsQuery(), location="query")
+@blp.response(200, content_type="text/event-stream", description=(
+    "Server-sent events until the task ends (docs/events.md): queued, started, progress, preview, then one of "
+    "completed / failed / cancelled carrying the body of GET /api/v1/tasks/{id}"))
+@blp.alt_response(204, description="The Last-Event-ID given is the task's final event: nothing more will come")
+@blp.alt_response(503, description="Every stream slot of this API process is taken (api.max_streams); "
+                                   "reconnect after Retry-After")
+@blp.doc(security=SECURITY)
+def task_events(query: dict, task_id: str):
+    """A task's events as they happen, as server-sent events; resumable with Last-Event-ID."""
+    svc = services()
+    task = owned_task_or_404(svc, task_id)
+    last_id = request.headers.get(LAST_EVENT_ID) or query["last_event_id"]
+    if last_id is not None and not valid_event_id(last_id):
+        abort(422, errors={"headers": {LAST_EVENT_ID: ["not an event id this service sent (such as 1733555000123-0)"]}})
+    stream = open_stream(svc.store, svc.waits, task,
+                         lambda t: schemas.TaskSchema().dump(render_task(t, svc.storage, svc.store)),
+                         last_id, svc.settings.api.stream_seconds)
+    if stream is None:
+        return Response(status=204)
+    return Response(stream, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @blp.route("/tasks/<string:task_id>", methods=["DELETE"])

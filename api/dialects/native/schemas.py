@@ -204,6 +204,12 @@ class TaskListQuery(BaseSchema):
         ["pending", "processing", "completed", "failed", "cancelled"]))
 
 
+class EventsQuery(BaseSchema):
+    last_event_id = fields.String(load_default=None, validate=validate.Regexp(r"^\d{1,20}-\d{1,20}$"), metadata={
+        "description": "Resume after this event (as the Last-Event-ID header, which wins): for clients that cannot "
+                       "set headers"})
+
+
 class TaskQuery(BaseSchema):
     wait = StrictFloat(load_default=0, validate=SettingRange(0, Setting("api.max_wait_seconds")), metadata={
         "description": "Seconds to wait for the task to finish before answering (long polling)"})

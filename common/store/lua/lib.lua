@@ -29,13 +29,24 @@ local function index(id, score, now, retention, pending, pending_model, pending_
   end
 end
 
+-- Record an event in a task's event log (what SSE streams read and resume from, by its ids) and announce
+-- it on the task's channel (the API's waiters and streams listen). `...`: the event's field/value pairs.
+local function announce(events, log, retention, kind, ...)
+  redis.call('XADD', log, 'MAXLEN', '~', 200, '*', 'event', kind, ...)
+  redis.call('EXPIRE', log, retention)
+  redis.call('PUBLISH', events, kind)
+end
+
 -- Take a waiting task: processing for `worker`, off every waiting index, onto `running`, announced.
-local function take(task, id, worker, now, running, events, pending, pending_model, pending_owner)
+local function take(task, id, worker, now, retention, running, events, log, pending, pending_model, pending_owner)
   redis.call('HSET', task, 'status', 'processing', 'worker', worker, 'started_at', now, 'updated_at', now,
              'progress_step', 0)
+  redis.call('HDEL', task, 'steps_since', 'steps_from')   -- the ETA of this attempt starts at its first step
   unindex(id, pending, pending_model, pending_owner)
   redis.call('ZADD', running, now, id)
-  redis.call('PUBLISH', events, 'processing')
+  local attempt, model = unpack(redis.call('HMGET', task, 'attempt', 'model'))
+  announce(events, log, retention, 'started', 'worker', worker, 'attempt', attempt or '0', 'model', model or '',
+           'at', now)
   redis.call('HINCRBY', task, 'runs', 1)
 end
 
@@ -44,13 +55,16 @@ local function takeable(status, worker)
   return status == 'pending' or (status == 'processing' and (not worker or worker == ''))
 end
 
--- The terminal step, written once: status and times, retention, off `running`, counted, announced.
-local function conclude(task, id, status, now, retention, running, stats, events, outbox)
+-- The terminal step, written once: status and times, retention, off `running`, counted, announced. The
+-- event log keeps only this final event (a stream that resumes later is sent the end), the preview goes.
+local function conclude(task, id, status, now, retention, running, stats, events, outbox, log, preview)
   redis.call('HSET', task, 'status', status, 'updated_at', now, 'finished_at', now)
   redis.call('EXPIRE', task, retention)
   redis.call('ZREM', running, id)
   redis.call('HINCRBY', stats, status, 1)
-  redis.call('PUBLISH', events, status)
+  announce(events, log, retention, status, 'at', now)
+  redis.call('XTRIM', log, 'MAXLEN', 1)
+  redis.call('DEL', preview)
   -- The webhook is owed in the same step as the ending: a lost enqueue afterwards is resent from the outbox.
   local ok, spec = pcall(cjson.decode, redis.call('HGET', task, 'spec') or '{}')
   if ok and type(spec) == 'table' and type(spec['callback_url']) == 'string' and spec['callback_url'] ~= '' then

@@ -1,11 +1,11 @@
 -- pick: the scheduler. A worker that received a delivery takes the best waiting job *for it*.
 -- KEYS: pending, broker_list, delivery, pending_model_prefix, task_prefix, worker_prefix, workers,
---       pending_owner_prefix, running, events_prefix
+--       pending_owner_prefix, running, events_prefix, log_prefix
 -- A *_prefix is a key without its last part: the script appends the task id, model, owner or worker id
 -- that it reads in Redis (what it will take is not known before it runs).
 -- ARGV: worker, now (s), models it holds, least recently used first (JSON list), affinity wait (ms; -1: off),
 --       queue, scan limit, models it can hold, delivery ttl (s), score epoch (s), priority span,
---       images one pipeline call may hold (worker.max_batch; 1: no batching)
+--       images one pipeline call may hold (worker.max_batch; 1: no batching), retention (s)
 -- Returns {id, attempt, model, companion id, its attempt, ...}, or {'', why}: 'empty' (nothing waits, or
 -- enough other deliveries are queued for what waits: this one is surplus), 'wait' (only jobs for models
 -- other live workers hold, not waited long enough yet), 'retry' (dropped a stale entry).
@@ -14,7 +14,7 @@
 -- The same delivery asking again (a lost reply, a Celery retry) gets the jobs it took before.
 -- include: lib
 local pending, broker_list, delivery, pending_model_prefix, task_prefix, worker_prefix, workers, pending_owner_prefix,
-      running, events_prefix = unpack(KEYS)
+      running, events_prefix, log_prefix = unpack(KEYS)
 local me, now, queue, wait = ARGV[1], ARGV[2], ARGV[5], tonumber(ARGV[4])
 local epoch, span = tonumber(ARGV[9]), tonumber(ARGV[10])
 local before = redis.call('GET', delivery)
@@ -81,7 +81,7 @@ if not takeable(st, worker) then
   for _, m in ipairs(held) do redis.call('ZREM', pending_model_prefix .. m, pick) end
   return {'', 'retry'}
 end
-take(task, pick, me, now, running, events_prefix .. pick, pending, model_key, owner_key)
+take(task, pick, me, now, ARGV[12], running, events_prefix .. pick, log_prefix .. pick, pending, model_key, owner_key)
 local taken, ids = {pick, attempt, model or ''}, {pick}
 -- Companions for one pipeline call, from the same model's index, in the order workers take jobs.
 local key, images = unpack(redis.call('HMGET', task, 'batch', 'images'))
@@ -93,7 +93,7 @@ if room > 0 and key and key ~= '' and model_key then
       'attempt', 'batch', 'images', 'owner'))
     local n = tonumber(oimages) or 1
     if obatch == key and n <= room and takeable(ost, oworker) then
-      take(other, id, me, now, running, events_prefix .. id, pending, model_key, oowner and (pending_owner_prefix .. oowner) or nil)
+      take(other, id, me, now, ARGV[12], running, events_prefix .. id, log_prefix .. id, pending, model_key, oowner and (pending_owner_prefix .. oowner) or nil)
       taken[#taken + 1] = id; taken[#taken + 1] = oattempt; ids[#ids + 1] = id
       room = room - n
       if room <= 0 then break end

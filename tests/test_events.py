@@ -1,0 +1,176 @@
+"""Task events over SSE (docs/events.md): order and payloads of completed, failed, cancelled and resumed streams,
+against the real stack; the hub's stream slots and wake rules as units."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+
+from api.eventstream import format_event, newest_only, valid_event_id
+from api.waiter import EventHub, StreamsFull
+from common.store import TaskEvent
+from tests.helpers import SLOW_JOB, read_sse, stream_events
+
+STEADY = {"width": 128, "height": 128, "num_inference_steps": 24}   # long enough for several progress writes
+FINALS = ("completed", "failed", "cancelled")
+
+
+def id_order(event_id: str) -> tuple[int, int]:
+    ms, seq = event_id.split("-")
+    return int(ms), int(seq)
+
+
+def occupy_worker(api) -> str:
+    """A slow job the worker is busy with, so the next submission waits in the queue."""
+    blocker = api.submit(**SLOW_JOB)
+    api.wait_for(blocker, lambda t: t["status"] == "processing")
+    return blocker
+
+
+def test_stream_follows_a_job_from_the_queue_to_completion(api):
+    blocker = occupy_worker(api)
+    task = api.submit(**STEADY)
+    with requests.get(f"{api.base}/api/v1/tasks/{task}/events", headers=api.headers(), stream=True,
+                      timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["Cache-Control"] == "no-cache"
+        events = read_sse(response)
+        first = next(events)
+        assert first.kind == "queued" and first.id
+        assert first.data == {"task_id": task, "status": "pending", "queue_position": 1, "attempt": 0}
+        api.delete(f"/api/v1/tasks/{blocker}")
+        rest = list(events)
+    kinds = [e.kind for e in rest]
+    assert kinds[-1] == "completed" and kinds.count("completed") == 1
+    started = rest[kinds.index("started")]
+    assert started.data["model"] and started.data["worker"] and started.data["attempt"] == 0
+    progress = [e for e in rest if e.kind == "progress"]
+    assert progress, kinds
+    assert kinds.index("started") < kinds.index("progress") < kinds.index("completed")
+    steps = [e.data["step"] for e in progress]
+    total = progress[0].data["total"]                      # the scheduler's timesteps (>= the steps asked)
+    assert steps == sorted(steps) and total >= 24 and all(0 < e.data["step"] <= e.data["total"] == total
+                                                          for e in progress)
+    assert all(e.data["fraction"] == round(e.data["step"] / total, 4) for e in progress)
+    assert all(e.data["eta_seconds"] is None or e.data["eta_seconds"] >= 0 for e in progress)
+    assert "preview" not in kinds                           # not asked for
+    assert rest[-1].data == api.task(task)                  # the final event is GET /api/v1/tasks/{id}
+    ids = [e.id for e in [first, *rest]]
+    assert all(ids) and ids == sorted(ids, key=id_order) and len(set(ids)) == len(ids)
+
+
+def test_stream_of_a_finished_task_sends_its_end_at_once_and_204_after_it(api):
+    task = api.submit()
+    api.wait(task)
+    events = stream_events(api, task)
+    assert [e.kind for e in events] == ["completed"]
+    assert events[0].data == api.task(task)
+    again = requests.get(f"{api.base}/api/v1/tasks/{task}/events",
+                         headers={**api.headers(), "Last-Event-ID": events[0].id}, timeout=30)
+    assert again.status_code == 204                         # EventSource stops reconnecting
+
+
+def test_stream_of_a_failed_job_ends_with_its_error(api):
+    task = api.submit(loras=[{"name": "broken"}])
+    events = stream_events(api, task)
+    assert events[-1].kind == "failed"
+    assert events[-1].data["status"] == "failed" and events[-1].data["error_message"]
+    assert events[-1].data == api.task(task)
+
+
+def test_cancel_ends_the_stream_with_a_cancelled_event(api):
+    task = api.submit(**SLOW_JOB)
+    got: list = []
+
+    def cancel_once_running(event) -> bool:
+        got.append(event)
+        if event.kind == "progress" and len([e for e in got if e.kind == "progress"]) == 1:
+            api.delete(f"/api/v1/tasks/{task}")
+        return event.kind in FINALS
+
+    events = stream_events(api, task, until=cancel_once_running)
+    assert events[-1].kind == "cancelled"
+    assert events[-1].data["status"] == "cancelled" and events[-1].data == api.task(task)
+
+
+def test_a_resumed_stream_continues_after_its_last_event(api):
+    task = api.submit(**{**STEADY, "num_inference_steps": 60})
+    head = stream_events(api, task, until=lambda e: e.kind == "progress")
+    assert head[-1].kind == "progress"
+    rest = stream_events(api, task, last_id=head[-1].id)
+    assert rest[-1].kind == "completed"
+    assert all(id_order(e.id) > id_order(head[-1].id) for e in rest if e.id)
+    steps = [e.data["step"] for e in rest if e.kind == "progress"]
+    assert all(step >= head[-1].data["step"] for step in steps)
+    assert "queued" not in [e.kind for e in rest]
+    by_query = requests.get(f"{api.base}/api/v1/tasks/{task}/events?last_event_id={rest[-1].id}",
+                            headers=api.headers(), timeout=30)
+    assert by_query.status_code == 204
+
+
+def test_streams_are_owned_and_checked(api, api_b):
+    task = api.submit()
+    other = requests.get(f"{api.base}/api/v1/tasks/{task}/events", headers=api_b.headers(), timeout=30)
+    missing = requests.get(f"{api.base}/api/v1/tasks/no-such-task/events", headers=api_b.headers(), timeout=30)
+    assert other.status_code == missing.status_code == 404
+    assert other.json() == missing.json()
+    bad = requests.get(f"{api.base}/api/v1/tasks/{task}/events",
+                       headers={**api.headers(), "Last-Event-ID": "yesterday"}, timeout=30)
+    assert bad.status_code == 422 and "Last-Event-ID" in bad.text
+    bad_query = requests.get(f"{api.base}/api/v1/tasks/{task}/events?last_event_id=x", headers=api.headers(),
+                             timeout=30)
+    assert bad_query.status_code == 422 and "last_event_id" in bad_query.text
+    nokey = requests.get(f"{api.base}/api/v1/tasks/{task}/events", timeout=30)
+    assert nokey.status_code == 401
+    api.wait(task)
+
+
+# --- units ------------------------------------------------------------------------------------------------------
+
+class QuietStore:
+    """What EventHub's listener needs of a store when no Redis is wanted: a subscription that never delivers."""
+
+    def watch_events(self):
+        raise OSError("no Redis in this unit test")
+
+
+def test_stream_slots_are_bounded_and_freed():
+    hub = EventHub(QuietStore(), max_waiters=4, max_streams=2)
+    hub._subscribed.set()
+    first, second = hub.listen("a"), hub.listen("b")
+    assert hub.streams_open == 2
+    with pytest.raises(StreamsFull):
+        hub.listen("c")
+    first.close()
+    first.close()                                           # idempotent: frees one slot once
+    third = hub.listen("c")
+    assert hub.streams_open == 2
+    second.close(), third.close()
+    assert hub.streams_open == 0
+
+
+def test_step_events_wake_streams_but_not_waiters():
+    hub = EventHub(QuietStore(), max_waiters=4, max_streams=2)
+    hub._subscribed.set()
+    stream = hub.listen("t")
+    waiter = threading.Event()
+    hub._register("t", waiter)
+    hub._wake("t", "progress")
+    assert stream.news.is_set() and not waiter.is_set()
+    hub._wake("t", "completed")
+    assert waiter.is_set()
+    stream.close()
+
+
+def test_only_the_newest_progress_and_preview_are_sent():
+    events = [TaskEvent("1-0", "started", {}), TaskEvent("2-0", "progress", {"step": "1"}),
+              TaskEvent("3-0", "preview", {}), TaskEvent("4-0", "progress", {"step": "2"}),
+              TaskEvent("5-0", "preview", {}), TaskEvent("6-0", "completed", {})]
+    assert [e.id for e in newest_only(events)] == ["1-0", "4-0", "5-0", "6-0"]
+
+
+def test_event_format_and_ids():
+    assert format_event("progress", {"step": 1}, "5-1") == b'id: 5-1\nevent: progress\ndata: {"step":1}\n\n'
+    assert format_event("queued", {"queue_position": 2}) == b'event: queued\ndata: {"queue_position":2}\n\n'
+    assert valid_event_id("1733555000123-0") and not valid_event_id("1-0\nevent: x") and not valid_event_id("")
