@@ -18,15 +18,15 @@ from typing import Callable, Iterator
 
 import orjson
 
-from api.timestamps import iso
 from api.waiter import EventHub, Listener
+from common.events import STEP_KINDS, preview_data, progress_data, queued_data, started_data
 from common.store import Task, TaskEvent, TaskStatus, TaskStore
 
 KEEPALIVE_SECONDS = 15.0
 POSITION_SECONDS = 2.0          # how often a waiting task's place in the queue is looked at again
 RETRY_MS = 2000
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-SUPERSEDED = ("progress", "preview")    # of these, only the newest waiting to be sent is sent
+SUPERSEDED = STEP_KINDS                 # of these, only the newest waiting to be sent is sent
 
 
 def valid_event_id(value: str) -> bool:
@@ -116,26 +116,22 @@ class TaskEventStream:
             yield format_event(task.status.value, self.render_final(task))
 
     def event_data(self, event: TaskEvent) -> dict | None:
-        """The JSON an event carries (docs/events.md), None for a preview that is gone already."""
+        """The JSON an event carries (common/events.py), None for a preview that is gone already."""
         fields = event.fields
-        base = {"task_id": self.task_id}
         if event.final:
             return self.render_final(self.store.get(self.task_id))
         if event.kind == "queued":
             self.position = self.store.queue_position(self.store.get(self.task_id))
-            return {**base, "status": "pending", "queue_position": self.position,
-                    "attempt": int(fields.get("attempt") or 0), **({"requeued": True} if fields.get("requeued") else {})}
+            return queued_data(self.task_id, self.position, int(fields.get("attempt") or 0), bool(fields.get("requeued")))
         if event.kind == "started":
-            return {**base, "status": "processing", "worker": fields.get("worker"), "model": fields.get("model"),
-                    "attempt": int(fields.get("attempt") or 0), "started_at": iso(float(fields["at"])) if fields.get("at") else None}
+            return started_data(self.task_id, fields.get("worker"), fields.get("model"),
+                                int(fields.get("attempt") or 0), fields.get("at"))
         if event.kind == "progress":
-            step, total = int(fields.get("step") or 0), int(fields.get("total") or 0)
-            eta = fields.get("eta")
-            return {**base, "step": step, "total": total, "fraction": round(step / total, 4) if total else 0.0,
-                    "eta_seconds": float(eta) if eta else None}
+            return progress_data(self.task_id, int(fields.get("step") or 0), int(fields.get("total") or 0),
+                                 fields.get("eta"))
         if event.kind == "preview":
             preview = self.store.preview(self.task_id)
-            return None if preview is None else {**base, **preview.to_dict()}
+            return None if preview is None else preview_data(self.task_id, preview)
         return None
 
     def queue_place(self, task: Task) -> int | None:

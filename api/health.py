@@ -8,7 +8,7 @@ from flask_smorest import Blueprint
 
 from api import schemas
 from api.services import services
-from api.timestamps import iso
+from common.timestamps import iso
 from common.store.workers import WorkerState
 
 blp = Blueprint("health", __name__, description="Service and worker health (no auth)")

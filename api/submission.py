@@ -9,7 +9,9 @@ import random
 import uuid
 
 from api.services import Services
+from common.events import queued_data, wanted_events
 from common.jobspec import JobSpec
+from common.queue import send_event_callback
 from common.store.tasks import Task
 
 
@@ -43,8 +45,11 @@ def submit_job(svc: Services, owner: str, spec: JobSpec, task_id: str | None = N
     task_id = task_id or new_task_id()
     queue = queue or svc.keys.queue_for(owner) or svc.settings.tasks.queue
     spec.priority = svc.keys.priority_for(owner, spec.priority)   # the native API refused a forbidden one already
-    svc.store.create(task_id, owner, spec, queue, svc.messages.generate(task_id, 0, queue),
-                     svc.settings.tasks.max_pending, svc.keys.max_pending(owner))
+    created = svc.store.create(task_id, owner, spec, queue, svc.messages.generate(task_id, 0, queue),
+                               svc.settings.tasks.max_pending, svc.keys.max_pending(owner))
+    if created and wanted_events(spec.callback_url, spec.callback_events, ("queued",)):
+        position = svc.store.queue_position(svc.store.get(task_id))
+        send_event_callback(svc.celery, task_id, "queued", queued_data(task_id, position, 0), svc.settings.callbacks.queue)
     return task_id
 
 

@@ -20,13 +20,13 @@ from typing import Callable
 
 import redis
 
+from common.events import STEP_KINDS
 from common.store import TaskStore
 
 log = logging.getLogger("sdqueue.api")
 RECHECK_SECONDS = 5.0
 RECONNECT_SECONDS = 1.0
 SUBSCRIBE_WAIT_SECONDS = 2.0
-STEP_EVENTS = frozenset({"progress", "preview"})   # no status change: waiters sleep on
 
 
 class WaitersFull(Exception):
@@ -169,7 +169,7 @@ class EventHub:
             events.close()
 
     def _wake(self, task_id: str, kind: str) -> None:
-        step_event = kind in STEP_EVENTS
+        step_event = kind in STEP_KINDS
         with self._lock:
             for event, steps in self._waiters.get(task_id, {}).items():
                 if steps or not step_event:

@@ -17,7 +17,7 @@ from typing import Any
 _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", "mask_image_key", "output_prefix",
                               "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
                               "refiner_switch", "family", "inpaint_fill", "inpaint_area", "prompt_syntax",
-                              "hires", "controlnet", "extras"})
+                              "hires", "controlnet", "extras", "preview_every", "callback_events"})
 
 
 ZERO_NEGATIVE_FAMILIES = (None, "sdxl", "sdxl-refiner")   # a missing negative prompt is zeros, not ""
@@ -79,6 +79,8 @@ class JobSpec:
     # The A1111 extras with a model upscaler (api/dialects/a1111/extras.py, worker/extras.py): the request's fields
     # (common/extras.py FIELDS) and "image_keys", its images under the task's input prefix; no diffusion runs
     extras: dict[str, Any] | None = None
+    preview_every: int = 0           # a preview of the latents every this many steps (worker/previews.py); 0: none
+    callback_events: list[str] | None = None   # the events the webhook gets (docs/events.md); None: the final ones
 
     @property
     def mode(self) -> str:

@@ -19,6 +19,7 @@ log = logging.getLogger("sdqueue.queue")
 
 GENERATE_TASK = "sdq.generate"
 CALLBACK_TASK = "sdq.deliver_callback"
+EVENT_CALLBACK_TASK = "sdq.deliver_event"     # a task's intermediate event, to its webhook (callback_events)
 
 # Seconds beyond the job time limit before the broker redelivers an unacked
 # message; the reaper (heartbeats) rescues killed workers' jobs long before.
@@ -47,7 +48,8 @@ def celery_config(settings) -> dict:
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         "task_routes": {GENERATE_TASK: {"queue": settings.tasks.queue},
-                        CALLBACK_TASK: {"queue": settings.callbacks.queue}},
+                        CALLBACK_TASK: {"queue": settings.callbacks.queue},
+                        EVENT_CALLBACK_TASK: {"queue": settings.callbacks.queue}},
         "task_default_queue": settings.tasks.queue,
     }
 
@@ -170,6 +172,19 @@ def redis_list_key(queue: str, priority: int, sep: str, priority_steps: list[int
 def send_callback(app: Celery, task_id: str, queue: str) -> None:
     """Enqueue the webhook delivery of a finished task (CPU queue)."""
     app.send_task(CALLBACK_TASK, args=[task_id], queue=queue, task_id=f"{task_id}-callback")
+
+
+def send_event_callback(app: Celery, task_id: str, kind: str, data: dict, queue: str) -> None:
+    """Enqueue the webhook delivery of one intermediate event (started, progress, ...), best effort: never raises.
+
+    Why best effort: these events are news, not the result; a broker blip
+    loses one of them (logged), and the final callback is still owed
+    through the outbox.
+    """
+    try:
+        app.send_task(EVENT_CALLBACK_TASK, args=[task_id, kind, data], queue=queue)
+    except Exception:  # noqa: BLE001 - the job goes on; the event is lost
+        log.warning("could not queue the %s event webhook of task %s", kind, task_id, exc_info=True)
 
 
 def hand_over_callback(app: Celery, store: Any, task_id: str, queue: str) -> bool:

@@ -2,15 +2,19 @@
 against the real stack; the hub's stream slots and wake rules as units."""
 from __future__ import annotations
 
+import base64
+import io
+import json
 import threading
 
 import pytest
 import requests
+from PIL import Image
 
 from api.eventstream import format_event, newest_only, valid_event_id
 from api.waiter import EventHub, StreamsFull
 from common.store import TaskEvent
-from tests.helpers import SLOW_JOB, read_sse, stream_events
+from tests.helpers import SLOW_JOB, Receiver, read_sse, stream_events, wait_until
 
 STEADY = {"width": 128, "height": 128, "num_inference_steps": 24}   # long enough for several progress writes
 FINALS = ("completed", "failed", "cancelled")
@@ -174,3 +178,94 @@ def test_event_format_and_ids():
     assert format_event("progress", {"step": 1}, "5-1") == b'id: 5-1\nevent: progress\ndata: {"step":1}\n\n'
     assert format_event("queued", {"queue_position": 2}) == b'event: queued\ndata: {"queue_position":2}\n\n'
     assert valid_event_id("1733555000123-0") and not valid_event_id("1-0\nevent: x") and not valid_event_id("")
+
+
+# --- previews ---------------------------------------------------------------------------------------------------
+
+def test_previews_come_every_n_steps_when_asked(api):
+    task = api.submit(**STEADY, preview_every=4)
+    events = stream_events(api, task)
+    previews = [e for e in events if e.kind == "preview"]
+    assert previews and events[-1].kind == "completed"
+    for event in previews:
+        data = event.data
+        assert data["step"] % 4 == 0 and 0 < data["step"] <= data["total"]
+        assert data["image"].startswith("data:image/jpeg;base64,")
+        image = Image.open(io.BytesIO(base64.b64decode(data["image"].partition(",")[2])))
+        assert image.format == "JPEG" and image.size == (data["width"], data["height"]) == (128, 128)
+    assert not [e for e in stream_events(api, task) if e.kind == "preview"]   # gone once the task ended
+
+
+def test_preview_every_is_checked(api):
+    response = api.post("/api/v1/generate", {"prompt": "x", **STEADY, "preview_every": -1})
+    assert response.status_code == 422 and "preview_every" in response.text
+
+
+def test_a1111_progress_shows_the_live_preview_as_current_image(api):
+    body = {"prompt": "a slow harbour", "width": 256, "height": 256, "steps": 150,
+            "override_settings": {"show_progress_every_n_steps": 2}}
+    answer: dict = {}
+    caller = threading.Thread(target=lambda: answer.update(
+        response=requests.post(f"{api.base}/sdapi/v1/txt2img", json=body, headers=api.headers(), timeout=300)))
+    caller.start()
+    try:
+        progress = wait_until(lambda: (lambda p: p if p["current_image"] else None)(
+            api.get("/sdapi/v1/progress").json()), timeout=120, what="a current_image")
+        image = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+        assert image.format == "JPEG" and max(image.size) <= 256
+        skipped = api.get("/sdapi/v1/progress?skip_current_image=true").json()
+        assert skipped["current_image"] is None
+    finally:
+        api.post("/sdapi/v1/interrupt")
+        caller.join(timeout=120)
+
+
+# --- webhook events ---------------------------------------------------------------------------------------------
+
+def test_callback_events_send_the_chosen_events_with_the_sse_payloads(api):
+    receiver = Receiver()
+    try:
+        task = api.submit(**STEADY, callback_url=receiver.url,
+                          callback_events=["queued", "started", "progress", "completed"])
+        final = api.wait(task)
+        assert final["status"] == "completed"
+        wait_until(lambda: final_delivered(receiver), timeout=60, what="the final callback")
+        bodies = [json.loads(r["body"]) for r in receiver.received]
+        kinds = {b.get("type", "final") for b in bodies}
+        assert {"queued", "started", "progress", "final"} <= kinds, kinds
+        started = next(b for b in bodies if b.get("type") == "started")
+        assert started["task_id"] == task and started["data"]["model"] and started["data"]["status"] == "processing"
+        progress = [b["data"] for b in bodies if b.get("type") == "progress"]
+        assert all(p["task_id"] == task and 0 < p["step"] <= p["total"] for p in progress)
+        legacy = next(b for b in bodies if "type" not in b)
+        assert legacy["status"] == "completed" and legacy["image_url"]      # the final body is unchanged
+        ids = [r["headers"].get("webhook-id") for r in receiver.received]
+        assert len(set(ids)) == len(ids)                                    # each event its own message id
+    finally:
+        receiver.close()
+
+
+def test_callback_events_without_a_final_kind_send_no_final_callback(api):
+    receiver = Receiver()
+    try:
+        task = api.submit(callback_url=receiver.url, callback_events=["started"])
+        api.wait(task)
+        status = wait_until(lambda: (api.task(task)["callback_status"] or "").startswith("not sent") and
+                            api.task(task)["callback_status"], timeout=60, what="callback_status")
+        assert status == "not sent: completed is not in callback_events"
+        receiver.wait(1)
+        assert [json.loads(r["body"])["type"] for r in receiver.received] == ["started"]
+    finally:
+        receiver.close()
+
+
+def test_callback_events_are_checked(api):
+    alone = api.post("/api/v1/generate", {"prompt": "x", "callback_events": ["started"]})
+    assert alone.status_code == 422 and "callback_events" in alone.text
+    unknown = api.post("/api/v1/generate", {"prompt": "x", "callback_url": "https://example.com/hook",
+                                            "callback_events": ["finished"]})
+    assert unknown.status_code == 422 and "callback_events" in unknown.text
+
+
+def final_delivered(receiver: Receiver) -> bool:
+    return any("type" not in json.loads(r["body"]) for r in receiver.received)

@@ -149,7 +149,9 @@ class PassSteps:
     def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
         self.done += 1
         if hasattr(self.on_step, "on_shared_step"):          # the worker's StepMonitor
-            self.on_step.on_shared_step(min(self.done, self.total), self.total)
+            done = min(self.done, self.total)
+            self.on_step.on_shared_step(done, self.total)
+            self.on_step.offer_latents(pipe, tensors.get("latents"), done, self.total)
             return tensors
         return self.on_step(pipe, step, timestep, tensors)
 
@@ -212,6 +214,7 @@ class BatchMember:
     spec: JobSpec
     init_image: Image.Image | None
     on_step: Callable[[int, int], None]
+    on_latents: Callable[[Any, Any, int, int], None] | None = None   # (pipe, its latents, step, total): previews
     result: GenerationResult | None = None
     dropped: BaseException | None = None
     call_kwargs: dict[str, Any] | None = None     # its own arguments, prompts encoded (set by generate_batch)
@@ -245,9 +248,21 @@ class SharedStep:
                 except DROPPING as exc:
                     member.dropped = exc
                     self.on_drop(member)
+        self.offer_latents(pipe, tensors.get("latents"), step + 1, total)
         if not any(member.live for member in self.members):
             raise self.members[-1].dropped    # nobody wants these images: stop denoising now
         return tensors
+
+
+    def offer_latents(self, pipe: Any, latents: Any, step: int, total: int) -> None:
+        """Each live member that wants previews gets its own images' slice of the call's latents."""
+        if latents is None:
+            return
+        first = 0
+        for member in self.members:          # the call's images are the members', in this order
+            if member.live and member.on_latents is not None:
+                member.on_latents(pipe, latents[first:first + member.spec.num_images], step, total)
+            first += member.spec.num_images
 
 
 def merged_call_kwargs(per_job: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:

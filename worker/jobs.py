@@ -25,7 +25,8 @@ from common.infotext import VERSION, build_infotext
 from common.sidecars import build_sidecar
 from common.jobspec import JobSpec
 from common.logs import log_context
-from common.queue import GENERATE_TASK, hand_over_callback
+from common.events import STEP_KINDS, started_data, wanted_events
+from common.queue import GENERATE_TASK, hand_over_callback, send_event_callback
 from common.storage import Storage, task_metadata
 from common.store import Claim, NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
 from worker.assets import asset_dirs, ensure_assets
@@ -36,6 +37,7 @@ from worker.images import CONTENT_TYPES, encode_image
 from worker.ledger import Ledger
 from worker.metrics import observe_job
 from worker.monitor import StepMonitor
+from worker.previews import Previewer, TaesdCache, preview_interval
 from worker.outputs import OutputStage
 from worker.watch import JobWatch
 from worker.registry import PipelineRegistry
@@ -58,6 +60,7 @@ class JobContext:
     outputs: OutputStage
     max_batch: int = 1       # images one pipeline call may hold (worker.max_batch, resolved for the device)
     ledger: Ledger = field(default_factory=Ledger)
+    taesd: TaesdCache | None = None   # TAESD preview decoders, when models/taesd holds any (worker/previews.py)
 
 
 def owed_tasks(ctx: JobContext) -> list[str]:
@@ -346,10 +349,29 @@ def warm_upscaler(ctx: JobContext, base: Any, spec: JobSpec, monitor: StepMonito
         monitor.leave_setup()
 
 
+def job_monitor(ctx: JobContext, task: Task, attempt: int) -> StepMonitor:
+    """The step callback of a job: progress, cancel, time limit, and previews when the job asked for them."""
+    monitor = StepMonitor(ctx.watch, task.id, attempt, ctx.settings.tasks.time_limit)
+    spec = task.spec
+    every = preview_interval(spec.preview_every, spec.num_inference_steps, ctx.settings.tasks.max_previews)
+    if every:
+        monitor.previewer = Previewer(every, spec.width, spec.height, ctx.taesd)
+    monitor.flags.webhook_events = frozenset(wanted_events(spec.callback_url, spec.callback_events, STEP_KINDS))
+    return monitor
+
+
+def notify_started(ctx: JobContext, task: Task, attempt: int) -> None:
+    """The job's webhook hears that it started, when it asked to (callback_events)."""
+    if wanted_events(task.spec.callback_url, task.spec.callback_events, ("started",)):
+        data = started_data(task.id, ctx.info.id, task.spec.model, attempt, task.started_at or time.time())
+        send_event_callback(ctx.celery, task.id, "started", data, ctx.settings.callbacks.queue)
+
+
 def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict] | Generated:
     """Run the pipeline: its images (for the output stage), or the job's ending as a status and fields."""
     spec = task.spec
-    monitor = StepMonitor(ctx.watch, task.id, attempt, ctx.settings.tasks.time_limit)
+    monitor = job_monitor(ctx, task, attempt)
+    notify_started(ctx, task, attempt)
     try:
         ctx.store.check_still_mine(task.id, attempt, ctx.info.id)   # cancelled while it waited: no model load
         if spec.extras:     # an extras upscale: the upscaler alone, no pipeline (worker/extras.py)
@@ -406,8 +428,8 @@ def run_batch(ctx: JobContext, claims: list[Claim]) -> str:
             task = ctx.store.get(claim.task_id)
         except TaskNotFound:
             continue
-        jobs.append(Shared(task, claim.attempt, StepMonitor(ctx.watch, task.id, claim.attempt,
-                                                            ctx.settings.tasks.time_limit)))
+        jobs.append(Shared(task, claim.attempt, job_monitor(ctx, task, claim.attempt)))
+        notify_started(ctx, task, claim.attempt)
     if not jobs:
         return "stale"
     first = jobs[0].task
@@ -442,7 +464,7 @@ def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
         base = warm_pipeline(ctx, spec.model, list(assets.values()), [job.monitor for job in live])
         for job in live:
             job.member = BatchMember(job.task.spec, load_input_image(ctx.storage, job.task.spec.init_image_key),
-                                     job.monitor.on_shared_step)
+                                     job.monitor.on_shared_step, job.monitor.offer_latents)
         by_member = {id(job.member): job for job in live}
         started = time.perf_counter()
         generate_batch(base, [job.member for job in live], list_loras(ctx.settings.lora_dir),

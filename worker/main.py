@@ -132,6 +132,8 @@ def mark_ready_when_consuming(info: WorkerInfo, heartbeat) -> None:
 def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     from worker.heartbeat import Heartbeat
     from worker.jobs import JobContext, owed_tasks
+    from common.queue import send_event_callback
+    from worker.previews import TaesdCache
     from worker.registry import PipelineRegistry, load_pipeline
     from worker.metrics import start_metrics_server
     from worker.tasks import register_tasks
@@ -160,11 +162,14 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     # Before the default model loads: its load is counted, and a scrape during a long load answers.
     start_metrics_server(settings.metrics.worker_port, settings.metrics.worker_addr, info.name, info.device,
                          ",".join(info.queues), registry.names)
-    watch = JobWatch(stores.tasks, info.id, settings.tasks.progress_interval)
+    watch = JobWatch(stores.tasks, info.id, settings.tasks.progress_interval, settings.tasks.preview_size,
+                     settings.tasks.preview_format)
     watch.start()
     outputs = OutputStage(settings.worker.output_depth)
     ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info, watch, outputs,
-                     info.max_batch)
+                     info.max_batch, taesd=TaesdCache(settings.models_dir))
+    watch.notify = lambda task_id, kind, data: send_event_callback(celery, task_id, kind, data,
+                                                                    settings.callbacks.queue)
     register_tasks(celery, lambda: ctx)
     heartbeat = Heartbeat(stores.tasks, stores.workers, celery, info, settings, owed=lambda: owed_tasks(ctx))
     heartbeat.beat()

@@ -8,11 +8,15 @@ background, so no step waits on the network.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from common.errors import JobCancelled, JobTimeLimit, StaleAttempt
+from worker.previews import Previewer
 from worker.watch import JobFlags, JobWatch
+
+log = logging.getLogger("sdqueue.worker")
 
 
 class StepMonitor:
@@ -28,6 +32,7 @@ class StepMonitor:
         self.time_limit = time_limit
         self.steps = 0
         self._batch, self._batches = 0, 1
+        self.previewer: Previewer | None = None     # set when the job asked for previews (preview_every)
 
     def enter_setup(self) -> None:
         """Fetching files and loading a model: one long call each, bounded by the time limit, not by steps."""
@@ -49,8 +54,20 @@ class StepMonitor:
     def __call__(self, pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
         self.steps += 1
         per_batch = int(getattr(pipe, "num_timesteps", 0) or 0)
-        self.on_step(self._batch * per_batch + step + 1, per_batch * self._batches)
+        done, total = self._batch * per_batch + step + 1, per_batch * self._batches
+        self.on_step(done, total)
+        self.offer_latents(pipe, kwargs.get("latents"), done, total)
         return kwargs
+
+    def offer_latents(self, pipe: Any, latents: Any, step: int, total: int) -> None:
+        """Make a preview of this job's latents when one is due (a failure costs the preview, never the job)."""
+        if self.previewer is None or latents is None or not self.previewer.due(step):
+            return
+        try:
+            self.flags.preview = self.previewer.render(pipe, latents, step, total)
+        except Exception:  # noqa: BLE001 - previews are a courtesy
+            log.exception("preview of task %s failed; no more previews for it", self.task_id)
+            self.previewer = None
 
     def on_shared_step(self, step: int, total: int) -> None:
         """A step of a call this job shares with others (worker.generation.SharedStep): counted, then checked."""

@@ -15,11 +15,12 @@ from celery.utils.time import get_exponential_backoff_interval
 
 from common.errors import TaskNotFound
 from common.netguard import Refused, callback_guard
-from common.queue import CALLBACK_TASK, GENERATE_TASK
+from common.queue import CALLBACK_TASK, EVENT_CALLBACK_TASK, GENERATE_TASK
 from worker.jobs import JobContext, run_delivery
-from worker.webhook import RetryableDelivery, build_payload, deliver
+from worker.webhook import RetryableDelivery, build_event_payload, build_payload, deliver
 
 log = logging.getLogger("sdqueue.worker")
+EVENT_RETRIES = 2
 
 
 def deliver_task_callback(ctx: JobContext, task_id: str, attempt: int) -> int | None:
@@ -29,6 +30,9 @@ def deliver_task_callback(ctx: JobContext, task_id: str, attempt: int) -> int | 
     except TaskNotFound:
         return None
     if not task.spec.callback_url:
+        return None
+    if task.spec.callback_events and task.status.value not in task.spec.callback_events:
+        ctx.store.set_fields(task_id, callback_status=f"not sent: {task.status.value} is not in callback_events")
         return None
     guard = callback_guard(ctx.settings)
     if reason := guard.blocked_reason(task.spec.callback_url):   # the clearer early error; the connect checks again
@@ -48,6 +52,28 @@ def deliver_task_callback(ctx: JobContext, task_id: str, attempt: int) -> int | 
     outcome = "delivered" if code < 400 else "rejected by the receiver (not retried)"
     ctx.store.set_fields(task_id, callback_status=f"{outcome}: HTTP {code} after {attempt + 1} attempt(s)")
     return code
+
+
+def deliver_event_callback(ctx: JobContext, task_id: str, kind: str, data: dict, attempt: int,
+                           delivery: str) -> int | None:
+    """POST one intermediate event to the task's callback_url; raises RetryableDelivery to retry.
+
+    The task's callback_status (its final callback's) is left alone; a refused
+    URL or a rejecting receiver drops the event.
+    """
+    try:
+        task = ctx.store.get(task_id)
+    except TaskNotFound:
+        return None
+    if not task.spec.callback_url or kind not in (task.spec.callback_events or ()):
+        return None
+    try:
+        return deliver(task.spec.callback_url, build_event_payload(kind, task_id, data), ctx.settings.callbacks.secret,
+                       ctx.settings.callbacks.timeout, attempt + 1, callback_guard(ctx.settings),
+                       message_id=f"msg_{task_id}_{kind}_{delivery}")
+    except Refused as exc:
+        log.warning("event webhook of %s refused: %s", task_id, exc)
+        return None
 
 
 def register_tasks(app: Celery, get_context: Callable[[], JobContext]) -> None:
@@ -78,3 +104,15 @@ def register_tasks(app: Celery, get_context: Callable[[], JobContext]) -> None:
             countdown = get_exponential_backoff_interval(
                 factor=1, retries=self.request.retries, maximum=settings.callbacks.backoff_max, full_jitter=False)
             raise self.retry(exc=exc, countdown=countdown)
+
+    # Intermediate events are news: a few quick retries, then dropped (the final callback is retried for long).
+    @app.task(name=EVENT_CALLBACK_TASK, bind=True, acks_late=True, max_retries=EVENT_RETRIES)
+    def deliver_event(self, task_id: str, kind: str, data: dict) -> int | None:
+        ctx = get_context()
+        try:
+            return deliver_event_callback(ctx, task_id, kind, data, self.request.retries, self.request.id or "")
+        except RetryableDelivery as exc:
+            if self.request.retries >= self.max_retries:
+                log.warning("dropping the %s event webhook of %s: %s", kind, task_id, exc)
+                return None
+            raise self.retry(exc=exc, countdown=self.request.retries + 1)

@@ -15,8 +15,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from typing import Callable
+
 from common.errors import JobCancelled, StaleAttempt
+from common.events import preview_data, progress_data
 from common.store import Claim, TaskStore
+from worker.previews import RawPreview, encode_preview
 
 log = logging.getLogger("sdqueue.worker")
 
@@ -34,6 +38,9 @@ class JobFlags:
     started: float = field(default_factory=time.monotonic)   # when the job's time limit started
     touched: float = field(default_factory=time.monotonic)   # its last sign of progress (worker/watchdog.py)
     setup: bool = False                       # fetching files or loading a model: no steps to watch
+    preview: RawPreview | None = None         # the newest preview the callback made (worker/previews.py)
+    preview_sent: RawPreview | None = None    # the one the watcher last wrote
+    webhook_events: frozenset = frozenset()   # of progress / preview: what the job's webhook gets (callback_events)
 
     def touch(self) -> None:
         """A sign of life from the job's thread: a step, or the end of a phase."""
@@ -43,11 +50,15 @@ class JobFlags:
 class JobWatch(threading.Thread):
     """Daemon thread: one Redis pipeline per interval for every running job of this worker process."""
 
-    def __init__(self, store: TaskStore, worker_id: str, interval: float):
+    def __init__(self, store: TaskStore, worker_id: str, interval: float, preview_size: int = 256,
+                 preview_format: str = "jpeg"):
         super().__init__(name="sdq-job-watch", daemon=True)
         self.store = store
         self.worker_id = worker_id
         self.interval = max(interval, 0.01)
+        self.preview_size = preview_size
+        self.preview_format = preview_format
+        self.notify: Callable[[str, str, dict], None] | None = None   # (task id, kind, data): a webhook event
         self._jobs: dict[str, JobFlags] = {}
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
@@ -79,10 +90,22 @@ class JobWatch(threading.Thread):
                 flags.stale = True
                 continue
             flags.cancelled = isinstance(problem, JobCancelled)
-            progress = flags.progress
-            if progress is not None and progress != flags.written:
-                self.store.report_progress(flags.task_id, flags.attempt, self.worker_id, *progress)
-                flags.written = progress
+            progress, raw = flags.progress, flags.preview
+            fresh = raw if raw is not None and raw is not flags.preview_sent else None
+            if progress is not None and (progress != flags.written or fresh is not None):
+                preview = encode_preview(fresh, self.preview_size, self.preview_format) if fresh else None
+                written = self.store.report_progress(flags.task_id, flags.attempt, self.worker_id, *progress,
+                                                     preview=preview)
+                flags.written, flags.preview_sent = progress, raw
+                if written and flags.webhook_events and self.notify is not None:
+                    self.send_webhook_events(flags, progress, written.eta, preview)
+
+    def send_webhook_events(self, flags: JobFlags, progress: tuple[int, int], eta: str, preview) -> None:
+        """The progress (and preview) just written, to the job's webhook when it asked for them."""
+        if "progress" in flags.webhook_events:
+            self.notify(flags.task_id, "progress", progress_data(flags.task_id, *progress, eta))
+        if preview is not None and "preview" in flags.webhook_events:
+            self.notify(flags.task_id, "preview", preview_data(flags.task_id, preview))
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):

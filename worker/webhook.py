@@ -43,6 +43,11 @@ def build_payload(task_id: str, status: str, urls: list[str], error_message: str
     return payload
 
 
+def build_event_payload(kind: str, task_id: str, data: dict) -> dict:
+    """An intermediate event's body (callback_events): its type and the SSE event's data (docs/events.md)."""
+    return {"type": kind, "task_id": task_id, "data": data}
+
+
 def sign(body: bytes, secret: str) -> str:
     """`sha256=<hex>` over the exact body bytes (the legacy X-SDQueue-Signature)."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
@@ -68,18 +73,20 @@ def standard_headers(message_id: str, body: bytes, secret: str, now: datetime | 
             "webhook-signature": signature}
 
 
-def deliver(url: str, payload: dict, secret: str, timeout: float, attempt: int, guard: Guard) -> int:
+def deliver(url: str, payload: dict, secret: str, timeout: float, attempt: int, guard: Guard,
+            message_id: str | None = None) -> int:
     """POST the payload through the pinned client; return the status code, or raise RetryableDelivery.
 
     Raises netguard.Refused (not retried) when the URL or the address it
     resolves to now is refused by `guard`. The answer's body is never read.
+    `message_id`: the Standard Webhooks id (default: one per task, its final callback).
     """
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                "X-SDQueue-Task-Id": payload["task_id"], "X-SDQueue-Attempt": str(attempt)}
     if secret:
         headers[SIGNATURE_HEADER] = sign(body, secret)
-        headers.update(standard_headers(f"msg_{payload['task_id']}", body, secret))
+        headers.update(standard_headers(message_id or f"msg_{payload['task_id']}", body, secret))
     with PinnedSession(guard) as session:
         try:
             response = session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False,

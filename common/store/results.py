@@ -99,6 +99,13 @@ class TaskEvent:
 
 
 @dataclass(frozen=True)
+class Progressed:
+    """A progress write that was made: the ETA the step measured (seconds as text; '' when not known yet)."""
+
+    eta: str
+
+
+@dataclass(frozen=True)
 class Preview:
     """A running job's newest preview: a small image of its latents at `step` of `total`, as a data URL."""
 

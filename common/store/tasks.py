@@ -26,7 +26,7 @@ from common.errors import JobCancelled, QueueFull, StaleAttempt, TaskNotFound
 from common.jobspec import JobSpec
 from common.queue import BrokerMessage
 from common.store import keys
-from common.store.results import (CancelOutcome, Claim, NoPick, Picked, Preview, Requeue, RequeueOutcome, RunningJob,
+from common.store.results import (CancelOutcome, Claim, NoPick, Picked, Preview, Progressed, Requeue, RequeueOutcome, RunningJob,
                                   TaskEvent)
 from common.store.scripts import LuaScript
 
@@ -418,13 +418,14 @@ class TaskStore:
         return NoPick.WAIT
 
     def report_progress(self, task_id: str, attempt: int, worker: str, step: int, total: int,
-                        preview: Preview | None = None) -> bool:
-        """Record a running job's progress (and its newest preview); nothing once it ended or another attempt or
-        worker holds it."""
-        return bool(self._progress(
+                        preview: Preview | None = None) -> Progressed | None:
+        """Record a running job's progress (and its newest preview); None (nothing written) once it ended or
+        another attempt or worker holds it."""
+        written, *eta = self._progress(
             [keys.TASK(task_id), keys.EVENTS(task_id), keys.EVENT_LOG(task_id), keys.PREVIEW(task_id)],
             [attempt, worker, step, total, repr(time.time()), self.retention,
-             orjson.dumps(preview.to_dict()) if preview else "", preview.step if preview else 0]))
+             orjson.dumps(preview.to_dict()) if preview else "", preview.step if preview else 0])
+        return Progressed(eta[0] if eta else "") if written else None
 
     def check_still_mine(self, task_id: str, attempt: int, worker: str) -> None:
         """Raise JobCancelled or StaleAttempt when this run must stop."""

@@ -296,7 +296,7 @@ def cmd_flags():
 def progress(query: dict):
     """Progress of the caller's current (latest) A1111 job."""
     svc = services()
-    return jsonify(progress_of(svc, current_task(svc)))
+    return jsonify(progress_of(svc, current_task(svc), query["skip_current_image"]))
 
 
 @blp.route("/interrupt", methods=["POST"])

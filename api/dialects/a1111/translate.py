@@ -43,6 +43,7 @@ FALLBACK_SAMPLER = "DPM++ 2M"    # what A1111 1.9+ silently uses for an unknown 
 CLASSIC_FAMILIES = ("sd1", "sd2")   # the models A1111's own API defaults were chosen for
 # A1111's API defaults for SD 1.x/2.x models; dialects that carry A1111 bodies pass their own (the AWS template's).
 A1111_DEFAULTS = {"steps": 50, "cfg_scale": 7.0, "sampler": "Euler"}
+A1111_PREVIEW_EVERY = 10       # the web UI's default show_progress_every_n_steps (its live previews are on by default)
 A1111_FIELDS = {"model": "sd_model_checkpoint", "width": "width", "height": "height",
                 "negative_prompt": "negative_prompt", "refiner": "refiner_checkpoint", "mask": "mask"}
 
@@ -87,7 +88,22 @@ def default_options(svc: Services) -> dict[str, Any]:
         "sd_model_checkpoint": model_title(model) if model else None, "sd_checkpoint_hash": model_sha256(model) if model else None,
         "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "enable_pnginfo": True, "face_restoration": False,
         "face_restoration_model": None, "eta_noise_seed_delta": 0, "sd_lora": "None",
+        "live_previews_enable": True, "show_progress_every_n_steps": A1111_PREVIEW_EVERY,
     }
+
+
+def a1111_preview_every(svc: Services, owner: str, overrides: dict | None) -> int:
+    """Steps between the live previews /progress shows as current_image: the web UI's options
+    live_previews_enable and show_progress_every_n_steps (override_settings, else the key's /options);
+    0 when off (or -1: the web UI then shows one only after a batch, which a finished job's images are)."""
+    options = {**stored_options(svc, owner), **(overrides or {})}
+    if options.get("live_previews_enable", True) in (False, "false", 0):
+        return 0
+    try:
+        every = int(options.get("show_progress_every_n_steps", A1111_PREVIEW_EVERY))
+    except (TypeError, ValueError):
+        return A1111_PREVIEW_EVERY
+    return max(0, every)
 
 
 def chosen_model(svc: Services, owner: str, overrides: dict | None, warnings: list[str]) -> ModelInfo:
@@ -296,6 +312,8 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         refiner_switch=switch if refiner else None, family=model.family, prompt_syntax=syntax,
         inpaint_fill=plan.fill if plan else None, inpaint_area=plan.area if plan else None, hires=hires,
         controlnet=controlnet,
+        preview_every=a1111_preview_every(svc, current_key().owner, data.get("override_settings"))
+        if dialect == "a1111" else 0,
     )
 
 
@@ -382,8 +400,9 @@ def extra_generation_params(spec: JobSpec) -> dict:
     return extra
 
 
-def progress_of(svc: Services, task: Task | None) -> dict:
-    """GET /progress for the caller's current job, with A1111's formula for progress and ETA."""
+def progress_of(svc: Services, task: Task | None, skip_current_image: bool = False) -> dict:
+    """GET /progress for the caller's current job, with A1111's formula for progress and ETA; current_image is
+    the job's newest live preview (base64 without a data: prefix, as the web UI sends it)."""
     idle = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
     if task is None or task.status.terminal:
@@ -399,8 +418,10 @@ def progress_of(svc: Services, task: Task | None) -> dict:
     state = {**idle, "job": f"scripts_{'img2img' if task.spec.init_image_key else 'txt2img'}", "job_count": 1,
              "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
              "sampling_step": task.progress_step, "sampling_steps": total, "interrupted": task.cancel_requested}
+    preview = None if skip_current_image or task.status is not TaskStatus.PROCESSING else svc.store.preview(task.id)
     return {"progress": round(progress if task.status is TaskStatus.PROCESSING else 0.0, 4),
-            "eta_relative": round(eta, 3), "state": state, "current_image": None,
+            "eta_relative": round(eta, 3), "state": state,
+            "current_image": preview.image.partition(",")[2] if preview else None,
             "textinfo": "waiting in queue" if task.status is TaskStatus.PENDING else None}
 
 

@@ -18,6 +18,7 @@ from common.controlnets import CANNY_HIGH, CANNY_LOW, MAX_UNITS, PROCESSOR_RES, 
 from common.netguard import callback_guard
 from common.promptsyntax import PLAIN, PROMPT_SYNTAXES
 from common.schedulers import SCHEDULERS
+from common.store.results import EVENT_KINDS
 from common.store.tasks import PRIORITIES
 
 
@@ -101,6 +102,14 @@ class GenerateRequest(BaseSchema):
     output_format = fields.String(load_default="png", validate=validate.OneOf(OUTPUT_FORMATS))
     callback_url = fields.Url(allow_none=True, load_default=None, require_tld=False, schemes={"http", "https"},
                               metadata={"description": "POSTed the result when the task ends"})
+    callback_events = fields.List(fields.String(validate=validate.OneOf(EVENT_KINDS)), allow_none=True,
+                                  load_default=None, validate=validate.Length(min=1, max=len(EVENT_KINDS)), metadata={
+        "description": "The events POSTed to callback_url (docs/events.md), with the payloads of the SSE events: any "
+                       "of queued, started, progress, preview, completed, failed, cancelled; default: the final ones"})
+    preview_every = LooseInteger(load_default=0, validate=SettingRange(0, Setting("limits.max_steps")), metadata={
+        "description": "A small preview of the image every this many steps, sent as SSE `preview` events "
+                       "(GET /api/v1/tasks/{id}/events) and webhook events; 0: none. A job makes at most "
+                       "tasks.max_previews previews (a smaller interval is widened)"})
     model = fields.String(allow_none=True, load_default=None, metadata={"description": "Model name (GET /api/v1/models)"})
     loras = fields.List(fields.Nested(LoraSchema), load_default=list, validate=validate.Length(max=MAX_LORAS))
     refiner = fields.String(allow_none=True, load_default=None, metadata={
@@ -114,6 +123,12 @@ class GenerateRequest(BaseSchema):
     priority = fields.String(load_default="normal", validate=validate.OneOf(PRIORITIES), metadata={
         "description": "high, normal or low: the order workers take waiting jobs in (queue_position shows it); "
                        "a key may be limited to some (api.keys[].priorities)"})
+
+    @validates_schema
+    def events_need_a_callback(self, data: dict, **_: Any) -> None:
+        if data.get("callback_events") and not data.get("callback_url"):
+            raise ValidationError("callback_events choose what callback_url receives: send callback_url too",
+                                  field_name="callback_events")
 
     @validates("callback_url")
     def public_callback(self, value: str | None, **_: Any) -> None:

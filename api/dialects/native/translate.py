@@ -13,8 +13,9 @@ from api.inpaint import plan_inpaint
 from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, default_scheduler, image_size
 from api.services import Services
 from api.submission import resolve_seed
-from api.timestamps import iso
+from common.timestamps import iso
 from common.jobspec import JobSpec, LoraRef
+from common.store.results import EVENT_KINDS
 from common.promptsyntax import A1111
 from common.storage import Storage, task_metadata
 from common.store import Task, TaskStatus, TaskStore
@@ -71,6 +72,8 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
         refiner_switch=switch if refiner else None, family=model.family,
         inpaint_fill=data["masked_content"] if mode == "inpaint" else None,
         prompt_syntax=A1111 if data["prompt_syntax"] == A1111 else None,
+        preview_every=data["preview_every"],
+        callback_events=sorted(set(data["callback_events"]), key=EVENT_KINDS.index) if data["callback_events"] else None,
     )
 
 

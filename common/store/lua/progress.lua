@@ -3,13 +3,13 @@
 -- KEYS: task, events, log, preview
 -- ARGV: attempt, worker, step, total, now, retention, preview (JSON: step, total, image, width, height; '' none),
 --       preview step
--- Returns 1 if written, 0 otherwise.
+-- Returns {1, eta in seconds ('' when not known yet)} if written, {0} otherwise.
 -- include: lib
 local task, events, log, preview = unpack(KEYS)
 local now, retention = ARGV[5], ARGV[6]
 local st, attempt, worker, since, from = unpack(redis.call('HMGET', task, 'status', 'attempt', 'worker',
                                                             'steps_since', 'steps_from'))
-if st ~= 'processing' or attempt ~= ARGV[1] or worker ~= ARGV[2] then return 0 end
+if st ~= 'processing' or attempt ~= ARGV[1] or worker ~= ARGV[2] then return {0} end
 local step, total = tonumber(ARGV[3]), tonumber(ARGV[4])
 redis.call('HSET', task, 'progress_step', ARGV[3], 'progress_total', ARGV[4], 'updated_at', now)
 -- ETA from the pace since the first step this attempt reported (model loading is not a step).
@@ -24,4 +24,4 @@ if ARGV[7] ~= '' then
   redis.call('SET', preview, ARGV[7], 'EX', retention)
   announce(events, log, retention, 'preview', 'step', ARGV[8], 'at', now)
 end
-return 1
+return {1, eta}

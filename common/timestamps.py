@@ -1,6 +1,6 @@
 """Epoch seconds as the native API and /health write them.
 
-Why here: the native task view and /health both show times, in one format.
+Why here: the native task view, /health and the task events (common/events.py) show times in one format.
 """
 from __future__ import annotations
 
