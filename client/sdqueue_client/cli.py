@@ -1,0 +1,306 @@
+"""`sdq`: the command line for sdqueue (generate, status, cancel, models, queue, watch).
+
+Why exit codes by family: scripts branch on them. 0 ok, 1 the API refused or
+the job failed, 2 usage (argparse's own), 3 the service could not be reached,
+130 Ctrl-C. Every error is one line on stderr: `sdq: error: <what>`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from tqdm import tqdm
+
+from sdqueue_client import __version__
+from sdqueue_client.aio import AsyncClient
+from sdqueue_client.client import Client
+from sdqueue_client.config import ENV_KEY, ENV_URL, Config, ConfigError, default_path, load
+from sdqueue_client.core import image_urls
+from sdqueue_client.errors import ApiError, ConnectionProblem, JobFailed, SdqError, Unauthorized
+from sdqueue_client.events import Event
+from sdqueue_client.files import image_name, infotext, png_size, save_image
+
+OK, FAILED, USAGE, UNREACHABLE, INTERRUPTED = 0, 1, 2, 3, 130
+FORMATS = ("png", "jpg", "jpeg", "webp")
+
+
+# -- arguments ---------------------------------------------------------------------------------------------
+def size(text: str) -> Tuple[int, int]:
+    """`768x512` -> (768, 512)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 768x512, got {text!r}")
+    return int(width), int(height)
+
+
+def common_options(suppress: bool = True) -> argparse.ArgumentParser:
+    """The global options, accepted before or after the command (`sdq status ID --json`).
+
+    After the command their defaults are SUPPRESS, so an option given before it is not reset.
+    """
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS if suppress else None)
+    common.add_argument("--url", help=f"the service's base URL (env {ENV_URL}; default http://localhost:8000)")
+    common.add_argument("--key", help=f"the API key (env {ENV_KEY})")
+    common.add_argument("--config", type=Path, help=f"a TOML or INI file with url and key (default {default_path()})")
+    common.add_argument("--timeout", type=float, help="seconds per HTTP request (default 30)")
+    common.add_argument("--retries", type=int, help="retries on connection errors, 429 and 503 (default 4)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_options()
+    parser = argparse.ArgumentParser(prog="sdq", description="Generate images with an sdqueue service.",
+                                     parents=[common_options(suppress=False)],
+                                     epilog=f"Settings: flags > {ENV_URL} / {ENV_KEY} > the config file > defaults.")
+    parser.add_argument("--version", action="version", version=f"sdq {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = commands.add_parser("generate", help="generate images and save them", parents=[common])
+    gen.add_argument("prompt", nargs="+", help="a prompt; several prompts run as several jobs")
+    gen.add_argument("-n", "--num-images", type=int, help="images per prompt")
+    gen.add_argument("--size", type=size, help="WIDTHxHEIGHT, e.g. 768x512")
+    gen.add_argument("--steps", type=int, help="denoising steps")
+    gen.add_argument("--guidance", type=float, help="CFG scale")
+    gen.add_argument("--seed", type=int, help="the first image's seed (image n uses seed + n)")
+    gen.add_argument("--negative", help="negative prompt")
+    gen.add_argument("--model", help="a model of `sdq models`")
+    gen.add_argument("--scheduler", help="e.g. EulerDiscreteScheduler")
+    gen.add_argument("--format", choices=FORMATS, help="image format (default png)")
+    gen.add_argument("--out", type=Path, default=Path("."), help="where to save the images (default: here)")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    for name, text in (("status", "show a task"), ("cancel", "cancel a task"), ("watch", "print a task's events")):
+        commands.add_parser(name, help=text, parents=[common]).add_argument("task_id")
+    commands.add_parser("models", help="list the models", parents=[common])
+    commands.add_parser("queue", help="this key's waiting and running tasks", parents=[common])
+    return parser
+
+
+def request_params(args: argparse.Namespace, prompt: str) -> Dict[str, Any]:
+    """The POST /api/v1/generate body of one prompt (unset options are left to the server)."""
+    width, height = args.size or (None, None)
+    return {"prompt": prompt, "negative_prompt": args.negative, "num_images": args.num_images, "width": width,
+            "height": height, "num_inference_steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
+            "model": args.model, "scheduler": args.scheduler, "output_format": args.format}
+
+
+# -- generate ----------------------------------------------------------------------------------------------
+class JobBar:
+    """One tqdm bar per job, moved by its events."""
+
+    def __init__(self, position: int, label: str, enabled: bool):
+        self.bar = tqdm(total=None, position=position, desc=label, unit="step", leave=True, disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def on_event(self, event: Event) -> None:
+        data = event.data if isinstance(event.data, dict) else {}
+        if event.type == "queued":
+            self.bar.set_postfix_str(f"queued #{data.get('queue_position')}")
+        elif event.type == "started":
+            self.bar.set_postfix_str(f"on {data.get('worker')}")
+        elif event.type == "progress" and data.get("total"):
+            self.advance(int(data["step"]), int(data["total"]))
+        elif event.final:
+            progress = data.get("progress") or {}
+            if event.type == "completed" and (self.bar.total or progress.get("total")):
+                total = int(progress.get("total") or self.bar.total)
+                self.advance(total, total)
+            self.bar.set_postfix_str(event.type)
+
+    def advance(self, step: int, total: int) -> None:
+        if self.bar.total != total:
+            self.bar.reset(total=total)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+async def generate_one(client: AsyncClient, params: Dict[str, Any], out: Path, position: int, progress: bool,
+                       submitted: List[str]) -> List[Path]:
+    """Submit one job, follow it (a bar from its submission on), save its images; the paths written."""
+    task_id = await client.submit(**params)
+    submitted.append(task_id)
+    bar = JobBar(position, task_id[:8], progress)
+    try:
+        result = client.core.result(await client.wait(task_id, on_event=bar.on_event), client)
+    finally:
+        bar.close()
+    submitted.remove(task_id)
+    paths = []
+    for index, url in enumerate(result.urls):
+        seed = result.seeds[index] if index < len(result.seeds) else None
+        data = await client.download(url)
+        text = infotext(params, seed, png_size(data), result.task.get("model"))
+        paths.append(save_image(data, out / image_name(task_id, index, seed, url), text))
+    return paths
+
+
+async def generate_all(config: Config, args: argparse.Namespace, submitted: List[str]) -> List[Any]:
+    """Every prompt's job at once; each entry is a list of paths or the exception that job ended with."""
+    async with AsyncClient(config.url, config.key, timeout=config.timeout, retries=config.retries,
+                           header=config.header) as client:
+        jobs = [generate_one(client, request_params(args, prompt), args.out, i, not args.no_progress, submitted)
+                for i, prompt in enumerate(args.prompt)]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+
+def run_generate(config: Config, args: argparse.Namespace) -> int:
+    submitted: List[str] = []
+    try:
+        outcomes = asyncio.run(generate_all(config, args, submitted))
+    except KeyboardInterrupt:
+        if submitted:
+            report(f"interrupted; still queued or running: {', '.join(submitted)} (sdq cancel ID stops one)")
+        raise
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    for paths in outcomes:
+        if not isinstance(paths, BaseException):
+            for path in paths:
+                print(path)
+    for error in errors:
+        if not isinstance(error, SdqError):
+            raise error
+        report(describe(error, config))
+    if any(isinstance(e, ConnectionProblem) for e in errors):
+        return UNREACHABLE
+    return FAILED if errors else OK
+
+
+# -- the other commands ------------------------------------------------------------------------------------
+def show_task(task: Dict[str, Any]) -> str:
+    progress = task.get("progress") or {}
+    rows = [("task", task.get("task_id")), ("status", task.get("status")),
+            ("progress", f"{progress.get('step', 0)}/{progress.get('total', 0)}" if progress else None),
+            ("queue", task.get("queue_position")), ("model", task.get("model")),
+            ("seeds", ", ".join(str(s) for s in task.get("seeds") or []) or None),
+            ("created", task.get("created_at")), ("error", task.get("error_message"))]
+    lines = [f"{name:<9}{value}" for name, value in rows if value not in (None, "")]
+    lines += [f"{'image' if i == 0 else '':<9}{url}" for i, url in enumerate(image_urls(task))]
+    return "\n".join(lines)
+
+
+def table(headers: Sequence[str], rows: List[Sequence[Any]]) -> str:
+    """Left-aligned columns as wide as their widest cell."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def show_models(body: Dict[str, Any]) -> str:
+    rows = [(m.get("name"), m.get("family"), f"{m.get('width')}x{m.get('height')}",
+             (m.get("defaults") or {}).get("steps"), "yes" if m.get("loaded") else "no",
+             "*" if m.get("default") else "") for m in body.get("models", [])]
+    return table(("NAME", "FAMILY", "SIZE", "STEPS", "LOADED", "DEFAULT"), rows)
+
+
+def show_queue(tasks: List[Dict[str, Any]]) -> str:
+    if not tasks:
+        return "no waiting or running tasks"
+    rows = []
+    for t in tasks:
+        progress = t.get("progress") or {}
+        done = f"{progress.get('step')}/{progress.get('total')}" if progress.get("total") else None
+        rows.append((t.get("task_id"), t.get("status"), t.get("queue_position"), done, t.get("model"),
+                     t.get("created_at")))
+    return table(("TASK", "STATUS", "POSITION", "PROGRESS", "MODEL", "CREATED"), rows)
+
+
+def show_event(event: Event) -> str:
+    data = event.data if isinstance(event.data, dict) else {}
+    if event.type == "queued":
+        text = f"position {data.get('queue_position')}"
+    elif event.type == "started":
+        text = f"worker {data.get('worker')} model {data.get('model')}"
+    elif event.type == "progress":
+        text = f"step {data.get('step')}/{data.get('total')}"
+        if data.get("eta_seconds") is not None:
+            text += f" eta {data['eta_seconds']:.1f}s"
+    elif event.type == "preview":
+        text = f"step {data.get('step')}/{data.get('total')} {data.get('width')}x{data.get('height')} preview"
+    elif event.final:
+        text = " ".join(image_urls(data)) or data.get("error_message") or ""
+    else:
+        text = json.dumps(event.data) if data else str(event.data)
+    return f"{event.type:<10} {text}".rstrip()
+
+
+def run_watch(client: Client, args: argparse.Namespace) -> int:
+    def echo(event: Event) -> None:
+        print(json.dumps({"type": event.type, "id": event.id, "data": event.data}) if args.json
+              else show_event(event), flush=True)
+
+    task = client.wait(args.task_id, on_event=echo)
+    if task.get("status") != "completed":
+        raise JobFailed(task)
+    return OK
+
+
+def run_simple(client: Client, args: argparse.Namespace) -> int:
+    """status, cancel, models, queue: one call, one printout."""
+    if args.command == "status":
+        body: Any = client.status(args.task_id)
+        text = show_task(body)
+    elif args.command == "cancel":
+        body = client.cancel(args.task_id)
+        text = show_task(body)
+    elif args.command == "models":
+        body = client.models()
+        text = show_models(body)
+    else:
+        body = client.queue()
+        text = show_queue(body)
+    print(json.dumps(body, indent=2, ensure_ascii=False) if args.json else text)
+    return OK
+
+
+# -- errors and the entry point ----------------------------------------------------------------------------
+def report(message: str) -> None:
+    print(f"sdq: error: {message}", file=sys.stderr, flush=True)
+
+
+def describe(error: SdqError, config: Config) -> str:
+    """The one line an error is reported with; a 401 says where a key comes from when none was set."""
+    if isinstance(error, Unauthorized) and not config.key:
+        return f"{error} (no API key: use --key, {ENV_KEY} or `key` in {default_path()})"
+    return str(error)
+
+
+def dispatch(config: Config, args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        return run_generate(config, args)
+    with Client(config.url, config.key, timeout=config.timeout, retries=config.retries, header=config.header) as client:
+        if args.command == "watch":
+            return run_watch(client, args)
+        return run_simple(client, args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = Config()
+    try:
+        config = load({"url": args.url, "key": args.key, "timeout": args.timeout, "retries": args.retries},
+                      path=args.config)
+        return dispatch(config, args)
+    except ConfigError as exc:
+        report(str(exc))
+        return USAGE
+    except ConnectionProblem as exc:
+        report(str(exc))
+        return UNREACHABLE
+    except (ApiError, JobFailed) as exc:
+        report(describe(exc, config))
+        return FAILED
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
