@@ -75,14 +75,15 @@ def png_size(data: bytes) -> Optional[Tuple[int, int]]:
 
 
 def add_png_text(data: bytes, keyword: str, text: str) -> bytes:
-    """The PNG with a text chunk inserted before IEND: tEXt when latin-1 holds it, else iTXt (UTF-8)."""
+    """The PNG with a text chunk before its image data (where readers look for it, as PIL writes it): tEXt when
+    latin-1 holds the text, else iTXt (UTF-8)."""
     try:
         kind, payload = b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
     except UnicodeEncodeError:
         kind, payload = b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
     chunk = struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    end = next((pos for pos, k, _ in chunks(data) if k == b"IEND"), len(data))
-    return data[:end] + chunk + data[end:]
+    at = next((pos for pos, k, _ in chunks(data) if k in (b"IDAT", b"IEND")), len(data))
+    return data[:at] + chunk + data[at:]
 
 
 def infotext(params: Dict[str, Any], seed: Optional[int], size: Optional[Tuple[int, int]] = None,
