@@ -41,12 +41,12 @@ system-deps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(STAMP): requirements.txt requirements-api.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-api.txt requirements-dev.txt client/pyproject.toml
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 	$(if $(TORCH_INDEX),$(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_INDEX),)
 	$(PY) -m pip install -q -r requirements-dev.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PY) -c "import torch, diffusers, flask_smorest, celery, boto3"
+	$(PY) -c "import torch, diffusers, flask_smorest, celery, boto3, sdqueue_client"
 	touch $(STAMP)
 
 bench: deps
