@@ -83,14 +83,17 @@ class Client:
 
     def wait(self, task_id: str, on_event: OnEvent = None) -> Dict[str, Any]:
         """The task once it ended: from its event stream, or by long polling where there is none."""
+        events = self.stream(task_id)
         try:
-            for event in self.stream(task_id):
+            for event in events:
                 if on_event:
                     on_event(event)
                 if event.final:
-                    return event.data
+                    return event.data if isinstance(event.data, dict) else self.status(task_id)
         except (NotFound, MethodNotAllowed, Unavailable, ConnectionProblem):
             pass                  # no events route (an older server), no stream slot, or a stream that broke
+        finally:
+            events.close()        # closes the connection now, not when the generator is collected
         return self.poll(task_id, on_event)
 
     def poll(self, task_id: str, on_event: OnEvent = None) -> Dict[str, Any]:
