@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -74,6 +75,13 @@ def test_submit_status_queue_and_cancel_a_slow_job(client):
     assert failed.value.status == "cancelled"
     assert task_id not in [t["task_id"] for t in client.queue()]
     assert task_id in [t["task_id"] for t in client.tasks(status="cancelled", limit=100)["tasks"]]
+
+
+def test_a_failed_job_raises_job_failed_with_the_servers_reason(client):
+    with pytest.raises(JobFailed) as failed:
+        client.generate(TINY["prompt"], **FAST, loras=[{"name": "broken"}])
+    assert failed.value.status == "failed" and "broken" in str(failed.value)
+    assert failed.value.task["status"] == "failed"
 
 
 def test_the_same_idempotency_key_names_the_same_task(client):
@@ -143,6 +151,15 @@ def test_stream_tells_a_job_from_queued_to_completed(client, stack):
     assert events[-1].data["status"] == "completed" and events[-1].data["task_id"] == task_id
     again = list(client.stream(task_id))              # a finished task answers its final event at once
     assert [e.type for e in again] == ["completed"]
+
+
+def test_stream_ends_with_failed(client, stack):
+    if not events_route_exists(stack):
+        pytest.skip("GET /api/v1/tasks/{id}/events is not on this branch yet")
+    task_id = client.submit(**TINY, loras=[{"name": "broken"}])
+    events = list(client.stream(task_id))
+    assert events[-1].type == "failed" and events[-1].data["error_message"]
+    assert [e.type for e in events].count("failed") == 1
 
 
 def test_stream_ends_with_cancelled(client, stack):
@@ -227,15 +244,29 @@ def test_other_4xx_are_not_retried_and_retries_are_bounded():
     assert len(server.requests) == 4        # 1 + (1 + 2 retries)
 
 
-def test_a_dropped_stream_resumes_after_the_last_event_id():
-    first = (b"retry: 10\n\n: keep-alive\n\nid: 1-0\nevent: queued\ndata: {\"queue_position\": 1}\n\n"
-             b"id: 2-0\nevent: progress\ndata: {\"step\": 1,\ndata:  \"total\": 2}\n\nevent: progr")
-    final = b"id: 3-0\nevent: completed\ndata: {\"status\": \"completed\", \"task_id\": \"t\"}\n\n"
-    stream = {"Content-Type": "text/event-stream", "Connection": "close"}
-    server = Scripted([(200, stream, first), (200, stream, final)])
+DROPPED = (b"retry: 10\n\n: keep-alive\n\nid: 1-0\nevent: queued\ndata: {\"queue_position\": 1}\n\n"
+           b"id: 2-0\nevent: progress\ndata: {\"step\": 1,\ndata:  \"total\": 2}\n\nevent: progr")
+FINAL = b"id: 3-0\nevent: completed\ndata: {\"status\": \"completed\", \"task_id\": \"t\"}\n\n"
+STREAM = {"Content-Type": "text/event-stream", "Connection": "close"}
+
+
+def stream_with_asyncio(url: str) -> list:
+    async def collect():
+        async with AsyncClient(url, "k") as c:
+            return [e async for e in c.stream("t")]
+    return asyncio.run(collect())
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_a_dropped_stream_resumes_after_the_last_event_id(flavour):
+    """The first connection ends mid-event, before a final one: the client reconnects with Last-Event-ID."""
+    server = Scripted([(200, STREAM, DROPPED), (200, STREAM, FINAL)])
     try:
-        with Client(server.url, "k") as c:
-            events = list(c.stream("t"))
+        if flavour == "sync":
+            with Client(server.url, "k") as c:
+                events = list(c.stream("t"))
+        else:
+            events = stream_with_asyncio(server.url)
     finally:
         server.close()
     assert [(e.type, e.id) for e in events] == [("queued", "1-0"), ("progress", "2-0"), ("completed", "3-0")]
@@ -308,6 +339,14 @@ def test_cli_generate_writes_files_named_with_their_seeds(stack, tmp_path):
     assert status.returncode == 0 and "completed" in status.stdout and "7, 8" in status.stdout
     as_json = sdq(stack, "status", task_id, "--json")
     assert json.loads(as_json.stdout)["seeds"] == [7, 8]
+
+
+def test_cli_generate_draws_a_progress_bar_per_job(stack, tmp_path):
+    run = sdq(stack, "generate", "a fox", "a heron", "--size", "64x64", "--steps", "4", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert len(run.stdout.split()) == 2
+    for path in run.stdout.split():          # each job's bar (labelled with its task id) reached its end
+        assert re.search(rf"{Path(path).name[:8]}: 100%\|[^\r\n]*completed", run.stderr), run.stderr
 
 
 def test_cli_queue_shows_waiting_and_running_jobs(stack, client):
