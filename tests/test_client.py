@@ -138,19 +138,29 @@ def test_asyncio_client_generates_lists_and_downloads(stack):
 
 # -- streaming (needs GET /api/v1/tasks/{id}/events on the server) -----------------------------------------
 def test_stream_tells_a_job_from_queued_to_completed(client, stack):
+    """A job queued behind a slow one is streamed from its wait: queued, then started, progress, completed."""
     if not events_route_exists(stack):
         pytest.skip("GET /api/v1/tasks/{id}/events is not on this branch yet")
-    task_id = client.submit(**TINY, num_inference_steps=6)
-    events = list(client.stream(task_id))
+    blocker = client.submit(**SLOW_JOB)
+    task_id = client.submit(**{**TINY, "num_inference_steps": 6})
+    events = []
+    for event in client.stream(task_id):
+        events.append(event)
+        if len(events) == 1:
+            client.cancel(blocker)                 # now the worker takes ours
     kinds = [e.type for e in events]
+    assert kinds[0] == "queued" and events[0].data["queue_position"] >= 1
     assert kinds[-1] == "completed" and kinds.count("completed") == 1
-    assert "started" in kinds
+    assert kinds.index("started") < kinds.index("completed")
+    assert all(kinds.index("started") < i for i, k in enumerate(kinds) if k == "progress")
     for e in events:
         if e.type == "progress":
             assert 0 < e.data["step"] <= e.data["total"]
     assert events[-1].data["status"] == "completed" and events[-1].data["task_id"] == task_id
+    assert client.status(blocker)["status"] == "cancelled"
     again = list(client.stream(task_id))              # a finished task answers its final event at once
     assert [e.type for e in again] == ["completed"]
+    assert list(client.stream(task_id, last_event_id=again[0].id)) == []   # resuming after the end: nothing more
 
 
 def test_stream_ends_with_failed(client, stack):
@@ -273,6 +283,18 @@ def test_a_dropped_stream_resumes_after_the_last_event_id(flavour):
     assert events[1].data == {"step": 1, "total": 2}
     assert "Last-Event-ID" not in server.requests[0]["headers"]
     assert server.requests[1]["headers"]["Last-Event-ID"] == "2-0"
+
+
+def test_a_stream_resumed_after_its_final_event_is_empty_and_wait_reads_the_task():
+    task = {"task_id": "t", "status": "completed", "result_url": "http://x/0.png", "seeds": [1]}
+    server = Scripted([(204, {}, b""), (200, {}, task)])
+    try:
+        with Client(server.url, "k") as c:
+            assert list(c.stream("t", last_event_id="3-0")) == []
+            assert c.poll("t") == task
+    finally:
+        server.close()
+    assert server.requests[0]["headers"]["Last-Event-ID"] == "3-0"
 
 
 def test_a_missing_events_route_falls_back_to_long_polling():

@@ -11,8 +11,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import httpx
 
-from sdqueue_client.core import (DEFAULT_TIMEOUT, DEFAULT_URL, LONG_POLL_SECONDS, PAGE, QUEUE_STATUSES, Call, Core,
-                                 Result, is_final, queue_order)
+from sdqueue_client.core import (DEFAULT_TIMEOUT, DEFAULT_URL, LONG_POLL_SECONDS, NO_MORE_EVENTS, PAGE, QUEUE_STATUSES,
+                                 Call, Core, Result, is_final, queue_order)
 from sdqueue_client.errors import ConnectionProblem, MethodNotAllowed, NotFound, StreamBroken, Unavailable
 from sdqueue_client.events import Event, EventParser
 from sdqueue_client.retry import DEFAULT_RETRIES, log_retry
@@ -106,11 +106,17 @@ class Client:
                 return task
 
     def stream(self, task_id: str, last_event_id: Optional[str] = None) -> Iterator[Event]:
-        """The task's events until its final one; a dropped connection resumes after the last event id."""
+        """The task's events until its final one; a dropped connection resumes after the last event id.
+
+        Resuming after the final event itself (the server answers 204) yields nothing.
+        """
         parser = EventParser(last_event_id)
         drops = 0                 # connections in a row that ended before any event
         while True:
             response = self._send(self.core.events(task_id, parser.last_event_id), stream=True)
+            if response.status_code == NO_MORE_EVENTS:
+                response.close()
+                return            # the id we resumed after was the task's final event
             got_event = False
             try:
                 for line in response.iter_lines():

@@ -23,6 +23,7 @@ DEFAULT_TIMEOUT = 30.0        # seconds for connect, write and an ordinary read
 LONG_POLL_SECONDS = 30        # ?wait= of the fallback: under api.max_wait_seconds (60) and common proxy timeouts
 STREAM_READ_TIMEOUT = 45.0    # the server sends a keep-alive comment every 15 s; three missed ones = dead
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+NO_MORE_EVENTS = 204          # the events route's answer to a Last-Event-ID that was the final event
 API = "/api/v1"
 
 
