@@ -100,7 +100,8 @@ class JobBar:
     def on_event(self, event: Event) -> None:
         data = event.data if isinstance(event.data, dict) else {}
         if event.type == "queued":
-            self.bar.set_postfix_str(f"queued #{data.get('queue_position')}")
+            place = data.get("queue_position")
+            self.bar.set_postfix_str(f"queued #{place}" if place else "queued")
         elif event.type == "started":
             self.bar.set_postfix_str(f"on {data.get('worker')}")
         elif event.type == "progress" and data.get("total"):
@@ -214,7 +215,7 @@ def show_queue(tasks: List[Dict[str, Any]]) -> str:
 def show_event(event: Event) -> str:
     data = event.data if isinstance(event.data, dict) else {}
     if event.type == "queued":
-        text = f"position {data.get('queue_position')}"
+        text = f"position {data['queue_position']}" if data.get("queue_position") else ""
     elif event.type == "started":
         text = f"worker {data.get('worker')} model {data.get('model')}"
     elif event.type == "progress":
