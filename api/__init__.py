@@ -153,12 +153,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def register_blueprints(app: Flask, settings: Settings) -> None:
-    """Health and every dialect (api/dialects), with the OpenAPI document's security schemes.
+    """Health, every dialect (api/dialects), with the OpenAPI document's security schemes, and the playground.
 
     Inside the app context: the schemas' bounds are this app's settings
     (api/schemas.py: Setting), read while the document is built.
     """
-    from api import health
+    from api import health, playground
     from api.dialects import BLUEPRINTS
 
     api = SdqApi(app, spec_kwargs={"info": {"description": "Distributed Stable Diffusion service"}})
@@ -171,3 +171,4 @@ def register_blueprints(app: Flask, settings: Settings) -> None:
         api.register_blueprint(health.blp)
         for blueprint in BLUEPRINTS:
             api.register_blueprint(blueprint)
+    app.register_blueprint(playground.blp)    # plain Flask: static files, not operations of /openapi.json

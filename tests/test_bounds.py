@@ -99,6 +99,8 @@ UNLIMITED = {   # endpoints no API key reaches, with why they carry no per-key l
     "health.health": "probes of load balancers and orchestrators (no key)",
     "health.api_health": "probes of load balancers and orchestrators (no key)",
     "metrics": "Prometheus (metrics.token, not an API key)",
+    "playground.index": "the playground's static page (no key; it calls the API with the user's)",
+    "playground.asset": "the playground's static files (no key)",
 }
 
 

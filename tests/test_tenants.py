@@ -51,6 +51,8 @@ NO_OBJECT = {
     ("GET", "/docs"): "the API description",
     ("GET", "/redoc"): "the API description",
     ("GET", "/static/<path:filename>"): "Flask's static files",
+    ("GET", "/ui/"): "the playground's static page, the same for everyone",
+    ("GET", "/ui/<path:filename>"): "the playground's static files, the same for everyone",
     ("GET", "/api/v1/models"): "the shared model directory",
     ("GET", "/api/v1/schedulers"): "a fixed list",
     ("GET", "/api/v1/loras"): "the shared LoRA directory",
