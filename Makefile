@@ -18,12 +18,12 @@ FUZZ_EXAMPLES ?= 200
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: run test fuzz deps system-deps bench docker-config clean purge
+.PHONY: run test test-deps fuzz deps system-deps bench docker-config clean purge
 
 run: deps
 	$(PY) -m dev.localstack run
 
-test: deps
+test: deps test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The fuzz alone, longer: every documented operation, no 5xx and JSON answers (tests/test_fuzz.py).
@@ -39,6 +39,14 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing with apt-get:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# tests/test_playground.py drives the page in the system's Chromium (Playwright cannot download its own
+# browser here); `make run` does not need it.
+test-deps:
+	@if [ ! -x /usr/bin/chromium ] && ! command -v chromium >/dev/null 2>&1; then \
+	  echo "installing with apt-get: chromium (tests/test_playground.py)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; \
 	fi
 
 $(STAMP): requirements.txt requirements-api.txt requirements-dev.txt client/pyproject.toml

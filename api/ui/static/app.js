@@ -6,7 +6,9 @@ import {followEvents, StreamRefused, StreamUnavailable} from "./sse.js";
 const API_BASE = new URL("../api/v1/", document.baseURI);
 const KEY_STORAGE = "sdqueue.playground.apiKey";
 const KEY_HEADER = "X-API-Key";
-const POLL_WAIT_SECONDS = 20;          // long-poll when the event stream cannot be had
+// Without the event stream, long-poll the task. ?wait= ends early only when the task ends, so a
+// short wait keeps the bar and the queue position moving; the end still arrives at once.
+const POLL_WAIT_SECONDS = 2;
 const QUEUE_REFRESH_MS = 3000;
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const NUMBER_FIELDS = ["width", "height", "num_inference_steps", "guidance_scale", "seed", "num_images"];
