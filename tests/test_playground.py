@@ -56,8 +56,10 @@ class Playground:
         self.page = page
         self.base = base
         self.errors: list[str] = []
+        self.responses: list[tuple[str, int, str]] = []   # (url, status, content type) of the API's answers
         page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
         page.on("console", self.console)
+        page.on("response", lambda r: self.responses.append((r.url, r.status, r.headers.get("content-type", ""))))
 
     def console(self, message) -> None:
         if "Content Security Policy" in message.text:   # a blocked script, style or image is a bug of the page
@@ -107,6 +109,9 @@ class Playground:
             raise AssertionError(f"{error}; bar at {self.progress.evaluate('bar => bar.value')}, "
                                  f"status: {self.page.locator('#job-status').text_content()}") from None
 
+    def answers_for(self, task_id: str) -> list[tuple[str, int, str]]:
+        return [answer for answer in self.responses if f"/tasks/{task_id}" in answer[0]]
+
     def horizontal_overflow(self) -> int:
         return self.page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
 
@@ -151,7 +156,8 @@ def test_every_control_has_a_label(playground):
 def test_generate_shows_progress_and_the_result_with_its_seed(playground):
     prompt = unique("a lighthouse on a cliff")
     playground.open()
-    playground.generate(prompt=prompt, width=64, height=64, num_inference_steps=6, seed=4242, preview_every=2)
+    task_id = playground.generate(prompt=prompt, width=64, height=64, num_inference_steps=6, seed=4242,
+                                  preview_every=2)
     playground.wait_for_progress()
     card = playground.card(prompt)
     expect(card).to_have_count(1, timeout=LONG_MS)
@@ -163,6 +169,11 @@ def test_generate_shows_progress_and_the_result_with_its_seed(playground):
     expect(image).to_have_js_property("complete", True, timeout=SHORT_MS)
     assert image.evaluate("img => img.naturalWidth") == 64   # the S3 URL loaded (the CSP lets it)
     expect(playground.page.locator("#job-status")).to_contain_text("Done: 1 image")
+    # Followed on the event stream (docs/events.md), not by the long-polling fallback.
+    answers = playground.answers_for(task_id)
+    assert any(url.endswith("/events") and status == 200 and kind.startswith("text/event-stream")
+               for url, status, kind in answers), answers
+    assert not [url for url, _, _ in answers if "wait=" in url], answers
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     playground.page.screenshot(path=str(SCREENSHOTS / "playground.png"), full_page=True)
 
@@ -249,3 +260,39 @@ def test_the_event_stream_parser_reads_the_whatwg_format(playground):
         {"id": "18-0", "event": "message", "data": "{}"},
     ]
     assert events["last"] == "18-0"
+
+
+def test_a_dropped_stream_resumes_with_last_event_id(playground):
+    """The first stream ends before the final event (as a proxy or api.stream_seconds would end it): the
+    page reconnects with Last-Event-ID of the last event it read and gets the end from the server."""
+    prompt = unique("a resumed stream")
+    asked_after: list[str | None] = []
+    kept_ids: list[str] = []
+
+    def cut_before_the_end(route):
+        asked_after.append(route.request.headers.get("last-event-id"))
+        if len(asked_after) > 1:
+            return route.continue_()
+        blocks = [b for b in route.fetch().text().split("\n\n") if b.strip()]
+        kept = [b for b in blocks if "event: completed" not in b and not b.startswith("retry:")]
+        kept_ids.extend(line[4:] for b in kept for line in b.splitlines() if line.startswith("id: "))
+        route.fulfill(status=200, content_type="text/event-stream",
+                      body="retry: 50\n\n" + "".join(b + "\n\n" for b in kept))
+
+    playground.page.route(re.compile(r"/api/v1/tasks/[^/?]+/events"), cut_before_the_end)
+    playground.open()
+    playground.generate(prompt=prompt, width=64, height=64, num_inference_steps=3)
+    expect(playground.card(prompt)).to_have_count(1, timeout=LONG_MS)
+    assert kept_ids and asked_after == [None, kept_ids[-1]]
+
+
+def test_without_the_event_stream_the_page_long_polls(playground):
+    """A service without the events route (or with every stream slot taken) is followed by ?wait= polls."""
+    prompt = unique("a polled job")
+    playground.page.route(re.compile(r"/api/v1/tasks/[^/?]+/events"),
+                          lambda route: route.fulfill(status=404, json={"detail": "Not Found"}))
+    playground.open()
+    task_id = playground.generate(prompt=prompt, width=64, height=64, num_inference_steps=3)
+    expect(playground.card(prompt)).to_have_count(1, timeout=LONG_MS)
+    assert [url for url, status, _ in playground.answers_for(task_id) if "wait=" in url and status == 200]
+    expect(playground.page.get_by_role("alert")).to_be_empty()
