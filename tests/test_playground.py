@@ -8,6 +8,7 @@ No timing assertions: every wait is Playwright's auto-waiting expect() with a ge
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from playwright import sync_api as playwright_api   # requirements-dev.txt: miss
 from playwright.sync_api import expect
 
 from tests.conftest import KEY_B
-from tests.helpers import SLOW_JOB, Api, wait_until
+from tests.helpers import SLOW_JOB, Api, data_url, gradient, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "bench" / "out"
@@ -296,3 +297,28 @@ def test_without_the_event_stream_the_page_long_polls(playground):
     expect(playground.card(prompt)).to_have_count(1, timeout=LONG_MS)
     assert [url for url, status, _ in playground.answers_for(task_id) if "wait=" in url and status == 200]
     expect(playground.page.get_by_role("alert")).to_be_empty()
+
+
+def test_a_preview_event_shows_the_image_as_it_forms(playground):
+    """A `preview` event's data URL is shown under the bar. The worker does not make previews yet, so the
+    first stream is the browser's own: one preview event and no id; the page reconnects to the real stream."""
+    preview = data_url(gradient(32, 32))
+    first = []
+
+    def one_preview_then_the_real_stream(route):
+        if first:
+            return route.continue_()
+        first.append(route.request.url)
+        event = json.dumps({"task_id": "", "step": 2, "total": 4, "image": preview, "width": 32, "height": 32})
+        route.fulfill(status=200, content_type="text/event-stream",
+                      body=f"retry: 50\n\nevent: preview\ndata: {event}\n\n")
+
+    playground.page.route(re.compile(r"/api/v1/tasks/[^/?]+/events"), one_preview_then_the_real_stream)
+    playground.open()
+    prompt = unique("a preview")
+    playground.generate(prompt=prompt, width=64, height=64, num_inference_steps=4, preview_every=2)
+    expect(playground.card(prompt)).to_have_count(1, timeout=LONG_MS)
+    figure = playground.page.get_by_role("figure")
+    expect(figure).to_be_visible()
+    expect(figure.get_by_role("img")).to_have_attribute("src", preview)
+    expect(figure).to_contain_text("step 2 of 4")
