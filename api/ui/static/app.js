@@ -390,13 +390,17 @@ async function refreshQueue() {
   } else if (!apiKey()) {
     renderQueue([]);
   }
+  clearTimeout(state.queueTimer);   // refreshes that overlapped leave one timer, not one each
   state.queueTimer = setTimeout(refreshQueue, QUEUE_REFRESH_MS);
 }
 
 function renderQueue(tasks) {
   const list = $("queue");
+  // A keyboard user on a Cancel button keeps the focus across the refresh (the rows are rebuilt).
+  const focusedTask = document.activeElement?.closest?.(".queue-row")?.dataset.taskId;
   list.replaceChildren(...tasks.map(queueRow));
   $("queue-empty").hidden = tasks.length > 0;
+  if (focusedTask) list.querySelector(`[data-task-id="${CSS.escape(focusedTask)}"] button`)?.focus();
 }
 
 function queueRow(task) {
