@@ -140,6 +140,7 @@ def test_static_files_are_served_outside_the_api_description(stack):
     assert page.headers["Cache-Control"] == "no-cache"
     script = requests.get(stack.api_url + "/ui/app.js", timeout=10)
     assert script.status_code == 200 and "javascript" in script.headers["Content-Type"]
+    assert requests.get(stack.api_url + "/prod/ui/app.js", timeout=10).status_code == 200   # api.stage_prefix
     missing = requests.get(stack.api_url + "/ui/no-such-file.js", timeout=10)
     assert missing.status_code == 404 and "detail" in missing.json()
     paths = requests.get(stack.api_url + "/openapi.json", timeout=10).json()["paths"]
