@@ -213,13 +213,15 @@ def world(stack, settings) -> World:
 
 # --- the cases ------------------------------------------------------------------------------------
 @covers(("GET", "/api/v1/tasks/<string:task_id>"), ("DELETE", "/api/v1/tasks/<string:task_id>"),
-        ("GET", "/api/v1/tasks"))
+        ("GET", "/api/v1/tasks"), ("GET", "/api/v1/tasks/<string:task_id>/events"))
 def native_tasks(w: World) -> None:
-    """A task id of another key: 404 as an unknown id, on read and cancel; never listed."""
+    """A task id of another key: 404 as an unknown id, on read, cancel and its event stream; never listed."""
     missing = fake_id()
     for method in ("GET", "DELETE"):
         assert_same(w.call(method, f"/api/v1/tasks/{w.task}", KEY_B), w.call(method, f"/api/v1/tasks/{missing}", KEY_B),
                     [w.task], [missing])
+    assert_same(w.call("GET", f"/api/v1/tasks/{w.task}/events", KEY_B),
+                w.call("GET", f"/api/v1/tasks/{missing}/events", KEY_B), [w.task], [missing])
     assert w.call("GET", f"/api/v1/tasks/{w.task}", KEY_A).json()["status"] == "completed"
     assert w.task not in {t["task_id"] for t in w.call("GET", "/api/v1/tasks?limit=100", KEY_B).json()["tasks"]}
     assert w.task in {t["task_id"] for t in w.call("GET", "/api/v1/tasks?limit=100", KEY_A).json()["tasks"]}
