@@ -64,6 +64,8 @@ bench: deps
 	$(PY) -m bench.affinity
 	$(PY) -m bench.redelivery
 	$(PY) -m bench.batching
+	$(PY) -m bench.streams
+	$(PY) -m bench.previews
 
 docker-config:
 	docker compose config --quiet && echo "docker-compose.yml is valid"

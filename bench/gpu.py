@@ -226,6 +226,35 @@ def plain_diffusers(pipe: Any, size: int, steps: int, device: str, calls: int = 
             "images_per_s": 1 / statistics.median(seconds)}
 
 
+def preview_cost(pipe: Any, size: int, steps: int, device: str, calls: int = 3) -> dict:
+    """Seconds per call with a preview made at every step (worker/previews.py: projection, GPU->CPU copy and
+    encoding, all on the step path here: the worst case) against none, same calls; and the preview's dtype path."""
+    import torch
+
+    from worker.previews import Previewer, encode_preview
+
+    previewer, made = Previewer(1, size, size), []
+
+    def on_step(p, i, t, tensors):
+        made.append(encode_preview(previewer.render(p, tensors["latents"], i + 1, steps), 256, "jpeg"))
+        return tensors
+
+    def timed(callback: Any) -> float:
+        seconds = []
+        for n in range(calls):
+            synchronize(device)
+            started = time.perf_counter()
+            pipe(prompt="a lighthouse at dusk", width=size, height=size, num_inference_steps=steps,
+                 generator=torch.Generator("cpu").manual_seed(n), callback_on_step_end=callback)
+            synchronize(device)
+            seconds.append(time.perf_counter() - started)
+        return statistics.median(seconds)
+
+    plain, with_previews = timed(None), timed(on_step)
+    return {"seconds_plain": plain, "seconds_previews": with_previews, "ratio": with_previews / plain,
+            "previews": len(made), "preview_bytes": len(made[-1].image) if made else 0}
+
+
 def through_stack(models_dir: Path, model: str, size: int, steps: int, jobs: int, tiny: bool) -> dict:
     """sdqueue's images/s for `jobs` jobs per client at concurrency 1 and 8 (one GPU worker, defaults)."""
     import requests
@@ -317,12 +346,16 @@ def main() -> None:
             flops = unet_flops_per_step(pipe, size, device, dtype)
             limit = (peak or measured) / flops
             plain = plain_diffusers(pipe, size, steps, device)
+            previews = preview_cost(pipe, size, steps, device)
             figures = {"size": size, "build_seconds": built, "unet_flops_per_step": flops,
-                       "flop_limit_it_per_s": limit, "plain": plain}
+                       "flop_limit_it_per_s": limit, "plain": plain, "previews": previews}
             print(f"{arch} {size}x{size}: UNet {flops / 1e9:.1f} GFLOP per step (CFG 2 rows) -> FLOP limit "
                   f"{limit:.1f} it/s; plain diffusers batch 1: {plain['it_per_s']:.1f} it/s "
                   f"({100 * plain['it_per_s'] / limit:.0f} % of the limit), {plain['images_per_s']:.2f} images/s "
                   f"for {steps}-step calls", flush=True)
+            print(f"  a preview at every step: {previews['ratio']:.3f} x the call time "
+                  f"({previews['previews']} previews, {previews['preview_bytes']} bytes as a data URL; target <= 1.05)",
+                  flush=True)
             del pipe
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()

@@ -13,4 +13,4 @@ EXPOSE 8000
 # api/gunicorn_conf.py: JSON logs, and Prometheus multiprocess files in PROMETHEUS_MULTIPROC_DIR
 # (emptied at start, a temporary folder when unset; each gunicorn process writes its own, /metrics
 # sums them). Not an ENV here: Flower runs from this image and must not inherit it.
-CMD ["sh", "-c", "exec gunicorn -c api/gunicorn_conf.py 'api:create_app()' --bind 0.0.0.0:8000 --workers ${SDQ_API_WORKERS:-2} --worker-class gthread --threads ${SDQ_API_THREADS:-16} --timeout 120 --graceful-timeout 30 --access-logfile -"]
+CMD ["sh", "-c", "exec gunicorn -c api/gunicorn_conf.py 'api:create_app()' --bind 0.0.0.0:8000 --workers ${SDQ_API_WORKERS:-2} --worker-class gthread --threads ${SDQ_API_THREADS:-224} --timeout 120 --graceful-timeout 30 --access-logfile -"]
