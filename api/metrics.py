@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import redis
 from flask import Flask, Response, request
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -53,6 +53,8 @@ REQUESTS = Histogram("sdq_api_request_duration_seconds",
                      "API request latency by route (Flask endpoint), method and status; _count counts requests",
                      ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=None)
 _children: dict[tuple[str, str, int], Any] = {}
+STREAMS = Gauge("sdq_api_event_streams", "Server-sent event streams the API holds open now (summed over its "
+                "processes; each process holds at most api.max_streams)", registry=None, multiprocess_mode="livesum")
 
 
 def multiprocess_mode() -> bool:
@@ -197,6 +199,7 @@ def build_registry(svc, settings) -> CollectorRegistry:
         MultiProcessCollector(registry)
     else:
         registry.register(REQUESTS)
+        registry.register(STREAMS)
     registry.register(QueueCollector(svc.store, svc.pools, svc.workers, settings.tasks.queue, settings.callbacks.queue,
                                      settings.metrics.cache_seconds))
     return registry
@@ -205,7 +208,7 @@ def build_registry(svc, settings) -> CollectorRegistry:
 def exported_names() -> set[str]:
     """Every metric family name /metrics can show (for dashboards and tests)."""
     collector = QueueCollector(None, None, None, "", "")   # describe() reads nothing
-    return {REQUESTS._name, *(m.name for m in collector.describe())}
+    return {REQUESTS._name, STREAMS._name, *(m.name for m in collector.describe())}
 
 
 def install(app: Flask, settings, svc, limits=None) -> Callable[[float], None]:

@@ -20,6 +20,7 @@ from typing import Callable
 
 import redis
 
+from api.metrics import STREAMS
 from common.events import STEP_KINDS
 from common.store import TaskStore
 
@@ -107,6 +108,7 @@ class EventHub:
         event = threading.Event()
         with self._lock:
             self._streams_open += 1
+        STREAMS.inc()
         self._register(task_id, event, steps=True)
         self._subscribed.wait(SUBSCRIBE_WAIT_SECONDS)
         return Listener(event, lambda: self._release_stream(task_id, event))
@@ -115,6 +117,7 @@ class EventHub:
         self._unregister(task_id, event)
         with self._lock:
             self._streams_open -= 1
+        STREAMS.dec()
         self._stream_slots.release()
 
     @property

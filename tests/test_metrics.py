@@ -18,6 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import KEY_A
+from tests.helpers import SLOW_JOB
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "sdqueue.json"
@@ -478,3 +479,15 @@ def test_a_scrape_scans_no_keyspace_and_forgets_emptied_indexes(stack, api, rds)
     scrape(stack.api_url + "/metrics")
     assert rds.info("commandstats").get("cmdstat_scan", {}).get("calls", 0) == before
     assert keys.PENDING("long-gone-queue") not in rds.smembers(keys.PENDING_INDEXES())
+
+
+def test_open_event_streams_are_counted(stack, api):
+    """sdq_api_event_streams: a stream held open counts (summed over the API's processes) until it closes."""
+    blocker = api.submit(**SLOW_JOB)
+    waiting = api.submit()
+    with requests.get(f"{api.base}/api/v1/tasks/{waiting}/events", headers=api.headers(), stream=True,
+                      timeout=60) as held:
+        next(held.iter_lines())                                          # the stream is open
+        assert value(scrape(stack.api_url + "/metrics"), "sdq_api_event_streams") >= 1
+    api.delete(f"/api/v1/tasks/{blocker}")
+    api.delete(f"/api/v1/tasks/{waiting}")
