@@ -127,3 +127,22 @@ def test_a_shared_call_gives_each_job_its_own_images_latents():
 
     SharedStep([first, second], on_drop=lambda m: None)(Pipe(), 1, None, {"latents": latents})
     assert seen == {"first": ([0.0, 1.0], 2), "second": ([2.0], 2)}
+
+
+def test_a_two_pass_job_offers_its_latents_on_the_job_s_scale():
+    """The refiner and hires passes count on one scale (PassSteps); previews follow that scale."""
+    from worker.generation import PassSteps
+
+    offered, counted = [], []
+
+    class Monitor:                        # the worker's StepMonitor as PassSteps sees it
+        def on_shared_step(self, step, total):
+            counted.append(step)
+
+        def offer_latents(self, pipe, latents, step, total):
+            offered.append((step, total, latents.shape[0]))
+
+    steps = PassSteps(Monitor(), total=4)
+    for i in range(4):
+        steps(object(), i % 2, None, {"latents": torch.zeros(1, 4, 2, 2)})
+    assert counted == [1, 2, 3, 4] and offered == [(1, 4, 1), (2, 4, 1), (3, 4, 1), (4, 4, 1)]

@@ -151,7 +151,9 @@ class PassSteps:
         if hasattr(self.on_step, "on_shared_step"):          # the worker's StepMonitor
             done = min(self.done, self.total)
             self.on_step.on_shared_step(done, self.total)
-            self.on_step.offer_latents(pipe, tensors.get("latents"), done, self.total)
+            offer = getattr(self.on_step, "offer_latents", None)     # previews, when the job asked for them
+            if offer is not None:
+                offer(pipe, tensors.get("latents"), done, self.total)
             return tensors
         return self.on_step(pipe, step, timestep, tensors)
 
