@@ -18,7 +18,7 @@ from PIL import Image
 
 from common.infotext import parse_infotext
 from tests.conftest import KEY_A
-from tests.helpers import data_url, fetch, gradient, pixels, read_parameters
+from tests.helpers import data_url, fetch, gradient, pixels, read_parameters, wait_until
 
 XL, SD3, FLUX, SCHNELL, REFINER = "sdq-tiny-xl", "sdq-tiny-sd3", "sdq-tiny-flux", "sdq-tiny-flux-schnell", \
     "sdq-tiny-xl-refiner"
@@ -329,6 +329,8 @@ def test_a_broken_checkpoint_is_listed_with_its_problem_and_breaks_nothing(api, 
         assert api.run(prompt="still fine", **QUICK)["status"] == "completed"
     finally:
         broken.unlink()
+        wait_until(lambda: "broken-header.safetensors" not in {m["name"] for m in api.get("/api/v1/models").json()[
+            "models"]}, timeout=30, what="the listing without the removed file")   # the next test sees it gone
 
 
 def test_a1111_sizes_stay_within_the_limits_after_rounding(stack):

@@ -175,7 +175,7 @@ def call(method: str, url: str, **kw: Any) -> Any:
 def read_targets(base: str) -> Targets:
     """The stack's names, and one object of each kind the fuzz key owns (so ids in paths and queries hit)."""
     pool = call("POST", f"{base}/endpoints", json={"endpoint_name": FUZZ_POOL})
-    models = [m["name"] for m in call("GET", f"{base}/api/v1/models")["models"]]
+    models = [m["name"] for m in call("GET", f"{base}/api/v1/models")["models"] if not m.get("problem")]
     loras = [lr["name"] for lr in call("GET", f"{base}/api/v1/loras")["loras"]]
     task = call("POST", f"{base}/api/v1/generate", json={"prompt": "a fuzzed lighthouse"})
     job = call("POST", f"{base}/inference/v2", json={"task_type": "txt2img", "prompt": "a fuzzed lighthouse",
