@@ -132,16 +132,16 @@ def test_streams_are_owned_and_checked(api, api_b):
 
 # --- units ------------------------------------------------------------------------------------------------------
 
-class QuietStore:
-    """What EventHub's listener needs of a store when no Redis is wanted: a subscription that never delivers."""
-
-    def watch_events(self):
-        raise OSError("no Redis in this unit test")
+def quiet_hub(max_streams: int = 2) -> EventHub:
+    """A hub with no listener thread (no Redis here): the tests wake it by hand."""
+    hub = EventHub(store=None, max_waiters=4, max_streams=max_streams)
+    hub._ensure_listener = lambda: None
+    hub._subscribed.set()
+    return hub
 
 
 def test_stream_slots_are_bounded_and_freed():
-    hub = EventHub(QuietStore(), max_waiters=4, max_streams=2)
-    hub._subscribed.set()
+    hub = quiet_hub()
     first, second = hub.listen("a"), hub.listen("b")
     assert hub.streams_open == 2
     with pytest.raises(StreamsFull):
@@ -155,8 +155,7 @@ def test_stream_slots_are_bounded_and_freed():
 
 
 def test_step_events_wake_streams_but_not_waiters():
-    hub = EventHub(QuietStore(), max_waiters=4, max_streams=2)
-    hub._subscribed.set()
+    hub = quiet_hub()
     stream = hub.listen("t")
     waiter = threading.Event()
     hub._register("t", waiter)
