@@ -57,7 +57,8 @@ def build_services(settings: Settings) -> Services:
     if not keys:
         log.warning("no API keys configured (api.keys / SDQ_API_KEYS): every authenticated call will get 401")
     celery = create_celery(settings, name="sdqueue-api")
-    stores = open_stores(settings.redis.url, settings.tasks.retention_seconds, settings.aws.models_prefix)
+    stores = open_stores(settings.redis.url, settings.tasks.retention_seconds, settings.aws.models_prefix,
+                         settings.datasets.prefix)
     return Services(
         settings=settings,
         store=stores.tasks,
@@ -71,6 +72,7 @@ def build_services(settings: Settings) -> Services:
         keys=KeyRing(keys, settings.api.key_header, settings.tasks.max_pending_per_key, stores.auth_failures,
                      settings.api.auth_failures_per_minute),
         catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default, settings.models.overrides),
+        datasets=stores.datasets,
         waits=EventHub(stores.tasks, settings.api.max_waiters, settings.api.max_streams),
     )
 

@@ -20,7 +20,7 @@ from api.waiter import EventHub
 from common.catalog import ModelInfo, list_loras, list_models, pick_default
 from common.queue import MessageBuilder
 from common.storage import Storage
-from common.store import A1111Store, CheckpointStore, PoolStore, TaskStore, WorkerRegistry
+from common.store import A1111Store, CheckpointStore, DatasetStore, PoolStore, TaskStore, WorkerRegistry
 
 CATALOG_TTL = 2.0
 
@@ -77,6 +77,7 @@ class Services:
     keys: KeyRing
     catalog: Catalog
     waits: EventHub
+    datasets: DatasetStore | None = None
 
 
 _serving: ContextVar[Services | None] = ContextVar("sdq_services", default=None)

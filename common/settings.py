@@ -149,6 +149,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("worker.tf32", bool, True, "TF32 matmuls and convolutions for fp32 work (CUDA only)."),
     Option("worker.compile", bool, False, "torch.compile the UNet (SD3/Flux: the transformer), warmed up before the worker is ready; recompiles per new size, batch size and LoRA set."),
     Option("worker.dtype", str, "auto", "Weights' precision: auto (the model family's choice on CUDA: float16 for SD 1.x/2.x/SDXL, bfloat16 for SD3/Flux; float32 on CPU), float16, bfloat16 or float32."),
+    Option("datasets.prefix", str, "datasets", "Key prefix of training datasets: s3://{bucket}/{prefix}/{owner}/{name}/{file}."),
+    Option("datasets.max_files", int, 1000, "Most files (images and captions) in one dataset."),
+    Option("datasets.max_file_bytes", int, 20 * 1024 * 1024, "Largest file of a dataset; a bigger one keeps it from "
+           "being enabled."),
+    Option("datasets.max_pixels", int, 4096 * 4096, "Largest image of a dataset, in pixels."),
+    Option("datasets.max_caption_bytes", int, 4096, "Largest caption (a .txt file or a caption field), UTF-8."),
     Option("aws.models_prefix", str, "models", "Key prefix of uploaded checkpoints: s3://{bucket}/{prefix}/{type}/{id}/{file}."),
     Option("aws.output_prefix", str, "out", "Key prefix of AWS-extension outputs: s3://{bucket}/{prefix}/{job}/result/image_{n}.jpg."),
     Option("aws.list_limit", int, 1000, "Most jobs GET /inference/list-inference-jobs returns (newest first)."),

@@ -108,6 +108,11 @@ class Storage:
         return self.signer.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expiry)
 
+    def upload_url(self, key: str) -> str:
+        """A presigned PUT URL for one object (a dataset's file: clients upload it straight to S3)."""
+        return self.signer.generate_presigned_url("put_object", Params={"Bucket": self.bucket, "Key": key},
+                                                  ExpiresIn=self.expiry)
+
     # --- large files (model checkpoints) -------------------------------------------
     def start_multipart(self, key: str, metadata: dict[str, str] | None = None) -> str:
         """Open a multipart upload for `key` (the finished object carries `metadata`); its upload id."""

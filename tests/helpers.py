@@ -39,6 +39,9 @@ class Api:
     def get(self, path: str, key: str | None = None, **kw) -> requests.Response:
         return requests.get(self.base + path, headers=self.headers(key), timeout=90, **kw)
 
+    def put(self, path: str, body=None, key: str | None = None, **kw) -> requests.Response:
+        return requests.put(self.base + path, json=body, headers=self.headers(key), timeout=30, **kw)
+
     def delete(self, path: str, key: str | None = None) -> requests.Response:
         return requests.delete(self.base + path, headers=self.headers(key), timeout=30)
 

@@ -471,3 +471,20 @@ def test_every_route_has_a_case(stack):
 @pytest.mark.parametrize("case", CASE_LIST, ids=lambda case: case.__name__)
 def test_another_keys_object_answers_as_a_missing_one(case, world):
     case(world)
+
+
+@covers(("POST", "/dataset"), ("PUT", "/dataset"), ("GET", "/datasets"), ("GET", "/<string:dataset_name>/data"))
+def aws_datasets(w: World) -> None:
+    """Another key's dataset answers as a missing one (data, status change), is never listed, and its name is
+    free for this key (names are per key)."""
+    name, missing = f"tenant-{fake_id()[:8]}", f"tenant-{fake_id()[:8]}"
+    content = [{"filename": "a.png", "name": "a.png", "type": "png"}]
+    assert w.call("POST", "/dataset", KEY_A, json={"dataset_name": name, "content": content}).status_code == 200
+    assert_same(w.call("GET", f"/{name}/data", KEY_B), w.call("GET", f"/{missing}/data", KEY_B), [name], [missing])
+    assert_same(w.call("PUT", "/dataset", KEY_B, json={"dataset_name": name, "status": "Disabled"}),
+                w.call("PUT", "/dataset", KEY_B, json={"dataset_name": missing, "status": "Disabled"}), [name], [missing])
+    assert name not in {d["datasetName"] for d in w.call("GET", "/datasets", KEY_B).json()["datasets"]}
+    assert name in {d["datasetName"] for d in w.call("GET", "/datasets", KEY_A).json()["datasets"]}
+    assert w.call("POST", "/dataset", KEY_B, json={"dataset_name": name, "content": content}).status_code == 200
+    assert w.call("GET", f"/{name}/data", KEY_A).json()["data"][0]["key"] != \
+        w.call("GET", f"/{name}/data", KEY_B).json()["data"][0]["key"]

@@ -16,13 +16,14 @@ from common.store.a1111 import A1111Store
 from common.store.authfailures import AuthFailures
 from common.store.checkpoints import CheckpointStore
 from common.store.connection import redis_client
+from common.store.datasets import Dataset, DatasetItem, DatasetStore
 from common.store.pools import PoolRecord, PoolStore
 from common.store.results import (EVENT_KINDS, FINAL_EVENTS, CancelOutcome, Claim, NoPick, Picked, Preview, Requeue,
                                   RequeueOutcome, RunningJob, TaskEvent)
 from common.store.tasks import PRIORITIES, Task, TaskStatus, TaskStore
 from common.store.workers import WorkerInfo, WorkerRegistry, WorkerState
 
-__all__ = ["A1111Store", "AuthFailures", "CancelOutcome", "EVENT_KINDS", "FINAL_EVENTS", "Preview", "TaskEvent", "CheckpointStore", "Claim", "NoPick", "PRIORITIES", "Picked", "PoolRecord",
+__all__ = ["A1111Store", "AuthFailures", "CancelOutcome", "Dataset", "DatasetItem", "DatasetStore", "EVENT_KINDS", "FINAL_EVENTS", "Preview", "TaskEvent", "CheckpointStore", "Claim", "NoPick", "PRIORITIES", "Picked", "PoolRecord",
            "PoolStore", "Requeue", "RequeueOutcome", "RunningJob", "Stores", "Task", "TaskStatus", "TaskStore",
            "WorkerInfo", "WorkerRegistry", "WorkerState", "open_stores", "redis_client"]
 
@@ -37,11 +38,13 @@ class Stores:
     checkpoints: CheckpointStore
     a1111: A1111Store
     auth_failures: AuthFailures
+    datasets: DatasetStore
 
 
-def open_stores(url: str, retention_seconds: int, checkpoints_prefix: str = "models") -> Stores:
+def open_stores(url: str, retention_seconds: int, checkpoints_prefix: str = "models",
+                datasets_prefix: str = "datasets") -> Stores:
     """Every store on one new client for `url`."""
     client = redis_client(url)
     return Stores(tasks=TaskStore(client, retention_seconds), workers=WorkerRegistry(client), pools=PoolStore(client),
                   checkpoints=CheckpointStore(client, checkpoints_prefix), a1111=A1111Store(client),
-                  auth_failures=AuthFailures(client))
+                  auth_failures=AuthFailures(client), datasets=DatasetStore(client, datasets_prefix))

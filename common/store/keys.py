@@ -42,6 +42,14 @@ class Key:
         return Key(self.pattern[:cut], self.kind, self.doc)(*parts)
 
 
+# --- training data --------------------------------------------------------------------------------
+DATASET = Key("dataset:{owner}:{name}", "string",
+              "one dataset of an API key (JSON: name, status Initialed / Enabled / Disabled, its items with S3 keys, "
+              "captions and sizes; common/store/datasets.py); names are per key")
+DATASETS = Key("datasets:{owner}", "sorted set", "an API key's dataset names by creation time")
+DATASET_LOCK = Key("dataset-lock:{owner}:{name}", "string", "lock while a dataset is checked or changed")
+
+
 # --- tasks and their indexes ------------------------------------------------------------------
 TASK = Key("task:{id}", "hash",
            "one task: `id`, `status`, `owner` (hash of the API key), `spec` (the JobSpec as JSON), `queue`, `model`, "

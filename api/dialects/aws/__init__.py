@@ -1,9 +1,10 @@
 """The AWS SD extension API: /inference/v2 jobs on worker pools (its endpoints), and uploaded checkpoints.
 
 Two blueprints: `inference_blp` (inference, endpoints, model lists) and
-`checkpoints_blp` (checkpoints uploaded into S3), as the extension's
+`checkpoints_blp` (checkpoints uploaded into S3, and training datasets), as the extension's
 middleware splits them; errors differ between the two (see errors.py).
 """
+from api.dialects.aws import datasets as _datasets  # noqa: F401 - adds the dataset routes to checkpoints_blp
 from api.dialects.aws.checkpoints import blp as checkpoints_blp
 from api.dialects.aws.routes import blp as inference_blp
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from marshmallow import ValidationError, fields, validate, validates
+from marshmallow import ValidationError, fields, validate, validates, validates_schema
 
 from api.dialects.a1111 import Img2ImgRequest, Txt2ImgRequest
 from api.schemas import BaseSchema, JsonSize, LooseInteger, SettingRange, limit
 from common.store.checkpoints import CHECKPOINT_TYPES, FILE_SUFFIXES, STATUSES, filename_problem
+from common.store.datasets import STATUSES as DATASET_STATUSES
+from common.store.datasets import item_name_problem
+from common.store.datasets import name_problem as dataset_name_problem
 
 
 TASK_TYPES = ("txt2img", "img2img")
@@ -159,3 +162,41 @@ class UploadCheckpoint(BaseSchema):
                            validate=validate.Length(1, 10))
     params = fields.Dict(load_default=dict, validate=JsonSize(), metadata={
         "description": "Free-form, stored with the checkpoint (at most limits.max_extra_bytes as JSON)"})
+
+
+# --- datasets ----------------------------------------------------------------------------------
+class DatasetFile(BaseSchema):
+    filename = fields.String(required=True, validate=validate.Length(1, 1024), metadata={
+        "description": "The file on the client's side (its last path part names the file when `name` is absent)"})
+    name = fields.String(load_default=None, metadata={"description": "The file's name in the dataset: an image "
+                                                                     "(.png .jpg .jpeg .webp) or a caption (.txt)"})
+    type = fields.String(load_default=None, validate=validate.Length(max=32), metadata={
+        "description": "The file's type as the client sees it (png, txt, ...); informative"})
+    params = fields.Dict(load_default=dict, validate=JsonSize())
+
+    @validates_schema
+    def plain_name(self, data: dict, **_: Any) -> None:
+        name = data.get("name") or data["filename"].replace("\\", "/").rsplit("/", 1)[-1]
+        if problem := item_name_problem(name):
+            raise ValidationError(problem, field_name="name")
+        data["name"] = name
+
+
+class DatasetCreate(BaseSchema):
+    dataset_name = fields.String(required=True)
+    content = fields.List(fields.Nested(DatasetFile), required=True, validate=validate.Length(min=1))
+    params = fields.Dict(load_default=dict, validate=JsonSize())
+
+    @validates("dataset_name")
+    def plain(self, value: str, **_: Any) -> None:
+        if problem := dataset_name_problem(value):
+            raise ValidationError(problem)
+
+
+class DatasetUpdate(BaseSchema):
+    dataset_name = fields.String(required=True, validate=validate.Length(1, 100))
+    status = fields.String(required=True, validate=validate.OneOf(DATASET_STATUSES))
+
+
+class DatasetsQuery(BaseSchema):
+    dataset_status = fields.List(fields.String(validate=validate.OneOf(DATASET_STATUSES)), load_default=list)
