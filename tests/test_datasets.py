@@ -113,3 +113,43 @@ def test_a_dataset_is_its_creator_s(api, api_b):
     mine = create(api_b, name, ["x.png"])                                 # names are per key
     assert mine.status_code == 200
     assert api.get(f"/{name}/data").json()["status"] == "Enabled"          # the first key's is untouched
+
+
+# --- the native API -------------------------------------------------------------------------------
+
+def test_native_datasets_upload_check_and_enable(api, api_b):
+    name = new_name()
+    created = api.post("/api/v1/datasets", {"name": name, "files": [
+        {"name": "tom1.png", "caption": "a photo of sks cat"}, {"name": "tom2.png"}, {"name": "tom2.txt"}]})
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["name"] == name and body["status"] == "Initialed"
+    urls = {f["name"]: f["upload_url"] for f in body["files"]}
+    for file, data in (("tom1.png", png()), ("tom2.png", png(24, 16))):
+        assert requests.put(urls[file], data=data, timeout=30).status_code == 200
+    early = api.post(f"/api/v1/datasets/{name}/enable")
+    assert early.status_code == 422 and early.json()["detail"].startswith("tom2.txt: not uploaded yet")
+    assert requests.put(urls["tom2.txt"], data="a photo of sks cat, sleeping".encode(), timeout=30).status_code == 200
+    enabled = api.post(f"/api/v1/datasets/{name}/enable")
+    assert enabled.status_code == 200 and enabled.json()["status"] == "Enabled"
+    files = {f["name"]: f for f in api.get(f"/api/v1/datasets/{name}").json()["files"]}
+    assert files["tom1.png"]["caption"] == "a photo of sks cat"
+    assert files["tom2.png"]["caption"] == "a photo of sks cat, sleeping"
+    assert (files["tom2.png"]["width"], files["tom2.png"]["height"]) == (24, 16) and "upload_url" not in files["tom2.png"]
+    assert requests.get(files["tom1.png"]["url"], timeout=30).content == png()
+    assert name in {d["name"] for d in api.get("/api/v1/datasets").json()["datasets"]}
+    assert name not in {d["name"] for d in api_b.get("/api/v1/datasets").json()["datasets"]}
+    for method, path in (("GET", f"/api/v1/datasets/{name}"), ("POST", f"/api/v1/datasets/{name}/enable")):
+        other = requests.request(method, api.base + path, headers=api_b.headers(), timeout=30)
+        missing = requests.request(method, api.base + path.replace(name, "no-such-dataset"), headers=api_b.headers(),
+                                   timeout=30)
+        assert other.status_code == missing.status_code == 404 and other.json() == missing.json()
+    again = api.post("/api/v1/datasets", {"name": name, "files": [{"name": "x.png"}]})
+    assert again.status_code == 409 and "already has" in again.json()["detail"]
+
+
+def test_native_dataset_requests_name_their_fields(api):
+    bad = api.post("/api/v1/datasets", {"name": "a/b", "files": [{"name": "x.gif"}]})
+    assert bad.status_code == 422
+    fields = {tuple(e["loc"][1:]) for e in bad.json()["detail"]}
+    assert ("name",) in fields and any(f[0] == "files" and f[-1] == "name" for f in fields), fields

@@ -488,3 +488,16 @@ def aws_datasets(w: World) -> None:
     assert w.call("POST", "/dataset", KEY_B, json={"dataset_name": name, "content": content}).status_code == 200
     assert w.call("GET", f"/{name}/data", KEY_A).json()["data"][0]["key"] != \
         w.call("GET", f"/{name}/data", KEY_B).json()["data"][0]["key"]
+
+
+@covers(("POST", "/api/v1/datasets"), ("GET", "/api/v1/datasets"), ("GET", "/api/v1/datasets/<string:name>"),
+        ("POST", "/api/v1/datasets/<string:name>/enable"))
+def native_datasets(w: World) -> None:
+    """The native face of the same datasets: another key's answers as a missing one and is never listed."""
+    name, missing = f"tenant-n-{fake_id()[:8]}", f"tenant-n-{fake_id()[:8]}"
+    assert w.call("POST", "/api/v1/datasets", KEY_A, json={"name": name, "files": [{"name": "a.png"}]}).status_code == 201
+    for method, path in (("GET", "/api/v1/datasets/{}"), ("POST", "/api/v1/datasets/{}/enable")):
+        assert_same(w.call(method, path.format(name), KEY_B), w.call(method, path.format(missing), KEY_B),
+                    [name], [missing])
+    assert name not in {d["name"] for d in w.call("GET", "/api/v1/datasets", KEY_B).json()["datasets"]}
+    assert name in {d["name"] for d in w.call("GET", "/api/v1/datasets", KEY_A).json()["datasets"]}

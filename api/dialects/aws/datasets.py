@@ -28,7 +28,7 @@ def dataset_view(svc: Services, dataset: Dataset) -> dict:
 
 @blp.route("/dataset", methods=["POST"])
 @submit_limited
-@blp.arguments(schemas.DatasetCreate(), location="json")
+@blp.arguments(schemas.ExtensionDatasetCreate(), location="json")
 @blp.doc(security=SECURITY)
 def post_dataset(data: dict):
     """A new dataset of this key: a presigned PUT URL per file (`s3PresignUrl`: file name -> URL)."""
@@ -46,7 +46,7 @@ def post_dataset(data: dict):
 
 @blp.route("/dataset", methods=["PUT"])
 @submit_limited
-@blp.arguments(schemas.DatasetUpdate(), location="json")
+@blp.arguments(schemas.ExtensionDatasetUpdate(), location="json")
 @blp.doc(security=SECURITY)
 def put_dataset(data: dict):
     """Enabled (once every file is in S3 and checked: 400 naming the first file that is not), or Disabled."""
@@ -63,7 +63,7 @@ def put_dataset(data: dict):
 
 @blp.route("/datasets", methods=["GET"])
 @read_limited
-@blp.arguments(schemas.DatasetsQuery(), location="query")
+@blp.arguments(schemas.ExtensionDatasetsQuery(), location="query")
 @blp.doc(security=SECURITY)
 def list_datasets(query: dict):
     """This key's datasets, optionally of some statuses (`dataset_status`)."""

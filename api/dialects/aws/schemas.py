@@ -165,7 +165,7 @@ class UploadCheckpoint(BaseSchema):
 
 
 # --- datasets ----------------------------------------------------------------------------------
-class DatasetFile(BaseSchema):
+class ExtensionDatasetFile(BaseSchema):
     filename = fields.String(required=True, validate=validate.Length(1, 1024), metadata={
         "description": "The file on the client's side (its last path part names the file when `name` is absent)"})
     name = fields.String(load_default=None, metadata={"description": "The file's name in the dataset: an image "
@@ -182,9 +182,9 @@ class DatasetFile(BaseSchema):
         data["name"] = name
 
 
-class DatasetCreate(BaseSchema):
+class ExtensionDatasetCreate(BaseSchema):
     dataset_name = fields.String(required=True)
-    content = fields.List(fields.Nested(DatasetFile), required=True, validate=validate.Length(min=1))
+    content = fields.List(fields.Nested(ExtensionDatasetFile), required=True, validate=validate.Length(min=1))
     params = fields.Dict(load_default=dict, validate=JsonSize())
 
     @validates("dataset_name")
@@ -193,10 +193,10 @@ class DatasetCreate(BaseSchema):
             raise ValidationError(problem)
 
 
-class DatasetUpdate(BaseSchema):
+class ExtensionDatasetUpdate(BaseSchema):
     dataset_name = fields.String(required=True, validate=validate.Length(1, 100))
     status = fields.String(required=True, validate=validate.OneOf(DATASET_STATUSES))
 
 
-class DatasetsQuery(BaseSchema):
+class ExtensionDatasetsQuery(BaseSchema):
     dataset_status = fields.List(fields.String(validate=validate.OneOf(DATASET_STATUSES)), load_default=list)

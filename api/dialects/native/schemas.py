@@ -11,13 +11,15 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 
 from api.inpaint import FILLS
-from api.schemas import (MAX_SEED, BaseSchema, InitImageField, LooseInteger, Setting, SettingLength, SettingRange,
-                         StrictFloat, limit, multiple_of_8)
+from api.schemas import (MAX_SEED, BaseSchema, InitImageField, JsonSize, LooseInteger, Setting, SettingLength,
+                         SettingRange, StrictFloat, limit, multiple_of_8)
 from api.services import services
 from common.controlnets import CANNY_HIGH, CANNY_LOW, MAX_UNITS, PROCESSOR_RES, RESIZE_MODES
 from common.netguard import callback_guard
 from common.promptsyntax import PLAIN, PROMPT_SYNTAXES
 from common.schedulers import SCHEDULERS
+from common.store.datasets import item_name_problem
+from common.store.datasets import name_problem as dataset_name_problem
 from common.store.results import EVENT_KINDS
 from common.store.tasks import PRIORITIES
 
@@ -288,3 +290,54 @@ class LoraListSchema(Schema):
 
 # An instance, not a class: webargs would build (and deep-copy) a schema per request. api/fastsubmit.py uses it too.
 GENERATE_REQUEST = GenerateRequest()
+
+
+# --- datasets -----------------------------------------------------------------------------------
+class DatasetFileSchema(BaseSchema):
+    name = fields.String(required=True, metadata={"description": "The file's name in the dataset: an image (.png, "
+                                                                 ".jpg, .jpeg, .webp) or a caption (.txt) for the "
+                                                                 "image of the same stem"})
+    caption = fields.String(allow_none=True, load_default=None, validate=validate.Length(max=4096),
+                            metadata={"description": "The image's caption (instead of a .txt file)"})
+
+    @validates("name")
+    def plain(self, value: str, **_: Any) -> None:
+        if problem := item_name_problem(value):
+            raise ValidationError(problem)
+
+
+class DatasetCreateSchema(BaseSchema):
+    """POST /api/v1/datasets."""
+
+    name = fields.String(required=True, metadata={"description": "The dataset's name (per key)", "example": "my-cat"})
+    files = fields.List(fields.Nested(DatasetFileSchema), required=True, validate=validate.Length(min=1))
+    params = fields.Dict(load_default=dict, validate=JsonSize(), metadata={"description": "Free-form, kept with it"})
+
+    @validates("name")
+    def plain(self, value: str, **_: Any) -> None:
+        if problem := dataset_name_problem(value):
+            raise ValidationError(problem)
+
+
+class DatasetItemSchema(Schema):
+    name = fields.String()
+    type = fields.String(metadata={"description": "image or text (a caption file)"})
+    status = fields.String()
+    caption = fields.String(allow_none=True)
+    width = fields.Integer()
+    height = fields.Integer()
+    size = fields.Integer()
+    url = fields.String(metadata={"description": "A presigned GET URL of the file"})
+    upload_url = fields.String(metadata={"description": "The presigned PUT URL (in the answer to its creation)"})
+
+
+class DatasetSchema(Schema):
+    name = fields.String()
+    status = fields.String(metadata={"description": "Initialed, Enabled (every file checked) or Disabled"})
+    created_at = fields.String()
+    params = fields.Dict()
+    files = fields.List(fields.Nested(DatasetItemSchema))
+
+
+class DatasetListSchema(Schema):
+    datasets = fields.List(fields.Nested(DatasetSchema))
