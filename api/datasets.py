@@ -89,6 +89,13 @@ def set_status(svc: Services, dataset: Dataset, status: str) -> Dataset:
         return dataset
 
 
+def delete_dataset(svc: Services, dataset: Dataset) -> None:
+    """Remove a dataset: its files in S3 first (a failure leaves the record, so a retry finishes), then its record."""
+    with svc.datasets.lock(dataset.owner, dataset.name):
+        svc.storage.delete([item.key for item in dataset.items])
+        svc.datasets.delete(dataset.owner, dataset.name)
+
+
 def uploaded_bytes(svc: Services, item: DatasetItem) -> bytes:
     """The file's bytes from S3, after checking it is there and within datasets.max_file_bytes."""
     found = svc.storage.head(item.key)

@@ -146,6 +146,12 @@ def test_native_datasets_upload_check_and_enable(api, api_b):
         assert other.status_code == missing.status_code == 404 and other.json() == missing.json()
     again = api.post("/api/v1/datasets", {"name": name, "files": [{"name": "x.png"}]})
     assert again.status_code == 409 and "already has" in again.json()["detail"]
+    foreign = requests.delete(f"{api.base}/api/v1/datasets/{name}", headers=api_b.headers(), timeout=30)
+    assert foreign.status_code == 404
+    assert api.delete(f"/api/v1/datasets/{name}").status_code == 204
+    assert api.get(f"/api/v1/datasets/{name}").status_code == 404
+    assert requests.get(files["tom1.png"]["url"], timeout=30).status_code == 404          # its files are gone
+    assert api.post("/api/v1/datasets", {"name": name, "files": [{"name": "x.png"}]}).status_code == 201
 
 
 def test_native_dataset_requests_name_their_fields(api):

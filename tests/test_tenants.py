@@ -491,13 +491,14 @@ def aws_datasets(w: World) -> None:
 
 
 @covers(("POST", "/api/v1/datasets"), ("GET", "/api/v1/datasets"), ("GET", "/api/v1/datasets/<string:name>"),
-        ("POST", "/api/v1/datasets/<string:name>/enable"))
+        ("POST", "/api/v1/datasets/<string:name>/enable"), ("DELETE", "/api/v1/datasets/<string:name>"))
 def native_datasets(w: World) -> None:
     """The native face of the same datasets: another key's answers as a missing one and is never listed."""
     name, missing = f"tenant-n-{fake_id()[:8]}", f"tenant-n-{fake_id()[:8]}"
     assert w.call("POST", "/api/v1/datasets", KEY_A, json={"name": name, "files": [{"name": "a.png"}]}).status_code == 201
-    for method, path in (("GET", "/api/v1/datasets/{}"), ("POST", "/api/v1/datasets/{}/enable")):
+    for method, path in (("GET", "/api/v1/datasets/{}"), ("POST", "/api/v1/datasets/{}/enable"),
+                         ("DELETE", "/api/v1/datasets/{}")):
         assert_same(w.call(method, path.format(name), KEY_B), w.call(method, path.format(missing), KEY_B),
                     [name], [missing])
     assert name not in {d["name"] for d in w.call("GET", "/api/v1/datasets", KEY_B).json()["datasets"]}
-    assert name in {d["name"] for d in w.call("GET", "/api/v1/datasets", KEY_A).json()["datasets"]}
+    assert name in {d["name"] for d in w.call("GET", "/api/v1/datasets", KEY_A).json()["datasets"]}   # not deleted

@@ -124,6 +124,12 @@ class DatasetStore:
         """One writer per dataset at a time (a client retrying PUT /dataset races itself)."""
         return self.client.lock(keys.DATASET_LOCK(owner, name), timeout=300, blocking_timeout=30)
 
+    def delete(self, owner: str, name: str) -> None:
+        pipe = self.client.pipeline()
+        pipe.delete(keys.DATASET(owner, name))
+        pipe.zrem(keys.DATASETS(owner), name)
+        pipe.execute()
+
     def owned(self, owner: str) -> list[Dataset]:
         """`owner`'s datasets, oldest first."""
         names = self.client.zrange(keys.DATASETS(owner), 0, -1)

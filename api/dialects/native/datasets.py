@@ -10,7 +10,7 @@ from __future__ import annotations
 from flask_smorest import abort
 
 from api.auth import current_key
-from api.datasets import DatasetProblem, create_dataset, enable_dataset
+from api.datasets import DatasetProblem, create_dataset, delete_dataset, enable_dataset
 from api.dialects.native import schemas
 from api.dialects.native.routes import SECURITY, blp
 from api.limits import read_limited, submit_limited
@@ -70,6 +70,17 @@ def get_dataset(name: str):
     """One dataset of this key with its files."""
     svc = services()
     return dataset_body(svc, owned_dataset_or_404(svc, name))
+
+
+@blp.route("/datasets/<string:name>", methods=["DELETE"])
+@submit_limited
+@blp.response(204)
+@blp.doc(security=SECURITY)
+def delete(name: str):
+    """Remove a dataset of this key and its files; its name is free again."""
+    svc = services()
+    delete_dataset(svc, owned_dataset_or_404(svc, name))
+    return None
 
 
 @blp.route("/datasets/<string:name>/enable", methods=["POST"])
