@@ -1,0 +1,150 @@
+"""LoRA training (worker/training.py) on the tiny SD 1.x and SDXL models, on the CPU; no stack needed."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from PIL import Image
+
+from common.catalog import find_model
+from dev.tinymodel import build_tiny_model, build_tiny_xl
+from worker.training import (Example, TrainingConfig, bucket_size, resize_and_crop, save_lora_file,
+                             state_from_bytes, state_to_bytes, train_lora)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def gradient(width: int, height: int, tint: int) -> Image.Image:
+    image = Image.new("RGB", (width, height))
+    image.putdata([((x * 255) // width, (y * 255) // height, tint) for y in range(height) for x in range(width)])
+    return image
+
+
+EXAMPLES = [Example(gradient(64, 64, 0), "a red square"), Example(gradient(96, 64, 128), "a wide field"),
+            Example(gradient(64, 80, 255), "")]
+
+
+def load(models_dir, name, build):
+    from worker.pipelines import family_for
+
+    build(models_dir / name)
+    model = find_model(models_dir, name)
+    return family_for(model).load(model, "cpu", None, "float32")
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return load(tmp_path_factory.mktemp("models"), "sdq-tiny", build_tiny_model)
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    return load(tmp_path_factory.mktemp("models"), "sdq-tiny-xl", build_tiny_xl)
+
+
+def config(**kw) -> TrainingConfig:
+    return TrainingConfig(**{"max_steps": 3, "resolution": 64, "seed": 5, "learning_rate": 1e-2, **kw})
+
+
+def snapshot(unet):
+    return {k: (v.data_ptr(), v.detach().clone(), v.requires_grad) for k, v in unet.named_parameters()}
+
+
+def generate(pipe, **kw):
+    import torch
+
+    return pipe(prompt="a red square", width=64, height=64, num_inference_steps=2, output_type="np",
+                generator=torch.Generator().manual_seed(3), **kw).images[0]
+
+
+def test_buckets_are_multiples_of_64_near_the_aspect_ratio():
+    assert bucket_size(512, 512, 512) == (512, 512)
+    width, height = bucket_size(1600, 900, 512)
+    assert width % 64 == 0 and height % 64 == 0 and width > height and abs(width * height / 512 ** 2 - 1) < 0.15
+    assert bucket_size(100, 3000, 64) == (64, 64)          # the tiny model's only bucket
+    image, (top, left) = resize_and_crop(gradient(96, 64, 0), 64, 64)
+    assert image.size == (64, 64) and (top, left) == (0, 16)
+
+
+def test_training_reports_a_finite_loss_each_step_and_leaves_the_pipeline_untouched(sd, tmp_path):
+    import numpy as np
+
+    before = snapshot(sd.unet)
+    plain = generate(sd)
+    steps = []
+    result = train_lora(sd, EXAMPLES, config(trigger_word="sks"), on_step=lambda *a: steps.append(a))
+    assert [(s, t) for s, t, _ in steps] == [(1, 3), (2, 3), (3, 3)]
+    assert all(math.isfinite(loss) for _, _, loss in steps) and result.losses == [loss for *_, loss in steps]
+    assert result.state_dict and all(k.startswith("unet.") for k in result.state_dict)
+
+    after = snapshot(sd.unet)
+    assert after.keys() == before.keys()                  # no LoRA layers left on the warm UNet
+    for name, (ptr, value, grad) in before.items():
+        assert after[name][0] == ptr and after[name][2] == grad and after[name][1].equal(value), name
+    assert np.array_equal(generate(sd), plain)
+
+    path = save_lora_file(result, tmp_path / "trained.safetensors")
+    sd.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="trained")
+    try:
+        with_lora = generate(sd)
+    finally:
+        sd.unload_lora_weights()
+    assert np.abs(with_lora - plain).max() > 1e-4
+    assert np.array_equal(generate(sd), plain)
+
+
+def test_resumed_run_ends_with_the_same_weights(sd):
+    import torch
+
+    settings = config(max_steps=6, checkpoint_every=3, batch_size=2, gradient_accumulation=2,
+                      lr_scheduler="cosine", lr_warmup_steps=2, noise_offset=0.05)
+    straight = train_lora(sd, EXAMPLES, settings)
+
+    saved, reported = [], []
+
+    def stop_at_3(step, total, loss):
+        reported.append(step)
+        if step == 3:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        train_lora(sd, EXAMPLES, settings, on_step=stop_at_3, save_state=lambda s: saved.append(state_to_bytes(s)))
+    assert reported == [1, 2, 3] and len(saved) == 1
+    state = state_from_bytes(saved[0])
+    assert state.step == 3 and len(state.losses) == 3
+    resumed = train_lora(sd, EXAMPLES, settings, on_step=lambda step, *_: reported.append(step), resume=state)
+    assert reported == [1, 2, 3, 4, 5, 6] and resumed.steps == 6
+    assert resumed.losses == pytest.approx(straight.losses)
+    assert resumed.state_dict.keys() == straight.state_dict.keys()
+    for key, value in straight.state_dict.items():
+        assert torch.allclose(resumed.state_dict[key], value), key
+
+
+def test_state_bytes_refuse_other_payloads():
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"format": 999}, buffer)
+    with pytest.raises(ValueError):
+        state_from_bytes(buffer.getvalue())
+
+
+def test_sdxl_trains_and_its_lora_loads(xl, tmp_path):
+    import numpy as np
+
+    before = snapshot(xl.unet)
+    steps = []
+    result = train_lora(xl, EXAMPLES, config(max_steps=2, alpha=8), on_step=lambda *a: steps.append(a))
+    assert [s for s, *_ in steps] == [1, 2] and all(math.isfinite(loss) for *_, loss in steps)
+    assert all(after[1].equal(before[k][1]) for k, after in snapshot(xl.unet).items())
+    path = save_lora_file(result, tmp_path / "xl.safetensors")
+    plain = generate(xl)
+    xl.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="trained")
+    try:
+        assert np.abs(generate(xl) - plain).max() > 1e-4
+    finally:
+        xl.unload_lora_weights()
