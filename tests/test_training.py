@@ -148,3 +148,19 @@ def test_sdxl_trains_and_its_lora_loads(xl, tmp_path):
         assert np.abs(generate(xl) - plain).max() > 1e-4
     finally:
         xl.unload_lora_weights()
+
+
+def test_bf16_after_full_precision_in_the_same_process(sd):
+    # accelerate keeps one process-wide state; a worker's next job may ask for another precision
+    result = train_lora(sd, EXAMPLES[:1], config(max_steps=1, mixed_precision="bf16"))
+    assert result.steps == 1 and math.isfinite(result.losses[0])
+
+
+def test_config_refuses_what_cannot_train(sd):
+    with pytest.raises(ValueError, match="multiple of 64"):
+        config(resolution=100)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        config(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="no training examples"):
+        train_lora(sd, [], config())
+    assert config(rank=8).alpha == 8.0
