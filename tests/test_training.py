@@ -8,8 +8,8 @@ from PIL import Image
 
 from common.catalog import find_model
 from dev.tinymodel import build_tiny_model, build_tiny_xl
-from worker.training import (Example, TrainingConfig, bucket_size, resize_and_crop, save_lora_file,
-                             state_from_bytes, state_to_bytes, train_lora)
+from worker.training import (Example, TrainingConfig, bucket_size, caption_with_trigger, resize_and_crop,
+                             save_lora_file, state_from_bytes, state_to_bytes, train_lora)
 
 
 class Cancelled(Exception):
@@ -66,6 +66,8 @@ def test_buckets_are_multiples_of_64_near_the_aspect_ratio():
     assert bucket_size(100, 3000, 64) == (64, 64)          # the tiny model's only bucket
     image, (top, left) = resize_and_crop(gradient(96, 64, 0), 64, 64)
     assert image.size == (64, 64) and (top, left) == (0, 16)
+    assert caption_with_trigger(" a cat ", "sks") == "sks, a cat" and caption_with_trigger("", "sks") == "sks"
+    assert caption_with_trigger("a cat", "") == "a cat"
 
 
 def test_training_reports_a_finite_loss_each_step_and_leaves_the_pipeline_untouched(sd, tmp_path):
