@@ -356,3 +356,17 @@ def test_a_late_progress_write_never_touches_a_job_that_ended(store, queue):
     assert not store.report_progress(task_id, 0, "w", 3, 4)              # the poller's late snapshot
     task = store.get(task_id)
     assert (task.progress_step, task.progress_total) == (4, 4)
+
+
+def test_the_eta_is_the_pace_since_the_attempt_s_first_step(store, queue, monkeypatch):
+    """ETA = seconds per step since the first step this attempt reported × steps left (model loading is not a
+    step); the clock is driven, not waited for."""
+    clock = [1000.0]
+    monkeypatch.setattr("common.store.tasks.time.time", lambda: clock[0])
+    task_id = new_task(store, queue=queue)
+    take(store, queue, "w")
+    assert store.report_progress(task_id, 0, "w", 2, 20).eta == ""        # the first step: no pace yet
+    clock[0] = 1004.0
+    assert float(store.report_progress(task_id, 0, "w", 6, 20).eta) == 14.0   # 4 steps in 4 s, 14 left
+    clock[0] = 1010.0
+    assert float(store.report_progress(task_id, 0, "w", 8, 20).eta) == 20.0   # 6 steps in 10 s, 12 left
