@@ -13,7 +13,6 @@ from common.store import Preview
 from common.timestamps import iso
 
 STEP_KINDS = ("progress", "preview")
-INTERMEDIATE_KINDS = ("queued", "started", *STEP_KINDS)
 
 
 def queued_data(task_id: str, position: int | None, attempt: int, requeued: bool = False) -> dict:

@@ -146,3 +146,10 @@ def test_a_two_pass_job_offers_its_latents_on_the_job_s_scale():
     for i in range(4):
         steps(object(), i % 2, None, {"latents": torch.zeros(1, 4, 2, 2)})
     assert counted == [1, 2, 3, 4] and offered == [(1, 4, 1), (2, 4, 1), (3, 4, 1), (4, 4, 1)]
+
+
+def test_the_job_s_family_chooses_the_projection_over_the_class_name():
+    latents = torch.randn(1, 16, 4, 4)
+    named = Previewer(every=1, width=32, height=32, family="sd3").render(object(), latents, 1, 2)
+    assert (named.rgb == project(latents[0], "sd3")).all()
+    assert not (named.rgb == project(latents[0], "sd1")).all()

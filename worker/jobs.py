@@ -355,7 +355,7 @@ def job_monitor(ctx: JobContext, task: Task, attempt: int) -> StepMonitor:
     spec = task.spec
     every = preview_interval(spec.preview_every, spec.num_inference_steps, ctx.settings.tasks.max_previews)
     if every:
-        monitor.previewer = Previewer(every, spec.width, spec.height, ctx.taesd)
+        monitor.previewer = Previewer(every, spec.width, spec.height, ctx.taesd, spec.family)
     monitor.flags.webhook_events = frozenset(wanted_events(spec.callback_url, spec.callback_events, STEP_KINDS))
     return monitor
 

@@ -50,15 +50,18 @@ FLUX_FACTORS = ((-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0
 FLUX_BIAS = (-0.0329, -0.0718, -0.0851)
 PROJECTIONS: dict[str, tuple[tuple, tuple]] = {
     "sd1": (SD1_FACTORS, (0.0, 0.0, 0.0)), "sd2": (SD1_FACTORS, (0.0, 0.0, 0.0)),
-    "sdxl": (SDXL_FACTORS, SDXL_BIAS), "sd3": (SD3_FACTORS, SD3_BIAS), "flux": (FLUX_FACTORS, FLUX_BIAS),
+    "sdxl": (SDXL_FACTORS, SDXL_BIAS), "sdxl-refiner": (SDXL_FACTORS, SDXL_BIAS), "sd3": (SD3_FACTORS, SD3_BIAS),
+    "flux": (FLUX_FACTORS, FLUX_BIAS),
 }
-TAESD_FOLDERS = {"sd1": "taesd", "sd2": "taesd", "sdxl": "taesdxl", "sd3": "taesd3", "flux": "taef1"}
+TAESD_FOLDERS = {"sd1": "taesd", "sd2": "taesd", "sdxl": "taesdxl", "sdxl-refiner": "taesdxl", "sd3": "taesd3",
+                 "flux": "taef1"}
 FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 QUALITY = 70
 
 
 def family_of(pipe: Any) -> str:
-    """The family of a pipeline (or a view of it: img2img, inpaint, ControlNet) from its class name."""
+    """The family of a pipeline (or a view of it: img2img, inpaint, ControlNet) from its class name: for a job
+    whose spec does not say (JobSpec.family is None)."""
     name = type(pipe).__name__
     if "Flux" in name:
         return "flux"
@@ -175,13 +178,14 @@ class Previewer:
     width: int
     height: int
     taesd: TaesdCache | None = None
+    family: str | None = None          # the job's (JobSpec.family); None: read from the pipeline's class
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step > 0 and step % self.every == 0
 
     def render(self, pipe: Any, latents: Any, step: int, total: int) -> RawPreview:
         """The first image of `latents` (the job's slice of the call's batch) as a RawPreview."""
-        family = family_of(pipe)
+        family = self.family or family_of(pipe)
         latents = unpack_flux(pipe, latents[:1], self.width, self.height)[0].detach()
         decoder = self.taesd.decoder(family, latents.device, latents.dtype) if self.taesd else None
         rgb = decode_taesd(decoder, latents) if decoder is not None else project(latents, family)

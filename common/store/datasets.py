@@ -21,11 +21,11 @@ from typing import Any
 import redis
 
 from common.store import keys
+from common.store.checkpoints import FILENAME
 
 STATUSES = ("Initialed", "Enabled", "Disabled")
 ITEM_TYPES = ("image", "text")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ()+\[\]]{0,199}$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 TEXT_SUFFIXES = (".txt", ".caption")
 
@@ -39,7 +39,7 @@ def name_problem(name: str) -> str | None:
 
 def item_name_problem(name: str) -> str | None:
     """Why `name` cannot be a file of a dataset (a plain file name with an image or caption suffix), else None."""
-    if not FILE_NAME.match(name) or ".." in name:
+    if not FILENAME.match(name) or ".." in name:     # the same plain names as checkpoint files
         return f"{name!r} is not a plain file name (letters, digits, ' ._-()+[]', at most 200)"
     if not name.lower().endswith(IMAGE_SUFFIXES + TEXT_SUFFIXES):
         return f"{name!r} must be an image ({', '.join(IMAGE_SUFFIXES)}) or a caption ({', '.join(TEXT_SUFFIXES)})"

@@ -92,11 +92,10 @@ def default_options(svc: Services) -> dict[str, Any]:
     }
 
 
-def a1111_preview_every(svc: Services, owner: str, overrides: dict | None) -> int:
+def a1111_preview_every(options: dict[str, Any]) -> int:
     """Steps between the live previews /progress shows as current_image: the web UI's options
-    live_previews_enable and show_progress_every_n_steps (override_settings, else the key's /options);
+    live_previews_enable and show_progress_every_n_steps (`options`: the key's /options under override_settings);
     0 when off (or -1: the web UI then shows one only after a batch, which a finished job's images are)."""
-    options = {**stored_options(svc, owner), **(overrides or {})}
     if options.get("live_previews_enable", True) in (False, "false", 0):
         return 0
     try:
@@ -106,15 +105,17 @@ def a1111_preview_every(svc: Services, owner: str, overrides: dict | None) -> in
     return max(0, every)
 
 
-def chosen_model(svc: Services, owner: str, overrides: dict | None, warnings: list[str]) -> ModelInfo:
-    """override_settings.sd_model_checkpoint, else the key's /options choice, else the default model."""
+def chosen_model(svc: Services, owner: str, overrides: dict | None, warnings: list[str],
+                 stored: dict[str, Any] | None = None) -> ModelInfo:
+    """override_settings.sd_model_checkpoint, else the key's /options choice (`stored`, when the caller read
+    them already), else the default model."""
     wanted = (overrides or {}).get("sd_model_checkpoint")
     if wanted:
         model = find_checkpoint(svc, str(wanted))
         if model is not None:
             return model
         warnings.append(f"override_settings.sd_model_checkpoint {wanted!r} not found; the current model was used")
-    chosen = stored_options(svc, owner).get("sd_model_checkpoint")
+    chosen = (stored if stored is not None else stored_options(svc, owner)).get("sd_model_checkpoint")
     model = find_checkpoint(svc, chosen) if chosen else None
     if model is None:
         default = svc.catalog.default_model()
@@ -271,7 +272,9 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
     EKS, the AWS extension), which name the model themselves (`model`) and
     may have their own defaults for SD 1.x/2.x models (`classic_defaults`).
     """
-    model = model or chosen_model(svc, current_key().owner, data.get("override_settings"), warnings)
+    overrides = data.get("override_settings")
+    stored = stored_options(svc, current_key().owner) if dialect == DIALECT else None   # read once per request
+    model = model or chosen_model(svc, current_key().owner, overrides, warnings, stored)
     if not current_key().may_use_model(model.name):
         abort(403, message=f"this API key may not use model '{model.name}'")
     refiner = chosen_refiner(svc, data)
@@ -312,8 +315,7 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         refiner_switch=switch if refiner else None, family=model.family, prompt_syntax=syntax,
         inpaint_fill=plan.fill if plan else None, inpaint_area=plan.area if plan else None, hires=hires,
         controlnet=controlnet,
-        preview_every=a1111_preview_every(svc, current_key().owner, data.get("override_settings"))
-        if dialect == "a1111" else 0,
+        preview_every=a1111_preview_every({**stored, **(overrides or {})}) if stored is not None else 0,
     )
 
 

@@ -13,6 +13,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates, va
 from api.inpaint import FILLS
 from api.schemas import (MAX_SEED, BaseSchema, InitImageField, JsonSize, LooseInteger, Setting, SettingLength,
                          SettingRange, StrictFloat, limit, multiple_of_8)
+from api.eventstream import EVENT_ID
 from api.services import services
 from common.controlnets import CANNY_HIGH, CANNY_LOW, MAX_UNITS, PROCESSOR_RES, RESIZE_MODES
 from common.netguard import callback_guard
@@ -222,7 +223,7 @@ class TaskListQuery(BaseSchema):
 
 
 class EventsQuery(BaseSchema):
-    last_event_id = fields.String(load_default=None, validate=validate.Regexp(r"^\d{1,20}-\d{1,20}$"), metadata={
+    last_event_id = fields.String(load_default=None, validate=validate.Regexp(EVENT_ID), metadata={
         "description": "Resume after this event (as the Last-Event-ID header, which wins): for clients that cannot "
                        "set headers"})
 
