@@ -141,6 +141,3 @@ def read_caption(svc: Services, item: DatasetItem) -> str:
     except UnicodeDecodeError as exc:
         raise DatasetProblem(f"{item.name}: not UTF-8 text") from exc
 
-
-def s3_url(svc: Services, prefix: str) -> str:
-    return f"s3://{svc.storage.bucket}/{prefix}"

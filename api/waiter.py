@@ -122,7 +122,7 @@ class EventHub:
 
     @property
     def streams_open(self) -> int:
-        """SSE streams this process holds now (bench/streams.py and /metrics read it)."""
+        """SSE streams this process holds now (for diagnostics and tests; /metrics counts them as sdq_api_event_streams)."""
         return self._streams_open
 
     def _register(self, task_id: str, event: threading.Event, steps: bool = False) -> None:

@@ -108,6 +108,10 @@ class Storage:
         return self.signer.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expiry)
 
+    def s3_uri(self, key: str) -> str:
+        """`s3://bucket/key`: how the dialects name a location in their answers (not a URL a client fetches)."""
+        return f"s3://{self.bucket}/{key}"
+
     def upload_url(self, key: str) -> str:
         """A presigned PUT URL for one object (a dataset's file: clients upload it straight to S3)."""
         return self.signer.generate_presigned_url("put_object", Params={"Bucket": self.bucket, "Key": key},

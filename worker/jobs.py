@@ -155,7 +155,7 @@ def write_sidecar(ctx: JobContext, task: Task, status: TaskStatus, fields: dict)
 
     A failure here is logged, never turned into a job failure: the images are there.
     """
-    urls = [f"s3://{ctx.storage.bucket}/{key}" for key in fields.get("result_keys", [])]
+    urls = [ctx.storage.s3_uri(key) for key in fields.get("result_keys", [])]
     error = None if status is TaskStatus.COMPLETED else fields.get("error") or status.value
     try:
         document = build_sidecar(task.spec, task.id, fields.get("seeds") or [], urls, error)

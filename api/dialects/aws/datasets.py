@@ -11,7 +11,7 @@ from __future__ import annotations
 from flask import jsonify
 
 from api.auth import current_key
-from api.datasets import DatasetProblem, create_dataset, s3_url, set_status
+from api.datasets import DatasetProblem, create_dataset, set_status
 from api.dialects.aws import schemas
 from api.dialects.aws.checkpoints import SECURITY, blp
 from api.dialects.aws.errors import models_error
@@ -22,7 +22,7 @@ from common.store import Dataset
 
 def dataset_view(svc: Services, dataset: Dataset) -> dict:
     """A dataset as GET /datasets lists it (its params spread in, as the extension does)."""
-    return {"datasetName": dataset.name, "s3": s3_url(svc, dataset.prefix), "status": dataset.status,
+    return {"datasetName": dataset.name, "s3": svc.storage.s3_uri(dataset.prefix), "status": dataset.status,
             "timestamp": dataset.created, **dataset.params}
 
 

@@ -131,7 +131,7 @@ def run_inference(svc: Services, raw: Any):
     spec = build_inference_jobspec(svc, data, job_id, model, assets + lora_assets, loras, warnings)
     submit_job(svc, owner, spec, job_id, queue=pool)
     return jsonify({"inference_id": job_id, "status": "inprogress", "endpoint_name": pool,
-                    "output_path": f"s3://{svc.storage.bucket}/{output_prefix(svc, job_id)}"})
+                    "output_path": svc.storage.s3_uri(output_prefix(svc, job_id))})
 
 
 # --- endpoints (worker pools) ---------------------------------------------------------------

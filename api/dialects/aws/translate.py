@@ -176,13 +176,13 @@ def now_text() -> str:
 
 def checkpoint_view(svc: Services, checkpoint: Checkpoint) -> dict:
     """A checkpoint as POST/PUT/GET /checkpoint show it."""
-    return {"id": checkpoint.id, "type": checkpoint.type, "s3_location": f"s3://{svc.storage.bucket}/{checkpoint.prefix}",
+    return {"id": checkpoint.id, "type": checkpoint.type, "s3_location": svc.storage.s3_uri(checkpoint.prefix),
             "status": checkpoint.status, "params": checkpoint.params, "name": checkpoint.names}
 
 
 def listed_view(svc: Services, checkpoint: Checkpoint) -> dict:
     """A checkpoint as GET /checkpoints lists it (camelCase s3Location, epoch `created`)."""
-    return {"id": checkpoint.id, "s3Location": f"s3://{svc.storage.bucket}/{checkpoint.prefix}",
+    return {"id": checkpoint.id, "s3Location": svc.storage.s3_uri(checkpoint.prefix),
             "type": checkpoint.type, "status": checkpoint.status, "name": checkpoint.names,
             "created": checkpoint.created, "params": checkpoint.params}
 

@@ -81,7 +81,7 @@ def submit():
     location = earlier or output_location(scripts, owner)
     answer = {"id_task": str(scripts["id_task"]), "task": scripts["task"],
               "sd_model_checkpoint": scripts["sd_model_checkpoint"],
-              "output_location": f"s3://{svc.storage.bucket}/{location}"}
+              "output_location": svc.storage.s3_uri(location)}
     if earlier is None:   # a resubmission fetches and uploads nothing either
         warnings = screen_eks(svc, data)
         if schemas.TASKS[scripts["task"]] == "img2img" and scripts["image_link"]:
