@@ -128,7 +128,7 @@ class TaskEventStream:
                                 int(fields.get("attempt") or 0), fields.get("at"))
         if event.kind == "progress":
             return progress_data(self.task_id, int(fields.get("step") or 0), int(fields.get("total") or 0),
-                                 fields.get("eta"))
+                                 fields.get("eta"), fields.get("loss"))
         if event.kind == "preview":
             preview = self.store.preview(self.task_id)
             return None if preview is None else preview_data(self.task_id, preview)

@@ -25,9 +25,11 @@ def started_data(task_id: str, worker: str | None, model: str | None, attempt: i
             "started_at": iso(float(started_at)) if started_at not in (None, "") else None}
 
 
-def progress_data(task_id: str, step: int, total: int, eta: Any) -> dict:
-    return {"task_id": task_id, "step": step, "total": total, "fraction": round(step / total, 4) if total else 0.0,
+def progress_data(task_id: str, step: int, total: int, eta: Any, loss: Any = None) -> dict:
+    """A progress event; a training job's carries its latest `loss` as well."""
+    data = {"task_id": task_id, "step": step, "total": total, "fraction": round(step / total, 4) if total else 0.0,
             "eta_seconds": float(eta) if eta not in (None, "") else None}
+    return {**data, "loss": float(loss)} if loss not in (None, "") else data
 
 
 def preview_data(task_id: str, preview: Preview) -> dict:

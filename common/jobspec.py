@@ -17,7 +17,8 @@ from typing import Any
 _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", "mask_image_key", "output_prefix",
                               "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
                               "refiner_switch", "family", "inpaint_fill", "inpaint_area", "prompt_syntax",
-                              "hires", "controlnet", "extras", "preview_every", "callback_events"})
+                              "hires", "controlnet", "extras", "preview_every", "callback_events",
+                              "training", "time_limit"})
 
 
 ZERO_NEGATIVE_FAMILIES = (None, "sdxl", "sdxl-refiner")   # a missing negative prompt is zeros, not ""
@@ -81,12 +82,20 @@ class JobSpec:
     extras: dict[str, Any] | None = None
     preview_every: int = 0           # a preview of the latents every this many steps (worker/previews.py); 0: none
     callback_events: list[str] | None = None   # the events the webhook gets (docs/events.md); None: the final ones
+    # A LoRA training job (api/trainings.py, worker/trainingjob.py): its hyper-parameters ("config", the fields of
+    # worker.training.TrainingConfig), "examples" [{"key", "caption"}] from an Enabled dataset, "dataset",
+    # "lora_name", "state_key" (its resumable checkpoint in S3); `model` is the base model. No images are made.
+    training: dict[str, Any] | None = None
+    time_limit: int = 0              # seconds this job may run (0: tasks.time_limit); training sets its own
 
     @property
     def mode(self) -> str:
-        """txt2img; img2img when an init image was given; inpaint when a mask came with it; extras (no diffusion)."""
+        """txt2img; img2img when an init image was given; inpaint when a mask came with it; extras (no diffusion);
+        train (a LoRA training job)."""
         if self.extras:
             return "extras"
+        if self.training:
+            return "train"
         if not self.init_image_key:
             return "txt2img"
         return "inpaint" if self.mask_image_key else "img2img"
@@ -114,7 +123,7 @@ class JobSpec:
         job of unknown family is treated as SDXL). Prompts in A1111's syntax
         are encoded by sdqueue, plain ones by diffusers: they do not mix.
         """
-        if self.mode in ("inpaint", "extras") or len(self.batches) > 1 or self.refiner or self.hires:
+        if self.mode in ("inpaint", "extras", "train") or len(self.batches) > 1 or self.refiner or self.hires:
             return ""
         shared = [self.model, self.mode, self.width, self.height, self.num_inference_steps, self.guidance_scale,
                   self.scheduler, sorted(self.scheduler_config.items()), [(lr.name, lr.weight) for lr in self.loras],

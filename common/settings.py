@@ -155,6 +155,15 @@ OPTIONS: tuple[Option, ...] = (
            "being enabled."),
     Option("datasets.max_pixels", int, 4096 * 4096, "Largest image of a dataset, in pixels."),
     Option("datasets.max_caption_bytes", int, 4096, "Largest caption (a .txt file or a caption field), UTF-8."),
+    Option("training.queue", str, "train", "Worker pool (Celery queue) LoRA training jobs go to; its workers are started "
+           "with --pool train. Set it to tasks.queue to let inference workers train too."),
+    Option("training.time_limit", int, 6 * 3600, "Longest a training job may run (its own limit, instead of "
+           "tasks.time_limit); a rerun after a killed worker starts a new limit from its checkpoint."),
+    Option("training.max_steps", int, 20000, "Most optimizer steps one training job may ask for."),
+    Option("training.checkpoint_every", int, 100, "Default steps between a training job's resumable checkpoints in S3."),
+    Option("training.prefix", str, "trainings", "Key prefix of training checkpoints: s3://{bucket}/{prefix}/{task}/state.pt."),
+    Option("training.curve_points", int, 200, "Most points of the loss curve a training job reports (longer runs are "
+           "averaged into this many buckets)."),
     Option("aws.models_prefix", str, "models", "Key prefix of uploaded checkpoints: s3://{bucket}/{prefix}/{type}/{id}/{file}."),
     Option("aws.output_prefix", str, "out", "Key prefix of AWS-extension outputs: s3://{bucket}/{prefix}/{job}/result/image_{n}.jpg."),
     Option("aws.list_limit", int, 1000, "Most jobs GET /inference/list-inference-jobs returns (newest first)."),

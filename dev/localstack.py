@@ -499,6 +499,7 @@ def run(settings: Settings) -> None:
         stack.start_s3()
         stack.ensure_bucket()
         stack.start_worker("worker")
+        stack.start_worker("trainer", "--pool", settings.training.queue)   # LoRA training jobs (api/trainings.py)
         stack.start_callback_worker()
         stack.start_api()
         stack.start_flower()

@@ -124,3 +124,11 @@ def storage(settings):
     from common.storage import Storage
 
     return Storage(settings)
+
+
+@pytest.fixture(scope="session")
+def trainer(stack, settings):
+    """A worker of the training pool (training.queue), started by the first test that trains."""
+    if "trainer" not in stack.services or not stack.services["trainer"].alive():
+        stack.start_worker("trainer", "--pool", settings.training.queue)
+    return stack.services["trainer"]

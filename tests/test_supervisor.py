@@ -249,7 +249,7 @@ def test_a_killed_gpu_worker_is_restarted_and_its_job_completes(supervised):
     api_master = supervised.child("gunicorn")
     task_id = api.submit(**SLOW_JOB, seed=11)
     api.wait_for(task_id, running, timeout=90)
-    worker = supervised.child("--role gpu")
+    worker = supervised.child("--name worker@local")
 
     os.kill(worker, signal.SIGKILL)
 
@@ -263,7 +263,7 @@ def test_a_killed_gpu_worker_is_restarted_and_its_job_completes(supervised):
     supervised.wait_output(r"worker is up again \(pid \d+\)", timeout=30)
 
     # The same worker again: same name and queue, same metrics port; a new process.
-    restarted = supervised.child("--role gpu")
+    restarted = supervised.child("--name worker@local")
     assert restarted != worker
     live = [w for w in WorkerRegistry(supervised.redis).live() if w.name == "worker@local"]
     assert [str(restarted) in w.id for w in live] == [True], live

@@ -13,6 +13,8 @@ NO_OBJECT with the reason it names no object of a key.
 """
 from __future__ import annotations
 
+import io
+
 import json
 import threading
 import time
@@ -23,6 +25,7 @@ from typing import Any, Callable
 import pytest
 import redis
 import requests
+from PIL import Image
 
 from api.auth import ApiKey
 from api.dialects.eks.translate import eks_task_id
@@ -488,6 +491,30 @@ def aws_datasets(w: World) -> None:
     assert w.call("POST", "/dataset", KEY_B, json={"dataset_name": name, "content": content}).status_code == 200
     assert w.call("GET", f"/{name}/data", KEY_A).json()["data"][0]["key"] != \
         w.call("GET", f"/{name}/data", KEY_B).json()["data"][0]["key"]
+
+
+@covers(("POST", "/api/v1/trainings"), ("GET", "/api/v1/trainings"), ("GET", "/api/v1/trainings/<string:task_id>"),
+        ("DELETE", "/api/v1/trainings/<string:task_id>"))
+def native_trainings(w: World) -> None:
+    """Another key's training job answers as a missing one (view, cancel), is never listed, and another key's
+    dataset cannot be trained on (the same 404 as a missing dataset)."""
+    name, missing = f"tenant-t-{fake_id()[:8]}", f"tenant-t-{fake_id()[:8]}"
+    created = w.call("POST", "/api/v1/datasets", KEY_A, json={"name": name, "files": [{"name": "a.png"}]}).json()
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image, "PNG")
+    assert requests.put(created["files"][0]["upload_url"], data=image.getvalue(), timeout=30).status_code == 200
+    assert w.call("POST", f"/api/v1/datasets/{name}/enable", KEY_A).status_code == 200
+    assert_same(w.call("POST", "/api/v1/trainings", KEY_B, json={"dataset": name}),
+                w.call("POST", "/api/v1/trainings", KEY_B, json={"dataset": missing}), [name], [missing])
+    job = w.call("POST", "/api/v1/trainings", KEY_A, json={"dataset": name, "max_steps": 1, "resolution": 64})
+    assert job.status_code == 202, job.text
+    job_id, absent = job.json()["id"], fake_id()
+    for method in ("GET", "DELETE"):
+        assert_same(w.call(method, f"/api/v1/trainings/{job_id}", KEY_B),
+                    w.call(method, f"/api/v1/trainings/{absent}", KEY_B), [job_id], [absent])
+    assert job_id not in {t["id"] for t in w.call("GET", "/api/v1/trainings", KEY_B).json()["trainings"]}
+    assert job_id in {t["id"] for t in w.call("GET", "/api/v1/trainings", KEY_A).json()["trainings"]}
+    assert w.call("DELETE", f"/api/v1/trainings/{job_id}", KEY_A).status_code in (200, 202, 409)   # not left queued
 
 
 @covers(("POST", "/api/v1/datasets"), ("GET", "/api/v1/datasets"), ("GET", "/api/v1/datasets/<string:name>"),

@@ -28,6 +28,7 @@ from common.logs import log_context
 from common.events import STEP_KINDS, started_data, wanted_events
 from common.queue import GENERATE_TASK, hand_over_callback, send_event_callback
 from common.storage import Storage, task_metadata
+from common.store.checkpoints import CheckpointStore
 from common.store import Claim, NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
 from worker.assets import asset_dirs, ensure_assets
 from worker.embeddings import sync_embeddings
@@ -61,6 +62,7 @@ class JobContext:
     max_batch: int = 1       # images one pipeline call may hold (worker.max_batch, resolved for the device)
     ledger: Ledger = field(default_factory=Ledger)
     taesd: TaesdCache | None = None   # TAESD preview decoders, when models/taesd holds any (worker/previews.py)
+    checkpoints: CheckpointStore | None = None   # where a training job records the LoRA it made
 
 
 def owed_tasks(ctx: JobContext) -> list[str]:
@@ -351,7 +353,7 @@ def warm_upscaler(ctx: JobContext, base: Any, spec: JobSpec, monitor: StepMonito
 
 def job_monitor(ctx: JobContext, task: Task, attempt: int) -> StepMonitor:
     """The step callback of a job: progress, cancel, time limit, and previews when the job asked for them."""
-    monitor = StepMonitor(ctx.watch, task.id, attempt, ctx.settings.tasks.time_limit)
+    monitor = StepMonitor(ctx.watch, task.id, attempt, task.spec.time_limit or ctx.settings.tasks.time_limit)
     spec = task.spec
     every = preview_interval(spec.preview_every, spec.num_inference_steps, ctx.settings.tasks.max_previews)
     if every:
@@ -374,6 +376,10 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
     notify_started(ctx, task, attempt)
     try:
         ctx.store.check_still_mine(task.id, attempt, ctx.info.id)   # cancelled while it waited: no model load
+        if spec.training:   # a LoRA training job: a LoRA checkpoint, no images (worker/trainingjob.py)
+            from worker.trainingjob import run_training_job
+
+            return run_training_job(ctx, task, monitor)
         if spec.extras:     # an extras upscale: the upscaler alone, no pipeline (worker/extras.py)
             from worker.extras import run_extras_job
 

@@ -142,7 +142,8 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     from worker.watch import JobWatch
     from worker.watchdog import Watchdog, WatchdogLimits, end_hung_jobs
 
-    stores = open_stores(settings.redis.url, settings.tasks.retention_seconds)
+    stores = open_stores(settings.redis.url, settings.tasks.retention_seconds, settings.aws.models_prefix,
+                         settings.datasets.prefix)
     storage = Storage(settings)
     celery = create_celery(settings, name="sdqueue-worker")
     default = ensure_default_model(settings) if args.role == "gpu" else ""
@@ -167,7 +168,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     watch.start()
     outputs = OutputStage(settings.worker.output_depth)
     ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info, watch, outputs,
-                     info.max_batch, taesd=TaesdCache(settings.models_dir))
+                     info.max_batch, taesd=TaesdCache(settings.models_dir), checkpoints=stores.checkpoints)
     watch.notify = lambda task_id, kind, data: send_event_callback(celery, task_id, kind, data,
                                                                     settings.callbacks.queue)
     register_tasks(celery, lambda: ctx)

@@ -29,7 +29,7 @@ class StepMonitor:
         if started is not None:
             self.flags.started = self.flags.touched = started
         self.deadline = self.flags.started + time_limit
-        self.time_limit = time_limit
+        self.time_limit = self.flags.time_limit = time_limit
         self.steps = 0
         self._batch, self._batches = 0, 1
         self.previewer: Previewer | None = None     # set when the job asked for previews (preview_every)

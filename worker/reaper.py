@@ -11,7 +11,8 @@ one) looks at every processing job each pass:
 - its worker is alive but has not listed it for a whole heartbeat TTL since
   taking it (the worker finished it, but a Redis restart lost the finish; or
   it moved on): resent the same way;
-- it has run past `tasks.time_limit + workers.watchdog_margin` (its worker's
+- it has run past its time limit (`tasks.time_limit`, or a training job's own)
+  plus `workers.watchdog_margin` (its worker's
   watchdog could not end it): failed.
 
 The old attempt, if it ever wakes, finds a newer attempt (or a final state)
@@ -47,15 +48,18 @@ class ReaperRules:
         return cls(settings.workers.heartbeat_ttl, settings.tasks.time_limit, settings.workers.watchdog_margin,
                    settings.tasks.max_attempts, settings.callbacks.queue)
 
-    @property
-    def overdue_after(self) -> float:
+    def limit_of(self, own_limit: float = 0.0) -> float:
+        """A job's time limit: its own (JobSpec.time_limit, a training job's), else tasks.time_limit."""
+        return own_limit or self.time_limit
+
+    def overdue_after(self, own_limit: float = 0.0) -> float:
         """Seconds after its start when a running job is failed, whoever runs it."""
-        return self.time_limit + self.margin
+        return self.limit_of(own_limit) + self.margin
 
 
-def overdue_error(rules: ReaperRules) -> str:
+def overdue_error(rules: ReaperRules, own_limit: float = 0.0) -> str:
     """The error of a job failed for running past its time limit (the client sees it)."""
-    return (f"job exceeded the time limit of {rules.time_limit:g} s and did not stop within "
+    return (f"job exceeded the time limit of {rules.limit_of(own_limit):g} s and did not stop within "
             f"{rules.margin:g} s more (its worker was hung)")
 
 
@@ -65,7 +69,7 @@ def rescue_reason(job: RunningJob, worker: WorkerInfo | None, rules: ReaperRules
         return None                                  # requeued, waiting for a worker to take it
     if worker is None:
         return "gone"
-    if job.started_at and now - job.started_at > rules.overdue_after:
+    if job.started_at and now - job.started_at > rules.overdue_after(job.time_limit):
         return "overdue"
     if (worker.jobs is not None and job.task_id not in worker.jobs
             and worker.last_seen - job.started_at >= rules.heartbeat_ttl):
@@ -108,7 +112,7 @@ def reap_once(store: TaskStore, workers: WorkerRegistry, messages: MessageBuilde
         if reason is None:
             continue
         outcome = rescue(store, messages, job, rules, WHY[reason].format(worker=job.worker),
-                         overdue_error(rules) if reason == "overdue" else "")
+                         overdue_error(rules, job.time_limit) if reason == "overdue" else "")
         if outcome is RequeueOutcome.REQUEUED:
             requeued.append(job.task_id)
     reissue_deliveries(store, messages, {q for w in live.values() for q in w.queues})

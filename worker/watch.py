@@ -41,6 +41,9 @@ class JobFlags:
     preview: RawPreview | None = None         # the newest preview the callback made (worker/previews.py)
     preview_sent: RawPreview | None = None    # the one the watcher last wrote
     webhook_events: frozenset = frozenset()   # of progress / preview: what the job's webhook gets (callback_events)
+    time_limit: float = 0.0                   # the job's own limit (a training job's); 0: tasks.time_limit
+    loss: float | None = None                 # a training job's latest loss (worker/trainingjob.py)
+    loss_curve: list | None = None            # its loss curve so far, [[step, loss], ...] (capped)
 
     def touch(self) -> None:
         """A sign of life from the job's thread: a step, or the end of a phase."""
@@ -94,16 +97,18 @@ class JobWatch(threading.Thread):
             fresh = raw if raw is not None and raw is not flags.preview_sent else None
             if progress is not None and (progress != flags.written or fresh is not None):
                 preview = encode_preview(fresh, self.preview_size, self.preview_format) if fresh else None
+                loss = flags.loss
                 written = self.store.report_progress(flags.task_id, flags.attempt, self.worker_id, *progress,
-                                                     preview=preview)
+                                                     preview=preview, loss=loss, loss_curve=flags.loss_curve)
                 flags.written, flags.preview_sent = progress, raw
                 if written and flags.webhook_events and self.notify is not None:
-                    self.send_webhook_events(flags, progress, written.eta, preview)
+                    self.send_webhook_events(flags, progress, written.eta, preview, loss)
 
-    def send_webhook_events(self, flags: JobFlags, progress: tuple[int, int], eta: str, preview) -> None:
+    def send_webhook_events(self, flags: JobFlags, progress: tuple[int, int], eta: str, preview,
+                            loss: float | None = None) -> None:
         """The progress (and preview) just written, to the job's webhook when it asked for them."""
         if "progress" in flags.webhook_events:
-            self.notify(flags.task_id, "progress", progress_data(flags.task_id, *progress, eta))
+            self.notify(flags.task_id, "progress", progress_data(flags.task_id, *progress, eta, loss))
         if preview is not None and "preview" in flags.webhook_events:
             self.notify(flags.task_id, "preview", preview_data(flags.task_id, preview))
 

@@ -7,7 +7,8 @@ step, and the heartbeat (another thread) keeps saying the worker is alive,
 so the reaper alone would never rescue the job. The watchdog looks at the
 running jobs every second:
 
-- past `tasks.time_limit + workers.watchdog_margin`: the job is failed;
+- past its time limit (`tasks.time_limit`, or a training job's own) plus
+  `workers.watchdog_margin`: the job is failed;
 - no step for `workers.stall_timeout` outside setup (fetching files, loading
   a model): the job is resent as its next attempt (a fresh worker may well
   run it; `tasks.max_attempts` bounds the retries).
@@ -65,7 +66,7 @@ def find_hung(jobs: list[JobFlags], limits: WatchdogLimits, now: float) -> list[
     """The jobs among `jobs` that are hung at monotonic time `now`."""
     hung = []
     for flags in jobs:
-        if now - flags.started > limits.time_limit + limits.margin:
+        if now - flags.started > (flags.time_limit or limits.time_limit) + limits.margin:
             hung.append(Hung(flags.task_id, flags.attempt, True, now - flags.started))
         elif limits.stall_timeout > 0 and not flags.setup and now - flags.touched > limits.stall_timeout:
             hung.append(Hung(flags.task_id, flags.attempt, False, now - flags.touched))
@@ -117,8 +118,9 @@ def end_hung_jobs(ctx: JobContext, hung: list[Hung], exit_process: Callable[[int
                      "running for" if job.overdue else "no progress for", job.seconds)
         try:
             if job.overdue:
-                conclude(ctx, ctx.store.get(job.task_id), job.attempt, TaskStatus.FAILED,
-                         {"error": overdue_error(rules)})
+                task = ctx.store.get(job.task_id)
+                conclude(ctx, task, job.attempt, TaskStatus.FAILED,
+                         {"error": overdue_error(rules, task.spec.time_limit)})
             else:
                 for running in ctx.store.running([job.task_id]):
                     if running.worker == ctx.info.id and running.attempt == job.attempt:

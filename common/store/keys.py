@@ -47,6 +47,7 @@ DATASET = Key("dataset:{owner}:{name}", "string",
               "one dataset of an API key (JSON: name, status Initialed / Enabled / Disabled, its items with S3 keys, "
               "captions and sizes; common/store/datasets.py); names are per key")
 DATASETS = Key("datasets:{owner}", "sorted set", "an API key's dataset names by creation time")
+TRAININGS = Key("trainings:{owner}", "sorted set", "an API key's training jobs (task ids) by creation time (listings)")
 DATASET_LOCK = Key("dataset-lock:{owner}:{name}", "string", "lock while a dataset is checked or changed")
 
 

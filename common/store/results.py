@@ -78,6 +78,7 @@ class RunningJob:
     owner: str | None
     priority: str
     started_at: float = 0.0   # when this attempt was taken (the taking worker's clock)
+    time_limit: float = 0.0   # the job's own time limit (JobSpec.time_limit, a training job's); 0: tasks.time_limit
 
 
 FINAL_EVENTS = ("completed", "failed", "cancelled")

@@ -102,6 +102,18 @@ class Task:
     cancel_requested: bool = False
     compute_seconds: float | None = None
     callback_status: str | None = None
+    loss: float | None = None                 # a training job's latest loss
+    loss_curve: list = field(default_factory=list)     # its loss curve, [[step, loss], ...] (capped in length)
+    result: dict = field(default_factory=dict)         # what a job made besides images (a training job's LoRA)
+    steps_since: float | None = None          # when this attempt reported its first step (progress.lua)
+    steps_from: int = 0                       # that first step
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left at the pace since this attempt's first reported step (as the progress events say)."""
+        step, total = self.progress_step, self.progress_total
+        if self.status is not TaskStatus.PROCESSING or self.steps_since is None or step <= self.steps_from:
+            return None
+        return round((now - self.steps_since) / (step - self.steps_from) * max(total - step, 0), 2)
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> "Task":
@@ -125,6 +137,9 @@ class Task:
             cancel_requested=data.get("cancel_requested") == "1",
             compute_seconds=num("compute_seconds"),
             callback_status=data.get("callback_status") or None,
+            loss=num("loss"), loss_curve=json.loads(data.get("loss_curve") or "[]"),
+            result=json.loads(data.get("result") or "{}"),
+            steps_since=num("steps_since"), steps_from=int(data.get("steps_from") or 0),
         )
 
 
@@ -197,6 +212,8 @@ class TaskStore:
         fields = {"id": task_id, "status": "pending", "owner": owner, "spec": spec.to_json(), "queue": queue,
                   "model": spec.model, "priority": spec.priority, "attempt": "0", "created_at": stamp,
                   "updated_at": stamp, "batch": spec.batch_key(), "images": spec.num_images}
+        if spec.time_limit:
+            fields["time_limit"] = spec.time_limit      # the reaper's limit for this job (RunningJob.time_limit)
         outcome = self._evalsha_direct(
             self._create,
             [keys.TASK(task_id), keys.OWNER_TASKS(owner), message.list_key if message else "", keys.PENDING(queue),
@@ -293,6 +310,17 @@ class TaskStore:
         newest = self.client.zrevrange(key, 0, STATUS_SCAN_LIMIT - 1)
         matching = [t for t in self._load_many(key, newest) if t.status is status]
         return matching[offset:offset + limit], len(matching)
+
+    def index_training(self, owner: str, task_id: str) -> None:
+        """List a training job among its owner's trainings (they expire with their task hashes)."""
+        self.client.zadd(keys.TRAININGS(owner), {task_id: time.time()})
+
+    def list_trainings(self, owner: str, offset: int, limit: int) -> tuple[list[Task], int]:
+        """An owner's training jobs, newest first; expired ones are dropped from the index."""
+        key = keys.TRAININGS(owner)
+        self.client.zremrangebyscore(key, "-inf", time.time() - self.retention)
+        tasks = self._load_many(key, self.client.zrevrange(key, offset, offset + limit - 1))
+        return tasks, self.client.zcard(key)
 
     def _load_many(self, index_key: str, ids: Iterable[str]) -> list[Task]:
         ids = list(ids)
@@ -418,13 +446,15 @@ class TaskStore:
         return NoPick.WAIT
 
     def report_progress(self, task_id: str, attempt: int, worker: str, step: int, total: int,
-                        preview: Preview | None = None) -> Progressed | None:
-        """Record a running job's progress (and its newest preview); None (nothing written) once it ended or
-        another attempt or worker holds it."""
+                        preview: Preview | None = None, loss: float | None = None,
+                        loss_curve: list | None = None) -> Progressed | None:
+        """Record a running job's progress (its newest preview; a training job's loss and loss curve); None
+        (nothing written) once it ended or another attempt or worker holds it."""
         written, *eta = self._progress(
             [keys.TASK(task_id), keys.EVENTS(task_id), keys.EVENT_LOG(task_id), keys.PREVIEW(task_id)],
             [attempt, worker, step, total, repr(time.time()), self.retention,
-             orjson.dumps(preview.to_dict()) if preview else "", preview.step if preview else 0])
+             orjson.dumps(preview.to_dict()) if preview else "", preview.step if preview else 0,
+             repr(loss) if loss is not None else "", orjson.dumps(loss_curve).decode() if loss_curve else ""])
         return Progressed(eta[0] if eta else "") if written else None
 
     def check_still_mine(self, task_id: str, attempt: int, worker: str) -> None:
@@ -492,7 +522,8 @@ class TaskStore:
         return self.client.incrby(keys.SEQUENCE(folder), count) - count
 
     # --- reaper ---------------------------------------------------------
-    _RUNNING_FIELDS = ("status", "worker", "attempt", "queue", "model", "owner", "priority", "started_at")
+    _RUNNING_FIELDS = ("status", "worker", "attempt", "queue", "model", "owner", "priority", "started_at",
+                       "time_limit")
 
     def running(self, task_ids: list[str] | None = None) -> list[RunningJob]:
         """Every processing task (or those of `task_ids` that are); entries of tasks that are no longer
@@ -502,12 +533,13 @@ class TaskStore:
         for task_id in ids:
             pipe.hmget(keys.TASK(task_id), *self._RUNNING_FIELDS)
         out, gone = [], []
-        for task_id, (status, worker, attempt, queue, model, owner, priority, started) in zip(ids, pipe.execute()):
+        for task_id, (status, worker, attempt, queue, model, owner, priority, started, limit) in zip(ids,
+                                                                                                   pipe.execute()):
             if status != TaskStatus.PROCESSING.value:
                 gone.append(task_id)
                 continue
             out.append(RunningJob(task_id, worker or "", int(attempt or 0), queue or "", model, owner, priority or "",
-                                  float(started or 0)))
+                                  float(started or 0), float(limit or 0)))
         if gone:
             self.client.zrem(keys.RUNNING(), *gone)
         return out

@@ -22,6 +22,7 @@ from api.dialects.a1111.translate import (DIALECT, build_a1111_jobspec, build_in
                                           echo_parameters, find_checkpoint, model_stem, model_title, png_info,
                                           progress_of, screen_fields, stored_options)
 from api.errors import DIALECT_RENDERERS, error_response, json_error
+from api.loras import owned_loras
 from api.limits import read_limited, submit_limited
 from api.services import Services, services
 from api.submission import new_task_id, submit_job, wait_for_result
@@ -194,8 +195,14 @@ def schedulers():
 @read_limited
 @blp.doc(security=SECURITY)
 def loras():
-    return jsonify([{"name": name, "alias": name, "path": str(path.resolve()), "metadata": {}}
-                    for name, path in services().catalog.loras().items()])
+    """The LoRA directory's, then this key's own (trained or uploaded: their S3 location as the path)."""
+    svc = services()
+    local = svc.catalog.loras()
+    mine = [{"name": name, "alias": name, "path": svc.storage.s3_uri(lora.asset["key"]),
+             "metadata": {k: v for k, v in lora.checkpoint.params.items() if isinstance(v, str)}}
+            for name, lora in owned_loras(svc, current_key().owner).items() if name not in local]
+    return jsonify([*({"name": name, "alias": name, "path": str(path.resolve()), "metadata": {}}
+                      for name, path in local.items()), *mine])
 
 
 @blp.route("/sd-vae", methods=["GET"])

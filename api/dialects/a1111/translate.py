@@ -29,6 +29,7 @@ from common.catalog import ModelInfo, lora_problem, model_sha256
 from common.infotext import SCHEDULE_LABELS, generation_info, hires_params, parse_infotext
 from common.jobspec import JobSpec, LoraRef
 from common.loratags import extract_loras
+from api.loras import owned_loras
 from common.promptsyntax import A1111, WEIGHTED_FAMILIES, uses_syntax
 from common.families import FLOW
 from common.samplers import (FLOW_FALLBACK, FLOW_SCHEDULE_TYPES, find_sampler, find_schedule_type, is_known_sampler,
@@ -228,8 +229,9 @@ def a1111_inpaint_plan(data: dict, init: InitImage, size: tuple[int, int]) -> In
 
 
 def prompt_loras(svc: Services, prompt: str, warnings: list[str], model: ModelInfo,
-                 extra: frozenset[str] = frozenset()) -> tuple[str, list[LoraRef]]:
-    """The prompt without its `<lora:name:weight>` tags, and the LoRAs they name that exist and fit `model`.
+                 extra: frozenset[str] = frozenset()) -> tuple[str, list[LoraRef], list[dict]]:
+    """The prompt without its `<lora:name:weight>` tags, the LoRAs they name that exist and fit `model`, and the
+    files a worker fetches for the key's own LoRAs among them (api/loras.py).
 
     As A1111 does, a tag naming an unknown LoRA, or one of another model
     generation, is skipped with a warning, not refused. `extra`: names the
@@ -239,16 +241,25 @@ def prompt_loras(svc: Services, prompt: str, warnings: list[str], model: ModelIn
     cleaned, loras, problems = extract_loras(prompt)
     warnings.extend(problems)
     files = svc.catalog.loras()
-    usable = []
+    elsewhere = [lora.name for lora in loras if lora.name not in files and lora.name not in extra]
+    owned = owned_loras(svc, current_key().owner) if elsewhere else {}
+    usable, assets = [], []
     for lora in loras:
-        misfit = lora_problem(files[lora.name], model) if lora.name in files else None
-        if lora.name not in files and lora.name not in extra:
+        mine = owned.get(lora.name) if lora.name in elsewhere else None
+        if mine is not None:
+            misfit = mine.problem_with(model)
+        else:
+            misfit = lora_problem(files[lora.name], model) if lora.name in files else None
+        if lora.name in elsewhere and mine is None:
             warnings.append(f"<lora:{lora.name}>: no such LoRA; the tag was ignored")
         elif misfit:
             warnings.append(f"<lora:{lora.name}>: does not fit {model.name} ({misfit}); the tag was ignored")
+        elif mine is not None:
+            usable.append(LoraRef(mine.local_name, lora.weight))
+            assets.append(mine.asset)
         else:
             usable.append(lora)
-    return cleaned, usable
+    return cleaned, usable, assets
 
 
 def prompt_syntax_for(model: ModelInfo, texts: dict[str, str | None], warnings: list[str]) -> str | None:
@@ -296,9 +307,9 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
             mask_key = svc.storage.input_key(task_id, "mask.png")
             svc.storage.put(mask_key, plan.mask_png, "image/png", metadata=task_metadata(task_id))
     if data.get("disable_extra_networks"):     # the web UI strips the tags and applies none
-        prompt, loras = extract_loras(data["prompt"])[0], []
+        prompt, loras, assets = extract_loras(data["prompt"])[0], [], []
     else:
-        prompt, loras = prompt_loras(svc, data["prompt"], warnings, model, extra_loras)
+        prompt, loras, assets = prompt_loras(svc, data["prompt"], warnings, model, extra_loras)
     syntax = prompt_syntax_for(model, {"prompt": prompt, "negative_prompt": data.get("negative_prompt")}, warnings)
     hires = build_hires(svc, data, model, prompt, warnings, model.family in CLASSIC_FAMILIES, resolve_sampler,
                         refiner) if mode == "txt2img" else None
@@ -309,7 +320,7 @@ def build_a1111_jobspec(svc: Services, data: dict, mode: str, task_id: str, warn
         num_inference_steps=data["steps"], guidance_scale=data["cfg_scale"], strength=strength,
         scheduler=scheduler, scheduler_config=config, sampler_name=sampler_name, seed=resolve_seed(data["seed"]),
         init_image_key=init_key, mask_image_key=mask_key,
-        loras=loras, dialect=dialect,
+        loras=loras, assets=assets, dialect=dialect,
         save_copy_dir=saved_copy_dir(mode, current_key().owner) if data.get("save_images") else None,
         refiner=refiner.name if refiner else None,
         refiner_switch=switch if refiner else None, family=model.family, prompt_syntax=syntax,

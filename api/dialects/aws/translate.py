@@ -143,7 +143,7 @@ def build_inference_jobspec(svc: Services, data: dict, job_id: str, model: Model
     spec = build_a1111_jobspec(svc, data, mode, job_id, warnings, model=model, dialect=DIALECT,
                                extra_loras=frozenset(loras), classic_defaults=TEMPLATE_DEFAULTS)
     spec.loras = [LoraRef(loras.get(lr.name, lr.name), lr.weight) for lr in spec.loras]
-    spec.assets = assets
+    spec.assets = [*assets, *spec.assets]      # the uploads named in `models`, then the key's LoRAs in tags
     spec.output_prefix, spec.output_stem, spec.output_format = output_prefix(svc, job_id), "image_", "jpeg"
     spec.sidecar_key = params_key(svc, job_id)
     spec.meta = {"task_type": mode, "warnings": warnings, "sidecar_style": "aws-params", "sidecar": {

@@ -20,6 +20,7 @@ from api.errors import error_response
 from api.eventstream import open_stream, valid_event_id
 from api.fastsubmit import TASK_ID_ENVIRON
 from api.limits import read_limited, submit_limited
+from api.loras import usable_lora_names
 from api.services import Services, services
 from api.submission import new_task_id, submit_job, wait_until_terminal
 from common.errors import TaskNotFound
@@ -181,17 +182,22 @@ def task_events(query: dict, task_id: str):
 def cancel_task(task_id: str):
     """Cancel a pending task at once, or a running one at its next denoising step."""
     svc = services()
-    task = owned_task_or_404(svc, task_id)
+    task = cancel(svc, owned_task_or_404(svc, task_id))
+    if task.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
+        return error_response(409, f"task already {task.status.value}; it cannot be cancelled")
+    body = render_task(task, svc.storage, svc.store)
+    return body, (200 if task.status is TaskStatus.CANCELLED else 202)
+
+
+def cancel(svc: Services, task: Task) -> Task:
+    """Cancel a task (a waiting one at once, a running one at its next step, waited for a few seconds); the
+    task as it stands after (cancelled, still stopping, or already ended)."""
     outcome = svc.store.request_cancel(task)
     if outcome is CancelOutcome.CANCELLED and task.spec.callback_url:
         hand_over_callback(svc.celery, svc.store, task.id, svc.settings.callbacks.queue)
     if outcome is CancelOutcome.CANCELLING:
         wait_until_terminal(svc, task.id, CANCEL_WAIT_SECONDS)
-    task = svc.store.get(task.id)
-    if task.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
-        return error_response(409, f"task already {task.status.value}; it cannot be cancelled")
-    body = render_task(task, svc.storage, svc.store)
-    return body, (200 if task.status is TaskStatus.CANCELLED else 202)
+    return svc.store.get(task.id)
 
 
 @blp.route("/tasks", methods=["GET"])
@@ -237,5 +243,5 @@ def list_schedulers():
 @blp.response(200, schemas.LoraListSchema)
 @blp.doc(security=SECURITY)
 def list_loras():
-    """LoRAs in the LoRA directory, usable in `loras`."""
-    return {"loras": [{"name": n} for n in services().catalog.loras()]}
+    """LoRAs usable in `loras`: the LoRA directory's, then this key's own (trained or uploaded)."""
+    return {"loras": [{"name": n} for n in usable_lora_names(services(), current_key().owner)]}

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import has_request_context
 from marshmallow import Schema, ValidationError, fields, validate, validates, validates_schema
 
+from api.auth import current_key
 from api.inpaint import FILLS
+from api.loras import owned_loras
+from api.trainings import LORA_NAME, LR_SCHEDULERS
 from api.schemas import (MAX_SEED, BaseSchema, InitImageField, JsonSize, LooseInteger, Setting, SettingLength,
                          SettingRange, StrictFloat, limit, multiple_of_8)
 from api.eventstream import EVENT_ID
@@ -64,7 +68,29 @@ class ControlNetUnitSchema(BaseSchema):
                        "reads the conditional pass only; every unit of a request must agree"})
 
 
-class GenerateRequest(BaseSchema):
+class WebhookFields(BaseSchema):
+    """callback_url and callback_events, as generation and training requests take them."""
+
+    callback_url = fields.Url(allow_none=True, load_default=None, require_tld=False, schemes={"http", "https"},
+                              metadata={"description": "POSTed the result when the task ends"})
+    callback_events = fields.List(fields.String(validate=validate.OneOf(EVENT_KINDS)), allow_none=True,
+                                  load_default=None, validate=validate.Length(min=1, max=len(EVENT_KINDS)), metadata={
+        "description": "The events POSTed to callback_url (docs/events.md), with the payloads of the SSE events: any "
+                       "of queued, started, progress, preview, completed, failed, cancelled; default: the final ones"})
+
+    @validates_schema
+    def events_need_a_callback(self, data: dict, **_: Any) -> None:
+        if data.get("callback_events") and not data.get("callback_url"):
+            raise ValidationError("callback_events choose what callback_url receives: send callback_url too",
+                                  field_name="callback_events")
+
+    @validates("callback_url")
+    def public_callback(self, value: str | None, **_: Any) -> None:
+        if value is not None and (reason := callback_guard(services().settings).blocked_reason(value)):
+            raise ValidationError(f"callback_url refused: {reason}")
+
+
+class GenerateRequest(WebhookFields):
     """POST /api/v1/generate (the original's table plus model, loras, priority and inpainting)."""
 
     prompt = fields.String(required=True, validate=SettingLength(max=limit("max_prompt_chars")),
@@ -103,12 +129,6 @@ class GenerateRequest(BaseSchema):
     seed = LooseInteger(allow_none=True, load_default=None, validate=validate.Range(-1, MAX_SEED),
                         metadata={"description": "null or -1: random (recorded); image n uses seed + n"})
     output_format = fields.String(load_default="png", validate=validate.OneOf(OUTPUT_FORMATS))
-    callback_url = fields.Url(allow_none=True, load_default=None, require_tld=False, schemes={"http", "https"},
-                              metadata={"description": "POSTed the result when the task ends"})
-    callback_events = fields.List(fields.String(validate=validate.OneOf(EVENT_KINDS)), allow_none=True,
-                                  load_default=None, validate=validate.Length(min=1, max=len(EVENT_KINDS)), metadata={
-        "description": "The events POSTed to callback_url (docs/events.md), with the payloads of the SSE events: any "
-                       "of queued, started, progress, preview, completed, failed, cancelled; default: the final ones"})
     preview_every = LooseInteger(load_default=0, validate=SettingRange(0, Setting("limits.max_steps")), metadata={
         "description": "A small preview of the image every this many steps, sent as SSE `preview` events "
                        "(GET /api/v1/tasks/{id}/events) and webhook events; 0: none. A job makes at most "
@@ -127,17 +147,6 @@ class GenerateRequest(BaseSchema):
         "description": "high, normal or low: the order workers take waiting jobs in (queue_position shows it); "
                        "a key may be limited to some (api.keys[].priorities)"})
 
-    @validates_schema
-    def events_need_a_callback(self, data: dict, **_: Any) -> None:
-        if data.get("callback_events") and not data.get("callback_url"):
-            raise ValidationError("callback_events choose what callback_url receives: send callback_url too",
-                                  field_name="callback_events")
-
-    @validates("callback_url")
-    def public_callback(self, value: str | None, **_: Any) -> None:
-        if value is not None and (reason := callback_guard(services().settings).blocked_reason(value)):
-            raise ValidationError(f"callback_url refused: {reason}")
-
     @validates("model")
     def known_model(self, value: str | None, **_: Any) -> None:
         if value is not None and services().catalog.model(value) is None:
@@ -150,11 +159,17 @@ class GenerateRequest(BaseSchema):
 
     @validates("loras")
     def known_loras(self, value: list[dict], **_: Any) -> None:
-        available = services().catalog.loras()
+        svc = services()
+        available = svc.catalog.loras()
         # Only items that loaded as LoRAs (a dict with a string name); the others carry their own errors.
         names = {i: lr["name"] for i, lr in enumerate(value) if isinstance(lr, dict) and isinstance(lr.get("name"), str)}
+        unknown = {i: name for i, name in names.items() if name not in available}
+        if unknown and not has_request_context():
+            # The key's own LoRAs need its identity: api/fastsubmit.py (no Flask context) hands this one to Flask.
+            raise ValidationError("a LoRA outside the LoRA directory: resolved by the Flask route")
+        owned = owned_loras(svc, current_key().owner) if unknown else {}     # the key's own (trained, uploaded)
         errors = {i: {"name": [f"unknown LoRA '{name}'; see GET /api/v1/loras"]}
-                  for i, name in names.items() if name not in available}
+                  for i, name in unknown.items() if name not in owned}
         if errors:
             raise ValidationError(errors)
 
@@ -342,3 +357,108 @@ class DatasetSchema(Schema):
 
 class DatasetListSchema(Schema):
     datasets = fields.List(fields.Nested(DatasetSchema))
+
+
+# --- trainings ----------------------------------------------------------------------------------
+class TrainingCreateSchema(WebhookFields):
+    """POST /api/v1/trainings: a LoRA trained on one of this key's Enabled datasets (docs/training.md)."""
+
+    dataset = fields.String(required=True, metadata={"description": "An Enabled dataset of this key (its name)",
+                                                     "example": "my-cat"})
+    model = fields.String(allow_none=True, load_default=None, metadata={
+        "description": "The base model, an SD 1.x/2.x or SDXL model of GET /api/v1/models; default: the default model"})
+    lora_name = fields.String(allow_none=True, load_default=None, validate=validate.Length(min=1, max=100), metadata={
+        "description": "The LoRA's name (letters, digits, '_.-'): `loras: [{\"name\": ...}]` and `<lora:name:1>` use "
+                       "it once the job completes; default: {dataset}-{first 8 characters of the job id}"})
+    max_steps = LooseInteger(allow_none=True, load_default=None,
+                             validate=SettingRange(1, Setting("training.max_steps")), metadata={
+        "description": "Optimizer steps in all; default 500 (or from epochs)"})
+    epochs = LooseInteger(allow_none=True, load_default=None, validate=validate.Range(1, 10000), metadata={
+        "description": "Instead of max_steps: passes over the dataset (steps = epochs x ceil(images / batch_size) / "
+                       "gradient_accumulation)"})
+    rank = LooseInteger(load_default=8, validate=validate.Range(1, 256), metadata={
+        "description": "LoRA rank (network_dim): 4-32 is usual; the file grows with it"})
+    alpha = StrictFloat(allow_none=True, load_default=None, validate=validate.Range(0.01, 1024), metadata={
+        "description": "LoRA alpha (network_alpha); the update is scaled by alpha / rank; default: the rank"})
+    learning_rate = StrictFloat(load_default=1e-4, validate=validate.Range(1e-7, 1e-2), metadata={
+        "description": "AdamW's learning rate"})
+    lr_scheduler = fields.String(load_default="constant", validate=validate.OneOf(LR_SCHEDULERS), metadata={
+        "description": "diffusers' get_scheduler name"})
+    lr_warmup_steps = LooseInteger(load_default=0, validate=validate.Range(0, 100000))
+    batch_size = LooseInteger(load_default=1, validate=validate.Range(1, 64), metadata={
+        "description": "Images per micro-batch (of one aspect bucket)"})
+    gradient_accumulation = LooseInteger(load_default=1, validate=validate.Range(1, 128), metadata={
+        "description": "Micro-batches per optimizer step (an effective batch of batch_size x this)"})
+    resolution = LooseInteger(allow_none=True, load_default=None, validate=validate.Range(64, 2048), metadata={
+        "description": "Training side in pixels, a multiple of 64 (images are bucketed by aspect ratio to about "
+                       "resolution^2 pixels); default: the model's native size"})
+    mixed_precision = fields.String(load_default="no", validate=validate.OneOf(("no", "fp16", "bf16")), metadata={
+        "description": "Autocast of the training math (the base weights stay in the worker's dtype); bf16 on GPUs "
+                       "that have it, fp16 elsewhere"})
+    seed = LooseInteger(allow_none=True, load_default=None, validate=validate.Range(-1, MAX_SEED), metadata={
+        "description": "null or -1: random (recorded); the same seed, data and settings train the same LoRA"})
+    trigger_word = fields.String(load_default="", validate=validate.Length(max=100), metadata={
+        "description": "Put first in every caption: the word a prompt uses to call up what was learned"})
+    checkpoint_every = LooseInteger(allow_none=True, load_default=None, validate=validate.Range(0, 100000), metadata={
+        "description": "Steps between resumable checkpoints in S3 (a killed worker's job resumes from the newest); "
+                       "0: none; default: training.checkpoint_every"})
+    noise_offset = StrictFloat(load_default=0.0, validate=validate.Range(0, 1), metadata={
+        "description": "Offset noise (0.05-0.1 helps very dark or bright images); 0: off"})
+
+    @validates("lora_name")
+    def plain_name(self, value: str | None, **_: Any) -> None:
+        if value is not None and not LORA_NAME.match(value):
+            raise ValidationError("letters, digits and '_.-' only, starting with a letter or digit")
+
+    @validates("resolution")
+    def multiple_of_64(self, value: int | None, **_: Any) -> None:
+        if value is not None and value % 64:
+            raise ValidationError("must be a multiple of 64")
+
+    @validates_schema
+    def steps_or_epochs(self, data: dict, **_: Any) -> None:
+        if data.get("max_steps") and data.get("epochs"):
+            raise ValidationError("give max_steps or epochs, not both", field_name="epochs")
+
+
+class LoraResultSchema(Schema):
+    name = fields.String(metadata={"description": "Use it as `loras: [{\"name\": ...}]` or `<lora:name:1>`"})
+    file = fields.String()
+    checkpoint_id = fields.String(metadata={"description": "Its checkpoint (GET /checkpoints of the AWS API)"})
+    s3_location = fields.String()
+    resumed_from_step = fields.Integer(metadata={"description": "The checkpoint step a rerun resumed from; 0: none"})
+
+
+class TrainingSchema(Schema):
+    id = fields.String()
+    status = fields.String(metadata={"description": "pending, processing, completed, failed or cancelled"})
+    dataset = fields.String()
+    model = fields.String()
+    lora_name = fields.String()
+    config = fields.Dict(metadata={"description": "The hyper-parameters in force, defaults filled"})
+    progress = fields.Nested(ProgressSchema)
+    eta_seconds = fields.Float(allow_none=True)
+    loss = fields.Float(allow_none=True, metadata={"description": "The latest optimizer step's loss"})
+    loss_curve = fields.List(fields.List(fields.Float()), metadata={
+        "description": "[[step, mean loss], ...], at most training.curve_points points (neighbours averaged)"})
+    lora = fields.Nested(LoraResultSchema, allow_none=True, metadata={"description": "Once completed"})
+    attempt = fields.Integer(metadata={"description": "0, or how many times a killed worker's job was resent"})
+    error_message = fields.String(allow_none=True)
+    warnings = fields.List(fields.String())
+    queue_position = fields.Integer(allow_none=True)
+    created_at = fields.String()
+    updated_at = fields.String()
+    events_url = fields.String(metadata={"description": "Its server-sent events (progress carries the loss)"})
+    callback_status = fields.String(allow_none=True)
+
+
+class TrainingListSchema(Schema):
+    trainings = fields.List(fields.Nested(TrainingSchema))
+    total = fields.Integer()
+    limit = fields.Integer()
+    offset = fields.Integer()
+
+
+class TrainingListQuery(BaseSchema):
+    limit = LooseInteger(load_default=20, validate=validate.Range(1, 100))
+    offset = LooseInteger(load_default=0, validate=validate.Range(0, 1_000_000))

@@ -10,9 +10,11 @@ from flask_smorest import abort
 from api.auth import ApiKey
 from api.controlnet import NATIVE_NAMES, UnitRequest, plan_controlnet
 from api.inpaint import plan_inpaint
+from api.loras import owned_loras
 from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, default_scheduler, image_size
 from api.services import Services
 from api.submission import resolve_seed
+from common.catalog import ModelInfo
 from common.timestamps import iso
 from common.jobspec import JobSpec, LoraRef
 from common.store.results import EVENT_KINDS
@@ -53,6 +55,7 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
     if refiner is not None and not key.may_use_model(refiner.name):
         abort(403, message=f"this API key may not use model '{refiner.name}'")
     available = svc.catalog.loras()
+    loras, assets = key_loras(svc, key, model, data["loras"])
     steps = data["num_inference_steps"] or defaults.steps
     switch = data["refiner_switch"] or DEFAULT_REFINER_SWITCH
     abort_unless_fits(model, mode=mode, width=width, height=height, scheduler=data["scheduler"],
@@ -66,7 +69,7 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
         guidance_scale=data["guidance_scale"] if data["guidance_scale"] is not None else defaults.guidance_scale,
         strength=(data["strength"] if data["strength"] is not None else defaults.strength) if image else None,
         scheduler=scheduler, seed=resolve_seed(data["seed"]), output_format=data["output_format"],
-        init_image_key=init_image_key, loras=[LoraRef(lr["name"], lr["weight"]) for lr in data["loras"]],
+        init_image_key=init_image_key, loras=loras, assets=assets,
         callback_url=data["callback_url"], dialect="native", priority=data["priority"],
         refiner=refiner.name if refiner else None,
         refiner_switch=switch if refiner else None, family=model.family,
@@ -75,6 +78,26 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
         preview_every=data["preview_every"],
         callback_events=sorted(set(data["callback_events"]), key=EVENT_KINDS.index) if data["callback_events"] else None,
     )
+
+
+def key_loras(svc: Services, key: ApiKey, model: ModelInfo, requested: list[dict]) -> tuple[list[LoraRef], list[dict]]:
+    """The job's LoRAs and the files a worker fetches for them: names of the LoRA directory as they are, the key's
+    own LoRAs (api/loras.py) by their worker-side names; a 422 for one of the key's that does not fit `model`."""
+    local = svc.catalog.loras()
+    owned = owned_loras(svc, key.owner) if any(lr["name"] not in local for lr in requested) else {}
+    refs, assets, misfits = [], [], {}
+    for i, lr in enumerate(requested):
+        mine = owned.get(lr["name"]) if lr["name"] not in local else None
+        if mine is None:
+            refs.append(LoraRef(lr["name"], lr["weight"]))
+            continue
+        if problem := mine.problem_with(model):
+            misfits[i] = {"name": [f"LoRA '{lr['name']}' does not fit {model.name}: {problem}"]}
+        refs.append(LoraRef(mine.local_name, lr["weight"]))
+        assets.append(mine.asset)
+    if misfits:
+        abort(422, errors={"json": {"loras": misfits}})
+    return refs, assets
 
 
 def attach_mask(svc: Services, spec: JobSpec, data: dict, task_id: str) -> None:

@@ -2,7 +2,7 @@
 -- still runs it (a late write from the background poller never touches a job that ended or moved on).
 -- KEYS: task, events, log, preview
 -- ARGV: attempt, worker, step, total, now, retention, preview (JSON: step, total, image, width, height; '' none),
---       preview step
+--       preview step, loss (a training job's latest; '' none), loss curve (JSON [[step, loss], ...]; '' none)
 -- Returns {1, eta in seconds ('' when not known yet)} if written, {0} otherwise.
 -- include: lib
 local task, events, log, preview = unpack(KEYS)
@@ -19,7 +19,14 @@ if not since or tonumber(from) > step then
 elseif step > tonumber(from) and total >= step then
   eta = string.format('%.2f', (tonumber(now) - tonumber(since)) / (step - tonumber(from)) * (total - step))
 end
-announce(events, log, retention, 'progress', 'step', ARGV[3], 'total', ARGV[4], 'eta', eta, 'at', now)
+if ARGV[9] ~= '' then
+  redis.call('HSET', task, 'loss', ARGV[9])
+  if ARGV[10] ~= '' then redis.call('HSET', task, 'loss_curve', ARGV[10]) end
+  announce(events, log, retention, 'progress', 'step', ARGV[3], 'total', ARGV[4], 'eta', eta, 'at', now,
+           'loss', ARGV[9])
+else
+  announce(events, log, retention, 'progress', 'step', ARGV[3], 'total', ARGV[4], 'eta', eta, 'at', now)
+end
 if ARGV[7] ~= '' then
   redis.call('SET', preview, ARGV[7], 'EX', retention)
   announce(events, log, retention, 'preview', 'step', ARGV[8], 'at', now)

@@ -1,0 +1,186 @@
+"""LoRA training jobs through the real stack (issue 16): a dataset uploaded by presigned PUT, a job on the
+training pool's own worker, its loss and progress, the LoRA it registers (usable at once by its key only),
+cancel, and a SIGKILLed trainer whose job resumes from its last checkpoint in S3."""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import signal
+import uuid
+
+import requests
+from PIL import Image
+
+from common.store import keys
+from tests.helpers import fetch, pixels, wait_until
+
+TINY = "sdq-tiny"
+FAST_TRAINING = {"model": TINY, "resolution": 64, "learning_rate": 1e-2, "rank": 4, "seed": 3}
+COLOURS = ((220, 40, 40), (40, 200, 60), (30, 60, 230))
+
+
+def png_of(colour: tuple[int, int, int], size: int = 64) -> bytes:
+    image = Image.new("RGB", (size, size), colour)
+    for x in range(0, size, 8):                                # some structure, not a flat field
+        image.paste((255 - colour[0], 255 - colour[1], 255 - colour[2]), (x, 0, x + 4, size))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def make_dataset(api, images: int = 3) -> str:
+    """An Enabled dataset of `images` small images with captions (uploaded by presigned PUT)."""
+    name = f"set-{uuid.uuid4().hex[:8]}"
+    files = [{"name": f"img{n}.png", "caption": f"a striped square number {n}"} for n in range(images)]
+    created = api.post("/api/v1/datasets", {"name": name, "files": files})
+    assert created.status_code == 201, created.text
+    for n, item in enumerate(created.json()["files"]):
+        put = requests.put(item["upload_url"], data=png_of(COLOURS[n % len(COLOURS)]), timeout=30)
+        assert put.status_code == 200, put.text
+    enabled = api.post(f"/api/v1/datasets/{name}/enable")
+    assert enabled.status_code == 200 and enabled.json()["status"] == "Enabled", enabled.text
+    return name
+
+
+def start_training(api, dataset: str, **body) -> dict:
+    response = api.post("/api/v1/trainings", {"dataset": dataset, **FAST_TRAINING, **body})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def training(api, task_id: str) -> dict:
+    response = api.get(f"/api/v1/trainings/{task_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def named(response: requests.Response, field: str) -> bool:
+    """Whether a native 422 names `field` ({"detail": [{"loc": [..., field, ...], "msg": ...}]})."""
+    return any(field in entry["loc"] for entry in response.json()["detail"])
+
+
+def image_of(api, **body) -> bytes:
+    done = api.run(model=TINY, width=64, height=64, num_inference_steps=3, seed=21, **body)
+    assert done["status"] == "completed", done
+    return pixels(fetch(done["result_url"]))
+
+
+def test_a_trained_lora_reports_its_loss_and_changes_the_key_s_images(api, api_b, trainer, storage):
+    dataset = make_dataset(api)
+    lora_name = f"stripes-{uuid.uuid4().hex[:6]}"
+    created = start_training(api, dataset, max_steps=6, checkpoint_every=2, trigger_word="sks", lora_name=lora_name)
+    assert created["status"] == "pending" and created["dataset"] == dataset and created["lora_name"] == lora_name
+    assert created["config"]["max_steps"] == 6 and created["config"]["alpha"] == 4.0   # defaults filled
+    assert created["events_url"] == f"/api/v1/tasks/{created['id']}/events" and created["lora"] is None
+
+    done = api.wait(created["id"], timeout=300)
+    assert done["status"] == "completed", done
+    body = training(api, created["id"])
+    assert body["progress"] == {"step": 6, "total": 6, "fraction": 1.0}
+    assert math.isfinite(body["loss"]) and len(body["loss_curve"]) == 6
+    assert [point[0] for point in body["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+    lora = body["lora"]
+    assert lora["name"] == lora_name and lora["file"] == f"{lora_name}.safetensors" and lora["resumed_from_step"] == 0
+    assert not storage.exists(f"trainings/{created['id']}/state.pt")        # the checkpoint went with the LoRA
+    assert created["id"] in [t["id"] for t in api.get("/api/v1/trainings").json()["trainings"]]
+
+    # Usable at once by its key: native `loras`, A1111 <lora:> tags, the listings; it changes the image.
+    assert lora_name in [entry["name"] for entry in api.get("/api/v1/loras").json()["loras"]]
+    plain, styled = image_of(api), image_of(api, loras=[{"name": lora_name, "weight": 1.0}])
+    assert plain != styled
+    a1111 = api.post("/sdapi/v1/txt2img", {"prompt": f"a square <lora:{lora_name}:1>", "steps": 3, "width": 64,
+                                            "height": 64, "seed": 21, "override_settings": {"sd_model_checkpoint": TINY}})
+    assert a1111.status_code == 200, a1111.text
+    assert "no such LoRA" not in a1111.text and lora_name in a1111.json()["info"]
+    untagged = api.post("/sdapi/v1/txt2img", {"prompt": "a square", "steps": 3, "width": 64, "height": 64, "seed": 21,
+                                              "override_settings": {"sd_model_checkpoint": TINY}})
+    assert base64.b64decode(a1111.json()["images"][0]) != base64.b64decode(untagged.json()["images"][0])
+    assert lora_name in [entry["name"] for entry in api.get("/sdapi/v1/loras").json()]
+    aws = {c["name"][0]: c for c in api.get("/checkpoints?checkpoint_type=Lora").json()["checkpoints"]}
+    assert aws[f"{lora_name}.safetensors"]["status"] == "Active"
+
+    # Another key: neither the job nor the dataset nor the LoRA exists for it.
+    assert api_b.get(f"/api/v1/trainings/{created['id']}").status_code == 404
+    assert api_b.delete(f"/api/v1/trainings/{created['id']}").status_code == 404
+    assert created["id"] not in [t["id"] for t in api_b.get("/api/v1/trainings").json()["trainings"]]
+    assert lora_name not in [entry["name"] for entry in api_b.get("/api/v1/loras").json()["loras"]]
+    refused = api_b.post("/api/v1/generate", {"prompt": "x", "model": TINY, "loras": [{"name": lora_name}]})
+    assert refused.status_code == 422 and "unknown LoRA" in refused.text
+    assert api_b.post("/api/v1/trainings", {"dataset": dataset}).status_code == 404
+    ignored = api_b.post("/sdapi/v1/txt2img", {"prompt": f"a square <lora:{lora_name}:1>", "steps": 3, "width": 64,
+                                               "height": 64, "seed": 21,
+                                               "override_settings": {"sd_model_checkpoint": TINY}})
+    assert ignored.status_code == 200 and "no such LoRA" in ignored.text
+
+
+def test_progress_events_carry_the_loss(api, trainer):
+    from tests.helpers import stream_events
+
+    created = start_training(api, make_dataset(api, images=2), max_steps=4, checkpoint_every=0)
+    events = list(stream_events(api, created["id"]))
+    progress = [e.data for e in events if e.kind == "progress"]
+    assert progress and all(math.isfinite(p["loss"]) for p in progress)
+    assert events[-1].kind == "completed"
+
+
+def test_a_training_job_is_cancelled_mid_run_and_makes_no_lora(api, trainer, rds):
+    created = start_training(api, make_dataset(api), max_steps=5000, checkpoint_every=0)
+    api.wait_for(created["id"], lambda t: t["status"] == "processing" and t["progress"]["step"] > 0, timeout=180)
+    cancelled = api.delete(f"/api/v1/trainings/{created['id']}")
+    assert cancelled.status_code in (200, 202), cancelled.text
+    done = api.wait(created["id"], timeout=120)
+    assert done["status"] == "cancelled"
+    body = training(api, created["id"])
+    assert body["lora"] is None and 0 < body["progress"]["step"] < 5000
+    assert created["lora_name"] not in [entry["name"] for entry in api.get("/api/v1/loras").json()["loras"]]
+    assert api.delete(f"/api/v1/trainings/{created['id']}").status_code == 200     # cancelling again: no change
+
+
+def test_a_killed_trainer_s_job_resumes_from_its_last_checkpoint(stack, api, trainer, rds, storage, settings):
+    # Enough steps that the kill lands mid-run on a fast machine too (the tiny model makes ~100 steps/s).
+    created = start_training(api, make_dataset(api), max_steps=1000, checkpoint_every=10, resolution=128)
+    state_key = f"{settings.training.prefix}/{created['id']}/state.pt"
+    api.wait_for(created["id"], lambda t: t["progress"]["step"] >= 25, timeout=240)
+    assert storage.exists(state_key)
+    killed = stack.services["trainer"]
+    killed.signal(signal.SIGKILL)
+    killed.proc.wait(10)
+    stack.start_worker("trainer", "--pool", settings.training.queue)      # a fresh process (new identity)
+
+    done = api.wait(created["id"], timeout=600)
+    assert done["status"] == "completed", done
+    assert rds.hget(keys.TASK(created["id"]), "attempt") == "1"
+    body = training(api, created["id"])
+    resumed = body["lora"]["resumed_from_step"]
+    assert resumed >= 20 and resumed % 10 == 0                     # from its newest checkpoint, not from zero
+    assert body["progress"] == {"step": 1000, "total": 1000, "fraction": 1.0}
+    curve = body["loss_curve"]                             # every step, resumed ones too, averaged into buckets
+    assert len(curve) <= settings.training.curve_points and curve[-1][0] == 1000
+    assert not storage.exists(state_key)
+
+
+def test_training_requests_the_service_cannot_run_get_clear_errors(api):
+    missing = api.post("/api/v1/trainings", {"dataset": "no-such-dataset"})
+    assert missing.status_code == 404 and "not found" in missing.text
+    pending = f"set-{uuid.uuid4().hex[:8]}"
+    assert api.post("/api/v1/datasets", {"name": pending, "files": [{"name": "a.png"}]}).status_code == 201
+    not_enabled = api.post("/api/v1/trainings", {"dataset": pending})
+    assert not_enabled.status_code == 409 and "enable" in not_enabled.text
+    dataset = make_dataset(api, images=1)
+    cases = {
+        "model": {"model": "sdq-tiny-flux"},
+        "max_steps": {"max_steps": 10**9},
+        "epochs": {"max_steps": 5, "epochs": 2},
+        "resolution": {"resolution": 100},
+        "lora_name": {"lora_name": "../escape"},
+        "lr_scheduler": {"lr_scheduler": "sometimes"},
+        "rank": {"rank": 0},
+        "callback_events": {"callback_events": ["progress"]},
+    }
+    for field, extra in cases.items():
+        response = api.post("/api/v1/trainings", {"dataset": dataset, **extra})
+        assert response.status_code == 422, (field, response.text)
+        assert named(response, field), (field, response.json())
+    unknown_model = api.post("/api/v1/trainings", {"dataset": dataset, "model": "no-such-model"})
+    assert unknown_model.status_code == 422 and named(unknown_model, "model")
