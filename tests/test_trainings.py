@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import signal
 import uuid
@@ -13,7 +14,7 @@ import requests
 from PIL import Image
 
 from common.store import keys
-from tests.helpers import fetch, pixels, wait_until
+from tests.helpers import Receiver, fetch, pixels, stream_events, wait_until
 
 TINY = "sdq-tiny"
 FAST_TRAINING = {"model": TINY, "resolution": 64, "learning_rate": 1e-2, "rank": 4, "seed": 3}
@@ -114,14 +115,26 @@ def test_a_trained_lora_reports_its_loss_and_changes_the_key_s_images(api, api_b
     assert ignored.status_code == 200 and "no such LoRA" in ignored.text
 
 
-def test_progress_events_carry_the_loss(api, trainer):
-    from tests.helpers import stream_events
+def bodies(receiver: Receiver) -> list[dict]:
+    """What a webhook receiver got so far, parsed."""
+    return [json.loads(r["body"]) for r in receiver.received]
 
-    created = start_training(api, make_dataset(api, images=2), max_steps=4, checkpoint_every=0)
-    events = list(stream_events(api, created["id"]))
-    progress = [e.data for e in events if e.kind == "progress"]
-    assert progress and all(math.isfinite(p["loss"]) for p in progress)
-    assert events[-1].kind == "completed"
+
+def test_progress_events_and_webhooks_carry_the_loss_and_the_lora(api, trainer):
+    receiver = Receiver()
+    try:
+        created = start_training(api, make_dataset(api, images=2), max_steps=4, checkpoint_every=0,
+                                 callback_url=receiver.url, callback_events=["progress", "completed"])
+        events = stream_events(api, created["id"])
+        progress = [e.data for e in events if e.kind == "progress"]
+        assert progress and all(math.isfinite(p["loss"]) for p in progress)
+        assert events[-1].kind == "completed"
+        final = wait_until(lambda: next((b for b in bodies(receiver) if "status" in b), None), what="final webhook")
+        assert final["status"] == "completed" and final["lora"]["name"] == created["lora_name"]
+        hooked = [b["data"] for b in bodies(receiver) if b.get("type") == "progress"]
+        assert all(math.isfinite(data["loss"]) for data in hooked)
+    finally:
+        receiver.close()
 
 
 def test_a_training_job_is_cancelled_mid_run_and_makes_no_lora(api, trainer, rds):

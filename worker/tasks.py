@@ -39,7 +39,7 @@ def deliver_task_callback(ctx: JobContext, task_id: str, attempt: int) -> int | 
         ctx.store.set_fields(task_id, callback_status=f"refused: {reason}")
         return None
     urls = [ctx.storage.url_for(k) for k in task.result_keys]
-    payload = build_payload(task.id, task.status.value, urls, task.error)
+    payload = build_payload(task.id, task.status.value, urls, task.error, task.result)
     try:
         code = deliver(task.spec.callback_url, payload, ctx.settings.callbacks.secret,
                        ctx.settings.callbacks.timeout, attempt + 1, guard)

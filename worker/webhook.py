@@ -32,15 +32,17 @@ class RetryableDelivery(Exception):
     """The receiver was unreachable or answered 5xx/408/429: try again later."""
 
 
-def build_payload(task_id: str, status: str, urls: list[str], error_message: str | None) -> dict:
-    """`image_url` for one image, `image_urls` for several (exactly one key, as the native API's receivers expect)."""
+def build_payload(task_id: str, status: str, urls: list[str], error_message: str | None,
+                  result: dict | None = None) -> dict:
+    """`image_url` for one image, `image_urls` for several (exactly one key, as the native API's receivers expect);
+    a job that makes something else says what (a training job's `lora`: Task.result)."""
     payload: dict = {"task_id": task_id, "status": status}
     if len(urls) == 1:
         payload["image_url"] = urls[0]
     elif urls:
         payload["image_urls"] = urls
     payload["error_message"] = error_message
-    return payload
+    return {**payload, **(result or {})}
 
 
 def build_event_payload(kind: str, task_id: str, data: dict) -> dict:
