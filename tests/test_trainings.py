@@ -197,3 +197,13 @@ def test_training_requests_the_service_cannot_run_get_clear_errors(api):
         assert named(response, field), (field, response.json())
     unknown_model = api.post("/api/v1/trainings", {"dataset": dataset, "model": "no-such-model"})
     assert unknown_model.status_code == 422 and named(unknown_model, "model")
+
+
+def test_an_sdxl_lora_trains_and_fits_sdxl_only(api, trainer):
+    created = start_training(api, make_dataset(api, images=2), model="sdq-tiny-xl", max_steps=2, checkpoint_every=0)
+    assert api.wait(created["id"], timeout=300)["status"] == "completed"
+    lora_name = training(api, created["id"])["lora"]["name"]
+    done = api.run(model="sdq-tiny-xl", width=64, height=64, num_inference_steps=2, loras=[{"name": lora_name}])
+    assert done["status"] == "completed", done
+    misfit = api.post("/api/v1/generate", {"prompt": "x", "model": TINY, "loras": [{"name": lora_name}]})
+    assert misfit.status_code == 422 and "does not fit" in misfit.text and named(misfit, "loras")
