@@ -8,6 +8,7 @@ answered before Flask by api/fastsubmit.py, with the same schema and builder.
 from __future__ import annotations
 
 import hashlib
+from typing import Any, Callable
 
 from flask import Response, jsonify, request
 from flask_smorest import Blueprint, abort
@@ -182,11 +183,16 @@ def task_events(query: dict, task_id: str):
 def cancel_task(task_id: str):
     """Cancel a pending task at once, or a running one at its next denoising step."""
     svc = services()
-    task = cancel(svc, owned_task_or_404(svc, task_id))
+    return cancel_answer(svc, owned_task_or_404(svc, task_id), lambda task: render_task(task, svc.storage, svc.store))
+
+
+def cancel_answer(svc: Services, task: Task, render: Callable[[Task], dict], noun: str = "task") -> Any:
+    """Cancel `task` and answer: 200 cancelled, 202 still stopping (both with `render`'s body), 409 when it had
+    already completed or failed."""
+    task = cancel(svc, task)
     if task.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
-        return error_response(409, f"task already {task.status.value}; it cannot be cancelled")
-    body = render_task(task, svc.storage, svc.store)
-    return body, (200 if task.status is TaskStatus.CANCELLED else 202)
+        return error_response(409, f"{noun} already {task.status.value}; it cannot be cancelled")
+    return render(task), (200 if task.status is TaskStatus.CANCELLED else 202)
 
 
 def cancel(svc: Services, task: Task) -> Task:

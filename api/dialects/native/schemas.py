@@ -223,16 +223,26 @@ class TaskSchema(Schema):
                        "attempt(s), rejected by the receiver, refused: <reason>, or failed after N attempts"})
 
 
-class TaskListSchema(Schema):
-    tasks = fields.List(fields.Nested(TaskSchema))
+class PageSchema(Schema):
+    """A page of a listing: how many there are in all, and which slice this is."""
+
     total = fields.Integer()
     limit = fields.Integer()
     offset = fields.Integer()
 
 
-class TaskListQuery(BaseSchema):
+class PageQuery(BaseSchema):
+    """?limit= and ?offset= of a listing."""
+
     limit = LooseInteger(load_default=20, validate=validate.Range(1, 100))
     offset = LooseInteger(load_default=0, validate=validate.Range(0, 1_000_000))
+
+
+class TaskListSchema(PageSchema):
+    tasks = fields.List(fields.Nested(TaskSchema))
+
+
+class TaskListQuery(PageQuery):
     status = fields.String(load_default=None, validate=validate.OneOf(
         ["pending", "processing", "completed", "failed", "cancelled"]))
 
@@ -452,13 +462,5 @@ class TrainingSchema(Schema):
     callback_status = fields.String(allow_none=True)
 
 
-class TrainingListSchema(Schema):
+class TrainingListSchema(PageSchema):
     trainings = fields.List(fields.Nested(TrainingSchema))
-    total = fields.Integer()
-    limit = fields.Integer()
-    offset = fields.Integer()
-
-
-class TrainingListQuery(BaseSchema):
-    limit = LooseInteger(load_default=20, validate=validate.Range(1, 100))
-    offset = LooseInteger(load_default=0, validate=validate.Range(0, 1_000_000))

@@ -15,7 +15,7 @@ from flask_smorest import abort
 
 from api.auth import current_key
 from api.dialects.native import schemas
-from api.dialects.native.routes import SECURITY, blp, cancel
+from api.dialects.native.routes import SECURITY, blp, cancel_answer
 from api.errors import error_response
 from api.limits import read_limited, submit_limited
 from api.services import Services, services
@@ -74,7 +74,7 @@ def create(data: dict):
 
 @blp.route("/trainings", methods=["GET"])
 @read_limited
-@blp.arguments(schemas.TrainingListQuery(), location="query")
+@blp.arguments(schemas.PageQuery(), location="query")
 @blp.response(200, schemas.TrainingListSchema)
 @blp.doc(security=SECURITY)
 def list_trainings(query: dict):
@@ -103,7 +103,5 @@ def get_training(task_id: str):
 def cancel_training(task_id: str):
     """Cancel a training job: at once while it waits, after its current step while it runs (no LoRA is made)."""
     svc = services()
-    task = cancel(svc, owned_training_or_404(svc, task_id))
-    if task.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
-        return error_response(409, f"training job already {task.status.value}; it cannot be cancelled")
-    return training_body(svc, task), (200 if task.status is TaskStatus.CANCELLED else 202)
+    return cancel_answer(svc, owned_training_or_404(svc, task_id), lambda task: training_body(svc, task),
+                         "training job")
