@@ -293,8 +293,8 @@ def test_a_killed_api_comes_back(supervised):
 def test_sigterm_stops_every_process(supervised):
     groups = supervised.groups()
     before = stack_processes(supervised.data_dir, groups)
-    # run itself, Redis, S3, the GPU and callback workers, the API (a master and 2 workers), Flower
-    assert len(before) == 9, before
+    # run itself, Redis, S3, the GPU, training and callback workers, the API (a master and 2 workers), Flower
+    assert len(before) == 10, before
     supervised.proc.send_signal(signal.SIGTERM)
     assert supervised.proc.wait(90) == 0
     assert "stopping sdqueue" in supervised.output()
