@@ -59,7 +59,27 @@ def owned_loras(svc: Services, owner: str) -> dict[str, OwnedLora]:
     return found
 
 
-def usable_lora_names(svc: Services, owner: str) -> list[str]:
-    """Every LoRA name `owner` may use: the LoRA directory's, then its own."""
+def usable_loras(svc: Services, owner: str) -> list[dict]:
+    """Every LoRA `owner` may use, as GET /api/v1/loras lists them: the LoRA directory's, then its own (with
+    what it was trained on)."""
     local = svc.catalog.loras()
-    return [*local, *(name for name in owned_loras(svc, owner) if name not in local)]
+    mine = [{"name": name, "source": "own", "checkpoint_id": lora.checkpoint.id,
+             "base_model": lora.checkpoint.params.get("base_model"), "family": lora.checkpoint.params.get("family"),
+             "training_job": lora.checkpoint.params.get("training_job")}
+            for name, lora in owned_loras(svc, owner).items() if name not in local]
+    return [*({"name": name, "source": "directory"} for name in local), *mine]
+
+
+def forget_lora(svc: Services, owner: str, name: str) -> int:
+    """Delete every LoRA `owner` itself made or uploaded under `name` (records and S3 files); how many.
+
+    Shared records (no owner) and the LoRA directory's files are not a key's to delete.
+    """
+    gone = 0
+    for checkpoint in svc.checkpoints.visible(owner):
+        file = f"{name}{WEIGHT_SUFFIX}"
+        if checkpoint.type == "Lora" and checkpoint.owner == owner and file in checkpoint.names:
+            svc.storage.delete([checkpoint.key_of(n) for n in checkpoint.names])
+            svc.checkpoints.forget(checkpoint.id)
+            gone += 1
+    return gone

@@ -58,7 +58,6 @@ NO_OBJECT = {
     ("GET", "/ui/<path:filename>"): "the playground's static files, the same for everyone",
     ("GET", "/api/v1/models"): "the shared model directory",
     ("GET", "/api/v1/schedulers"): "a fixed list",
-    ("GET", "/api/v1/loras"): "the shared LoRA directory",
     ("POST", "/v1/draw"): "creates a task and answers it; names only a shared model",
     ("GET", "/inference/test-connection"): "a fixed answer",
     ("GET", "/sdapi/v1/sd-models"): "the shared model directory",
@@ -66,7 +65,6 @@ NO_OBJECT = {
     ("GET", "/controlnet/module_list"): "a fixed list",
     ("GET", "/controlnet/version"): "a fixed answer",
     ("GET", "/controlnet/settings"): "a fixed answer",
-    ("GET", "/sdapi/v1/loras"): "the shared LoRA directory",
     ("GET", "/sdapi/v1/samplers"): "a fixed list",
     ("GET", "/sdapi/v1/schedulers"): "a fixed list",
     ("GET", "/sdapi/v1/sd-vae"): "a fixed list",
@@ -491,6 +489,25 @@ def aws_datasets(w: World) -> None:
     assert w.call("POST", "/dataset", KEY_B, json={"dataset_name": name, "content": content}).status_code == 200
     assert w.call("GET", f"/{name}/data", KEY_A).json()["data"][0]["key"] != \
         w.call("GET", f"/{name}/data", KEY_B).json()["data"][0]["key"]
+
+
+@covers(("GET", "/api/v1/loras"), ("GET", "/sdapi/v1/loras"), ("DELETE", "/api/v1/loras/<string:name>"))
+def key_loras(w: World) -> None:
+    """Another key's own LoRA (uploaded or trained) is never listed, cannot be deleted (the 404 of a missing name)
+    and is unknown to a native request (the 422 of a missing name)."""
+    stem, missing = FILES["Lora"].removesuffix(".safetensors"), MISSING_FILE.removesuffix(".safetensors")
+
+    def listed(key: str) -> tuple[set, set]:
+        native = {entry["name"] for entry in w.call("GET", "/api/v1/loras", key).json()["loras"]}
+        return native, {entry["name"] for entry in w.call("GET", "/sdapi/v1/loras", key).json()}
+
+    assert all(stem in names for names in listed(KEY_A)) and not any(stem in names for names in listed(KEY_B))
+    assert_same(w.call("DELETE", f"/api/v1/loras/{stem}", KEY_B), w.call("DELETE", f"/api/v1/loras/{missing}", KEY_B),
+                [stem], [missing])
+    body = {"prompt": "a tenant's fox", "width": 64, "height": 64, "num_inference_steps": 2}
+    assert_same(w.call("POST", "/api/v1/generate", KEY_B, json={**body, "loras": [{"name": stem}]}),
+                w.call("POST", "/api/v1/generate", KEY_B, json={**body, "loras": [{"name": missing}]}), [stem], [missing])
+    assert all(stem in names for names in listed(KEY_A))           # B's delete changed nothing
 
 
 @covers(("POST", "/api/v1/trainings"), ("GET", "/api/v1/trainings"), ("GET", "/api/v1/trainings/<string:task_id>"),

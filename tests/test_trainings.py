@@ -207,3 +207,13 @@ def test_an_sdxl_lora_trains_and_fits_sdxl_only(api, trainer):
     assert done["status"] == "completed", done
     misfit = api.post("/api/v1/generate", {"prompt": "x", "model": TINY, "loras": [{"name": lora_name}]})
     assert misfit.status_code == 422 and "does not fit" in misfit.text and named(misfit, "loras")
+    listed = {entry["name"]: entry for entry in api.get("/api/v1/loras").json()["loras"]}
+    assert listed[lora_name]["source"] == "own" and listed[lora_name]["family"] == "sdxl"
+    assert listed[lora_name]["training_job"] == created["id"] and listed["tiny_style"]["source"] == "directory"
+
+    # The key deletes its own LoRA; the shared directory's are not a key's to delete.
+    assert api.delete(f"/api/v1/loras/{lora_name}").status_code == 204
+    gone = api.post("/api/v1/generate", {"prompt": "x", "model": "sdq-tiny-xl", "loras": [{"name": lora_name}]})
+    assert gone.status_code == 422 and "unknown LoRA" in gone.text
+    assert api.delete(f"/api/v1/loras/{lora_name}").status_code == 404
+    assert api.delete("/api/v1/loras/tiny_style").status_code == 409

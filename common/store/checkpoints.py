@@ -93,6 +93,13 @@ class CheckpointStore:
         pipe.zadd(keys.CHECKPOINTS(), {checkpoint.id: checkpoint.created})
         pipe.execute()
 
+    def forget(self, checkpoint_id: str) -> None:
+        """Drop a checkpoint's record (its files are the caller's to delete)."""
+        pipe = self.client.pipeline()
+        pipe.delete(keys.CHECKPOINT(checkpoint_id))
+        pipe.zrem(keys.CHECKPOINTS(), checkpoint_id)
+        pipe.execute()
+
     def get(self, checkpoint_id: str) -> Checkpoint | None:
         """Any checkpoint, whoever owns it: for changes, which check the owner themselves."""
         raw = self.client.get(keys.CHECKPOINT(checkpoint_id))

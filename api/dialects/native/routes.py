@@ -21,7 +21,7 @@ from api.errors import error_response
 from api.eventstream import open_stream, valid_event_id
 from api.fastsubmit import TASK_ID_ENVIRON
 from api.limits import read_limited, submit_limited
-from api.loras import usable_lora_names
+from api.loras import forget_lora, usable_loras
 from api.services import Services, services
 from api.submission import new_task_id, submit_job, wait_until_terminal
 from common.errors import TaskNotFound
@@ -250,4 +250,20 @@ def list_schedulers():
 @blp.doc(security=SECURITY)
 def list_loras():
     """LoRAs usable in `loras`: the LoRA directory's, then this key's own (trained or uploaded)."""
-    return {"loras": [{"name": n} for n in usable_lora_names(services(), current_key().owner)]}
+    return {"loras": usable_loras(services(), current_key().owner)}
+
+
+@blp.route("/loras/<string:name>", methods=["DELETE"])
+@submit_limited
+@blp.response(204)
+@blp.alt_response(404, description="This key has no LoRA of that name")
+@blp.alt_response(409, description="The LoRA is in the shared LoRA directory (an operator's file)")
+@blp.doc(security=SECURITY)
+def delete_lora(name: str):
+    """Delete this key's own LoRA (trained or uploaded) of that name; jobs naming it afterwards get a 422."""
+    svc = services()
+    if name in svc.catalog.loras():
+        return error_response(409, f"LoRA '{name}' is in the shared LoRA directory; an operator removes it there")
+    if not forget_lora(svc, current_key().owner, name):
+        abort(404, message="LoRA not found")
+    return None

@@ -310,8 +310,18 @@ class SchedulerListSchema(Schema):
     default = fields.String(allow_none=True)
 
 
+class LoraEntrySchema(Schema):
+    name = fields.String(metadata={"description": "What `loras: [{\"name\": ...}]` and `<lora:name:1>` take"})
+    source = fields.String(metadata={"description": "directory (the shared LoRA directory) or own (this key's: "
+                                                    "trained, or uploaded through the AWS extension's /checkpoint)"})
+    checkpoint_id = fields.String(metadata={"description": "own: its checkpoint"})
+    base_model = fields.String(allow_none=True, metadata={"description": "own, trained: the model it was trained on"})
+    family = fields.String(allow_none=True, metadata={"description": "own, trained: the family it fits"})
+    training_job = fields.String(allow_none=True, metadata={"description": "own, trained: the training job's id"})
+
+
 class LoraListSchema(Schema):
-    loras = fields.List(fields.Nested(Schema.from_dict({"name": fields.String()})))
+    loras = fields.List(fields.Nested(LoraEntrySchema))
 
 
 # An instance, not a class: webargs would build (and deep-copy) a schema per request. api/fastsubmit.py uses it too.
