@@ -9,6 +9,7 @@ from PIL import Image
 from common.catalog import find_model
 from dev.tinymodel import build_tiny_model, build_tiny_xl
 from worker.training import (Example, TrainingConfig, bucket_size, caption_with_trigger, resize_and_crop,
+                             training_precision,
                              save_lora_file, state_from_bytes, state_to_bytes, train_lora)
 
 
@@ -166,3 +167,16 @@ def test_config_refuses_what_cannot_train(sd):
     with pytest.raises(ValueError, match="no training examples"):
         train_lora(sd, [], config())
     assert config(rank=8).alpha == 8.0
+
+
+def test_half_precision_weights_on_cuda_always_train_under_autocast():
+    """A GPU guard checked on the CPU: fp16 warm weights make fp16 gradients, which need the GradScaler that
+    mixed precision "fp16" brings, whatever the request said; the CPU's fp32 weights take the request."""
+    import torch
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert training_precision("no", torch.float16, cuda) == "fp16"
+    assert training_precision("bf16", torch.float16, cuda) == "bf16"
+    assert training_precision("no", torch.bfloat16, cuda) == "bf16"
+    assert training_precision("no", torch.float32, cuda) == "no"
+    assert training_precision("no", torch.float32, cpu) == "no" and training_precision("bf16", torch.bfloat16, cpu) == "bf16"

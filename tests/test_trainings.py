@@ -12,6 +12,7 @@ import uuid
 
 import requests
 from PIL import Image
+from safetensors.torch import load as load_safetensors
 
 from common.store import keys
 from tests.helpers import Receiver, fetch, pixels, stream_events, wait_until
@@ -83,6 +84,8 @@ def test_a_trained_lora_reports_its_loss_and_changes_the_key_s_images(api, api_b
     assert [point[0] for point in body["loss_curve"]] == [1, 2, 3, 4, 5, 6]
     lora = body["lora"]
     assert lora["name"] == lora_name and lora["file"] == f"{lora_name}.safetensors" and lora["resumed_from_step"] == 0
+    weights = load_safetensors(fetch(lora["download_url"]))              # the file itself, by its presigned URL
+    assert weights and all(name.startswith("unet.") for name in weights) and "key" not in lora
     assert not storage.exists(f"trainings/{created['id']}/state.pt")        # the checkpoint went with the LoRA
     assert created["id"] in [t["id"] for t in api.get("/api/v1/trainings").json()["trainings"]]
 

@@ -226,7 +226,25 @@ def add_lora(unet: Any, config: TrainingConfig) -> list[Any]:
     return params
 
 
-def fresh_accelerator(config: TrainingConfig, device: Any) -> Any:
+def training_precision(requested: str, weights_dtype: Any, device: Any) -> str:
+    """The autocast a run uses on `device` for base weights of `weights_dtype` when `requested` was asked for.
+
+    Why not always what was asked: on CUDA a warm pipeline's weights are half precision (worker.dtype), so its
+    activations and gradients are half precision whatever the request says; fp16 ones need accelerate's
+    GradScaler (mixed precision "fp16") or small gradients underflow to zero and the LoRA learns nothing. So
+    fp16 weights train under "fp16" unless "bf16" was asked, bf16 weights under "bf16"; fp32 weights (the CPU)
+    take the request as it is.
+    """
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or weights_dtype == torch.float32:
+        return requested
+    if weights_dtype == torch.float16:
+        return "bf16" if requested == "bf16" else "fp16"
+    return "bf16"
+
+
+def fresh_accelerator(config: TrainingConfig, device: Any, precision: str | None = None) -> Any:
     """An Accelerator for this run on the pipeline's device.
 
     Why reset first: accelerate keeps one process-wide state and refuses a second Accelerator with
@@ -237,7 +255,8 @@ def fresh_accelerator(config: TrainingConfig, device: Any) -> Any:
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
+    return Accelerator(mixed_precision=precision or config.mixed_precision,
+                       gradient_accumulation_steps=config.gradient_accumulation,
                        cpu=device.type == "cpu")
 
 
@@ -398,7 +417,7 @@ def train_lora(pipe: Any, examples: Sequence[Example], config: TrainingConfig,
     encoded = encode_samples(pipe, samples, sdxl, device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    accelerator = fresh_accelerator(config, device)
+    accelerator = fresh_accelerator(config, device, training_precision(config.mixed_precision, pipe.unet.dtype, device))
     unet = copy_unet(pipe)
     unet.train()
     params = add_lora(unet, config)

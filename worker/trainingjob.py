@@ -184,8 +184,9 @@ def run_training_job(ctx: Any, task: Task, monitor: StepMonitor) -> tuple[TaskSt
         ctx.storage.delete([state_key])            # done: the LoRA replaces the checkpoint
     except Exception:  # noqa: BLE001 - a leftover checkpoint costs space, never the job
         log.warning("could not delete training checkpoint %s", state_key)
+    key = checkpoint.key_of(checkpoint.names[0])
     lora = {"name": training["lora_name"], "file": checkpoint.names[0], "checkpoint_id": checkpoint.id,
-            "s3_location": ctx.storage.s3_uri(checkpoint.key_of(checkpoint.names[0])),
+            "key": key, "s3_location": ctx.storage.s3_uri(key),
             "resumed_from_step": resume.step if resume else 0}
     return TaskStatus.COMPLETED, {
         "result": {"lora": lora}, "loss": repr(result.losses[-1]), "loss_curve": progress.curve.snapshot(),

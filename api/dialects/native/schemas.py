@@ -413,8 +413,9 @@ class TrainingCreateSchema(WebhookFields):
         "description": "Training side in pixels, a multiple of 64 (images are bucketed by aspect ratio to about "
                        "resolution^2 pixels); default: the model's native size"})
     mixed_precision = fields.String(load_default="no", validate=validate.OneOf(("no", "fp16", "bf16")), metadata={
-        "description": "Autocast of the training math (the base weights stay in the worker's dtype); bf16 on GPUs "
-                       "that have it, fp16 elsewhere"})
+        "description": "Autocast of the training math; the base weights stay in the worker's dtype, and on a GPU "
+                       "half-precision weights always train under autocast (fp16 with loss scaling unless bf16 is "
+                       "asked for, bf16 weights under bf16); no on the CPU's fp32 weights"})
     seed = LooseInteger(allow_none=True, load_default=None, validate=validate.Range(-1, MAX_SEED), metadata={
         "description": "null or -1: random (recorded); the same seed, data and settings train the same LoRA"})
     trigger_word = fields.String(load_default="", validate=validate.Length(max=100), metadata={
@@ -446,6 +447,7 @@ class LoraResultSchema(Schema):
     file = fields.String()
     checkpoint_id = fields.String(metadata={"description": "Its checkpoint (GET /checkpoints of the AWS API)"})
     s3_location = fields.String()
+    download_url = fields.String(metadata={"description": "A presigned GET URL of the .safetensors file"})
     resumed_from_step = fields.Integer(metadata={"description": "The checkpoint step a rerun resumed from; 0: none"})
 
 

@@ -36,13 +36,20 @@ def training_body(svc: Services, task: Task) -> dict:
         "progress": {"step": task.progress_step, "total": total,
                      "fraction": round(task.progress_step / total, 4) if total else 0.0},
         "eta_seconds": task.eta(time.time()), "loss": task.loss, "loss_curve": task.loss_curve,
-        "lora": produced_lora(task), "attempt": task.attempt,
+        "lora": lora_view(svc, produced_lora(task)), "attempt": task.attempt,
         "error_message": task.error if task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED) else None,
         "warnings": task.spec.meta.get("warnings", []), "queue_position": svc.store.queue_position(task),
         "created_at": iso(task.created_at), "updated_at": iso(task.updated_at),
         "events_url": url_for("native.task_events", task_id=task.id),
         "callback_status": task.callback_status if task.spec.callback_url else None,
     }
+
+
+def lora_view(svc: Services, lora: dict | None) -> dict | None:
+    """The LoRA a training made, with a presigned URL to download its file."""
+    if lora is None:
+        return None
+    return {**{k: v for k, v in lora.items() if k != "key"}, "download_url": svc.storage.url_for(lora["key"])}
 
 
 def owned_training_or_404(svc: Services, task_id: str) -> Task:
