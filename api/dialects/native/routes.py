@@ -113,8 +113,10 @@ def idempotency_key() -> str | None:
     return value
 
 
-def replayed_submission(svc: Services, idempotency: str, task_id: str):
-    """The first answer again when this key's Idempotency-Key was used before (24 h); None for a new one.
+def replayed_submission(svc: Services, idempotency: str, task_id: str,
+                        answer: Callable[..., Any] | None = None):
+    """The first answer again (`answer(task_id, replayed=True)`, by default generate's 202) when this key's
+    Idempotency-Key was used before (24 h); None for a new one.
 
     The same key with another body is a 422: the client reused a key for a
     different request, and answering with the first task would hide it.
@@ -127,7 +129,7 @@ def replayed_submission(svc: Services, idempotency: str, task_id: str):
     if first_fingerprint != fingerprint:
         abort(422, errors={"headers": {IDEMPOTENCY_HEADER: [
             "already used with a different body (an Idempotency-Key names one submission)"]}})
-    return created_response(first_task, replayed=True)
+    return (answer or created_response)(first_task, replayed=True)
 
 
 @blp.route("/tasks/<string:task_id>", methods=["GET"])

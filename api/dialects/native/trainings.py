@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import time
 
-from flask import url_for
+from flask import Response, jsonify, url_for
 from flask_smorest import abort
 
 from api.auth import current_key
 from api.dialects.native import schemas
-from api.dialects.native.routes import SECURITY, blp, cancel_answer
+from api.dialects.native.routes import SECURITY, blp, cancel_answer, idempotency_key, replayed_submission
 from api.errors import error_response
 from api.limits import read_limited, submit_limited
 from api.services import Services, services
+from api.submission import new_task_id
 from api.trainings import TrainingProblem, owned_training, produced_lora, submit_training
 from common.store import Task, TaskStatus
 from common.timestamps import iso
@@ -68,15 +69,33 @@ def owned_training_or_404(svc: Services, task_id: str) -> Task:
 @blp.alt_response(422, description="A value the service cannot train with: the message names the field")
 @blp.doc(security=SECURITY)
 def create(data: dict):
-    """Queue a LoRA training job on the training pool; poll it here or stream GET /api/v1/tasks/{id}/events."""
+    """Queue a LoRA training job on the training pool; poll it here or stream GET /api/v1/tasks/{id}/events.
+    An Idempotency-Key header makes a retried submission answer with the job the first one made."""
     svc = services()
+    task_id, idempotency = new_task_id(), idempotency_key()
+    if idempotency:
+        replay = replayed_submission(svc, idempotency, task_id, lambda first, replayed: training_answer(svc, first))
+        if replay is not None:
+            return replay
     try:
-        task_id, _ = submit_training(svc, current_key(), data)
-    except TrainingProblem as exc:
+        submit_training(svc, current_key(), data, task_id)
+    except BaseException as exc:
+        if idempotency:
+            svc.store.release_idempotency(current_key().owner, idempotency)   # refused: a retry may try again
+        if not isinstance(exc, TrainingProblem):
+            raise
         if exc.status == 422:
             abort(422, errors={"json": {exc.field: [str(exc)]}})
         return error_response(exc.status, str(exc))
     return training_body(svc, svc.store.get(task_id))
+
+
+def training_answer(svc: Services, task_id: str) -> Response:
+    """The 202 of a replayed submission (the same Idempotency-Key again): the job it made, as it stands now."""
+    response = jsonify(schemas.TrainingSchema().dump(training_body(svc, svc.store.get(task_id))))
+    response.status_code = 202
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 @blp.route("/trainings", methods=["GET"])
