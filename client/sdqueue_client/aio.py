@@ -11,8 +11,10 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 import httpx
 
 from sdqueue_client.core import (DEFAULT_TIMEOUT, DEFAULT_URL, LONG_POLL_SECONDS, NO_MORE_EVENTS, PAGE, QUEUE_STATUSES,
-                                 Call, Core, Result, is_final, queue_order)
-from sdqueue_client.errors import ConnectionProblem, MethodNotAllowed, NotFound, StreamBroken, Unavailable
+                                 Call, Core, DatasetFiles, Result, collect_files, dataset_entries, is_final,
+                                 queue_order, read_source, upload_urls)
+from sdqueue_client.errors import (ConnectionProblem, MethodNotAllowed, NotFound, SdqError, StreamBroken,
+                                   Unavailable)
 from sdqueue_client.events import Event, EventParser
 from sdqueue_client.retry import DEFAULT_RETRIES, log_retry
 
@@ -72,6 +74,53 @@ class AsyncClient:
 
     async def download(self, url: str) -> bytes:
         return (await self._send(self.core.download(url))).content
+
+    # -- datasets and training -----------------------------------------------------------------------------
+    async def create_dataset(self, name: str, files: DatasetFiles, *, captions: Optional[Mapping[str, str]] = None,
+                             params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Create a dataset, PUT each file to its presigned URL, enable it (Client.create_dataset)."""
+        sources = collect_files(files)
+        created = await self._json(self.core.create_dataset(name, dataset_entries(sources, captions), params))
+        try:
+            for file_name, url in upload_urls(created):
+                await self._send(self.core.upload(url, read_source(sources[file_name])))
+            return await self._json(self.core.enable_dataset(name))
+        except (SdqError, OSError):
+            await self._forget_dataset(name)
+            raise
+
+    async def _forget_dataset(self, name: str) -> None:
+        try:
+            await self.delete_dataset(name)
+        except SdqError:
+            pass
+
+    async def datasets(self) -> List[Dict[str, Any]]:
+        return (await self._json(self.core.datasets()))["datasets"]
+
+    async def dataset(self, name: str) -> Dict[str, Any]:
+        return await self._json(self.core.dataset(name))
+
+    async def delete_dataset(self, name: str) -> None:
+        await self._send(self.core.delete_dataset(name))
+
+    async def train(self, dataset: str, *, on_event: OnEvent = None, **params: Any) -> Dict[str, Any]:
+        """Train a LoRA and wait for it; the training body (Client.train). JobFailed if it fails or is cancelled."""
+        training_id = await self.start_training(dataset, **params)
+        self.core.trained(await self.wait(training_id, on_event=on_event))
+        return await self.training(training_id)
+
+    async def start_training(self, dataset: str, **params: Any) -> str:
+        return (await self._json(self.core.start_training(dataset, params)))["id"]
+
+    async def training(self, training_id: str) -> Dict[str, Any]:
+        return await self._json(self.core.training(training_id))
+
+    async def trainings(self, limit: int = 20, offset: int = 0) -> Dict[str, Any]:
+        return await self._json(self.core.trainings(limit, offset))
+
+    async def cancel_training(self, training_id: str) -> Dict[str, Any]:
+        return await self._json(self.core.cancel_training(training_id))
 
     async def wait(self, task_id: str, on_event: OnEvent = None) -> Dict[str, Any]:
         """The task once it ended: from its event stream, or by long polling where there is none."""
@@ -137,7 +186,7 @@ class AsyncClient:
                 outcome: Any = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 outcome = exc
-            delay = self.core.policy.delay(attempt, outcome)
+            delay = self.core.policy.delay(attempt, outcome, call.replayable)
             if delay is None:
                 break
             if isinstance(outcome, httpx.Response):

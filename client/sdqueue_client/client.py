@@ -7,13 +7,15 @@ sdqueue_client.aio.AsyncClient is the same file with `await`.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Mapping, Iterator, List, Optional
 
 import httpx
 
 from sdqueue_client.core import (DEFAULT_TIMEOUT, DEFAULT_URL, LONG_POLL_SECONDS, NO_MORE_EVENTS, PAGE, QUEUE_STATUSES,
-                                 Call, Core, Result, is_final, queue_order)
-from sdqueue_client.errors import ConnectionProblem, MethodNotAllowed, NotFound, StreamBroken, Unavailable
+                                 Call, Core, DatasetFiles, Result, collect_files, dataset_entries, is_final,
+                                 queue_order, read_source, upload_urls)
+from sdqueue_client.errors import (ConnectionProblem, MethodNotAllowed, NotFound, SdqError, StreamBroken,
+                                   Unavailable)
 from sdqueue_client.events import Event, EventParser
 from sdqueue_client.retry import DEFAULT_RETRIES, log_retry
 
@@ -81,6 +83,67 @@ class Client:
         """An image's bytes (its URL is presigned: the API key is not sent)."""
         return self._send(self.core.download(url)).content
 
+    # -- datasets and training -----------------------------------------------------------------------------
+    def create_dataset(self, name: str, files: DatasetFiles, *, captions: Optional[Mapping[str, str]] = None,
+                       params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Create a dataset, PUT each file to its presigned URL, enable it; the enabled dataset's body.
+
+        `files` maps file names to bytes or paths (`photo.txt` beside `photo.png` is its caption), or is a
+        folder (its images and their captions); `captions` gives images captions inline. When an upload or the
+        service's check of the files fails, the half-made dataset is deleted, so the name is free for a retry.
+        """
+        sources = collect_files(files)
+        created = self._json(self.core.create_dataset(name, dataset_entries(sources, captions), params))
+        try:
+            for file_name, url in upload_urls(created):
+                self._send(self.core.upload(url, read_source(sources[file_name])))
+            return self._json(self.core.enable_dataset(name))
+        except (SdqError, OSError):
+            self._forget_dataset(name)
+            raise
+
+    def _forget_dataset(self, name: str) -> None:
+        """Delete a dataset we failed to finish; the error that stopped us matters more than this one."""
+        try:
+            self.delete_dataset(name)
+        except SdqError:
+            pass
+
+    def datasets(self) -> List[Dict[str, Any]]:
+        """This key's datasets, oldest first, each with its files."""
+        return self._json(self.core.datasets())["datasets"]
+
+    def dataset(self, name: str) -> Dict[str, Any]:
+        return self._json(self.core.dataset(name))
+
+    def delete_dataset(self, name: str) -> None:
+        """Remove a dataset and its files; jobs already submitted keep what they captured."""
+        self._send(self.core.delete_dataset(name))
+
+    def train(self, dataset: str, *, on_event: OnEvent = None, **params: Any) -> Dict[str, Any]:
+        """Train a LoRA on an enabled dataset and wait for it; the training body (`lora["name"]` is usable at
+        once in `loras`). `on_event` sees each event (progress carries `loss`). JobFailed if it fails or is
+        cancelled."""
+        training_id = self.start_training(dataset, **params)
+        self.core.trained(self.wait(training_id, on_event=on_event))
+        return self.training(training_id)
+
+    def start_training(self, dataset: str, **params: Any) -> str:
+        """Queue a training job (the fields of POST /api/v1/trainings); its id, which is also its task id."""
+        return self._json(self.core.start_training(dataset, params))["id"]
+
+    def training(self, training_id: str) -> Dict[str, Any]:
+        """A training job: progress, loss and loss curve, and `lora` once completed."""
+        return self._json(self.core.training(training_id))
+
+    def trainings(self, limit: int = 20, offset: int = 0) -> Dict[str, Any]:
+        """One page of this key's training jobs, newest first: {"trainings", "total", "limit", "offset"}."""
+        return self._json(self.core.trainings(limit, offset))
+
+    def cancel_training(self, training_id: str) -> Dict[str, Any]:
+        """Cancel a training job (it stops after its current step; no LoRA is made); its body after the request."""
+        return self._json(self.core.cancel_training(training_id))
+
     def wait(self, task_id: str, on_event: OnEvent = None) -> Dict[str, Any]:
         """The task once it ended: from its event stream, or by long polling where there is none."""
         events = self.stream(task_id)
@@ -147,7 +210,7 @@ class Client:
                 outcome: Any = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 outcome = exc
-            delay = self.core.policy.delay(attempt, outcome)
+            delay = self.core.policy.delay(attempt, outcome, call.replayable)
             if delay is None:
                 break
             if isinstance(outcome, httpx.Response):

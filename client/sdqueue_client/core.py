@@ -6,9 +6,11 @@ the two can never disagree about the API.
 """
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import quote
 
 import httpx
@@ -16,6 +18,7 @@ import httpx
 from sdqueue_client import __version__
 from sdqueue_client.errors import ConnectionProblem, JobFailed, error_for
 from sdqueue_client.events import FINAL_EVENTS, EventParser
+from sdqueue_client.files import dataset_files
 from sdqueue_client.retry import BASE_DELAY, DEFAULT_RETRIES, MAX_DELAY, RetryPolicy, describe
 
 DEFAULT_URL = "http://localhost:8000"
@@ -37,7 +40,9 @@ class Call:
     json: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     read_timeout: Optional[float] = None
-    auth: bool = True             # False for image downloads: the key never goes to the object store
+    auth: bool = True             # False for presigned URLs: the key never goes to the object store
+    content: Optional[bytes] = None   # a raw body (a dataset file PUT to S3) instead of `json`
+    replayable: bool = True       # False: the server would make a second one (retry.RetryPolicy.delay)
 
 
 @dataclass
@@ -84,8 +89,8 @@ class Core:
     def build(self, http: Any, call: Call) -> httpx.Request:
         headers = {**(self.auth if call.auth else {}), **call.headers}
         timeout = httpx.Timeout(self.timeout, read=call.read_timeout or self.timeout)
-        return http.build_request(call.method, call.url, params=call.params, json=call.json, headers=headers,
-                                  timeout=timeout)
+        return http.build_request(call.method, call.url, params=call.params, json=call.json, content=call.content,
+                                  headers=headers, timeout=timeout)
 
     # -- calls ---------------------------------------------------------------------------------------------
     def submit(self, params: Dict[str, Any], idempotency_key: Optional[str] = None) -> Call:
@@ -118,6 +123,42 @@ class Core:
     def download(self, url: str) -> Call:
         return Call("GET", url, auth=False)
 
+    # -- datasets and trainings ----------------------------------------------------------------------------
+    def create_dataset(self, name: str, entries: List[Dict[str, Any]], params: Optional[Dict[str, Any]]) -> Call:
+        """POST /datasets: not replayable, a repeat of one that got through is a 409 for the name it took."""
+        return Call("POST", f"{API}/datasets", json={"name": name, "files": entries, "params": params or {}},
+                    replayable=False)
+
+    def upload(self, url: str, data: bytes) -> Call:
+        """PUT one dataset file to its presigned URL (S3 itself: no API key; a PUT of the same bytes is idempotent)."""
+        return Call("PUT", url, content=data, auth=False)
+
+    def enable_dataset(self, name: str) -> Call:
+        return Call("POST", dataset_path(name) + "/enable")
+
+    def dataset(self, name: str) -> Call:
+        return Call("GET", dataset_path(name))
+
+    def datasets(self) -> Call:
+        return Call("GET", f"{API}/datasets")
+
+    def delete_dataset(self, name: str) -> Call:
+        return Call("DELETE", dataset_path(name))
+
+    def start_training(self, dataset: str, params: Dict[str, Any]) -> Call:
+        """POST /trainings: not replayable, the server has no Idempotency-Key for trainings (a second job)."""
+        body = {"dataset": dataset, **{k: v for k, v in params.items() if v is not None}}
+        return Call("POST", f"{API}/trainings", json=body, replayable=False)
+
+    def training(self, training_id: str) -> Call:
+        return Call("GET", training_path(training_id))
+
+    def trainings(self, limit: int, offset: int) -> Call:
+        return Call("GET", f"{API}/trainings", params={"limit": limit, "offset": offset})
+
+    def cancel_training(self, training_id: str) -> Call:
+        return Call("DELETE", training_path(training_id))
+
     # -- answers -------------------------------------------------------------------------------------------
     @staticmethod
     def check(response: httpx.Response) -> httpx.Response:
@@ -136,6 +177,13 @@ class Core:
         if task.get("status") != "completed":
             raise JobFailed(task)
         return Result(task, client)
+
+    @staticmethod
+    def trained(task: Dict[str, Any]) -> None:
+        """Nothing when the training task completed; JobFailed (with the task's reason) when it failed or was
+        cancelled."""
+        if task.get("status") != "completed":
+            raise JobFailed(task)
 
     def reconnect_delay(self, parser: EventParser, drops: int) -> float:
         """The server's `retry:` (else our base delay), doubled for each drop in a row without an event."""
@@ -157,6 +205,53 @@ def auth_headers(key: Optional[str], header: str) -> Dict[str, str]:
 
 def task_path(task_id: str) -> str:
     return f"{API}/tasks/{quote(task_id, safe='')}"
+
+
+def dataset_path(name: str) -> str:
+    return f"{API}/datasets/{quote(name, safe='')}"
+
+
+def training_path(training_id: str) -> str:
+    return f"{API}/trainings/{quote(training_id, safe='')}"
+
+
+Source = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
+DatasetFiles = Union[Mapping[str, Source], str, "os.PathLike[str]"]
+
+
+def collect_files(files: DatasetFiles) -> Dict[str, Source]:
+    """File name -> source: the mapping as given, or a folder's images and their captions (files.dataset_files)."""
+    if isinstance(files, (str, os.PathLike)):
+        found: Dict[str, Source] = dict(dataset_files(Path(files)))
+        if not found:
+            raise ValueError(f"no images (png, jpg, jpeg, webp) in {files}")
+        return found
+    return dict(files)
+
+
+def dataset_entries(files: Mapping[str, Source], captions: Optional[Mapping[str, str]] = None
+                    ) -> List[Dict[str, Any]]:
+    """The `files` of POST /datasets: each file's name, an image's caption from `captions` when given.
+
+    ValueError for a caption of an image that is not among the files: it would be dropped without a word.
+    """
+    captions = dict(captions or {})
+    stray = sorted(set(captions) - set(files))
+    if stray:
+        raise ValueError(f"captions for files not in the dataset: {', '.join(stray)}")
+    return [{"name": name, **({"caption": captions[name]} if name in captions else {})} for name in files]
+
+
+def read_source(source: Source) -> bytes:
+    """A file's bytes: given as bytes, or read from its path."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    return Path(source).read_bytes()
+
+
+def upload_urls(created: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """(file name, presigned PUT URL) of each file of a just created dataset."""
+    return [(item["name"], item["upload_url"]) for item in created.get("files", [])]
 
 
 def image_urls(task: Dict[str, Any]) -> List[str]:

@@ -1,4 +1,5 @@
-"""Images on disk: names that carry the seed, and the A1111 `parameters` text in PNGs that lack it.
+"""Images on disk: names that carry the seed, the A1111 `parameters` text in PNGs that lack it, and the files
+of a training dataset in a folder.
 
 Why by hand: a PNG is a list of length-type-data-CRC chunks, so adding one
 tEXt chunk needs zlib's crc32 and nothing else; the client does not pull in an
@@ -10,10 +11,12 @@ from __future__ import annotations
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import urlparse
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DATASET_IMAGES = (".png", ".jpg", ".jpeg", ".webp")     # what the service trains on
+CAPTIONS = (".txt", ".caption")                        # a caption file beside its image
 PARAMETERS = "parameters"
 TEXT_CHUNKS = (b"tEXt", b"iTXt", b"zTXt")
 
@@ -97,3 +100,15 @@ def infotext(params: Dict[str, Any], seed: Optional[int], size: Optional[Tuple[i
              ("Size", f"{size[0]}x{size[1]}" if size else None), ("Model", model or params.get("model"))]
     lines.append(", ".join(f"{name}: {value}" for name, value in pairs if value is not None))
     return "\n".join(lines)
+
+
+def dataset_files(directory: Path) -> Dict[str, Path]:
+    """A folder's images (png, jpg, jpeg, webp) and the `.txt` (or `.caption`) caption beside each (same stem), by file name.
+
+    Other files, sub-folders and captions without an image are left out: the dataset is what trains.
+    """
+    entries = sorted(p for p in Path(directory).iterdir() if p.is_file())
+    images = [p for p in entries if p.suffix.lower() in DATASET_IMAGES]
+    stems = {p.stem for p in images}
+    captions: List[Path] = [p for p in entries if p.suffix.lower() in CAPTIONS and p.stem in stems]
+    return {p.name: p for p in images + captions}

@@ -3,7 +3,10 @@
 Why one policy object: the sync and async clients run the same decisions and
 differ only in how they sleep. Connection errors, 429 and 503 are worth a
 retry (a submit is safe to repeat: it carries one Idempotency-Key for all its
-attempts); any other answer is final. The wait is exponential with full
+attempts); any other answer is final. A request the server cannot recognise
+as a repeat (creating a dataset or a training job) is retried only when it
+never reached the server: after a connection that broke once it was sent,
+a second attempt could make a second one. The wait is exponential with full
 jitter, unless the server said how long (`Retry-After`, seconds or a date).
 """
 from __future__ import annotations
@@ -35,9 +38,14 @@ class RetryPolicy:
     base: float = BASE_DELAY
     cap: float = MAX_DELAY
 
-    def delay(self, attempt: int, outcome: Outcome) -> Optional[float]:
-        """Seconds to wait before attempt `attempt + 1`, or None when `outcome` is final."""
+    def delay(self, attempt: int, outcome: Outcome, replayable: bool = True) -> Optional[float]:
+        """Seconds to wait before attempt `attempt + 1`, or None when `outcome` is final.
+
+        `replayable=False`: a transport error is final unless the request surely never got out (see `unsent`).
+        """
         if not self.retryable(outcome) or attempt >= self.retries:
+            return None
+        if not replayable and isinstance(outcome, httpx.TransportError) and not unsent(outcome):
             return None
         told = retry_after(outcome) if isinstance(outcome, httpx.Response) else None
         if told is not None:
@@ -49,6 +57,12 @@ class RetryPolicy:
         if isinstance(outcome, httpx.Response):
             return outcome.status_code in RETRY_STATUSES
         return isinstance(outcome, httpx.TransportError)
+
+
+def unsent(error: httpx.TransportError) -> bool:
+    """Whether the request cannot have reached the server: no connection was made (a 429 or 503 answer is
+    a refusal, retryable anyway)."""
+    return isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
 
 def retry_after(response: httpx.Response) -> Optional[float]:
