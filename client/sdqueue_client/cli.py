@@ -1,4 +1,4 @@
-"""`sdq`: the command line for sdqueue (generate, status, cancel, models, queue, watch).
+"""`sdq`: the command line for sdqueue (generate, status, cancel, models, queue, watch, train, trainings).
 
 Why exit codes by family: scripts branch on them. 0 ok, 1 the API refused or
 the job failed, 2 usage (argparse's own), 3 the service could not be reached,
@@ -22,7 +22,7 @@ from sdqueue_client.config import ENV_KEY, ENV_URL, Config, ConfigError, default
 from sdqueue_client.core import image_urls
 from sdqueue_client.errors import ApiError, ConnectionProblem, JobFailed, SdqError, Unauthorized
 from sdqueue_client.events import Event
-from sdqueue_client.files import image_name, infotext, png_size, save_image
+from sdqueue_client.files import dataset_files, image_name, infotext, png_size, save_image
 
 OK, FAILED, USAGE, UNREACHABLE, INTERRUPTED = 0, 1, 2, 3, 130
 FORMATS = ("png", "jpg", "jpeg", "webp")
@@ -35,6 +35,27 @@ def size(text: str) -> Tuple[int, int]:
     if not sep or not width.isdigit() or not height.isdigit():
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 768x512, got {text!r}")
     return int(width), int(height)
+
+
+def lora(text: str) -> Dict[str, Any]:
+    """`name` or `name:weight` -> {"name": ..., "weight": ...} (an entry of `loras`)."""
+    name, sep, weight = text.rpartition(":") if ":" in text else (text, "", "")
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:WEIGHT, got {text!r}")
+    try:
+        return {"name": name, "weight": float(weight)} if sep else {"name": name}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME:WEIGHT with a number as the weight, got {text!r}") from None
+
+
+def image_folder(text: str) -> Path:
+    """A folder with at least one image to train on; a usage error (exit 2) before anything is uploaded."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    if not dataset_files(path):
+        raise argparse.ArgumentTypeError(f"no images (png, jpg, jpeg, webp) in {text}")
+    return path
 
 
 def common_options(suppress: bool = True) -> argparse.ArgumentParser:
@@ -70,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--model", help="a model of `sdq models`")
     gen.add_argument("--scheduler", help="e.g. EulerDiscreteScheduler")
+    gen.add_argument("--lora", type=lora, action="append", metavar="NAME[:WEIGHT]",
+                     help="apply a LoRA (yours from `sdq train`, or the service's); repeatable")
     gen.add_argument("--format", choices=FORMATS, help="image format (default png)")
     gen.add_argument("--out", type=Path, default=Path("."), help="where to save the images (default: here)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -78,7 +101,43 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(name, help=text, parents=[common]).add_argument("task_id")
     commands.add_parser("models", help="list the models", parents=[common])
     commands.add_parser("queue", help="this key's waiting and running tasks", parents=[common])
+    add_train(commands, common)
+    listing = commands.add_parser("trainings", help="this key's training jobs, newest first", parents=[common])
+    listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    listing.add_argument("--offset", type=int, default=0, help="skip the newest OFFSET")
     return parser
+
+
+def add_train(commands: Any, common: argparse.ArgumentParser) -> None:
+    """`sdq train DIR --name NAME ...`: the options map to POST /api/v1/trainings fields (TRAIN_FIELDS)."""
+    train = commands.add_parser("train", help="upload a folder of images as a dataset and train a LoRA on it",
+                                parents=[common])
+    train.add_argument("folder", type=image_folder, metavar="DIR",
+                       help="images (png, jpg, jpeg, webp), each with an optional caption file of its stem (.txt)")
+    train.add_argument("--name", required=True, help="the dataset's name (it must not exist yet)")
+    train.add_argument("--model", help="the base model (default: the service's default model)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default 500)")
+    length.add_argument("--epochs", type=int, help="passes over the dataset, instead of --steps")
+    train.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    train.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
+    train.add_argument("--resolution", type=int, help="training side in pixels, a multiple of 64 (default: the "
+                                                      "model's)")
+    train.add_argument("--trigger", help="a word put first in every caption, to call up what was learned")
+    train.add_argument("--lora-name", help="the LoRA's name (default: DATASET-<job id>)")
+    train.add_argument("--seed", type=int, help="the same seed, data and settings train the same LoRA")
+    train.add_argument("--no-wait", action="store_true", help="print the training id once queued and exit")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+TRAIN_FIELDS = {"model": "model", "steps": "max_steps", "epochs": "epochs", "rank": "rank", "lr": "learning_rate",
+                "resolution": "resolution", "trigger": "trigger_word", "lora_name": "lora_name", "seed": "seed"}
+
+
+def training_params(args: argparse.Namespace) -> Dict[str, Any]:
+    """The POST /api/v1/trainings fields the options set (unset ones are left to the server)."""
+    return {field: getattr(args, option) for option, field in TRAIN_FIELDS.items()
+            if getattr(args, option) is not None}
 
 
 def request_params(args: argparse.Namespace, prompt: str) -> Dict[str, Any]:
@@ -86,7 +145,7 @@ def request_params(args: argparse.Namespace, prompt: str) -> Dict[str, Any]:
     width, height = args.size or (None, None)
     return {"prompt": prompt, "negative_prompt": args.negative, "num_images": args.num_images, "width": width,
             "height": height, "num_inference_steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
-            "model": args.model, "scheduler": args.scheduler, "output_format": args.format}
+            "model": args.model, "scheduler": args.scheduler, "output_format": args.format, "loras": args.lora}
 
 
 # -- generate ----------------------------------------------------------------------------------------------
@@ -173,6 +232,73 @@ def run_generate(config: Config, args: argparse.Namespace) -> int:
     return FAILED if errors else OK
 
 
+# -- train -------------------------------------------------------------------------------------------------
+class TrainingBar(JobBar):
+    """A job's bar whose postfix is the latest loss while it trains."""
+
+    def on_event(self, event: Event) -> None:
+        super().on_event(event)
+        data = event.data if isinstance(event.data, dict) else {}
+        if event.type == "progress" and data.get("loss") is not None:
+            self.bar.set_postfix_str(f"loss={data['loss']:.4f}")
+
+
+def run_train(client: Client, args: argparse.Namespace) -> int:
+    """Upload DIR as a dataset, queue a training on it, follow it with a bar; print the LoRA's name.
+
+    A training the service refuses (a bad value) removes the dataset this run made, so the same command,
+    corrected, can run again under the same --name.
+    """
+    dataset = client.create_dataset(args.name, dataset_files(args.folder))
+    images = [f for f in dataset["files"] if f.get("type") == "image"]
+    captioned = sum(1 for f in images if f.get("caption"))
+    hint(f"dataset {args.name}: {len(images)} images ({captioned} with captions) uploaded and checked")
+    try:
+        training_id = client.start_training(args.name, **training_params(args))
+    except ApiError:
+        forget_dataset(client, args.name)
+        raise
+    if args.no_wait:
+        print(json.dumps(client.training(training_id), indent=2) if args.json else training_id)
+        hint(f"queued; follow it with `sdq watch {training_id}`, stop it with `sdq cancel {training_id}`")
+        return OK
+    bar = TrainingBar(0, f"training {training_id[:8]}", not args.no_progress)
+    try:
+        try:
+            client.core.trained(client.wait(training_id, on_event=bar.on_event))
+        finally:
+            bar.close()
+    except KeyboardInterrupt:
+        report(f"interrupted; training {training_id} goes on (sdq cancel {training_id} stops it)")
+        raise
+    body = client.training(training_id)
+    print(json.dumps(body, indent=2) if args.json else body["lora"]["name"])
+    name = body["lora"]["name"]
+    hint(f"LoRA {name} is ready: sdq generate \"a prompt\" --lora {name} (API: \"loras\": [{{\"name\": \"{name}\"}}])")
+    return OK
+
+
+def forget_dataset(client: Client, name: str) -> None:
+    """Delete the dataset this run made; the refusal that stopped the run is the error worth reporting."""
+    try:
+        client.delete_dataset(name)
+    except SdqError:
+        pass
+
+
+def show_trainings(body: Dict[str, Any]) -> str:
+    if not body.get("trainings"):
+        return "no training jobs"
+    rows = []
+    for t in body["trainings"]:
+        progress = t.get("progress") or {}
+        done = f"{progress.get('step')}/{progress.get('total')}" if progress.get("total") else None
+        loss = f"{t['loss']:.4f}" if t.get("loss") is not None else None
+        rows.append((t.get("id"), t.get("status"), t.get("dataset"), done, loss, (t.get("lora") or {}).get("name")
+                     or t.get("lora_name"), t.get("created_at")))
+    return table(("TRAINING", "STATUS", "DATASET", "PROGRESS", "LOSS", "LORA", "CREATED"), rows)
+
+
 # -- the other commands ------------------------------------------------------------------------------------
 def show_task(task: Dict[str, Any]) -> str:
     progress = task.get("progress") or {}
@@ -253,6 +379,9 @@ def run_simple(client: Client, args: argparse.Namespace) -> int:
     elif args.command == "models":
         body = client.models()
         text = show_models(body)
+    elif args.command == "trainings":
+        body = client.trainings(limit=args.limit, offset=args.offset)
+        text = show_trainings(body)
     else:
         body = client.queue()
         text = show_queue(body)
@@ -263,6 +392,11 @@ def run_simple(client: Client, args: argparse.Namespace) -> int:
 # -- errors and the entry point ----------------------------------------------------------------------------
 def report(message: str) -> None:
     print(f"sdq: error: {message}", file=sys.stderr, flush=True)
+
+
+def hint(message: str) -> None:
+    """A note for the person at the terminal, on stderr: stdout stays what a script reads."""
+    print(f"sdq: {message}", file=sys.stderr, flush=True)
 
 
 def describe(error: SdqError, config: Config) -> str:
@@ -278,6 +412,8 @@ def dispatch(config: Config, args: argparse.Namespace) -> int:
     with Client(config.url, config.key, timeout=config.timeout, retries=config.retries, header=config.header) as client:
         if args.command == "watch":
             return run_watch(client, args)
+        if args.command == "train":
+            return run_train(client, args)
         return run_simple(client, args)
 
 
@@ -297,6 +433,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return UNREACHABLE
     except (ApiError, JobFailed) as exc:
         report(describe(exc, config))
+        return FAILED
+    except OSError as exc:                      # a file to upload or to write that cannot be
+        report(str(exc))
         return FAILED
     except KeyboardInterrupt:
         print("", file=sys.stderr)
