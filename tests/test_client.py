@@ -186,7 +186,8 @@ def test_stream_ends_with_cancelled(client, stack):
 
 # -- behaviour shown by servers the test controls ----------------------------------------------------------
 class Scripted:
-    """An HTTP server that answers each request with the next scripted (status, headers, body) and records it."""
+    """An HTTP server that answers each request with the next scripted (status, headers, body) and records it;
+    a None answer closes the connection without one."""
 
     def __init__(self, answers):
         self.answers = list(answers)
@@ -198,7 +199,11 @@ class Scripted:
                 length = int(self.headers.get("Content-Length") or 0)
                 scripted.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
                                           "body": self.rfile.read(length)})
-                status, headers, body = scripted.answers.pop(0)
+                answer = scripted.answers.pop(0)
+                if answer is None:            # hang up without answering: the request may have been acted on
+                    self.close_connection = True
+                    return
+                status, headers, body = answer
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
@@ -207,7 +212,7 @@ class Scripted:
                 self.end_headers()
                 self.wfile.write(body if isinstance(body, bytes) else json.dumps(body).encode())
 
-            do_GET = do_POST = do_DELETE = handle_any
+            do_GET = do_POST = do_PUT = do_DELETE = handle_any
 
             def log_message(self, *args):
                 pass
