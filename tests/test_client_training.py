@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import math
+import re
 import uuid
 from pathlib import Path
 
@@ -191,7 +192,18 @@ def test_cli_train_uploads_a_folder_trains_and_prints_the_lora(stack, trainer, t
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [lora_name]
     assert f"dataset {name}: 2 images (1 with captions)" in run.stderr
-    assert "loss=" in run.stderr and f"--lora {lora_name}" in run.stderr
+    assert re.search(r": 100%\|[^\r\n]*loss=\d+\.\d{4}, completed", run.stderr), run.stderr
+    assert f"--lora {lora_name}" in run.stderr
+
+    taken = sdq(stack, "train", str(folder), "--name", name, "--steps", "2")
+    assert taken.returncode == 1 and f"sdq delete-dataset {name}" in taken.stderr
+    assert "409 dataset_name:" in taken.stderr.splitlines()[-1]
+    datasets = sdq(stack, "datasets")
+    assert datasets.returncode == 0 and datasets.stdout.startswith("DATASET")
+    assert re.search(rf"^{name}\s+Enabled\s+2\s+1\s", datasets.stdout, re.M), datasets.stdout
+    assert sdq(stack, "delete-dataset", name).returncode == 0
+    assert name not in sdq(stack, "datasets").stdout
+    assert sdq(stack, "delete-dataset", name).returncode == 1
 
     listed = sdq(stack, "trainings", "--json")
     assert listed.returncode == 0, listed.stderr

@@ -1,4 +1,5 @@
-"""`sdq`: the command line for sdqueue (generate, status, cancel, models, queue, watch, train, trainings).
+"""`sdq`: the command line for sdqueue (generate, status, cancel, models, queue, watch; train, trainings,
+datasets, delete-dataset).
 
 Why exit codes by family: scripts branch on them. 0 ok, 1 the API refused or
 the job failed, 2 usage (argparse's own), 3 the service could not be reached,
@@ -20,7 +21,7 @@ from sdqueue_client.aio import AsyncClient
 from sdqueue_client.client import Client
 from sdqueue_client.config import ENV_KEY, ENV_URL, Config, ConfigError, default_path, load
 from sdqueue_client.core import image_urls
-from sdqueue_client.errors import ApiError, ConnectionProblem, JobFailed, SdqError, Unauthorized
+from sdqueue_client.errors import ApiError, Conflict, ConnectionProblem, JobFailed, SdqError, Unauthorized
 from sdqueue_client.events import Event
 from sdqueue_client.files import dataset_files, image_name, infotext, png_size, save_image
 
@@ -75,7 +76,7 @@ def common_options(suppress: bool = True) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     common = common_options()
-    parser = argparse.ArgumentParser(prog="sdq", description="Generate images with an sdqueue service.",
+    parser = argparse.ArgumentParser(prog="sdq", description="Generate images and train LoRAs with an sdqueue service.",
                                      parents=[common_options(suppress=False)],
                                      epilog=f"Settings: flags > {ENV_URL} / {ENV_KEY} > the config file > defaults.")
     parser.add_argument("--version", action="version", version=f"sdq {__version__}")
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("trainings", help="this key's training jobs, newest first", parents=[common])
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     listing.add_argument("--offset", type=int, default=0, help="skip the newest OFFSET")
+    commands.add_parser("datasets", help="this key's training datasets", parents=[common])
+    commands.add_parser("delete-dataset", help="remove a dataset and its files",
+                        parents=[common]).add_argument("dataset")
     return parser
 
 
@@ -236,11 +240,15 @@ def run_generate(config: Config, args: argparse.Namespace) -> int:
 class TrainingBar(JobBar):
     """A job's bar whose postfix is the latest loss while it trains."""
 
+    loss: Optional[float] = None
+
     def on_event(self, event: Event) -> None:
         super().on_event(event)
         data = event.data if isinstance(event.data, dict) else {}
         if event.type == "progress" and data.get("loss") is not None:
-            self.bar.set_postfix_str(f"loss={data['loss']:.4f}")
+            self.loss = float(data["loss"])
+        if self.loss is not None and (event.type == "progress" or event.final):
+            self.bar.set_postfix_str(f"loss={self.loss:.4f}" + (f", {event.type}" if event.final else ""))
 
 
 def run_train(client: Client, args: argparse.Namespace) -> int:
@@ -249,7 +257,11 @@ def run_train(client: Client, args: argparse.Namespace) -> int:
     A training the service refuses (a bad value) removes the dataset this run made, so the same command,
     corrected, can run again under the same --name.
     """
-    dataset = client.create_dataset(args.name, dataset_files(args.folder))
+    try:
+        dataset = client.create_dataset(args.name, dataset_files(args.folder))
+    except Conflict:
+        hint(f"pick another --name, or remove the old dataset: sdq delete-dataset {args.name}")
+        raise
     images = [f for f in dataset["files"] if f.get("type") == "image"]
     captioned = sum(1 for f in images if f.get("caption"))
     hint(f"dataset {args.name}: {len(images)} images ({captioned} with captions) uploaded and checked")
@@ -297,6 +309,17 @@ def show_trainings(body: Dict[str, Any]) -> str:
         rows.append((t.get("id"), t.get("status"), t.get("dataset"), done, loss, (t.get("lora") or {}).get("name")
                      or t.get("lora_name"), t.get("created_at")))
     return table(("TRAINING", "STATUS", "DATASET", "PROGRESS", "LOSS", "LORA", "CREATED"), rows)
+
+
+def show_datasets(datasets: List[Dict[str, Any]]) -> str:
+    if not datasets:
+        return "no datasets"
+    rows = []
+    for d in datasets:
+        images = [f for f in d.get("files") or [] if f.get("type") == "image"]
+        rows.append((d.get("name"), d.get("status"), len(images), sum(1 for f in images if f.get("caption")),
+                     d.get("created_at")))
+    return table(("DATASET", "STATUS", "IMAGES", "CAPTIONED", "CREATED"), rows)
 
 
 # -- the other commands ------------------------------------------------------------------------------------
@@ -369,7 +392,7 @@ def run_watch(client: Client, args: argparse.Namespace) -> int:
 
 
 def run_simple(client: Client, args: argparse.Namespace) -> int:
-    """status, cancel, models, queue: one call, one printout."""
+    """status, cancel, models, queue, trainings, datasets, delete-dataset: one call, one printout."""
     if args.command == "status":
         body: Any = client.status(args.task_id)
         text = show_task(body)
@@ -382,6 +405,12 @@ def run_simple(client: Client, args: argparse.Namespace) -> int:
     elif args.command == "trainings":
         body = client.trainings(limit=args.limit, offset=args.offset)
         text = show_trainings(body)
+    elif args.command == "datasets":
+        body = client.datasets()
+        text = show_datasets(body)
+    elif args.command == "delete-dataset":
+        client.delete_dataset(args.dataset)
+        body, text = {"deleted": args.dataset}, f"deleted {args.dataset}"
     else:
         body = client.queue()
         text = show_queue(body)
