@@ -6,7 +6,7 @@ answer, so only the sending (await, asyncio.sleep, async iteration) differs.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional
 
 import httpx
 

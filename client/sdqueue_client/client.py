@@ -7,7 +7,7 @@ sdqueue_client.aio.AsyncClient is the same file with `await`.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Mapping, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import httpx
 
@@ -24,7 +24,7 @@ OnEvent = Optional[Callable[[Event], Any]]
 
 class Client:
     """sdqueue's native API. Methods raise ApiError subclasses for error answers, ConnectionProblem when the
-    service cannot be reached after `retries` retries, and JobFailed when generate's task fails."""
+    service cannot be reached after `retries` retries, and JobFailed when generate's or train's job fails."""
 
     def __init__(self, url: str = DEFAULT_URL, key: Optional[str] = None, *, timeout: float = DEFAULT_TIMEOUT,
                  retries: int = DEFAULT_RETRIES, header: str = "X-API-Key"):

@@ -215,8 +215,8 @@ def training_path(training_id: str) -> str:
     return f"{API}/trainings/{quote(training_id, safe='')}"
 
 
-Source = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
-DatasetFiles = Union[Mapping[str, Source], str, "os.PathLike[str]"]
+Source = Union[bytes, bytearray, memoryview, str, os.PathLike]
+DatasetFiles = Union[Mapping[str, Source], str, os.PathLike]
 
 
 def collect_files(files: DatasetFiles) -> Dict[str, Source]:

@@ -103,7 +103,8 @@ def infotext(params: Dict[str, Any], seed: Optional[int], size: Optional[Tuple[i
 
 
 def dataset_files(directory: Path) -> Dict[str, Path]:
-    """A folder's images (png, jpg, jpeg, webp) and the `.txt` (or `.caption`) caption beside each (same stem), by file name.
+    """A folder's images (png, jpg, jpeg, webp) and the caption beside each (same stem, `.txt` or `.caption`),
+    by file name.
 
     Other files, sub-folders and captions without an image are left out: the dataset is what trains.
     """
