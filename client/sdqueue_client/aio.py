@@ -110,8 +110,8 @@ class AsyncClient:
         self.core.trained(await self.wait(training_id, on_event=on_event))
         return await self.training(training_id)
 
-    async def start_training(self, dataset: str, **params: Any) -> str:
-        return (await self._json(self.core.start_training(dataset, params)))["id"]
+    async def start_training(self, dataset: str, *, idempotency_key: Optional[str] = None, **params: Any) -> str:
+        return (await self._json(self.core.start_training(dataset, params, idempotency_key)))["id"]
 
     async def training(self, training_id: str) -> Dict[str, Any]:
         return await self._json(self.core.training(training_id))

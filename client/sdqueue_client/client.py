@@ -128,9 +128,9 @@ class Client:
         self.core.trained(self.wait(training_id, on_event=on_event))
         return self.training(training_id)
 
-    def start_training(self, dataset: str, **params: Any) -> str:
+    def start_training(self, dataset: str, *, idempotency_key: Optional[str] = None, **params: Any) -> str:
         """Queue a training job (the fields of POST /api/v1/trainings); its id, which is also its task id."""
-        return self._json(self.core.start_training(dataset, params))["id"]
+        return self._json(self.core.start_training(dataset, params, idempotency_key))["id"]
 
     def training(self, training_id: str) -> Dict[str, Any]:
         """A training job: progress, loss and loss curve, and `lora` once completed."""

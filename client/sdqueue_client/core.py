@@ -145,10 +145,11 @@ class Core:
     def delete_dataset(self, name: str) -> Call:
         return Call("DELETE", dataset_path(name))
 
-    def start_training(self, dataset: str, params: Dict[str, Any]) -> Call:
-        """POST /trainings: not replayable, the server has no Idempotency-Key for trainings (a second job)."""
+    def start_training(self, dataset: str, params: Dict[str, Any], idempotency_key: Optional[str] = None) -> Call:
+        """POST /trainings with an Idempotency-Key, so a retry after a lost answer gets the first job back."""
         body = {"dataset": dataset, **{k: v for k, v in params.items() if v is not None}}
-        return Call("POST", f"{API}/trainings", json=body, replayable=False)
+        return Call("POST", f"{API}/trainings", json=body,
+                    headers={IDEMPOTENCY_HEADER: idempotency_key or str(uuid.uuid4())})
 
     def training(self, training_id: str) -> Call:
         return Call("GET", training_path(training_id))
