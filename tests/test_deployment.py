@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.settings import OPTIONS
 from dev.localstack import (LOOPBACK, LocalStack, PortInUse, free_port, local_api_key, local_flower_password,
                                wait_for)
 
@@ -23,6 +24,8 @@ REQUIRED = {"SDQ_API_KEYS": "k1", "MINIO_ROOT_PASSWORD": "minio-secret-1", "FLOW
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DEFAULTED = re.compile(r"\$\{[A-Z_]+:-([^}]*)\}")   # ${VAR:-default}
 ENV = {**os.environ, **REQUIRED}
+GPU_WORKERS = ("worker-gpu0", "worker-gpu1", "worker-train")     # every service that holds a GPU
+DEFAULTS = {option.name: option.default for option in OPTIONS}
 
 
 def compose_command() -> list[str] | None:
@@ -64,13 +67,13 @@ def assert_secure_shape(services: dict) -> None:
     assert 9001 not in published_ports(services["minio"]) and 9000 in published_ports(services["minio"])
     assert host_addresses(services["flower"]) == {"127.0.0.1"}, "Flower is published on loopback only"
     for name, service in services.items():
-        if name.startswith("worker-gpu") or name == "callbacks":
+        if name in GPU_WORKERS or name == "callbacks":
             assert not service.get("ports"), f"{name}'s metrics port (no auth) stays on the compose network"
     assert services["flower"]["build"] == services["api"]["build"]
     assert "SDQ_REDIS_URL" in " ".join(services["flower"]["command"])
     assert services["flower"]["environment"]["SDQ_REDIS_URL"] == services["api"]["environment"]["SDQ_REDIS_URL"]
-    for i in (0, 1):
-        assert services[f"worker-gpu{i}"]["environment"]["SDQ_WORKER_DEVICE"] == "cuda"
+    for name in GPU_WORKERS:
+        assert services[name]["environment"]["SDQ_WORKER_DEVICE"] == "cuda"
 
 
 def test_compose_config_is_valid():
@@ -103,6 +106,52 @@ def test_compose_has_the_production_shape():
         assert (ROOT / "docker" / name).exists()
 
 
+def pool_of(command: list[str]) -> str | None:
+    """The --pool a worker command names, if any."""
+    return command[command.index("--pool") + 1] if "--pool" in command else None
+
+
+def test_the_training_worker_has_a_gpu_of_its_own_on_the_training_pool():
+    """worker-train is a GPU worker like the others (image, env, device pinning, metrics) that consumes the
+    training pool, the queue the API sends training jobs to, on a GPU no inference worker has."""
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    train, gpu0 = services["worker-train"], services["worker-gpu0"]
+    assert pool_of(train["command"]) == DEFAULTS["training.queue"] != DEFAULTS["tasks.queue"]
+    assert train["command"][:5] == ["python", "-m", "worker.main", "--role", "gpu"]
+    assert "SDQ_TRAINING_QUEUE" not in train["environment"], "the API and the trainer must agree: x-sdq-env only"
+    for key in ("build", "image", "volumes", "depends_on", "expose", "restart"):
+        assert train[key] == gpu0[key], key
+    assert {k: v for k, v in train["environment"].items() if k != "SDQ_WORKER_NAME"} == \
+        {k: v for k, v in gpu0["environment"].items() if k != "SDQ_WORKER_NAME"}
+    devices = {name: services[name]["deploy"]["resources"]["reservations"]["devices"] for name in GPU_WORKERS}
+    assert devices["worker-train"] == [{"driver": "nvidia", "device_ids": ["2"], "capabilities": ["gpu"]}]
+    ids = [i for name in GPU_WORKERS for d in devices[name] for i in d["device_ids"]]
+    assert len(ids) == len(set(ids)), f"a GPU is shared between workers: {devices}"
+    names = [services[name]["environment"]["SDQ_WORKER_NAME"] for name in GPU_WORKERS]
+    assert len(names) == len(set(names))
+    for name in GPU_WORKERS:
+        assert pool_of(services[name].get("command") or []) in (None, DEFAULTS["training.queue"])
+    assert services["worker-gpu0"].get("command") is None      # inference: the image's CMD, the default pool
+
+
+def test_a_stopped_trainer_s_job_resumes_from_its_checkpoint_rather_than_being_waited_for():
+    """A training job outlives any sensible stop grace period (training.time_limit is hours): the trainer is
+    killed after its grace period and the job resumes from S3, so checkpoints must be on and a killed attempt
+    must be resent, not failed."""
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    train = services["worker-train"]
+    assert seconds(train["stop_grace_period"]) < DEFAULTS["training.time_limit"]
+    assert seconds(train["stop_grace_period"]) < seconds(services["worker-gpu0"]["stop_grace_period"])
+    assert DEFAULTS["training.checkpoint_every"] > 0 and DEFAULTS["tasks.max_attempts"] >= 2
+    assert "SDQ_TRAINING_CHECKPOINT_EVERY" not in train["environment"]
+
+
+def seconds(duration: str) -> int:
+    """A compose duration ("11m", "30s", "2m30s") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([hms])", duration))
+
+
 def test_metrics_need_the_token_and_prometheus_sends_it():
     """Port 8000 is published, so /metrics requires SDQ_METRICS_TOKEN; Prometheus reads it from a compose secret."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -114,7 +163,7 @@ def test_metrics_need_the_token_and_prometheus_sends_it():
     jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
     assert jobs["sdqueue-api"]["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/metrics_token"}
     assert "authorization" not in jobs["sdqueue-worker"]                # the workers' port is internal and open
-    for name in ("worker-gpu0", "worker-gpu1", "callbacks"):
+    for name in (*GPU_WORKERS, "callbacks"):
         assert services[name]["expose"] == ["9101"] == [services[name]["environment"]["SDQ_METRICS_WORKER_PORT"]]
     assert host_addresses(services["prometheus"]) == {"127.0.0.1"}
 

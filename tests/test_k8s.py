@@ -9,7 +9,8 @@
   TriggerAuthentication (deploy/k8s/crds/keda) with `jsonschema`, unknown
   fields refused as `kubectl apply` refuses them.
 - Then what the design relies on: one GPU per worker pod, a grace period longer
-  than a job, the KEDA trigger on the very Redis list the workers consume, Redis
+  than a job (a trainer's: resumed from its S3 checkpoint instead, on the pool
+  the API sends training jobs to), the KEDA trigger on the very Redis list the workers consume, Redis
   with AOF everysec, every SDQ_* variable a real option, commands as
   docker-compose runs them.
 
@@ -146,11 +147,29 @@ def gpus(c: dict) -> tuple[object, object]:
     return resources.get("limits", {}).get("nvidia.com/gpu"), resources.get("requests", {}).get("nvidia.com/gpu")
 
 
+def gpu_workloads(docs: list[dict]) -> list[dict]:
+    """The workloads whose pods ask for a GPU."""
+    return [w for w in workloads(docs) if any(gpus(c) != (None, None) for c in containers(w))]
+
+
+def pool_of(c: dict) -> str | None:
+    """The --pool a worker container's command names, if any."""
+    command = c.get("command", [])
+    return command[command.index("--pool") + 1] if "--pool" in command else None
+
+
 def gpu_worker(docs: list[dict]) -> dict:
-    """The one workload whose pods ask for a GPU."""
-    with_gpu = [w for w in workloads(docs) if any(gpus(c) != (None, None) for c in containers(w))]
-    assert len(with_gpu) == 1, [w["metadata"]["name"] for w in with_gpu]
-    return with_gpu[0]
+    """The one GPU workload that serves inference (the default pool, no --pool)."""
+    serving = [w for w in gpu_workloads(docs) if all(pool_of(c) is None for c in containers(w))]
+    assert len(serving) == 1, [w["metadata"]["name"] for w in serving]
+    return serving[0]
+
+
+def trainer(docs: list[dict]) -> dict:
+    """The one GPU workload that consumes a pool of its own: LoRA training jobs."""
+    training = [w for w in gpu_workloads(docs) if any(pool_of(c) for c in containers(w))]
+    assert len(training) == 1, [w["metadata"]["name"] for w in training]
+    return training[0]
 
 
 def namespace_of(docs: list[dict]) -> str:
@@ -270,6 +289,7 @@ def test_the_documented_overlay_renders_every_part(overlay):
     assert {("Namespace", "sdqueue"), ("Service", "sdqueue-api"), ("Service", "sdqueue-flower"),
             ("Service", "redis"), ("StatefulSet", "redis"), ("PersistentVolumeClaim", "sdqueue-models"),
             ("Deployment", "sdqueue-api"), ("Deployment", "sdqueue-worker"), ("Deployment", "sdqueue-callbacks"),
+            ("Deployment", "sdqueue-trainer"),
             ("Deployment", "sdqueue-flower"), ("ScaledObject", "sdqueue-worker"),
             ("TriggerAuthentication", "sdqueue-redis")} <= kinds
     assert [doc["metadata"]["name"] for doc in overlay if doc["kind"] == "ConfigMap"][0].startswith("sdqueue-config-")
@@ -349,17 +369,20 @@ def test_nothing_refers_to_a_missing_object(rendered, secret_example):
 # --- GPU workers -------------------------------------------------------------
 
 def test_each_gpu_worker_pod_takes_exactly_one_gpu(rendered):
-    worker = gpu_worker(rendered)
-    assert worker["kind"] == "Deployment" and worker["metadata"]["name"] == "sdqueue-worker"
-    with_gpu = [c for c in containers(worker) if gpus(c) != (None, None)]
-    assert len(with_gpu) == 1
-    limit, request = gpus(with_gpu[0])
-    assert int(limit) == 1, "extended resources are set in limits"
-    assert request is None or int(request) == int(limit)
-    assert any(t.get("key") == "nvidia.com/gpu" and t.get("operator") == "Exists"
-               and t.get("effect") in (None, "NoSchedule") for t in pod_spec(worker).get("tolerations", []))
-    env = {e["name"]: e.get("value") for e in with_gpu[0].get("env", [])}
-    assert env.get("SDQ_WORKER_DEVICE") == "cuda", "no visible GPU must stop the worker, not run it on the CPU"
+    assert gpu_worker(rendered)["metadata"]["name"] == "sdqueue-worker"
+    assert trainer(rendered)["metadata"]["name"] == "sdqueue-trainer"
+    assert len(gpu_workloads(rendered)) == 2
+    for worker in gpu_workloads(rendered):
+        assert worker["kind"] == "Deployment"
+        with_gpu = [c for c in containers(worker) if gpus(c) != (None, None)]
+        assert len(with_gpu) == 1
+        limit, request = gpus(with_gpu[0])
+        assert int(limit) == 1, "extended resources are set in limits"
+        assert request is None or int(request) == int(limit)
+        assert any(t.get("key") == "nvidia.com/gpu" and t.get("operator") == "Exists"
+                   and t.get("effect") in (None, "NoSchedule") for t in pod_spec(worker).get("tolerations", []))
+        env = {e["name"]: e.get("value") for e in with_gpu[0].get("env", [])}
+        assert env.get("SDQ_WORKER_DEVICE") == "cuda", "no visible GPU must stop the worker, not run it on the CPU"
 
 
 def test_a_worker_may_finish_its_job_before_it_is_killed(rendered, secret_example, tmp_path):
@@ -371,9 +394,46 @@ def test_a_worker_may_finish_its_job_before_it_is_killed(rendered, secret_exampl
         assert grace > sdqueue_settings(worker, c, rendered, secret_example, tmp_path).tasks.time_limit
 
 
+def test_the_trainer_consumes_the_pool_the_api_sends_training_jobs_to(rendered, secret_example, tmp_path):
+    """`--pool` of the trainer is training.queue as the API reads it, and not the GPU workers' queue."""
+    train = trainer(rendered)
+    [c] = containers(train)
+    api = get(rendered, "Deployment", "sdqueue-api")
+    api_settings = sdqueue_settings(api, container(api, "api"), rendered, secret_example, tmp_path)
+    own = sdqueue_settings(train, c, rendered, secret_example, tmp_path)
+    assert pool_of(c) == api_settings.training.queue == own.training.queue
+    assert pool_of(c) != api_settings.tasks.queue, "training jobs would hold the inference GPUs"
+    assert train["spec"]["replicas"] == 1
+
+
+def test_a_killed_trainer_s_job_resumes_from_its_s3_checkpoint(rendered, secret_example, tmp_path):
+    """A training job outlives any sensible grace period (training.time_limit is hours), so the trainer is
+    killed after its grace period instead; its job survives through checkpoints in the S3 every process
+    shares, and the kill must leave it attempts to be resent."""
+    train = trainer(rendered)
+    [c] = containers(train)
+    settings = sdqueue_settings(train, c, rendered, secret_example, tmp_path)
+    grace = pod_spec(train)["terminationGracePeriodSeconds"]
+    assert 0 < grace < settings.training.time_limit
+    assert grace < pod_spec(gpu_worker(rendered))["terminationGracePeriodSeconds"]
+    assert settings.training.checkpoint_every > 0, "without checkpoints a killed trainer's job restarts from 0"
+    assert settings.tasks.max_attempts >= 2
+    api = get(rendered, "Deployment", "sdqueue-api")
+    api_settings = sdqueue_settings(api, container(api, "api"), rendered, secret_example, tmp_path)
+    assert (settings.storage.endpoint_url, settings.storage.bucket, settings.training.prefix) == \
+        (api_settings.storage.endpoint_url, api_settings.storage.bucket, api_settings.training.prefix)
+    assert not objects(rendered, "PodDisruptionBudget"), "one forbidding the trainer's eviction blocks node drains"
+
+
+def test_keda_leaves_the_trainer_alone(overlay):
+    targets = {o["spec"]["scaleTargetRef"]["name"] for o in objects(overlay, "ScaledObject").values()}
+    assert trainer(overlay)["metadata"]["name"] not in targets
+
+
 def test_workers_run_as_docker_compose_runs_them(rendered):
     worker = gpu_worker(rendered)
     assert containers(worker)[0]["command"] == dockerfile_cmd("worker.Dockerfile")
+    assert containers(trainer(rendered))[0]["command"] == compose_command("worker-train")
     callbacks = get(rendered, "Deployment", "sdqueue-callbacks")
     assert containers(callbacks)[0]["command"] == compose_command("callbacks")
     assert not any(gpus(c) != (None, None) for c in containers(callbacks))
@@ -384,7 +444,8 @@ def test_images_are_the_ones_docker_compose_builds(overlay):
     base = kustomize_build(BASE)
     images = {c["name"]: c["image"] for w in workloads(base) for c in containers(w)}
     assert images == {"api": compose["api"]["image"], "flower": compose["flower"]["image"],
-                      "worker": compose["worker-gpu0"]["image"], "callbacks": compose["callbacks"]["image"],
+                      "worker": compose["worker-gpu0"]["image"], "trainer": compose["worker-train"]["image"],
+                      "callbacks": compose["callbacks"]["image"],
                       "redis": compose["redis"]["image"]}
     # The overlay points them at a registry, with a release tag.
     for w in workloads(overlay):
@@ -498,7 +559,7 @@ def test_every_sdqueue_process_loads_its_settings(rendered, secret_example, tmp_
         assert settings.storage.access_key == secret_example["stringData"]["SDQ_STORAGE_ACCESS_KEY"]
         assert settings.models_dir == Path("/data/shared/models")
         loaded += 1
-    assert loaded == 3                                 # api, gpu worker, callback worker
+    assert loaded == 4                                 # api, gpu worker, trainer, callback worker
 
 
 def test_every_variable_reference_resolves(rendered):
@@ -578,7 +639,7 @@ def test_prometheus_scrapes_the_api_and_the_workers(rendered):
     assert notes["prometheus.io/path"] == "/metrics"
     assert port_number(container(api, "api"), int(notes["prometheus.io/port"])) == 8000
     assert {e["name"] for e in container(api, "api")["env"]} >= {"PROMETHEUS_MULTIPROC_DIR"}
-    for worker in (gpu_worker(rendered), get(rendered, "Deployment", "sdqueue-callbacks")):
+    for worker in (*gpu_workloads(rendered), get(rendered, "Deployment", "sdqueue-callbacks")):
         notes = worker["spec"]["template"]["metadata"]["annotations"]
         c = containers(worker)[0]
         port = {e["name"]: e.get("value") for e in c["env"]}["SDQ_METRICS_WORKER_PORT"]
@@ -590,7 +651,7 @@ def test_prometheus_scrapes_the_api_and_the_workers(rendered):
 def test_the_example_overlay_shows_how_to_customise(overlay):
     assert get(overlay, "Deployment", "sdqueue-api")["spec"]["replicas"] == 3
     assert get(overlay, "ScaledObject", "sdqueue-worker")["spec"]["maxReplicaCount"] == 4
-    assert pod_spec(gpu_worker(overlay))["nodeSelector"]
+    assert pod_spec(gpu_worker(overlay))["nodeSelector"] and pod_spec(trainer(overlay))["nodeSelector"]
     [config_map] = objects(overlay, "ConfigMap").values()
     config = yaml.safe_load(config_map["data"]["config.yaml"])
     assert config["storage"]["endpoint_url"] and config["storage"]["public_endpoint_url"]
@@ -614,7 +675,7 @@ def test_the_api_requires_the_metrics_token_from_the_secret(rendered, secret_exa
 
 def test_worker_metrics_ports_stay_inside_the_cluster(rendered):
     """The workers' /metrics has no auth: no Service selects their pods, no host port or network exposes it."""
-    worker_pods = [gpu_worker(rendered), get(rendered, "Deployment", "sdqueue-callbacks")]
+    worker_pods = [*gpu_workloads(rendered), get(rendered, "Deployment", "sdqueue-callbacks")]
     for service in objects(rendered, "Service").values():
         assert not any(selects(service["spec"]["selector"], pod_spec_labels(w)) for w in worker_pods), \
             service["metadata"]["name"]
@@ -656,7 +717,7 @@ def test_the_prometheus_operator_component_sends_the_token(tmp_path, secret_exam
     [expression] = pods["spec"]["selector"]["matchExpressions"]
     scraped = [w for w in workloads(docs)
                if expression["operator"] == "In" and pod_spec_labels(w).get(expression["key"]) in expression["values"]]
-    assert {w["metadata"]["name"] for w in scraped} == {"sdqueue-worker", "sdqueue-callbacks"}
+    assert {w["metadata"]["name"] for w in scraped} == {"sdqueue-worker", "sdqueue-trainer", "sdqueue-callbacks"}
     [endpoint] = pods["spec"]["podMetricsEndpoints"]
     for w in scraped:
         assert endpoint["port"] in {p["name"] for c in containers(w) for p in c.get("ports", [])}
