@@ -10,7 +10,12 @@ For a machine with one NVIDIA GPU and no internet (under 8 minutes):
    large-matmul rate), i.e. the most steps per second the card allows;
 3. runs plain diffusers fp16 at batch 1 (it/s of the denoising loop, and
    images/s for whole 30-step calls);
-4. runs sdqueue through the real stack (Redis, S3, API, one GPU worker with
+4. trains a LoRA (rank 8, batch 1, mixed precision fp16) on each UNet
+   through worker/training.train_lora, as a training job does (its own copy
+   of the UNet, the warm pipeline untouched): optimizer steps/s at the
+   family's native size, and peak GPU memory (torch.cuda.max_memory_allocated,
+   the warm pipeline included) against docs/training.md's arithmetic;
+5. runs sdqueue through the real stack (Redis, S3, API, one GPU worker with
    its defaults: fp16, max_batch 8) for 30-step 512² SD-1.5 jobs at
    concurrency 1 and 8 (client threads submitting and waiting in turn).
 Targets: concurrency 1 within 10 % of plain diffusers' images/s;
@@ -44,6 +49,10 @@ SPEC_PEAKS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 9
               "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12,
               "V100": 125e12, "T4": 65e12}
 OUT_DIR = Path(__file__).resolve().parent / "out"
+# A LoRA training step's backward over its forward, counted for a frozen UNet with LoRA on the attention
+# projections (python -m bench.training --count: 1.08-1.13; only input gradients flow through frozen layers).
+TRAINING_BACKWARD_RATIO = 1.1
+TRAINING_WARMUP = 3       # optimizer steps left out of steps/s (allocations, autotuning)
 
 
 # --- architectures -------------------------------------------------------------------------
@@ -67,19 +76,51 @@ def vae(tiny: bool) -> Any:
                          sample_size=128 if tiny else 512)
 
 
-def build_sd15(tokenizer: Any, tiny: bool) -> Any:
-    """SD-1.5's architecture (UNet 860M, VAE 84M, CLIP ViT-L text 123M), or dev/tinymodel's tiny one."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def sd15_unet(tiny: bool) -> Any:
+    """SD 1.x's UNet (860M; diffusers' defaults are its config) or dev/tinymodel's tiny one, in the default
+    dtype on the default device (bench/training.py builds it on the meta device to count it)."""
+    from diffusers import UNet2DConditionModel
 
     if tiny:
-        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
+        return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
                                     cross_attention_dim=32, attention_head_dim=8,
                                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+
+
+def sdxl_unet(tiny: bool) -> Any:
+    """SDXL base's UNet (2.57B) or a tiny one with the same block types and size conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    if tiny:
+        return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=16,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                    use_linear_projection=True, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                    projection_class_embeddings_input_dim=80, cross_attention_dim=64)
+    return UNet2DConditionModel(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                                cross_attention_dim=2048, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=256,
+                                projection_class_embeddings_input_dim=2816)
+
+
+UNETS: dict[str, Callable[[bool], Any]] = {"sd15": sd15_unet, "sdxl": sdxl_unet}
+
+
+def build_sd15(tokenizer: Any, tiny: bool) -> Any:
+    """SD-1.5's architecture (UNet 860M, VAE 84M, CLIP ViT-L text 123M), or dev/tinymodel's tiny one."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    unet = sd15_unet(tiny)
+    if tiny:
         text = clip_config(tokenizer, 32, 2, 4, 37, 32, "quick_gelu", len(tokenizer))
     else:
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)   # the defaults are SD 1.x's
         text = clip_config(tokenizer, 768, 12, 12, 3072, 768, "quick_gelu", 49408)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -90,26 +131,14 @@ def build_sd15(tokenizer: Any, tiny: bool) -> Any:
 
 def build_sdxl(tokenizer: Any, tiny: bool) -> Any:
     """SDXL base's architecture (UNet 2.6B, two text encoders: CLIP ViT-L and OpenCLIP bigG), or a tiny one."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    unet = sdxl_unet(tiny)
     if tiny:
-        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=16,
-                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                                    use_linear_projection=True, addition_embed_type="text_time",
-                                    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-                                    projection_class_embeddings_input_dim=80, cross_attention_dim=64)
         first = clip_config(tokenizer, 32, 2, 4, 37, 32, "gelu", len(tokenizer))
         second = clip_config(tokenizer, 32, 2, 4, 37, 32, "gelu", len(tokenizer))
     else:
-        unet = UNet2DConditionModel(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-                                    cross_attention_dim=2048, use_linear_projection=True,
-                                    addition_embed_type="text_time", addition_time_embed_dim=256,
-                                    projection_class_embeddings_input_dim=2816)
         first = clip_config(tokenizer, 768, 12, 12, 3072, 768, "quick_gelu", 49408)
         second = clip_config(tokenizer, 1280, 32, 20, 5120, 1280, "gelu", 49408)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -255,6 +284,72 @@ def preview_cost(pipe: Any, size: int, steps: int, device: str, calls: int = 3) 
             "previews": len(made), "preview_bytes": len(made[-1].image) if made else 0}
 
 
+def training_examples(size: int, count: int = 4) -> list[Any]:
+    """A small dataset at the training size: plain images with captions (speed does not depend on content)."""
+    from PIL import Image
+
+    from worker.training import Example
+
+    return [Example(Image.new("RGB", (size, size), (60 * n, 120, 200 - 40 * n)), f"a photo of sks number {n}")
+            for n in range(count)]
+
+
+def training_speed(pipe: Any, size: int, device: str, steps: int, forward_flops: float, peak: float | None,
+                   rank: int = 8, batch: int = 1) -> dict:
+    """LoRA training through worker/training.train_lora, as a training job runs it: optimizer steps/s (median
+    step after TRAINING_WARMUP), peak memory (torch.cuda.max_memory_allocated, the warm pipeline included; an
+    out-of-memory is reported, not raised) and the estimated share of the card's FLOP peak."""
+    import torch
+
+    from worker.training import TrainingConfig, train_lora
+
+    cuda = device.startswith("cuda")
+    stamps: list[float] = []
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        synchronize(device)
+        stamps.append(time.perf_counter())
+
+    config = TrainingConfig(max_steps=steps + TRAINING_WARMUP, rank=rank, resolution=size, batch_size=batch,
+                            mixed_precision="fp16" if cuda else "no", seed=1)
+    if cuda:
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+    weights = torch.cuda.memory_allocated() if cuda else None
+    figures: dict[str, Any] = {"size": size, "rank": rank, "batch": batch, "mixed_precision": config.mixed_precision,
+                               "weights_bytes": weights}
+    try:
+        train_lora(pipe, training_examples(size, max(4, batch)), config, on_step=on_step)
+    except torch.cuda.OutOfMemoryError as exc:
+        figures["error"] = f"out of memory: {exc}".splitlines()[0]
+        return figures
+    finally:
+        if cuda:
+            figures["peak_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.empty_cache()
+    step = statistics.median(b - a for a, b in zip(stamps[TRAINING_WARMUP:], stamps[TRAINING_WARMUP + 1:]))
+    step_flops = forward_flops * batch * (1 + TRAINING_BACKWARD_RATIO)
+    figures.update({"steps_per_s": 1 / step, "images_per_s": batch / step, "step_flops_est": step_flops,
+                    "flop_utilisation_est": step_flops / step / peak if peak else None})
+    return figures
+
+
+def report_training(arch: str, figures: dict) -> str:
+    """One line for the training figures."""
+    head = f"  LoRA training {figures['size']}² rank {figures['rank']} batch {figures['batch']} " \
+           f"({figures['mixed_precision']}): "
+    gib = 2 ** 30
+    memory = ""
+    if figures.get("peak_bytes") is not None:
+        memory = f", peak memory {figures['peak_bytes'] / gib:.2f} GiB ({figures['weights_bytes'] / gib:.2f} GiB " \
+                 f"warm pipeline + {(figures['peak_bytes'] - figures['weights_bytes']) / gib:.2f} GiB training)"
+    if "error" in figures:
+        return head + figures["error"] + memory
+    share = figures.get("flop_utilisation_est")
+    return head + f"{figures['steps_per_s']:.2f} steps/s" + memory + \
+        (f"; ~{100 * share:.0f} % of the FLOP peak (est.)" if share else "")
+
+
 def through_stack(models_dir: Path, model: str, size: int, steps: int, jobs: int, tiny: bool) -> dict:
     """sdqueue's images/s for `jobs` jobs per client at concurrency 1 and 8 (one GPU worker, defaults)."""
     import requests
@@ -317,6 +412,9 @@ def main() -> None:
     parser.add_argument("--archs", default="sd15,sdxl")
     parser.add_argument("--jobs", type=int, default=0, help="jobs per client (default 8; 2 with --tiny)")
     parser.add_argument("--steps", type=int, default=0, help="denoising steps (default 30; 4 with --tiny)")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="measured LoRA training steps per arch (default 20; 4 with --tiny); 0 with --no-training")
+    parser.add_argument("--no-training", action="store_true", help="leave out the LoRA training figures")
     args = parser.parse_args()
     from worker.quiet import quiet_libraries
 
@@ -329,6 +427,7 @@ def main() -> None:
     dtype = torch.float32 if args.tiny else torch.float16
     steps = args.steps or (4 if args.tiny else 30)
     jobs = args.jobs or (2 if args.tiny else 8)
+    train_steps = args.train_steps or (4 if args.tiny else 20)
     sizes = {"sd15": 64 if args.tiny else 512, "sdxl": 64 if args.tiny else 1024}
     name, peak = spec_peak(device)
     measured = measured_peak(device, dtype)
@@ -349,6 +448,8 @@ def main() -> None:
             previews = preview_cost(pipe, size, steps, device)
             figures = {"size": size, "build_seconds": built, "unet_flops_per_step": flops,
                        "flop_limit_it_per_s": limit, "plain": plain, "previews": previews}
+            if not args.no_training:       # flops counts 2 rows (CFG): a training row is half of it
+                figures["training"] = training_speed(pipe, size, device, train_steps, flops / 2, peak or measured)
             print(f"{arch} {size}x{size}: UNet {flops / 1e9:.1f} GFLOP per step (CFG 2 rows) -> FLOP limit "
                   f"{limit:.1f} it/s; plain diffusers batch 1: {plain['it_per_s']:.1f} it/s "
                   f"({100 * plain['it_per_s'] / limit:.0f} % of the limit), {plain['images_per_s']:.2f} images/s "
@@ -356,6 +457,8 @@ def main() -> None:
             print(f"  a preview at every step: {previews['ratio']:.3f} x the call time "
                   f"({previews['previews']} previews, {previews['preview_bytes']} bytes as a data URL; target <= 1.05)",
                   flush=True)
+            if "training" in figures:
+                print(report_training(arch, figures["training"]), flush=True)
             del pipe
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
