@@ -66,6 +66,7 @@ bench: deps
 	$(PY) -m bench.batching
 	$(PY) -m bench.streams
 	$(PY) -m bench.previews
+	$(PY) -m bench.training
 
 docker-config:
 	docker compose config --quiet && echo "docker-compose.yml is valid"

@@ -202,7 +202,7 @@ def test_wait_for_fails_when_the_process_exited_even_if_the_check_passes():
         wait_for(lambda: True, 5, "redis", proc)
 
 
-@pytest.mark.parametrize("module", ["bench.overhead", "bench.ingest"])
+@pytest.mark.parametrize("module", ["bench.overhead", "bench.ingest", "bench.training"])
 def test_benchmarks_start_the_way_make_bench_runs_them(module):
     """`make bench` runs them as modules; a broken import would only show up there."""
     root = Path(__file__).resolve().parent.parent
