@@ -104,7 +104,8 @@ def training_config(svc: Services, model: ModelInfo, images: int, data: dict[str
             "mixed_precision": data.get("mixed_precision") or "no", "seed": resolve_seed(data.get("seed")),
             "trigger_word": data.get("trigger_word") or "",
             "checkpoint_every": svc.settings.training.checkpoint_every if every is None else every,
-            "noise_offset": data.get("noise_offset") or 0.0}
+            "noise_offset": data.get("noise_offset") or 0.0,
+            "gradient_checkpointing": bool(data.get("gradient_checkpointing"))}
 
 
 def plan_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str) -> Planned:

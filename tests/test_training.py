@@ -180,3 +180,14 @@ def test_half_precision_weights_on_cuda_always_train_under_autocast():
     assert training_precision("no", torch.bfloat16, cuda) == "bf16"
     assert training_precision("no", torch.float32, cuda) == "no"
     assert training_precision("no", torch.float32, cpu) == "no" and training_precision("bf16", torch.bfloat16, cpu) == "bf16"
+
+
+def test_gradient_checkpointing_trains_the_same_lora(sd):
+    """Recomputing activations in the backward changes memory, not the result."""
+    import torch
+
+    plain = train_lora(sd, EXAMPLES, config(max_steps=2))
+    checkpointed = train_lora(sd, EXAMPLES, config(max_steps=2, gradient_checkpointing=True))
+    assert checkpointed.losses == pytest.approx(plain.losses)
+    for key, value in plain.state_dict.items():
+        assert torch.allclose(checkpointed.state_dict[key], value, atol=1e-6), key

@@ -140,9 +140,10 @@ def test_progress_events_and_webhooks_carry_the_loss_and_the_lora(api, trainer):
         receiver.close()
 
 
-def test_a_training_job_is_cancelled_mid_run_and_makes_no_lora(api, trainer, rds):
-    created = start_training(api, make_dataset(api), max_steps=5000, checkpoint_every=0)
-    api.wait_for(created["id"], lambda t: t["status"] == "processing" and t["progress"]["step"] > 0, timeout=180)
+def test_a_training_job_is_cancelled_mid_run_and_makes_no_lora(api, trainer, storage, settings):
+    created = start_training(api, make_dataset(api), max_steps=5000, checkpoint_every=5)
+    state_key = f"{settings.training.prefix}/{created['id']}/state.pt"
+    api.wait_for(created["id"], lambda t: t["status"] == "processing" and t["progress"]["step"] > 5, timeout=180)
     cancelled = api.delete(f"/api/v1/trainings/{created['id']}")
     assert cancelled.status_code in (200, 202), cancelled.text
     done = api.wait(created["id"], timeout=120)
@@ -150,6 +151,7 @@ def test_a_training_job_is_cancelled_mid_run_and_makes_no_lora(api, trainer, rds
     body = training(api, created["id"])
     assert body["lora"] is None and 0 < body["progress"]["step"] < 5000
     assert created["lora_name"] not in [entry["name"] for entry in api.get("/api/v1/loras").json()["loras"]]
+    assert not storage.exists(state_key)                      # nothing will resume it: its checkpoint is gone
     assert api.delete(f"/api/v1/trainings/{created['id']}").status_code == 200     # cancelling again: no change
 
 

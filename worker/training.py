@@ -54,6 +54,7 @@ class TrainingConfig:
     trigger_word: str = ""                  # prepended to every caption when set
     checkpoint_every: int = 0               # call save_state every N optimizer steps (0: never)
     noise_offset: float = 0.0
+    gradient_checkpointing: bool = False    # recompute activations in the backward (SDXL at 1024² on 24 GB cards)
 
     def __post_init__(self) -> None:
         if self.alpha is None:
@@ -317,9 +318,11 @@ def step_generator(seed: int, step: int) -> Any:
 
 
 def compute_loss(unet: Any, noise_scheduler: Any, pipe: Any, encoded: Encoded, samples: Sequence[Sample],
-                 indices: list[int], sdxl: bool, config: TrainingConfig, generator: Any, device: Any) -> Any:
+                 indices: list[int], sdxl: bool, config: TrainingConfig, generator: Any, device: Any,
+                 dtype: Any) -> Any:
     """The denoising loss of one batch: noise the latents at random timesteps, predict, MSE against
-    the noise (epsilon) or the velocity (v_prediction), as the model's scheduler config says."""
+    the noise (epsilon) or the velocity (v_prediction), as the model's scheduler config says. `dtype`: the
+    UNet's weights' (read once per run: diffusers' `unet.dtype` walks every module)."""
     import torch
     import torch.nn.functional as F
 
@@ -336,10 +339,10 @@ def compute_loss(unet: Any, noise_scheduler: Any, pipe: Any, encoded: Encoded, s
     kwargs: dict[str, Any] = {}
     if sdxl:
         kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.stack([encoded.pooled_embeds[c] for c in captions]).to(unet.dtype),
-            "time_ids": torch.tensor([time_ids(samples[i]) for i in indices], device=device, dtype=unet.dtype)}
-    hidden = torch.stack([encoded.prompt_embeds[c] for c in captions]).to(unet.dtype)
-    prediction = unet(noisy.to(unet.dtype), timesteps, hidden, return_dict=False, **kwargs)[0]
+            "text_embeds": torch.stack([encoded.pooled_embeds[c] for c in captions]).to(dtype),
+            "time_ids": torch.tensor([time_ids(samples[i]) for i in indices], device=device, dtype=dtype)}
+    hidden = torch.stack([encoded.prompt_embeds[c] for c in captions]).to(dtype)
+    prediction = unet(noisy.to(dtype), timesteps, hidden, return_dict=False, **kwargs)[0]
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
@@ -417,9 +420,12 @@ def train_lora(pipe: Any, examples: Sequence[Example], config: TrainingConfig,
     encoded = encode_samples(pipe, samples, sdxl, device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    accelerator = fresh_accelerator(config, device, training_precision(config.mixed_precision, pipe.unet.dtype, device))
+    weights_dtype = pipe.unet.dtype
+    accelerator = fresh_accelerator(config, device, training_precision(config.mixed_precision, weights_dtype, device))
     unet = copy_unet(pipe)
     unet.train()
+    if config.gradient_checkpointing:     # activations recomputed in the backward: far less memory, ~30 % slower
+        unet.enable_gradient_checkpointing()
     params = add_lora(unet, config)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -438,7 +444,7 @@ def train_lora(pipe: Any, examples: Sequence[Example], config: TrainingConfig,
                 indices = batch_for(samples, config.batch_size, step * config.gradient_accumulation + k, config.seed)
                 with accelerator.accumulate(unet):
                     loss = compute_loss(unet, noise_scheduler, pipe, encoded, samples, indices, sdxl, config,
-                                        generator, device)
+                                        generator, device, weights_dtype)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, 1.0)

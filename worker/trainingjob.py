@@ -29,7 +29,9 @@ from typing import Any
 
 from PIL import Image
 
-from common.errors import ModelError
+import redis
+
+from common.errors import ModelError, StaleAttempt
 from common.storage import task_metadata
 from common.store import Task, TaskStatus
 from common.store.checkpoints import Checkpoint
@@ -115,6 +117,14 @@ def save_state(ctx: Any, task_id: str, key: str, state: TrainingState) -> None:
     ctx.storage.put(key, state_to_bytes(state), "application/octet-stream", metadata=task_metadata(task_id))
 
 
+def drop_state(ctx: Any, key: str) -> None:
+    """Delete a job's checkpoint once the job ends for good (a leftover costs space, never the job)."""
+    try:
+        ctx.storage.delete([key])
+    except Exception:  # noqa: BLE001 - logged for the operator (a lifecycle rule on the prefix catches it)
+        log.warning("could not delete training checkpoint %s", key)
+
+
 def lora_checkpoint(ctx: Any, task: Task) -> Checkpoint:
     """The LoRA's checkpoint record; its id derives from the task, so a retried finish writes the same one."""
     checkpoint_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"sdqueue-training:{task.id}"))
@@ -176,14 +186,17 @@ def run_training_job(ctx: Any, task: Task, monitor: StepMonitor) -> tuple[TaskSt
     progress = TrainingProgress(monitor, ctx.settings.training.curve_points, resume.losses if resume else [])
     started = time.perf_counter()
     monitor.enter_setup()                          # encoding the dataset makes no steps; the first step ends it
-    result = train_lora(pipe, examples, config, on_step=progress, resume=resume,
-                        save_state=lambda state: save_state(ctx, task.id, state_key, state))
+    try:
+        result = train_lora(pipe, examples, config, on_step=progress, resume=resume,
+                            save_state=lambda state: save_state(ctx, task.id, state_key, state))
+    except (StaleAttempt, redis.RedisError):
+        raise                                      # another attempt runs (or will run) on: it needs the checkpoint
+    except BaseException:
+        drop_state(ctx, state_key)                 # cancelled, over time or failed: the job ends, nothing resumes
+        raise
     compute = time.perf_counter() - started
     checkpoint = publish_lora(ctx, task, result)
-    try:
-        ctx.storage.delete([state_key])            # done: the LoRA replaces the checkpoint
-    except Exception:  # noqa: BLE001 - a leftover checkpoint costs space, never the job
-        log.warning("could not delete training checkpoint %s", state_key)
+    drop_state(ctx, state_key)                     # done: the LoRA replaces the checkpoint
     key = checkpoint.key_of(checkpoint.names[0])
     lora = {"name": training["lora_name"], "file": checkpoint.names[0], "checkpoint_id": checkpoint.id,
             "key": key, "s3_location": ctx.storage.s3_uri(key),
