@@ -18,7 +18,7 @@ _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", 
                               "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
                               "refiner_switch", "family", "inpaint_fill", "inpaint_area", "prompt_syntax",
                               "hires", "controlnet", "extras", "preview_every", "callback_events",
-                              "training", "time_limit"})
+                              "training", "time_limit", "merge"})
 
 
 ZERO_NEGATIVE_FAMILIES = (None, "sdxl", "sdxl-refiner")   # a missing negative prompt is zeros, not ""
@@ -87,15 +87,22 @@ class JobSpec:
     # "lora_name", "state_key" (its resumable checkpoint in S3); `model` is the base model. No images are made.
     training: dict[str, Any] | None = None
     time_limit: int = 0              # seconds this job may run (0: tasks.time_limit); training sets its own
+    # A model merge (api/merges.py, worker/mergejob.py): "inputs" [{"role" (primary | secondary | tertiary), "name"
+    # (as the client named it), "source" (catalog | checkpoint), "model" (a catalog model's name), "asset" (the key's
+    # checkpoint file to fetch)}], "method" (weighted_sum | add_difference), "multiplier", "dtype" (keep | float16 |
+    # bfloat16 | float32), "file" (the output's file name), "family". No images are made.
+    merge: dict[str, Any] | None = None
 
     @property
     def mode(self) -> str:
         """txt2img; img2img when an init image was given; inpaint when a mask came with it; extras (no diffusion);
-        train (a LoRA training job)."""
+        train (a LoRA training job); merge (a model merge)."""
         if self.extras:
             return "extras"
         if self.training:
             return "train"
+        if self.merge:
+            return "merge"
         if not self.init_image_key:
             return "txt2img"
         return "inpaint" if self.mask_image_key else "img2img"
@@ -117,13 +124,13 @@ class JobSpec:
         Why these fields: one call has one model, mode, size, step count,
         scheduler (and its options), guidance, strength and LoRA set; prompts,
         negative prompts, seeds and init images may differ per image.
-        Inpainting, extras upscales, refiner passes, hires fix jobs (a second pass per call) and
+        Inpainting, extras upscales, trainings, merges, refiner passes, hires fix jobs (a second pass per call) and
         jobs split into several calls (A1111's n_iter) run alone. SDXL jobs with and without a negative prompt do not
         mix: SDXL encodes a missing one as zeros, not as the empty prompt (a
         job of unknown family is treated as SDXL). Prompts in A1111's syntax
         are encoded by sdqueue, plain ones by diffusers: they do not mix.
         """
-        if self.mode in ("inpaint", "extras", "train") or len(self.batches) > 1 or self.refiner or self.hires:
+        if self.mode in ("inpaint", "extras", "train", "merge") or len(self.batches) > 1 or self.refiner or self.hires:
             return ""
         shared = [self.model, self.mode, self.width, self.height, self.num_inference_steps, self.guidance_scale,
                   self.scheduler, sorted(self.scheduler_config.items()), [(lr.name, lr.weight) for lr in self.loras],

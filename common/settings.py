@@ -164,6 +164,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("training.prefix", str, "trainings", "Key prefix of training checkpoints: s3://{bucket}/{prefix}/{task}/state.pt."),
     Option("training.curve_points", int, 200, "Most points of the loss curve a training job reports (longer runs are "
            "averaged into this many buckets)."),
+    Option("merge.queue", str, "", "Worker pool (Celery queue) model merges go to; empty: training.queue. A merge "
+           "needs memory for the merged checkpoint (about its file size), no GPU."),
+    Option("merge.time_limit", int, 3600, "Longest a model merge may run (fetching and converting its inputs and "
+           "uploading the result included)."),
     Option("aws.models_prefix", str, "models", "Key prefix of uploaded checkpoints: s3://{bucket}/{prefix}/{type}/{id}/{file}."),
     Option("aws.output_prefix", str, "out", "Key prefix of AWS-extension outputs: s3://{bucket}/{prefix}/{job}/result/image_{n}.jpg."),
     Option("aws.list_limit", int, 1000, "Most jobs GET /inference/list-inference-jobs returns (newest first)."),

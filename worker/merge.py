@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 METHODS = ("weighted_sum", "add_difference")
 DTYPES = ("keep", "float16", "bfloat16", "float32")
@@ -30,6 +30,15 @@ class MergeReport:
 
     merged: int
     kept_from_primary: list[str]
+
+
+@dataclass
+class Merged:
+    """A merge held in memory: the tensors, the primary's metadata (with the merge noted), and the report."""
+
+    tensors: dict[str, Any]
+    metadata: dict[str, str]
+    report: MergeReport
 
 
 def merged_tensor(a: Any, b: Any, c: Any | None, method: str, multiplier: float) -> Any:
@@ -52,46 +61,74 @@ def check_request(method: str, multiplier: float, tertiary: Path | None) -> None
                          "weighted_sum takes none")
 
 
-def merge_files(primary: Path, secondary: Path, tertiary: Path | None, out: Path, method: str = "weighted_sum",
-                multiplier: float = 0.5, dtype: str = "keep") -> MergeReport:
-    """Merge single-file .safetensors checkpoints into `out` (written whole, then renamed into place)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    check_request(method, multiplier, tertiary)
-    if dtype not in DTYPES:
-        raise MergeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    paths = [Path(p) for p in (primary, secondary, tertiary) if p is not None]
+def check_files(paths: list[Path]) -> None:
     for path in paths:
         if path.suffix.lower() != ".safetensors" or not path.is_file():
             raise MergeError(f"{path.name}: a merge reads .safetensors files only")
-    result: dict[str, Any] = {}
+
+
+def merge_tensors(primary: Path, secondary: Path, tertiary: Path | None, method: str = "weighted_sum",
+                  multiplier: float = 0.5, on_tensor: Callable[[int, int], None] | None = None) -> Merged:
+    """The merged tensors, in the primary's order; `on_tensor(done, total)` after each tensor of the primary
+    (a job's progress: raising there stops the merge, as a cancel does, before anything is written)."""
+    from safetensors import safe_open
+
+    check_request(method, multiplier, tertiary)
+    paths = [Path(p) for p in (primary, secondary, tertiary) if p is not None]
+    check_files(paths)
+    tensors: dict[str, Any] = {}
     kept: list[str] = []
     with safe_open(str(paths[0]), "pt") as fa, safe_open(str(paths[1]), "pt") as fb:
         fc = safe_open(str(paths[2]), "pt") if tertiary is not None else None
         others = [f for f in (fb, fc) if f is not None]
         other_keys = [set(f.keys()) for f in others]
-        for key in fa.keys():
+        names = list(fa.keys())
+        for done, key in enumerate(names, 1):
             a = fa.get_tensor(key)
             if not a.is_floating_point() or any(key not in keys for keys in other_keys):
-                result[key] = a                      # integer buffers (position ids) and A-only tensors
+                tensors[key] = a                     # integer buffers (position ids) and A-only tensors
                 if a.is_floating_point():
                     kept.append(key)
-                continue
-            b = fb.get_tensor(key)
-            c = fc.get_tensor(key) if fc is not None else None
-            for name, tensor in (("secondary", b), ("tertiary", c)):
-                if tensor is not None and tensor.shape != a.shape:
-                    raise MergeError(f"{key}: {tuple(a.shape)} in the primary, {tuple(tensor.shape)} in the {name} "
-                                     "(checkpoints of different families or architectures)")
-            result[key] = merged_tensor(a, b, c, method, multiplier)
+            else:
+                b = fb.get_tensor(key)
+                c = fc.get_tensor(key) if fc is not None else None
+                for name, tensor in (("secondary", b), ("tertiary", c)):
+                    if tensor is not None and tensor.shape != a.shape:
+                        raise MergeError(f"{key}: {tuple(a.shape)} in the primary, {tuple(tensor.shape)} in the "
+                                         f"{name} (checkpoints of different families or architectures)")
+                tensors[key] = merged_tensor(a, b, c, method, multiplier)
+            if on_tensor is not None:
+                on_tensor(done, len(names))
         metadata = fa.metadata() or {}
+    return Merged(tensors, {**metadata, "sdq_merge": f"{method} {multiplier}"},
+                  MergeReport(len(tensors) - len(kept), kept))
+
+
+def write_merged(merged: Merged, out: Path, dtype: str = "keep") -> Path:
+    """Save the merge as .safetensors in `dtype` (keep: each tensor's own), written whole, then renamed into
+    place (a reader never sees half a file)."""
+    import torch
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise MergeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    tensors = merged.tensors
     if dtype != "keep":
         target = getattr(torch, dtype)
-        result = {k: v.to(target) if v.is_floating_point() else v for k, v in result.items()}
+        tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    save_file(result, str(partial), metadata={**metadata, "sdq_merge": f"{method} {multiplier}"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=merged.metadata)
     partial.replace(out)
-    return MergeReport(len(result) - len(kept), kept)
+    return out
+
+
+def merge_files(primary: Path, secondary: Path, tertiary: Path | None, out: Path, method: str = "weighted_sum",
+                multiplier: float = 0.5, dtype: str = "keep",
+                on_tensor: Callable[[int, int], None] | None = None) -> MergeReport:
+    """Merge single-file .safetensors checkpoints into `out` (written whole, then renamed into place)."""
+    if dtype not in DTYPES:
+        raise MergeError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    merged = merge_tensors(primary, secondary, tertiary, method, multiplier, on_tensor)
+    write_merged(merged, out, dtype)
+    return merged.report

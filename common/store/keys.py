@@ -48,6 +48,7 @@ DATASET = Key("dataset:{owner}:{name}", "string",
               "captions and sizes; common/store/datasets.py); names are per key")
 DATASETS = Key("datasets:{owner}", "sorted set", "an API key's dataset names by creation time")
 TRAININGS = Key("trainings:{owner}", "sorted set", "an API key's training jobs (task ids) by creation time (listings)")
+MERGES = Key("merges:{owner}", "sorted set", "an API key's model merges (task ids) by creation time (listings)")
 DATASET_LOCK = Key("dataset-lock:{owner}:{name}", "string", "lock while a dataset is checked or changed")
 
 

@@ -317,7 +317,18 @@ class TaskStore:
 
     def list_trainings(self, owner: str, offset: int, limit: int) -> tuple[list[Task], int]:
         """An owner's training jobs, newest first; expired ones are dropped from the index."""
-        key = keys.TRAININGS(owner)
+        return self._list_index(keys.TRAININGS(owner), offset, limit)
+
+    def index_merge(self, owner: str, task_id: str) -> None:
+        """List a model merge among its owner's merges (they expire with their task hashes)."""
+        self.client.zadd(keys.MERGES(owner), {task_id: time.time()})
+
+    def list_merges(self, owner: str, offset: int, limit: int) -> tuple[list[Task], int]:
+        """An owner's model merges, newest first; expired ones are dropped from the index."""
+        return self._list_index(keys.MERGES(owner), offset, limit)
+
+    def _list_index(self, key: str, offset: int, limit: int) -> tuple[list[Task], int]:
+        """A page of an owner's index of tasks (newest first) and its size, expired entries dropped first."""
         self.client.zremrangebyscore(key, "-inf", time.time() - self.retention)
         tasks = self._load_many(key, self.client.zrevrange(key, offset, offset + limit - 1))
         return tasks, self.client.zcard(key)
