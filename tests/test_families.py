@@ -301,7 +301,7 @@ def test_an_uploaded_checkpoint_s_family_is_read_from_its_header_in_s3(settings,
     """The AWS extension's uploads are still in S3 when a job names them: two ranged reads give the family."""
     from types import SimpleNamespace
 
-    from api.dialects.aws.translate import uploaded_model
+    from api.uploads import uploaded_model
 
     key = "models/Stable-diffusion/upload-1/xl.safetensors"
     storage.put(key, (settings.models_dir / "tiny-xl-single.safetensors").read_bytes(), "application/octet-stream")

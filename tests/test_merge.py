@@ -78,3 +78,24 @@ def test_different_architectures_and_bad_requests_are_refused(checkpoints, tmp_p
         merge_files(a, b, None, tmp_path / "y.safetensors", "weighted_sum", 1.5)
     with pytest.raises(MergeError, match="method"):
         merge_files(a, b, c, tmp_path / "y.safetensors", "average")
+
+
+def test_a_merge_stopped_between_tensors_writes_nothing(checkpoints, tmp_path):
+    """A job's step callback raises to cancel (worker/monitor.py): the merge stops there and no file is left."""
+    from common.errors import JobCancelled
+    from worker.merge import merge_tensors
+
+    a, b, _ = checkpoints
+    seen = []
+
+    def cancel_at_three(done: int, total: int) -> None:
+        seen.append((done, total))
+        if done == 3:
+            raise JobCancelled("task")
+
+    with pytest.raises(JobCancelled):
+        merge_files(a, b, None, tmp_path / "stopped.safetensors", on_tensor=cancel_at_three)
+    assert [done for done, _ in seen] == [1, 2, 3] and seen[0][1] > 3
+    assert list(tmp_path.iterdir()) == []
+    merged = merge_tensors(a, b, None, on_tensor=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (len(merged.tensors), len(merged.tensors))

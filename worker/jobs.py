@@ -62,7 +62,7 @@ class JobContext:
     max_batch: int = 1       # images one pipeline call may hold (worker.max_batch, resolved for the device)
     ledger: Ledger = field(default_factory=Ledger)
     taesd: TaesdCache | None = None   # TAESD preview decoders, when models/taesd holds any (worker/previews.py)
-    checkpoints: CheckpointStore | None = None   # where a training job records the LoRA it made
+    checkpoints: CheckpointStore | None = None   # where a training job or a merge records the checkpoint it made
 
 
 def owed_tasks(ctx: JobContext) -> list[str]:
@@ -380,6 +380,10 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
             from worker.trainingjob import run_training_job
 
             return run_training_job(ctx, task, monitor)
+        if spec.merge:      # a model merge: a Stable-diffusion checkpoint, no images (worker/mergejob.py)
+            from worker.mergejob import run_merge_job
+
+            return run_merge_job(ctx, task, monitor)
         if spec.extras:     # an extras upscale: the upscaler alone, no pipeline (worker/extras.py)
             from worker.extras import run_extras_job
 

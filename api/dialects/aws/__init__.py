@@ -5,6 +5,7 @@ Two blueprints: `inference_blp` (inference, endpoints, model lists) and
 middleware splits them; errors differ between the two (see errors.py).
 """
 from api.dialects.aws import datasets as _datasets  # noqa: F401 - adds the dataset routes to checkpoints_blp
+from api.dialects.aws import merges as _merges  # noqa: F401 - adds /inference/run-model-merge to inference_blp
 from api.dialects.aws.checkpoints import blp as checkpoints_blp
 from api.dialects.aws.routes import blp as inference_blp
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from marshmallow import ValidationError, fields, validate, validates, validates_schema
+from marshmallow import ValidationError, fields, pre_load, validate, validates, validates_schema
 
 from api.dialects.a1111 import Img2ImgRequest, Txt2ImgRequest
-from api.schemas import BaseSchema, JsonSize, LooseInteger, SettingRange, limit
+from api.schemas import BaseSchema, JsonSize, LooseInteger, SettingRange, StrictFloat, limit
 from common.store.checkpoints import CHECKPOINT_TYPES, FILE_SUFFIXES, STATUSES, filename_problem
 from common.store.datasets import STATUSES as DATASET_STATUSES
 from common.store.datasets import item_name_problem
@@ -85,6 +85,43 @@ IMG2IMG_REQUEST = InferenceImg2Img()
 
 class JobQuery(BaseSchema):
     jobID = fields.String(required=True, validate=validate.Length(1, 128), metadata={"description": "Job id"})
+
+
+# The web UI's interpolation labels (and sdqueue's own names) -> api/merges.py METHODS.
+MERGE_METHODS = {"Weighted sum": "weighted_sum", "Add difference": "add_difference",
+                 "weighted_sum": "weighted_sum", "add_difference": "add_difference"}
+
+
+class ModelMergeRequest(BaseSchema):
+    """POST /inference/run-model-merge: the three names the extension's WebUI sends, and the merge fields of the
+    extension's container payload (the web UI's checkpoint merger); other fields are ignored."""
+
+    primary_model_name = fields.String(required=True, validate=validate.Length(1, 300), metadata={
+        "description": "Model A: a model of the model directory, or the file name of one of this key's Active "
+                       "Stable-diffusion checkpoints"})
+    secondary_model_name = fields.String(required=True, validate=validate.Length(1, 300), metadata={
+        "description": "Model B, of A's family"})
+    tertiary_model_name = fields.String(load_default="", allow_none=True, validate=validate.Length(max=300), metadata={
+        "description": "Model C, for \"Add difference\" (the container's spelling teritary_model_name is read too); "
+                       "a weighted sum ignores it with a warning"})
+    interp_method = fields.String(load_default="Weighted sum", validate=validate.OneOf(tuple(MERGE_METHODS)),
+                                  metadata={"description": "The web UI's interpolation method"})
+    interp_amount = StrictFloat(load_default=None, allow_none=True, validate=validate.Range(0, 1), metadata={
+        "description": "The multiplier M, 0..1; default 0.3 (the web UI's)"})
+    multiplier = StrictFloat(load_default=None, allow_none=True, validate=validate.Range(0, 1), metadata={
+        "description": "The same as interp_amount (which wins when both are sent)"})
+    custom_name = fields.String(load_default="", allow_none=True, validate=validate.Length(max=180), metadata={
+        "description": "The merged file's name without its extension; default: the web UI's, e.g. \"0.7(A) + 0.3(B)\""})
+    save_as_half = fields.Boolean(load_default=False, metadata={"description": "Save float16 weights"})
+    checkpoint_format = fields.String(load_default="safetensors", validate=validate.OneOf(("safetensors", "ckpt")),
+                                      metadata={"description": "sdqueue writes .safetensors (ckpt: with a warning)"})
+
+    @pre_load
+    def teritary_spelling(self, data: Any, **_: Any) -> Any:
+        """The extension's container payload spells it teritary_model_name."""
+        if isinstance(data, dict) and "tertiary_model_name" not in data and "teritary_model_name" in data:
+            return {**data, "tertiary_model_name": data["teritary_model_name"]}
+        return data
 
 
 class EndpointCreate(BaseSchema):

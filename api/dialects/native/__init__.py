@@ -4,6 +4,7 @@ Public: `blp` (registered by api/dialects), and what api/fastsubmit.py shares
 with the route: the request schema, the JobSpec builder and the 202 body.
 """
 from api.dialects.native import datasets as _datasets  # noqa: F401 - adds /api/v1/datasets to blp
+from api.dialects.native import merges as _merges  # noqa: F401 - adds /api/v1/merges to blp
 from api.dialects.native import trainings as _trainings  # noqa: F401 - adds /api/v1/trainings to blp
 from api.dialects.native.routes import blp
 from api.dialects.native.schemas import GENERATE_REQUEST

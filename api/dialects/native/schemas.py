@@ -14,6 +14,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates, va
 from api.auth import current_key
 from api.inpaint import FILLS
 from api.loras import owned_loras
+from api.merges import DEFAULT_MULTIPLIER, DTYPES as MERGE_DTYPES, METHODS as MERGE_METHODS, OUTPUT_SUFFIX
 from api.trainings import LORA_NAME, LR_SCHEDULERS
 from api.schemas import (MAX_SEED, BaseSchema, InitImageField, JsonSize, LooseInteger, Setting, SettingLength,
                          SettingRange, StrictFloat, limit, multiple_of_8)
@@ -23,6 +24,7 @@ from common.controlnets import CANNY_HIGH, CANNY_LOW, MAX_UNITS, PROCESSOR_RES, 
 from common.netguard import callback_guard
 from common.promptsyntax import PLAIN, PROMPT_SYNTAXES
 from common.schedulers import SCHEDULERS
+from common.store.checkpoints import filename_problem
 from common.store.datasets import item_name_problem
 from common.store.datasets import name_problem as dataset_name_problem
 from common.store.results import EVENT_KINDS
@@ -479,3 +481,87 @@ class TrainingSchema(Schema):
 
 class TrainingListSchema(PageSchema):
     trainings = fields.List(fields.Nested(TrainingSchema))
+
+
+MERGE_MODEL = ("A model of GET /api/v1/models (a diffusers folder of SD 1.x or SDXL is converted to a single file; "
+               "single files must be .safetensors), or the file name of one of this key's Active Stable-diffusion "
+               "checkpoints (uploaded, or made by an earlier merge)")
+
+
+class MergeCreateSchema(WebhookFields):
+    """POST /api/v1/merges: the AUTOMATIC1111 web UI's checkpoint merger, as a queued job (docs/api.md)."""
+
+    primary = fields.String(required=True, validate=validate.Length(min=1, max=300), metadata={
+        "description": f"Model A. {MERGE_MODEL}", "example": "sdq-tiny"})
+    secondary = fields.String(required=True, validate=validate.Length(min=1, max=300), metadata={
+        "description": f"Model B, of A's family. {MERGE_MODEL}"})
+    tertiary = fields.String(allow_none=True, load_default=None, validate=validate.Length(min=1, max=300), metadata={
+        "description": "Model C (add_difference only): the base B was tuned from, of A's family"})
+    method = fields.String(load_default="weighted_sum", validate=validate.OneOf(MERGE_METHODS), metadata={
+        "description": "weighted_sum: A x (1 - M) + B x M; add_difference: A + (B - C) x M"})
+    multiplier = StrictFloat(load_default=DEFAULT_MULTIPLIER, validate=validate.Range(0, 1), metadata={
+        "description": "M, 0..1 (the web UI's default 0.3; 0 gives A)"})
+    name = fields.String(allow_none=True, load_default=None, validate=validate.Length(min=1, max=180), metadata={
+        "description": "The merged file's name without .safetensors; default: the web UI's, e.g. "
+                       "\"0.7(A) + 0.3(B)\"; a name this key already has is replaced for new jobs (the newest wins)"})
+    dtype = fields.String(load_default="keep", validate=validate.OneOf(tuple(MERGE_DTYPES)), metadata={
+        "description": "The merged weights' precision: keep (as A has them), fp16 (the web UI's \"save as float16\"), "
+                       "bf16 or fp32"})
+
+    @validates("name")
+    def plain_file_name(self, value: str | None, **_: Any) -> None:
+        if value is not None and (problem := filename_problem(f"{value}{OUTPUT_SUFFIX}")):
+            raise ValidationError(problem)
+
+    @validates_schema
+    def tertiary_for_add_difference(self, data: dict, **_: Any) -> None:
+        if data.get("method") == "add_difference" and not data.get("tertiary"):
+            raise ValidationError("add_difference needs a tertiary model (the base the secondary was tuned from)",
+                                  field_name="tertiary")
+        if data.get("method") == "weighted_sum" and data.get("tertiary"):
+            raise ValidationError("a weighted sum takes no tertiary model; use add_difference for three",
+                                  field_name="tertiary")
+
+
+class MergeInputsSchema(Schema):
+    primary = fields.String()
+    secondary = fields.String()
+    tertiary = fields.String(allow_none=True)
+
+
+class MergedCheckpointSchema(Schema):
+    name = fields.String(metadata={"description": "Its file name: /inference/v2's models.Stable-diffusion and later "
+                                                  "merges name it so"})
+    checkpoint_id = fields.String(metadata={"description": "Its checkpoint (GET /checkpoint of the AWS API)"})
+    s3_location = fields.String()
+    family = fields.String()
+    size_bytes = fields.Integer()
+    tensors_merged = fields.Integer()
+    kept_from_primary = fields.Integer(metadata={"description": "Tensors A alone has, kept as they are"})
+
+
+class MergeSchema(Schema):
+    id = fields.String()
+    status = fields.String(metadata={"description": "pending, processing, completed, failed or cancelled"})
+    inputs = fields.Nested(MergeInputsSchema)
+    method = fields.String()
+    multiplier = fields.Float()
+    dtype = fields.String()
+    family = fields.String()
+    file = fields.String(metadata={"description": "The file the merge writes"})
+    checkpoint_id = fields.String(metadata={"description": "The checkpoint it registers (known from the start)"})
+    progress = fields.Nested(ProgressSchema, metadata={"description": "Tensors merged of all"})
+    eta_seconds = fields.Float(allow_none=True)
+    checkpoint = fields.Nested(MergedCheckpointSchema, allow_none=True, metadata={"description": "Once completed"})
+    attempt = fields.Integer()
+    error_message = fields.String(allow_none=True)
+    warnings = fields.List(fields.String())
+    queue_position = fields.Integer(allow_none=True)
+    created_at = fields.String()
+    updated_at = fields.String()
+    events_url = fields.String()
+    callback_status = fields.String(allow_none=True)
+
+
+class MergeListSchema(PageSchema):
+    merges = fields.List(fields.Nested(MergeSchema))
