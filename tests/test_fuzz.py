@@ -10,7 +10,8 @@ examples (FUZZ_EXAMPLES).
 Why a key of its own (tests/conftest.py KEY_FUZZ): no rate limits and no
 pending cap (a 429 or 503 would end a case before it reaches the code under
 test), and its jobs go to a queue no worker serves (api.keys[].queue): a
-fuzzed 2048x2048 x 10 job must never reach the suite's one CPU worker. A
+fuzzed 2048x2048 x 10 job must never reach the suite's one CPU worker (its
+model merges go to the merge pool, where the same canceller watches). A
 canceller cancels them as they arrive, so synchronous calls (A1111, /v1/draw)
 answer at once, and what the fuzzer leaves behind (jobs, pools) is gone
 before the next test module starts.
@@ -116,6 +117,11 @@ AIMS: dict[str, dict[str, str]] = {
     "/inference/get-endpoint-deployment-job": {"query.jobID": "pool_job"},
     "/checkpoint": {"query.id": "checkpoint", "query.checkpoint_id": "checkpoint",
                     "body.checkpoint_id": "checkpoint"},
+    "/api/v1/merges": {"body.primary": "model", "body.secondary": "model", "body.tertiary": "model",
+                       "body.callback_url": "no_callback"},
+    "/api/v1/merges/{task_id}": {"path.task_id": "merge"},
+    "/inference/run-model-merge": {"body.primary_model_name": "model", "body.secondary_model_name": "model",
+                                   "body.tertiary_model_name": "model"},
 }
 
 
@@ -154,7 +160,8 @@ def fuzz_world(stack) -> Iterator[Targets]:
     base = stack.api_url
     settings_ = stack.settings()
     store = open_stores(settings_.redis.url, settings_.tasks.retention_seconds).tasks
-    canceller = Canceller(store, (FUZZ_QUEUE, FUZZ_POOL))
+    merges = settings_.merge.queue or settings_.training.queue      # merges go to their pool, not the key's queue
+    canceller = Canceller(store, (FUZZ_QUEUE, FUZZ_POOL, merges))
     canceller.thread.start()
     try:
         yield read_targets(base)
@@ -183,6 +190,7 @@ def read_targets(base: str) -> Targets:
                                                      "sagemaker_endpoint_name": FUZZ_POOL})
     checkpoint = call("POST", f"{base}/checkpoint", json={"checkpoint_type": "Lora", "filenames": [
         {"filename": "fuzzed.safetensors", "parts_number": 2}]})
+    merge = call("POST", f"{base}/api/v1/merges", json={"primary": "sdq-tiny", "secondary": "tiny-single.safetensors"})
     return Targets({
         "model": models,
         "lora": loras,
@@ -196,6 +204,7 @@ def read_targets(base: str) -> Targets:
         "task": [task["task_id"]],
         "aws_job": [job["inference_id"]],
         "checkpoint": [checkpoint["checkpoint"]["id"]],
+        "merge": [merge["id"]],
         "fresh": fresh_ids(),
         "no_callback": [None],     # half the submissions: a valid URL would have the webhook worker call it
     })

@@ -171,7 +171,8 @@ def test_a_merge_waiting_for_the_pool_is_cancelled_and_makes_no_checkpoint(api, 
     busy = start_training(api, make_dataset(api, images=1), max_steps=5000, checkpoint_every=0)
     api.wait_for(busy["id"], lambda t: t["status"] == "processing", timeout=180)
     try:
-        created = start_merge(api, primary=FOLDER, secondary=SINGLE, name=f"never-{uuid.uuid4().hex[:6]}")
+        created = start_merge(api, primary=FOLDER, secondary=SINGLE)
+        assert created["file"] == "0.7(sdq-tiny) + 0.3(tiny-single).safetensors"     # the web UI's name
         assert merge_of(api, created["id"])["status"] == "pending"
         cancelled = api.delete(f"/api/v1/merges/{created['id']}")
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text

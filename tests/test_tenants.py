@@ -534,6 +534,33 @@ def native_trainings(w: World) -> None:
     assert w.call("DELETE", f"/api/v1/trainings/{job_id}", KEY_A).status_code in (200, 202, 409)   # not left queued
 
 
+@covers(("POST", "/api/v1/merges"), ("GET", "/api/v1/merges"), ("GET", "/api/v1/merges/<string:task_id>"),
+        ("DELETE", "/api/v1/merges/<string:task_id>"), ("POST", "/inference/run-model-merge"))
+def model_merges(w: World) -> None:
+    """Another key's checkpoint named in a merge (native or AWS) answers as a missing name; another key's merge
+    answers as a missing one (view, cancel) and is never listed."""
+    mine = FILES["Stable-diffusion"]
+    for role in ("primary", "secondary"):
+        body = {"primary": "sdq-tiny", "secondary": "tiny-single.safetensors"}
+        assert_same(w.call("POST", "/api/v1/merges", KEY_B, json={**body, role: mine}),
+                    w.call("POST", "/api/v1/merges", KEY_B, json={**body, role: MISSING_FILE}), [mine], [MISSING_FILE])
+        aws = {"primary_model_name": "sdq-tiny", "secondary_model_name": "tiny-single.safetensors"}
+        field = f"{role}_model_name"
+        assert_same(w.call("POST", "/inference/run-model-merge", KEY_B, json={**aws, field: mine}),
+                    w.call("POST", "/inference/run-model-merge", KEY_B, json={**aws, field: MISSING_FILE}),
+                    [mine], [MISSING_FILE])
+    job = w.call("POST", "/api/v1/merges", KEY_A, json={"primary": "sdq-tiny", "secondary": "tiny-single.safetensors",
+                                                        "name": f"tenant-merge-{fake_id()[:8]}"})
+    assert job.status_code == 202, job.text
+    job_id, absent = job.json()["id"], fake_id()
+    for method in ("GET", "DELETE"):
+        assert_same(w.call(method, f"/api/v1/merges/{job_id}", KEY_B),
+                    w.call(method, f"/api/v1/merges/{absent}", KEY_B), [job_id], [absent])
+    assert job_id not in {m["id"] for m in w.call("GET", "/api/v1/merges", KEY_B).json()["merges"]}
+    assert job_id in {m["id"] for m in w.call("GET", "/api/v1/merges", KEY_A).json()["merges"]}
+    assert w.call("DELETE", f"/api/v1/merges/{job_id}", KEY_A).status_code in (200, 202, 409)   # not left queued
+
+
 @covers(("POST", "/api/v1/datasets"), ("GET", "/api/v1/datasets"), ("GET", "/api/v1/datasets/<string:name>"),
         ("POST", "/api/v1/datasets/<string:name>/enable"), ("DELETE", "/api/v1/datasets/<string:name>"))
 def native_datasets(w: World) -> None:
