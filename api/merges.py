@@ -103,7 +103,10 @@ def resolve_input(svc: Services, key: ApiKey, role: str, name: str, find: Finder
                                  f"{KIND} checkpoints") from None
     if not name.lower().endswith(OUTPUT_SUFFIX):
         raise MergeProblem(role, f"checkpoint {name!r} is not a .safetensors file; a merge reads .safetensors only")
-    return MergeInput(role, name, uploaded_model(svc, asset), asset)
+    model = uploaded_model(svc, asset)
+    if not key.may_use_model(model.name):           # as /inference/v2 checks an upload (by its worker-side name)
+        raise MergeProblem(role, f"this API key may not use model {name!r}", 403)
+    return MergeInput(role, name, model, asset)
 
 
 def catalog_input(key: ApiKey, role: str, name: str, model: ModelInfo) -> MergeInput:

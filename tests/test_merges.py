@@ -165,6 +165,22 @@ def test_add_difference_from_the_aws_extension_adds_the_secondary_s_tuning(api, 
     assert body["checkpoint"]["s3_location"].startswith(answer["output_path"])
 
 
+def test_an_sdxl_folder_merges_with_an_sdxl_single_file_and_the_result_generates(api, trainer):
+    created = start_merge(api, primary="sdq-tiny-xl", secondary="tiny-xl-single.safetensors", multiplier=0.5,
+                          dtype="fp16", name=f"xl-mix-{uuid.uuid4().hex[:6]}")
+    assert created["family"] == "sdxl"
+    done = api.wait(created["id"], timeout=300)
+    assert done["status"] == "completed", done
+    file = merge_of(api, created["id"])["checkpoint"]["name"]
+    job = api.post("/inference/v2", {"task_type": "txt2img", "models": {"Stable-diffusion": [file]},
+                                     "sagemaker_endpoint_name": "gpu", "prompt": "a merged lighthouse", "steps": 2})
+    assert job.status_code == 200, job.text
+    job_id = job.json()["inference_id"]
+    finished = wait_until(lambda: aws_job(api, job_id)["status"] != "inprogress" and aws_job(api, job_id),
+                          timeout=180, what="the merged SDXL model's image")
+    assert finished["status"] == "succeed", finished
+
+
 def test_a_merge_waiting_for_the_pool_is_cancelled_and_makes_no_checkpoint(api, trainer):
     from tests.test_trainings import make_dataset, start_training
 
