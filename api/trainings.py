@@ -62,12 +62,26 @@ def enabled_dataset(svc: Services, owner: str, name: str) -> Dataset:
     return dataset
 
 
+@dataclass
+class Base:
+    """A base model its dialect resolved itself (an upload of the key: the AWS extension's models) and the
+    files a worker fetches before loading it (JobSpec.assets)."""
+
+    model: ModelInfo
+    assets: list[dict[str, str]]
+
+
 def base_model(svc: Services, key: ApiKey, name: str | None) -> ModelInfo:
     """The catalog model to train on (the default one when none is named): SD 1.x/2.x or SDXL."""
     name = name or svc.catalog.default_model()
     model = svc.catalog.model(name) if name else None
     if model is None:
         raise TrainingProblem("model", f"model {name!r} is not in the model directory; see GET /api/v1/models")
+    return trainable(key, model)
+
+
+def trainable(key: ApiKey, model: ModelInfo) -> ModelInfo:
+    """`model` if this key may use it and the trainer can train on its family; TrainingProblem otherwise."""
     if not key.may_use_model(model.name):
         raise TrainingProblem("model", f"this API key may not use model {model.name!r}", 403)
     if model.family not in TRAINABLE_FAMILIES:
@@ -108,12 +122,12 @@ def training_config(svc: Services, model: ModelInfo, images: int, data: dict[str
             "gradient_checkpointing": bool(data.get("gradient_checkpointing"))}
 
 
-def plan_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str) -> Planned:
+def plan_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str, base: Base | None = None) -> Planned:
     """A validated training request -> the job (JobSpec.training) and its warnings; TrainingProblem if it
-    cannot run."""
+    cannot run. `base`: a base model the dialect resolved (else data["model"] names a catalog model)."""
     owner = key.owner
     dataset = enabled_dataset(svc, owner, data["dataset"])
-    model = base_model(svc, key, data.get("model"))
+    model = trainable(key, base.model) if base else base_model(svc, key, data.get("model"))
     images = [item for item in dataset.items if item.type == "image"]
     config = training_config(svc, model, len(images), data)
     lora_name = data.get("lora_name") or f"{dataset.name}-{task_id[:8]}"
@@ -127,7 +141,8 @@ def plan_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str
                    num_inference_steps=config["max_steps"], guidance_scale=0.0, seed=config["seed"],
                    dialect=data.get("dialect", "native"), family=model.family, training=training,
                    time_limit=svc.settings.training.time_limit, callback_url=data.get("callback_url"),
-                   callback_events=data.get("callback_events") or None, meta=data.get("meta") or {})
+                   callback_events=data.get("callback_events") or None, meta=data.get("meta") or {},
+                   assets=list(base.assets) if base else [])
     return Planned(spec, training_warnings(svc, dataset, len(images)))
 
 
@@ -144,10 +159,12 @@ def training_warnings(svc: Services, dataset: Dataset, images: int) -> list[str]
     return warnings
 
 
-def submit_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str | None = None) -> tuple[str, list[str]]:
-    """Plan and queue a training job on the training pool; its task id and warnings."""
+def submit_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str | None = None,
+                    base: Base | None = None) -> tuple[str, list[str]]:
+    """Plan and queue a training job on the training pool; its task id and warnings (a task id that exists
+    already queues nothing: submit_job is idempotent)."""
     task_id = task_id or new_task_id()
-    planned = plan_training(svc, key, data, task_id)
+    planned = plan_training(svc, key, data, task_id, base)
     if planned.warnings:
         planned.spec.meta = {**planned.spec.meta, "warnings": planned.warnings}
     task_id = submit_job(svc, key.owner, planned.spec, task_id, queue=svc.settings.training.queue)

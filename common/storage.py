@@ -94,6 +94,13 @@ class Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"download of {key} failed: {exc}") from exc
 
+    def open_stream(self, key: str) -> BinaryIO:
+        """An object's bytes as a stream read as it arrives (a model archive is unpacked S3 to S3, never held)."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"download of {key} failed: {exc}") from exc
+
     def read_range(self, key: str, start: int, length: int) -> bytes:
         """`length` bytes of an object from `start` (a ranged GET: a checkpoint's header, not its gigabytes)."""
         if length <= 0:

@@ -59,17 +59,25 @@ def create_checkpoint(svc: Services, data: dict):
             return models_error(400, problem)
     checkpoint = store.new(data["checkpoint_type"], [f["filename"] for f in files], data["params"],
                            current_key().owner)
-    uploads, presigned = {}, []
-    for item in files:
-        key = checkpoint.key_of(item["filename"])
-        upload_id = svc.storage.start_multipart(key, owner_metadata(checkpoint.owner))
-        checkpoint.uploads[item["filename"]] = upload_id
-        uploads[item["filename"]] = {"upload_id": upload_id, "bucket": svc.storage.bucket, "key": key}
-        presigned.append({**uploads[item["filename"]], "filename": item["filename"],
-                          "urls": svc.storage.part_urls(key, upload_id, item["parts_number"])})
+    opened = open_uploads(svc, checkpoint, [(f["filename"], f["parts_number"]) for f in files])
+    uploads = {name: {k: v for k, v in upload.items() if k != "urls"} for name, upload in opened.items()}
+    presigned = [{**uploads[name], "filename": name, "urls": upload["urls"]} for name, upload in opened.items()]
     checkpoint.params = {**checkpoint.params, "created": now_text(), "multipart_upload": uploads}
     store.save(checkpoint)
     return jsonify({"statusCode": 200, "checkpoint": checkpoint_view(svc, checkpoint), "s3PresignUrl": presigned})
+
+
+def open_uploads(svc: Services, checkpoint: Checkpoint, files: list[tuple[str, int]]) -> dict[str, dict]:
+    """One multipart upload per (file name, parts) into the checkpoint, recorded in `checkpoint.uploads` (not
+    saved): name -> {upload_id, bucket, key, urls: a presigned PUT URL per part}."""
+    opened = {}
+    for name, parts in files:
+        key = checkpoint.key_of(name)
+        upload_id = svc.storage.start_multipart(key, owner_metadata(checkpoint.owner))
+        checkpoint.uploads[name] = upload_id
+        opened[name] = {"upload_id": upload_id, "bucket": svc.storage.bucket, "key": key,
+                        "urls": svc.storage.part_urls(key, upload_id, parts)}
+    return opened
 
 
 def complete_uploads(svc: Services, checkpoint: Checkpoint, tags: dict[str, list[dict]]) -> None:
