@@ -73,6 +73,8 @@ def build_services(settings: Settings) -> Services:
                      settings.api.auth_failures_per_minute),
         catalog=Catalog(settings.models_dir, settings.lora_dir, settings.models.default, settings.models.overrides),
         datasets=stores.datasets,
+        train_jobs=stores.train_jobs,
+        model_jobs=stores.model_jobs,
         waits=EventHub(stores.tasks, settings.api.max_waiters, settings.api.max_streams),
     )
 

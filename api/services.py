@@ -20,7 +20,8 @@ from api.waiter import EventHub
 from common.catalog import ModelInfo, list_loras, list_models, pick_default
 from common.queue import MessageBuilder
 from common.storage import Storage
-from common.store import A1111Store, CheckpointStore, DatasetStore, PoolStore, TaskStore, WorkerRegistry
+from common.store import (A1111Store, CheckpointStore, DatasetStore, ModelJob, OwnedRecords, PoolStore, TaskStore,
+                          TrainJob, WorkerRegistry)
 
 CATALOG_TTL = 2.0
 
@@ -78,6 +79,8 @@ class Services:
     catalog: Catalog
     waits: EventHub
     datasets: DatasetStore | None = None
+    train_jobs: OwnedRecords[TrainJob] | None = None      # the AWS extension's training jobs (POST /train)
+    model_jobs: OwnedRecords[ModelJob] | None = None      # and its base models for training (POST /model)
 
 
 _serving: ContextVar[Services | None] = ContextVar("sdq_services", default=None)

@@ -50,6 +50,17 @@ DATASETS = Key("datasets:{owner}", "sorted set", "an API key's dataset names by 
 TRAININGS = Key("trainings:{owner}", "sorted set", "an API key's training jobs (task ids) by creation time (listings)")
 MERGES = Key("merges:{owner}", "sorted set", "an API key's model merges (task ids) by creation time (listings)")
 DATASET_LOCK = Key("dataset-lock:{owner}:{name}", "string", "lock while a dataset is checked or changed")
+TRAIN_JOB = Key("train-job:{owner}:{id}", "string (JSON)",
+                "an AWS SD extension training job of an API key (POST /train: base model, dataset and settings, the "
+                "echoed params, when PUT /train queued its task, whose id is the job's; common/store/trainjobs.py); "
+                "expires `tasks.retention_seconds` after its last write")
+TRAIN_JOBS = Key("train-jobs:{owner}", "sorted set", "an API key's AWS-extension training job ids by creation time")
+MODEL_JOB = Key("model-job:{owner}:{id}", "string (JSON)",
+                "an AWS SD extension \"model\" of an API key (POST /model: a base model for training; status "
+                "Initial / Creating / Complete / Fail, the owned checkpoint or catalog model it is)")
+MODEL_JOBS = Key("model-jobs:{owner}", "sorted set", "an API key's AWS-extension model ids by creation time")
+EXTENSION_LOCK = Key("extension-lock:{owner}:{id}", "string", "lock while an AWS-extension training job or model "
+                     "is started or changed")
 
 
 # --- tasks and their indexes ------------------------------------------------------------------
