@@ -20,6 +20,7 @@ log = logging.getLogger("sdqueue.queue")
 GENERATE_TASK = "sdq.generate"
 CALLBACK_TASK = "sdq.deliver_callback"
 EVENT_CALLBACK_TASK = "sdq.deliver_event"     # a task's intermediate event, to its webhook (callback_events)
+CREATE_MODEL_TASK = "sdq.create_model"         # an AWS-extension model's upload made into a checkpoint (worker/modeljob.py)
 
 # Seconds beyond the job time limit before the broker redelivers an unacked
 # message; the reaper (heartbeats) rescues killed workers' jobs long before.
@@ -49,7 +50,8 @@ def celery_config(settings) -> dict:
         "worker_hijack_root_logger": False,
         "task_routes": {GENERATE_TASK: {"queue": settings.tasks.queue},
                         CALLBACK_TASK: {"queue": settings.callbacks.queue},
-                        EVENT_CALLBACK_TASK: {"queue": settings.callbacks.queue}},
+                        EVENT_CALLBACK_TASK: {"queue": settings.callbacks.queue},
+                        CREATE_MODEL_TASK: {"queue": settings.callbacks.queue}},
         "task_default_queue": settings.tasks.queue,
     }
 
@@ -172,6 +174,11 @@ def redis_list_key(queue: str, priority: int, sep: str, priority_steps: list[int
 def send_callback(app: Celery, task_id: str, queue: str) -> None:
     """Enqueue the webhook delivery of a finished task (CPU queue)."""
     app.send_task(CALLBACK_TASK, args=[task_id], queue=queue, task_id=f"{task_id}-callback")
+
+
+def send_create_model(app: Celery, owner: str, model_id: str, queue: str) -> None:
+    """Enqueue the making of an uploaded model into its checkpoint (the callbacks queue: S3 work, no GPU)."""
+    app.send_task(CREATE_MODEL_TASK, args=[owner, model_id], queue=queue)
 
 
 def send_event_callback(app: Celery, task_id: str, kind: str, data: dict, queue: str) -> None:

@@ -29,7 +29,8 @@ from common.events import STEP_KINDS, started_data, wanted_events
 from common.queue import GENERATE_TASK, hand_over_callback, send_event_callback
 from common.storage import Storage, task_metadata
 from common.store.checkpoints import CheckpointStore
-from common.store import Claim, NoPick, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry, WorkerState
+from common.store import (Claim, ModelJob, NoPick, OwnedRecords, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry,
+                          WorkerState)
 from worker.assets import asset_dirs, ensure_assets
 from worker.embeddings import sync_embeddings
 from worker.generation import (DROPPING, BatchMember, GenerationResult, generate, generate_batch, is_out_of_memory,
@@ -63,6 +64,7 @@ class JobContext:
     ledger: Ledger = field(default_factory=Ledger)
     taesd: TaesdCache | None = None   # TAESD preview decoders, when models/taesd holds any (worker/previews.py)
     checkpoints: CheckpointStore | None = None   # where a training job or a merge records the checkpoint it made
+    model_jobs: OwnedRecords[ModelJob] | None = None   # the AWS extension's models (worker/modeljob.py)
 
 
 def owed_tasks(ctx: JobContext) -> list[str]:

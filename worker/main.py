@@ -168,7 +168,8 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     watch.start()
     outputs = OutputStage(settings.worker.output_depth)
     ctx = JobContext(settings, stores.tasks, stores.workers, storage, registry, celery, info, watch, outputs,
-                     info.max_batch, taesd=TaesdCache(settings.models_dir), checkpoints=stores.checkpoints)
+                     info.max_batch, taesd=TaesdCache(settings.models_dir), checkpoints=stores.checkpoints,
+                     model_jobs=stores.model_jobs)
     watch.notify = lambda task_id, kind, data: send_event_callback(celery, task_id, kind, data,
                                                                     settings.callbacks.queue)
     register_tasks(celery, lambda: ctx)

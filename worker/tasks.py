@@ -15,8 +15,9 @@ from celery.utils.time import get_exponential_backoff_interval
 
 from common.errors import TaskNotFound
 from common.netguard import Refused, callback_guard
-from common.queue import CALLBACK_TASK, EVENT_CALLBACK_TASK, GENERATE_TASK
+from common.queue import CALLBACK_TASK, CREATE_MODEL_TASK, EVENT_CALLBACK_TASK, GENERATE_TASK
 from worker.jobs import JobContext, run_delivery
+from worker.modeljob import create_model
 from worker.webhook import RetryableDelivery, build_event_payload, build_payload, deliver
 
 log = logging.getLogger("sdqueue.worker")
@@ -77,7 +78,7 @@ def deliver_event_callback(ctx: JobContext, task_id: str, kind: str, data: dict,
 
 
 def register_tasks(app: Celery, get_context: Callable[[], JobContext]) -> None:
-    """Attach the generate and callback task bodies to `app`."""
+    """Attach the generate, callback and create-model task bodies to `app`."""
     settings = get_context().settings
 
     # Redis/broker errors (after the client's own retries) are not the job's fault:
@@ -116,3 +117,10 @@ def register_tasks(app: Celery, get_context: Callable[[], JobContext]) -> None:
                 log.warning("dropping the %s event webhook of %s: %s", kind, task_id, exc)
                 return None
             raise self.retry(exc=exc, countdown=self.request.retries + 1)
+
+    # An uploaded model made into its checkpoint (S3 to S3, on the callbacks queue); Redis errors retry it, the
+    # rest ends the model in Fail (worker/modeljob.py), and a rerun after Complete changes nothing.
+    @app.task(name=CREATE_MODEL_TASK, acks_late=True, autoretry_for=(redis.RedisError,), retry_backoff=True,
+              retry_backoff_max=60, max_retries=10)
+    def create_model_task(owner: str, model_id: str) -> str | None:
+        return create_model(get_context(), owner, model_id)

@@ -24,6 +24,7 @@ from api.auth import bearer_token, current_key
 from api.dialects.a1111 import screen_fields
 from api.dialects.aws import schemas
 from api.dialects.aws.errors import DIALECT, INFERENCE_BLUEPRINT, forbidden, inference_error, not_allowed
+from api.dialects.aws.trainings import create_train_job_from
 from api.dialects.aws.translate import (build_inference_jobspec, job_view, output_prefix, pool_view, resolve_loras,
                                         resolve_model, unrecorded_pool)
 from api.errors import flatten_messages
@@ -194,6 +195,21 @@ def test_connection():
 def inference_v2():
     """Queue a txt2img/img2img job on the pool `sagemaker_endpoint_name` names; answers at once."""
     return run_inference(services(), request.get_json(silent=True))
+
+
+@blp.route("/inference/v2/<string:job_id>/run", methods=["PUT"])
+@submit_limited
+@blp.doc(security=SECURITY, requestBody={**json_body("POST /train's body (the extension's document lists this route "
+                                                     "as \"start training job\" with that body); without one, the "
+                                                     "job's get-inference-job view", schemas.TrainJobCreate()),
+                                         "required": False})
+def run_job(job_id: str):
+    """A training body creates a training job, as POST /train (the document's mislabel, served as such); else
+    inference job `job_id` of this key as get-inference-job shows it (its run started when it was created)."""
+    raw = request.get_json(silent=True)
+    if isinstance(raw, dict) and "train_type" in raw:
+        return create_train_job_from(services(), raw)
+    return jsonify(job_view(owned_job(services(), job_id)))
 
 
 @blp.route("/inference/get-inference-job", methods=["GET"])

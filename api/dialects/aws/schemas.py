@@ -8,16 +8,18 @@ with the extension's names, camelCase included.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 from marshmallow import ValidationError, fields, pre_load, validate, validates, validates_schema
 
 from api.dialects.a1111 import Img2ImgRequest, Txt2ImgRequest
 from api.schemas import BaseSchema, JsonSize, LooseInteger, SettingRange, StrictFloat, limit
 from common.store.checkpoints import CHECKPOINT_TYPES, FILE_SUFFIXES, STATUSES, filename_problem
+from common.store.checkpoints import FILENAME as CHECKPOINT_FILENAME
 from common.store.datasets import STATUSES as DATASET_STATUSES
 from common.store.datasets import item_name_problem
 from common.store.datasets import name_problem as dataset_name_problem
+from common.store.trainjobs import MODEL_STATUSES, TRAIN_STATUSES
 
 
 TASK_TYPES = ("txt2img", "img2img")
@@ -237,3 +239,111 @@ class ExtensionDatasetUpdate(BaseSchema):
 
 class ExtensionDatasetsQuery(BaseSchema):
     dataset_status = fields.List(fields.String(validate=validate.OneOf(DATASET_STATUSES)), load_default=list)
+
+
+# --- training jobs and their base models (the extension's first training API) -----------------------
+MODEL_UPLOAD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".safetensors", ".ckpt")
+TRAIN_TYPES_OF_LORA = ("dreambooth", "kohya")
+
+
+def dict_entries(*names: str) -> Callable[[dict], None]:
+    """A validator: each of these entries of a free-form dict, when present, is a JSON object."""
+    def check(value: dict) -> None:
+        wrong = [name for name in names if name in value and not isinstance(value[name], dict)]
+        if wrong:
+            raise ValidationError({name: ["must be a JSON object"] for name in wrong})
+    return check
+
+
+def plain_upload_name(suffixes: tuple[str, ...]) -> Callable[[str], None]:
+    """A validator: a plain file name (as checkpoint files are named) with one of these suffixes."""
+    def check(value: str) -> None:
+        if not CHECKPOINT_FILENAME.match(value) or ".." in value:
+            raise ValidationError(f"{value!r} is not a plain file name (letters, digits, ' ._-()+[]', at most 200)")
+        if not value.lower().endswith(suffixes):
+            raise ValidationError(f"{value!r} must end in one of {', '.join(suffixes)}")
+    return check
+
+
+class TrainJobCreate(BaseSchema):
+    """POST /train: a LoRA training job in Initial (PUT /train starts it)."""
+
+    train_type = fields.String(required=True, validate=validate.Length(1, 64), metadata={
+        "description": "Recorded and echoed (the extension sends Stable-diffusion, or Lora for LoRA jobs)"})
+    model_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=64), metadata={
+        "description": "A Complete model of this key (POST /model) to train on; kohya: training_params.s3_model_path"})
+    params = fields.Dict(required=True, validate=[JsonSize(), dict_entries("training_params", "config_params")],
+                         metadata={"description": "{training_params: {data_tar_list | s3_data_path, s3_model_path?, "
+                                                  "class_data_tar_list?, training_instance_type?}, config_params: "
+                                                  "{concepts_list, model_name | output_name, num_train_epochs, "
+                                                  "use_lora, ...}}: docs/compat/aws-extension.md says what is used; "
+                                                  "stored and echoed"})
+    filenames = fields.List(fields.String(validate=plain_upload_name(FILE_SUFFIXES + (".tar", ".json", ".toml"))),
+                            load_default=None, allow_none=True, validate=validate.Length(max=20), metadata={
+                                "description": "Files the client uploads into the job's input_location (presigned "
+                                               "PUT URLs in s3PresignUrl); stored, not read"})
+    lora_train_type = fields.String(load_default="dreambooth", validate=validate.OneOf(TRAIN_TYPES_OF_LORA))
+    creator = fields.String(load_default="", validate=validate.Length(max=200), metadata={
+        "description": "Accepted and ignored (the key is the owner)"})
+
+    @validates("params")
+    def training_params_present(self, value: dict, **_: Any) -> None:
+        if not isinstance(value.get("training_params"), dict):
+            raise ValidationError({"training_params": ["a JSON object is required"]})
+
+
+class TrainJobUpdate(BaseSchema):
+    """PUT /train: {"train_job_id", "status": "Training"} starts an Initial job."""
+
+    train_job_id = fields.String(required=True, validate=validate.Length(1, 64))
+    status = fields.String(required=True, validate=validate.Length(1, 64), metadata={
+        "description": "Training starts the job; the extension answers other values with a `msg`"})
+
+
+class TrainJobsQuery(BaseSchema):
+    types = fields.List(fields.String(validate=validate.Length(1, 64)), load_default=list, metadata={
+        "description": "train_type values to list (repeat the parameter for several)"})
+    status = fields.List(fields.String(validate=validate.OneOf(TRAIN_STATUSES)), load_default=list)
+
+
+class ModelJobFile(BaseSchema):
+    filename = fields.String(required=True, validate=plain_upload_name(MODEL_UPLOAD_SUFFIXES), metadata={
+        "description": "A .tar (.tar.gz, .tgz) holding a .safetensors or .ckpt checkpoint, or the checkpoint itself"})
+    parts_number = LooseInteger(load_default=1, validate=validate.Range(1, MAX_PARTS))
+
+
+class ModelJobCreate(BaseSchema):
+    """POST /model: a base model for training, uploaded (filenames) or naming one (checkpoint_id, ckpt_path)."""
+
+    model_type = fields.String(required=True, validate=validate.OneOf(("Stable-diffusion",)))
+    name = fields.String(required=True, validate=validate.Length(1, 100), metadata={
+        "description": "Letters, digits and '_.-': the checkpoint made from an upload is {name}.safetensors (or .ckpt)"})
+    params = fields.Dict(load_default=dict, validate=[JsonSize(), dict_entries("create_model_params")], metadata={
+        "description": "Stored and echoed; create_model_params.ckpt_path may name the model (without filenames)"})
+    filenames = fields.List(fields.Nested(ModelJobFile), load_default=list, validate=validate.Length(max=1), metadata={
+        "description": "The one file to upload (presigned part URLs in s3PresignUrl)"})
+    checkpoint_id = fields.String(load_default="", allow_none=True, validate=validate.Length(max=64), metadata={
+        "description": "Instead of filenames: an Active Stable-diffusion checkpoint of this key"})
+    creator = fields.String(load_default="", validate=validate.Length(max=200), metadata={
+        "description": "Accepted and ignored (the key is the owner)"})
+
+    @validates("name")
+    def plain(self, value: str, **_: Any) -> None:
+        if problem := dataset_name_problem(value):
+            raise ValidationError(problem.replace("dataset name", "model name"))
+
+
+class ModelJobUpdate(BaseSchema):
+    """PUT /model: status Creating completes the upload and makes the model (or Fail)."""
+
+    model_id = fields.String(required=True, validate=validate.Length(1, 64))
+    status = fields.String(required=True, validate=validate.OneOf(MODEL_STATUSES))
+    multi_parts_tags = fields.Dict(keys=fields.String(validate=validate.Length(1, 255)),
+                                   values=fields.List(fields.Nested(PartTag), validate=validate.Length(max=MAX_PARTS)),
+                                   load_default=dict, validate=validate.Length(max=20), metadata={
+                                       "description": "file name -> [{ETag, PartNumber}]; omitted: the parts S3 holds"})
+
+
+class ModelJobsQuery(BaseSchema):
+    types = fields.List(fields.String(validate=validate.Length(1, 64)), load_default=list)
+    status = fields.List(fields.String(validate=validate.OneOf(MODEL_STATUSES)), load_default=list)
