@@ -453,27 +453,6 @@ def a1111_saved_copies(w: World) -> None:
             assert not any(n.endswith(f"-{other}.png") for n in names)   # never among another key's copies
 
 
-CASE_LIST = list(dict.fromkeys(CASES.values()))
-
-
-def test_every_route_has_a_case(stack):
-    """Every route of the app is either proved by a case or listed as naming no object of a key."""
-    from api import create_app
-    from common.settings import load_settings
-
-    app = create_app(load_settings(env=stack.env()))
-    routes = {(method, rule.rule) for rule in app.url_map.iter_rules()
-              for method in rule.methods - {"HEAD", "OPTIONS"}}
-    assert not set(CASES) & set(NO_OBJECT)
-    assert routes - set(CASES) - set(NO_OBJECT) == set(), "a route without a tenant-matrix case (or NO_OBJECT entry)"
-    assert (set(CASES) | set(NO_OBJECT)) - routes == set(), "stale entries: these routes are gone"
-
-
-@pytest.mark.parametrize("case", CASE_LIST, ids=lambda case: case.__name__)
-def test_another_keys_object_answers_as_a_missing_one(case, world):
-    case(world)
-
-
 @covers(("POST", "/dataset"), ("PUT", "/dataset"), ("GET", "/datasets"), ("GET", "/<string:dataset_name>/data"))
 def aws_datasets(w: World) -> None:
     """Another key's dataset answers as a missing one (data, status change), is never listed, and its name is
@@ -573,3 +552,107 @@ def native_datasets(w: World) -> None:
                     [name], [missing])
     assert name not in {d["name"] for d in w.call("GET", "/api/v1/datasets", KEY_B).json()["datasets"]}
     assert name in {d["name"] for d in w.call("GET", "/api/v1/datasets", KEY_A).json()["datasets"]}   # not deleted
+
+
+def enabled_aws_dataset(w: World, key: str, name: str) -> str:
+    """An Enabled dataset of `key` made through the AWS extension's routes; its s3 location."""
+    content = [{"filename": "a.png", "name": "a.png", "type": "png"}]
+    created = w.call("POST", "/dataset", key, json={"dataset_name": name, "content": content})
+    assert created.status_code == 200, created.text
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 200, 30)).save(image, "PNG")
+    assert requests.put(created.json()["s3PresignUrl"]["a.png"], data=image.getvalue(), timeout=30).status_code == 200
+    assert w.call("PUT", "/dataset", key, json={"dataset_name": name, "status": "Enabled"}).status_code == 200
+    return next(d["s3"] for d in w.call("GET", "/datasets", key).json()["datasets"] if d["datasetName"] == name)
+
+
+def train_body(data: str, model_id: str | None = None) -> dict:
+    body = {"train_type": "Stable-diffusion", "params": {
+        "training_params": {"data_tar_list": [data], "class_data_tar_list": [""]},
+        "config_params": {"concepts_list": [{"instance_prompt": "sks"}], "num_train_epochs": 1, "resolution": 64}}}
+    return {**body, "model_id": model_id} if model_id else body
+
+
+@covers(("POST", "/train"), ("PUT", "/train"), ("GET", "/trains"), ("PUT", "/inference/v2/<string:job_id>/run"))
+def aws_train_jobs(w: World) -> None:
+    """Another key's training job, dataset (by s3 location or name) or model answers as a missing one when named
+    in the AWS extension's training routes; its jobs are never listed; PUT /inference/v2/{id}/run on another key's
+    inference job is the same 404 as on a missing one."""
+    name, missing = f"tenant-tr-{fake_id()[:8]}", f"tenant-tr-{fake_id()[:8]}"
+    s3 = enabled_aws_dataset(w, KEY_A, name)
+    twin = s3[: -len(name)] + missing                    # the same place, a name A does not have
+    model = w.call("POST", "/model", KEY_A, json={"model_type": "Stable-diffusion", "name": "tenant-base",
+                                                  "params": {"create_model_params": {"ckpt_path": "sdq-tiny"}}})
+    assert model.json()["job"]["status"] == "Complete", model.text
+    model_id, absent = model.json()["job"]["id"], fake_id()
+    created = w.call("POST", "/train", KEY_A, json=train_body(s3, model_id))
+    assert created.status_code == 200, created.text
+    job = created.json()["job"]["id"]                    # left Initial: nothing is queued
+    own = enabled_aws_dataset(w, KEY_B, f"tenant-trb-{fake_id()[:8]}")   # B's: its model_id is what is checked
+    for method, route in (("POST", "/train"), ("PUT", f"/inference/v2/{fake_id()}/run")):
+        pairs = [(s3, twin, lambda data: train_body(data)), (name, missing, lambda data: train_body(data)),
+                 (model_id, absent, lambda model: train_body(own, model))]
+        for theirs, nobody, naming in pairs:
+            assert_same(w.call(method, route, KEY_B, json=naming(theirs)),
+                        w.call(method, route, KEY_B, json=naming(nobody)), [theirs], [nobody])
+    for status in ("Training", "Stopped"):
+        assert_same(w.call("PUT", "/train", KEY_B, json={"train_job_id": job, "status": status}),
+                    w.call("PUT", "/train", KEY_B, json={"train_job_id": absent, "status": status}), [job], [absent])
+    assert job not in {j["id"] for j in w.call("GET", "/trains", KEY_B).json()["trainJobs"]}
+    mine = {j["id"]: j for j in w.call("GET", "/trains", KEY_A).json()["trainJobs"]}
+    assert mine[job]["status"] == "Initial"                      # B started nothing
+    missing_job = fake_id()
+    assert_same(w.call("PUT", f"/inference/v2/{w.job}/run", KEY_B), w.call("PUT", f"/inference/v2/{missing_job}/run", KEY_B),
+                [w.job], [missing_job])
+    assert w.call("PUT", f"/inference/v2/{w.job}/run", KEY_A).json()["status"] == "succeed"
+
+
+@covers(("POST", "/model"), ("PUT", "/model"), ("GET", "/models"))
+def aws_models(w: World) -> None:
+    """Another key's model answers as a missing one (PUT /model), is never listed; another key's checkpoint, by
+    id or file name, cannot become this key's model (the same 400 as a missing one)."""
+    sd = w.checkpoints["Stable-diffusion"]
+    mine = w.call("POST", "/model", KEY_A, json={"model_type": "Stable-diffusion", "name": "tenant-upload",
+                                                 "filenames": [{"filename": "tenant.tar"}]})
+    assert mine.status_code == 200, mine.text
+    model, absent = mine.json()["job"]["id"], fake_id()
+    for status in ("Creating", "Fail"):
+        assert_same(w.call("PUT", "/model", KEY_B, json={"model_id": model, "status": status}),
+                    w.call("PUT", "/model", KEY_B, json={"model_id": absent, "status": status}), [model], [absent])
+    missing = fake_id()
+
+    def naming(**source: Any) -> requests.Response:
+        return w.call("POST", "/model", KEY_B, json={"model_type": "Stable-diffusion", "name": "tenant-b", **source})
+
+    assert_same(naming(checkpoint_id=sd["id"]), naming(checkpoint_id=missing), [sd["id"]], [missing])
+    assert_same(naming(params={"create_model_params": {"ckpt_path": FILES["Stable-diffusion"]}}),
+                naming(params={"create_model_params": {"ckpt_path": MISSING_FILE}}),
+                [FILES["Stable-diffusion"]], [MISSING_FILE])
+    assert model not in {m["id"] for m in w.call("GET", "/models", KEY_B).json()["models"]}
+    listed = {m["id"]: m for m in w.call("GET", "/models", KEY_A).json()["models"]}
+    assert listed[model]["status"] == "Initial"                  # B changed nothing
+    by_file = w.call("POST", "/model", KEY_A, json={"model_type": "Stable-diffusion", "name": "tenant-named",
+                                                    "params": {"create_model_params": {"ckpt_path": FILES["Stable-diffusion"]}}})
+    assert by_file.json()["job"]["status"] == "Complete", by_file.text   # A's own file is usable by A
+
+
+# --- the tests (after every case: parametrize reads CASE_LIST when it is declared) ----------------------
+CASE_LIST = list(dict.fromkeys(CASES.values()))
+
+
+def test_every_route_has_a_case(stack):
+    """Every route of the app is either proved by a case or listed as naming no object of a key."""
+    from api import create_app
+    from common.settings import load_settings
+
+    app = create_app(load_settings(env=stack.env()))
+    routes = {(method, rule.rule) for rule in app.url_map.iter_rules()
+              for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert not set(CASES) & set(NO_OBJECT)
+    assert routes - set(CASES) - set(NO_OBJECT) == set(), "a route without a tenant-matrix case (or NO_OBJECT entry)"
+    assert (set(CASES) | set(NO_OBJECT)) - routes == set(), "stale entries: these routes are gone"
+
+
+@pytest.mark.parametrize("case", CASE_LIST, ids=lambda case: case.__name__)
+def test_another_keys_object_answers_as_a_missing_one(case, world):
+    case(world)
