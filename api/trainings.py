@@ -140,7 +140,8 @@ def plan_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str
     spec = JobSpec(prompt="", model=model.name, width=config["resolution"], height=config["resolution"],
                    num_inference_steps=config["max_steps"], guidance_scale=0.0, seed=config["seed"],
                    dialect=data.get("dialect", "native"), family=model.family, training=training,
-                   time_limit=svc.settings.training.time_limit, callback_url=data.get("callback_url"),
+                   time_limit=svc.settings.training.time_limit, max_attempts=svc.settings.training.max_attempts,
+                   callback_url=data.get("callback_url"),
                    callback_events=data.get("callback_events") or None, meta=data.get("meta") or {},
                    assets=list(base.assets) if base else [])
     return Planned(spec, training_warnings(svc, dataset, len(images)))

@@ -18,7 +18,7 @@ _OMIT_WHEN_EMPTY = frozenset({"scheduler_config", "sampler_name", "batch_size", 
                               "save_copy_dir", "meta", "assets", "output_stem", "sidecar_key", "refiner",
                               "refiner_switch", "family", "inpaint_fill", "inpaint_area", "prompt_syntax",
                               "hires", "controlnet", "extras", "preview_every", "callback_events",
-                              "training", "time_limit", "merge"})
+                              "training", "time_limit", "max_attempts", "merge"})
 
 
 ZERO_NEGATIVE_FAMILIES = (None, "sdxl", "sdxl-refiner")   # a missing negative prompt is zeros, not ""
@@ -87,6 +87,7 @@ class JobSpec:
     # "lora_name", "state_key" (its resumable checkpoint in S3); `model` is the base model. No images are made.
     training: dict[str, Any] | None = None
     time_limit: int = 0              # seconds this job may run (0: tasks.time_limit); training sets its own
+    max_attempts: int = 0            # workers that may die running it before it fails (0: tasks.max_attempts)
     # A model merge (api/merges.py, worker/mergejob.py): "inputs" [{"role" (primary | secondary | tertiary), "name"
     # (as the client named it), "source" (catalog | checkpoint), "model" (a catalog model's name), "asset" (the key's
     # checkpoint file to fetch)}], "method" (weighted_sum | add_difference), "multiplier", "dtype" (keep | float16 |

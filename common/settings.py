@@ -159,6 +159,9 @@ OPTIONS: tuple[Option, ...] = (
            "with --pool train. Set it to tasks.queue to let inference workers train too."),
     Option("training.time_limit", int, 6 * 3600, "Longest a training job may run (its own limit, instead of "
            "tasks.time_limit); a rerun after a killed worker starts a new limit from its checkpoint."),
+    Option("training.max_attempts", int, 10, "Workers that may die running one training job before it fails "
+           "(instead of tasks.max_attempts): each rolling restart of a trainer kills its run, which resumes from its "
+           "last checkpoint."),
     Option("training.max_steps", int, 20000, "Most optimizer steps one training job may ask for."),
     Option("training.checkpoint_every", int, 100, "Default steps between a training job's resumable checkpoints in S3."),
     Option("training.prefix", str, "trainings", "Key prefix of training checkpoints: s3://{bucket}/{prefix}/{task}/state.pt."),

@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,25 @@ def test_a_heartbeat_rewritten_by_the_scheduler_keeps_its_lists():
 
     info = worker_from_json('{"id": "w", "name": "w", "device": "cpu", "queues": ["q"], "jobs": {}, "speedups": {}}')
     assert info.jobs == [] and info.speedups == []
+
+
+def test_a_training_job_s_own_limit_and_attempts_bound_it_instead_of_the_task_settings(store, queue, settings):
+    """A training job runs for hours and resumes after each restart: the reaper reads its own time limit and
+    attempts from its hash (JobSpec.time_limit / max_attempts), not tasks.time_limit / tasks.max_attempts."""
+    from common.queue import MessageBuilder
+    from tests.test_taskstore import spec
+
+    task_id = str(uuid.uuid4())
+    store.create(task_id, "owner-x", replace(spec(), time_limit=3600, max_attempts=5), queue)
+    take(store, queue, "trainer-1")
+    running = running_job(store, task_id)
+    assert (running.time_limit, running.max_attempts) == (3600, 5)
+    now = running.started_at
+    assert rescue_reason(running, worker([task_id], now + 700), RULES, now + 700) is None     # past 600 + 60 s
+    assert rescue_reason(running, worker([task_id], now + 3661), RULES, now + 3661) == "overdue"
+    messages = MessageBuilder(create_celery(settings))
+    for attempt in range(1, 5):                        # four deaths resend it (tasks.max_attempts would fail the 3rd)
+        assert rescue(store, messages, running_job(store, task_id), RULES, "test") is RequeueOutcome.REQUEUED
+        take(store, queue, f"trainer-{attempt + 1}")
+    assert rescue(store, messages, running_job(store, task_id), RULES, "test") is RequeueOutcome.FAILED
+    assert store.get(task_id).error == "the worker running this job died 5 times; giving up"

@@ -17,7 +17,9 @@ one) looks at every processing job each pass:
 
 The old attempt, if it ever wakes, finds a newer attempt (or a final state)
 and writes nothing, so no job is run to completion twice. A job that killed
-`tasks.max_attempts` workers is failed instead of taking down the next one.
+`tasks.max_attempts` workers (a training job: `training.max_attempts`, since
+rolling restarts kill its long runs too and it resumes from a checkpoint) is
+failed instead of taking down the next one.
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ def rescue_reason(job: RunningJob, worker: WorkerInfo | None, rules: ReaperRules
 def rescue(store: TaskStore, messages: MessageBuilder, job: RunningJob, rules: ReaperRules, why: str,
            give_up: str = "") -> RequeueOutcome:
     """Requeue `job` as its next attempt (or fail it with `give_up`); a job that ends here hears its webhook."""
-    result = store.requeue(job, messages.generate(job.task_id, job.attempt + 1, job.queue), rules.max_attempts,
+    attempts = job.max_attempts or rules.max_attempts
+    result = store.requeue(job, messages.generate(job.task_id, job.attempt + 1, job.queue), attempts,
                            give_up)
     if result.outcome is RequeueOutcome.REQUEUED:
         log.warning("task %s: %s; resent as attempt %d", job.task_id, why, result.attempt)
@@ -88,7 +91,7 @@ def rescue(store: TaskStore, messages: MessageBuilder, job: RunningJob, rules: R
         log.warning("task %s: %s; the client had cancelled it: cancelled", job.task_id, why)
     elif result.outcome is RequeueOutcome.FAILED:
         log.error("task %s: %s; failed: %s", job.task_id, why,
-                  give_up or f"{rules.max_attempts} workers died running it")
+                  give_up or f"{attempts} workers died running it")
     if result.outcome in (RequeueOutcome.CANCELLED, RequeueOutcome.FAILED):
         notify_callback(store, messages, job.task_id, rules.callbacks_queue)
     return result.outcome

@@ -79,6 +79,7 @@ class RunningJob:
     priority: str
     started_at: float = 0.0   # when this attempt was taken (the taking worker's clock)
     time_limit: float = 0.0   # the job's own time limit (JobSpec.time_limit, a training job's); 0: tasks.time_limit
+    max_attempts: int = 0     # the job's own attempts (JobSpec.max_attempts, a training job's); 0: tasks.max_attempts
 
 
 FINAL_EVENTS = ("completed", "failed", "cancelled")

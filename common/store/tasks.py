@@ -214,6 +214,8 @@ class TaskStore:
                   "updated_at": stamp, "batch": spec.batch_key(), "images": spec.num_images}
         if spec.time_limit:
             fields["time_limit"] = spec.time_limit      # the reaper's limit for this job (RunningJob.time_limit)
+        if spec.max_attempts:
+            fields["max_attempts"] = spec.max_attempts  # and its own attempts (RunningJob.max_attempts)
         outcome = self._evalsha_direct(
             self._create,
             [keys.TASK(task_id), keys.OWNER_TASKS(owner), message.list_key if message else "", keys.PENDING(queue),
@@ -534,7 +536,7 @@ class TaskStore:
 
     # --- reaper ---------------------------------------------------------
     _RUNNING_FIELDS = ("status", "worker", "attempt", "queue", "model", "owner", "priority", "started_at",
-                       "time_limit")
+                       "time_limit", "max_attempts")
 
     def running(self, task_ids: list[str] | None = None) -> list[RunningJob]:
         """Every processing task (or those of `task_ids` that are); entries of tasks that are no longer
@@ -544,13 +546,13 @@ class TaskStore:
         for task_id in ids:
             pipe.hmget(keys.TASK(task_id), *self._RUNNING_FIELDS)
         out, gone = [], []
-        for task_id, (status, worker, attempt, queue, model, owner, priority, started, limit) in zip(ids,
-                                                                                                   pipe.execute()):
+        for task_id, (status, worker, attempt, queue, model, owner, priority, started, limit, attempts) in zip(
+                ids, pipe.execute()):
             if status != TaskStatus.PROCESSING.value:
                 gone.append(task_id)
                 continue
             out.append(RunningJob(task_id, worker or "", int(attempt or 0), queue or "", model, owner, priority or "",
-                                  float(started or 0), float(limit or 0)))
+                                  float(started or 0), float(limit or 0), int(attempts or 0)))
         if gone:
             self.client.zrem(keys.RUNNING(), *gone)
         return out
