@@ -11,7 +11,7 @@ from __future__ import annotations
 from botocore.exceptions import BotoCoreError, ClientError
 
 from api.services import Services
-from common.catalog import DEFAULT_SINGLE_FILE_FAMILY, WEIGHT_SUFFIXES, ModelInfo, single_file_model
+from common.catalog import DEFAULT_SINGLE_FILE_FAMILY, WEIGHT_SUFFIXES, ModelInfo, owned_dir, single_file_model
 from common.checkpoint_keys import family_from_keys, parse_safetensors_header
 from common.store import CheckpointStore
 
@@ -42,7 +42,7 @@ def uploaded_model(svc: Services, asset: dict[str, str]) -> ModelInfo:
         if len(_UPLOAD_FAMILIES) >= _UPLOAD_FAMILIES_KEPT:
             _UPLOAD_FAMILIES.pop(next(iter(_UPLOAD_FAMILIES)))
         _UPLOAD_FAMILIES[asset["key"]] = family
-    return single_file_model(asset["name"], svc.settings.models_dir / asset["name"], family,
+    return single_file_model(asset["name"], owned_dir(svc.settings.models_dir) / asset["name"], family,
                              svc.catalog.overrides.get(asset["name"]))
 
 

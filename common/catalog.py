@@ -131,9 +131,34 @@ def list_models(models_dir: Path, overrides: Mapping[str, Mapping] | None = None
     return found
 
 
+OWNED_DIR = ".owned"   # under the model and LoRA directories: the keys' own files workers fetched (owned_dir)
+
+
 def find_model(models_dir: Path, name: str, overrides: Mapping[str, Mapping] | None = None) -> ModelInfo | None:
     """The model called `name`, or None."""
     return next((m for m in list_models(models_dir, overrides) if m.name == name), None)
+
+
+def owned_dir(base: Path) -> Path:
+    """Where a worker keeps the keys' own files (uploaded or made checkpoints and LoRAs) it fetched from S3.
+
+    Why a hidden folder: the model and LoRA directories are shared listings
+    (every key sees them, and the default model is their first entry); a
+    key's own file copied there would show in them and be usable by every
+    key under its worker-side name. Dot-names are never listed.
+    """
+    return base / OWNED_DIR
+
+
+def locate_model(models_dir: Path, name: str, overrides: Mapping[str, Mapping] | None = None) -> ModelInfo | None:
+    """A model of the shared directory, else a key's own file a job fetched (its name holds the checkpoint id)."""
+    return find_model(models_dir, name, overrides) or find_model(owned_dir(models_dir), name, overrides)
+
+
+def worker_loras(lora_dir: Path) -> dict[str, Path]:
+    """The LoRA files a worker may apply: the shared directory's, and the keys' own that jobs fetched (a job
+    names those by their worker-side names, which no listing shows)."""
+    return {**list_loras(owned_dir(lora_dir)), **list_loras(lora_dir)}
 
 
 def pick_default(configured: str, models: list[ModelInfo]) -> str | None:

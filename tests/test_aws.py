@@ -142,7 +142,8 @@ def test_aws_extension_scenario_on_a_pool_of_its_own(stack, settings, storage, b
         assert job["status"] == "succeed", job
         assert job["image_names"] == ["image_0.jpg"] and job["endpoint"] == POOL
         assert job["inference_info_name"] == f"out/{job_id}/result/{job_id}_param.json"
-        local = models / f"v1-5-pruned-emaonly-{checkpoint['id'][:8]}.safetensors"   # fetched from S3
+        # Fetched from S3 into the hidden folder of the keys' own files, never into the shared listing.
+        local = models / ".owned" / f"v1-5-pruned-emaonly-{checkpoint['id'][:8]}.safetensors"
         assert local.read_bytes() == model_bytes and job["checkpoint"] == local.name
         view = endpoint(base, POOL)
         assert view["endpoint_status"] == "InService" and view["status"] == "success"
@@ -164,7 +165,8 @@ def test_aws_extension_scenario_on_a_pool_of_its_own(stack, settings, storage, b
 
         lora_result = wait_job(base, lora_job)
         assert lora_result["status"] == "succeed", lora_result
-        assert (loras / f"uploaded_style-{uploaded['id'][:8]}.safetensors").read_bytes() == lora
+        assert (loras / ".owned" / f"uploaded_style-{uploaded['id'][:8]}.safetensors").read_bytes() == lora
+        assert not list(loras.glob("*.safetensors")) and [p.name for p in models.iterdir()] == [".owned", "sdq-tiny"]
         (lora_params_url,) = requests.get(f"{base}/inference/get-inference-job-param-output",
                                           params={"jobID": lora_job}, headers=headers()).json()
         infotext = json.loads(json.loads(fetch(lora_params_url))["info"])["infotexts"][0]

@@ -214,6 +214,8 @@ def test_a_model_uploaded_as_a_tar_becomes_a_checkpoint_and_is_trained_on(api, t
     native = api.get(f"/api/v1/trainings/{job['id']}").json()
     assert native["model"] == f"{name}-{model['checkpoint_id'][:8]}.safetensors"   # the worker's copy of the upload
     assert native["config"]["trigger_word"] == "sks" and native["lora"]["name"] == lora
+    shared = [m["name"] for m in api.get("/api/v1/models").json()["models"]]
+    assert native["model"] not in shared         # the key's own checkpoint stays out of the shared catalog
 
 
 def test_a_model_may_name_what_exists_and_a_bad_upload_fails_with_its_reason(api, settings):

@@ -165,7 +165,7 @@ def test_catalog_endpoints(api):
         **family}
     schedulers = api.get("/api/v1/schedulers").json()["schedulers"]
     assert [s["name"] for s in schedulers] == list(SCHEDULERS)
-    assert {"name": "tiny_style"} in api.get("/api/v1/loras").json()["loras"]
+    assert {"name": "tiny_style", "source": "directory"} in api.get("/api/v1/loras").json()["loras"]
 
 
 def test_health_reports_workers(api):

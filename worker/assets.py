@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from common.catalog import owned_dir
 from common.store.checkpoints import filename_problem
 from common.errors import ModelError
 from common.storage import Storage
@@ -21,7 +22,7 @@ log = logging.getLogger("sdqueue.worker")
 
 def asset_dirs(settings) -> dict[str, Path]:
     """Where each kind of asset goes on this host."""
-    return {"models": settings.models_dir, "loras": settings.lora_dir}
+    return {"models": owned_dir(settings.models_dir), "loras": owned_dir(settings.lora_dir)}
 
 
 def ensure_assets(storage: Storage, assets: list[dict[str, str]], dirs: dict[str, Path]) -> None:

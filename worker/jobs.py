@@ -18,7 +18,7 @@ import redis
 from celery import Celery
 from PIL import Image
 
-from common.catalog import find_model, list_loras
+from common.catalog import locate_model, worker_loras
 from common.embeddings import list_embeddings
 from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt, StorageError, TaskNotFound
 from common.infotext import VERSION, build_infotext
@@ -314,7 +314,7 @@ def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], mon
         monitor.enter_setup()
     try:
         ensure_assets(ctx.storage, assets, asset_dirs(ctx.settings))
-        if find_model(ctx.settings.models_dir, model, ctx.settings.models.overrides) is None:
+        if locate_model(ctx.settings.models_dir, model, ctx.settings.models.overrides) is None:
             raise ModelError(f"model '{model}' is not in the model directory")
         base = ctx.registry.get(model, keep)
         sync_embeddings(base, list_embeddings(ctx.settings.embeddings_dir))
@@ -399,7 +399,7 @@ def execute(ctx: JobContext, task: Task, attempt: int) -> tuple[TaskStatus, dict
         refiner = warm_pipeline(ctx, spec.refiner, [], [monitor], keep=(spec.model,)) if spec.refiner else None
         controlnet = warm_controlnets(ctx, base, spec, monitor) if spec.controlnet else None
         upscaler = warm_upscaler(ctx, base, spec, monitor)
-        result = generate(base, spec, init_image, list_loras(ctx.settings.lora_dir), monitor, mask_image, refiner,
+        result = generate(base, spec, init_image, worker_loras(ctx.settings.lora_dir), monitor, mask_image, refiner,
                           controlnet, upscaler)
         compute = time.perf_counter() - started
     except JobCancelled:
@@ -479,7 +479,7 @@ def execute_batch(ctx: JobContext, jobs: list[Shared]) -> None:
                                      job.monitor.on_shared_step, job.monitor.offer_latents)
         by_member = {id(job.member): job for job in live}
         started = time.perf_counter()
-        generate_batch(base, [job.member for job in live], list_loras(ctx.settings.lora_dir),
+        generate_batch(base, [job.member for job in live], worker_loras(ctx.settings.lora_dir),
                        on_drop=lambda member: end_dropped(ctx, by_member[id(member)], member.dropped))
     except DROPPING:
         failure = None                         # every job was dropped (and ended) during the call

@@ -16,7 +16,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from common.catalog import default_model_name, find_model
+from common.catalog import default_model_name, find_model, locate_model
 from common.logs import configure_logging, install_celery_logging, set_process_context
 from common.queue import create_celery
 from common.settings import load_settings
@@ -154,7 +154,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     info.speedups, info.compiled = speedups.names(), speedups.compile
 
     def loader(model_name: str):
-        model = find_model(settings.models_dir, model_name, settings.models.overrides)
+        model = locate_model(settings.models_dir, model_name, settings.models.overrides)
         if model is None:
             raise FileNotFoundError(f"model '{model_name}' not found in {settings.models_dir}")
         return load_pipeline(model, info.device, sf_config, settings.worker.dtype, speedups, settings.embeddings_dir)

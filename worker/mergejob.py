@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.catalog import find_model
+from common.catalog import find_model, owned_dir
 from common.errors import ModelError
 from common.storage import task_metadata
 from common.store import Task, TaskStatus
@@ -48,7 +48,7 @@ def input_path(ctx: Any, item: dict[str, Any], scratch: Path) -> Path:
     settings = ctx.settings
     if item["source"] == "checkpoint":
         ensure_assets(ctx.storage, [item["asset"]], asset_dirs(settings))
-        return settings.models_dir / item["asset"]["name"]
+        return owned_dir(settings.models_dir) / item["asset"]["name"]
     model = find_model(settings.models_dir, item["model"], settings.models.overrides)
     if model is None:
         raise ModelError(f"{item['role']}: model {item['model']!r} is not in the model directory")

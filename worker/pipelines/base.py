@@ -203,11 +203,14 @@ def find_config_folder(model: ModelInfo, family: DiffusersFamily) -> Path | None
     Why the architecture check: the model directory may hold a tiny test
     folder of the same family; its configs would build the wrong shapes.
     """
-    from common.catalog import list_models
+    from common.catalog import OWNED_DIR, list_models
     from common.checkpoint_keys import architecture_matches, checkpoint_shapes
 
     shapes = checkpoint_shapes(model.path)          # read once, compared with every candidate
-    candidates = list_models(model.path.parent / CONFIGS_DIR) + list_models(model.path.parent)
+    folder = model.path.parent
+    if folder.name == OWNED_DIR:                    # a key's own file a job fetched: the model directory's folders
+        folder = folder.parent
+    candidates = list_models(folder / CONFIGS_DIR) + list_models(folder)
     for candidate in candidates:
         if candidate.kind == "diffusers" and candidate.family == model.family \
                 and architecture_matches(shapes, candidate.path):
