@@ -57,6 +57,12 @@ class AsyncClient:
     async def models(self) -> Dict[str, Any]:
         return await self._json(self.core.models())
 
+    async def loras(self) -> List[Dict[str, Any]]:
+        return (await self._json(self.core.loras()))["loras"]
+
+    async def delete_lora(self, name: str) -> None:
+        await self._send(self.core.delete_lora(name))
+
     async def tasks(self, status: Optional[str] = None, limit: int = 20, offset: int = 0) -> Dict[str, Any]:
         return await self._json(self.core.tasks(status, limit, offset))
 

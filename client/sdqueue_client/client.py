@@ -62,6 +62,14 @@ class Client:
     def models(self) -> Dict[str, Any]:
         return self._json(self.core.models())
 
+    def loras(self) -> List[Dict[str, Any]]:
+        """The LoRAs this key may use: the shared directory's, then its own (`source: own`, trained or uploaded)."""
+        return self._json(self.core.loras())["loras"]
+
+    def delete_lora(self, name: str) -> None:
+        """Delete one of this key's own LoRAs (NotFound when it has none of that name)."""
+        self._send(self.core.delete_lora(name))
+
     def tasks(self, status: Optional[str] = None, limit: int = 20, offset: int = 0) -> Dict[str, Any]:
         """One page of this key's tasks, newest first: {"tasks", "total", "limit", "offset"}."""
         return self._json(self.core.tasks(status, limit, offset))

@@ -109,6 +109,12 @@ class Core:
     def models(self) -> Call:
         return Call("GET", f"{API}/models")
 
+    def loras(self) -> Call:
+        return Call("GET", f"{API}/loras")
+
+    def delete_lora(self, name: str) -> Call:
+        return Call("DELETE", f"{API}/loras/{quote(name, safe='')}")
+
     def tasks(self, status: Optional[str], limit: int, offset: int) -> Call:
         params = {"limit": limit, "offset": offset, **({"status": status} if status else {})}
         return Call("GET", f"{API}/tasks", params=params)
