@@ -197,9 +197,8 @@ def run_training_job(ctx: Any, task: Task, monitor: StepMonitor) -> tuple[TaskSt
     compute = time.perf_counter() - started
     checkpoint = publish_lora(ctx, task, result)
     drop_state(ctx, state_key)                     # done: the LoRA replaces the checkpoint
-    key = checkpoint.key_of(checkpoint.names[0])
     lora = {"name": training["lora_name"], "file": checkpoint.names[0], "checkpoint_id": checkpoint.id,
-            "key": key, "s3_location": ctx.storage.s3_uri(key),
+            "s3_location": ctx.storage.s3_uri(checkpoint.key_of(checkpoint.names[0])),
             "resumed_from_step": resume.step if resume else 0}
     return TaskStatus.COMPLETED, {
         "result": {"lora": lora}, "loss": repr(result.losses[-1]), "loss_curve": progress.curve.snapshot(),

@@ -452,7 +452,8 @@ class LoraResultSchema(Schema):
     file = fields.String()
     checkpoint_id = fields.String(metadata={"description": "Its checkpoint (GET /checkpoints of the AWS API)"})
     s3_location = fields.String()
-    download_url = fields.String(metadata={"description": "A presigned GET URL of the .safetensors file"})
+    download_url = fields.String(allow_none=True, metadata={
+        "description": "A presigned GET URL of the .safetensors file; null once the key deleted the LoRA"})
     resumed_from_step = fields.Integer(metadata={"description": "The checkpoint step a rerun resumed from; 0: none"})
 
 

@@ -47,10 +47,12 @@ def training_body(svc: Services, task: Task) -> dict:
 
 
 def lora_view(svc: Services, lora: dict | None) -> dict | None:
-    """The LoRA a training made, with a presigned URL to download its file."""
+    """The LoRA a training made, with a presigned URL to download its file (None once the key deleted it)."""
     if lora is None:
         return None
-    return {**{k: v for k, v in lora.items() if k != "key"}, "download_url": svc.storage.url_for(lora["key"])}
+    checkpoint = svc.checkpoints.get(lora["checkpoint_id"])
+    url = svc.storage.url_for(checkpoint.key_of(lora["file"])) if checkpoint is not None else None
+    return {**lora, "download_url": url}
 
 
 def owned_training_or_404(svc: Services, task_id: str) -> Task:
