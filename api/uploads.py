@@ -27,6 +27,16 @@ def uploaded_asset(store: CheckpointStore, kind: str, name: str, owner: str) -> 
     return checkpoint.asset(name)
 
 
+def owned_model(svc: Services, owner: str, name: str) -> tuple[ModelInfo, dict[str, str]] | None:
+    """One of `owner`'s Active Stable-diffusion checkpoints (uploaded, or a merge's result) named by its file
+    name, as a model and the file a worker fetches for it; None when it has none of that name."""
+    try:
+        asset = uploaded_asset(svc.checkpoints, "Stable-diffusion", name, owner)
+    except LookupError:
+        return None
+    return uploaded_model(svc, asset), asset
+
+
 UPLOAD_HEADER_BYTES = 16 * 1024 * 1024   # real checkpoints' headers are under 2 MB; an upload's is read per request
 _UPLOAD_FAMILIES: dict[str, str] = {}      # S3 key -> family (an Active upload never changes)
 _UPLOAD_FAMILIES_KEPT = 256

@@ -124,6 +124,8 @@ def test_a_weighted_sum_is_the_weighted_sum_of_the_weights_and_generates(api, ap
                           timeout=180, what="the merged model's image")
     assert finished["status"] == "succeed", finished
     assert finished["image_names"] == ["image_0.jpg"]
+    native = api.run(model=f"{name}.safetensors", width=64, height=64, num_inference_steps=2)   # natively too
+    assert native["status"] == "completed", native
 
     # Another key: neither the merge nor its checkpoint exists for it.
     assert api_b.get(f"/api/v1/merges/{created['id']}").status_code == 404
@@ -132,6 +134,8 @@ def test_a_weighted_sum_is_the_weighted_sum_of_the_weights_and_generates(api, ap
     refused = api_b.post("/inference/v2", {"task_type": "txt2img", "sagemaker_endpoint_name": "gpu",
                                            "models": {"Stable-diffusion": [f"{name}.safetensors"]}, "prompt": "x"})
     assert refused.status_code == 400 and "not found" in refused.text
+    unknown = api_b.post("/api/v1/generate", {"prompt": "x", "model": f"{name}.safetensors"})
+    assert unknown.status_code == 422 and "unknown model" in unknown.text and named(unknown, "model")
     reused = api_b.post("/api/v1/merges", {"primary": f"{name}.safetensors", "secondary": SINGLE})
     assert reused.status_code == 422 and named(reused, "primary")
 

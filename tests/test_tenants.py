@@ -246,6 +246,10 @@ def native_idempotency_keys(w: World) -> None:
         assert foreign.status_code == 202 and ids[0] != first.json()["task_id"], foreign.text
         assert normalised(foreign, ids[:1]) == normalised(new, ids[1:])
         assert "Idempotent-Replayed" not in foreign.headers
+    # A's own checkpoint as `model`: for B, the same 422 as a file name nobody uploaded.
+    model, missing = FILES["Stable-diffusion"], MISSING_FILE
+    assert_same(w.call("POST", "/api/v1/generate", KEY_B, json={**body, "model": model}),
+                w.call("POST", "/api/v1/generate", KEY_B, json={**body, "model": missing}), [model], [missing])
 
 
 @covers(("GET", "/inference/get-inference-job"), ("GET", "/inference/get-inference-job-image-output"),

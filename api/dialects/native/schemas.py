@@ -135,7 +135,9 @@ class GenerateRequest(WebhookFields):
         "description": "A small preview of the image every this many steps, sent as SSE `preview` events "
                        "(GET /api/v1/tasks/{id}/events) and webhook events; 0: none. A job makes at most "
                        "tasks.max_previews previews (a smaller interval is widened)"})
-    model = fields.String(allow_none=True, load_default=None, metadata={"description": "Model name (GET /api/v1/models)"})
+    model = fields.String(allow_none=True, load_default=None, metadata={
+        "description": "Model name (GET /api/v1/models), or the file name of one of this key's own Stable-diffusion "
+                       "checkpoints (a merge's result, or one uploaded through the AWS extension API)"})
     loras = fields.List(fields.Nested(LoraSchema), load_default=list, validate=validate.Length(max=MAX_LORAS))
     refiner = fields.String(allow_none=True, load_default=None, metadata={
         "description": "An SDXL refiner (or SDXL) model that finishes an SDXL model's denoising (GET /api/v1/models)"})
@@ -151,8 +153,14 @@ class GenerateRequest(WebhookFields):
 
     @validates("model")
     def known_model(self, value: str | None, **_: Any) -> None:
-        if value is not None and services().catalog.model(value) is None:
-            raise ValidationError(f"unknown model '{value}'; see GET /api/v1/models")
+        if value is None or services().catalog.model(value) is not None:
+            return
+        if not has_request_context():
+            # A key's own checkpoint needs its identity: api/fastsubmit.py (no Flask context) hands this one to Flask.
+            raise ValidationError("a model outside the model directory: resolved by the Flask route")
+        if services().checkpoints.find_active("Stable-diffusion", value, current_key().owner) is None:
+            raise ValidationError(f"unknown model '{value}'; see GET /api/v1/models (or name one of this key's own "
+                                  f"checkpoints by its file name)")
 
     @validates("refiner")
     def known_refiner(self, value: str | None, **_: Any) -> None:

@@ -11,6 +11,7 @@ from api.auth import ApiKey
 from api.controlnet import NATIVE_NAMES, UnitRequest, plan_controlnet
 from api.inpaint import plan_inpaint
 from api.loras import owned_loras
+from api.uploads import owned_model
 from api.modelfit import DEFAULT_REFINER_SWITCH, abort_unless_fits, default_scheduler, image_size
 from api.services import Services
 from api.submission import resolve_seed
@@ -40,7 +41,10 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
         abort(403, message=f"this API key may not use model '{model_name}'")
     if not key.may_use_priority(data["priority"]):
         abort(403, message=f"this API key may not use priority '{data['priority']}'")
-    model = svc.catalog.model(model_name)
+    model, assets = svc.catalog.model(model_name), []
+    own = owned_model(svc, key.owner, model_name) if model is None and data["model"] else None
+    if own is not None:                        # one of the key's own checkpoints (uploaded, or a merge's result)
+        model, assets = own[0], [own[1]]
     if model is None:
         abort(503, message=f"model '{model_name}' is not in the model directory")
     defaults = model.request_defaults
@@ -55,7 +59,7 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
     if refiner is not None and not key.may_use_model(refiner.name):
         abort(403, message=f"this API key may not use model '{refiner.name}'")
     available = svc.catalog.loras()
-    loras, assets = key_loras(svc, key, model, data["loras"])
+    loras, lora_assets = key_loras(svc, key, model, data["loras"])
     steps = data["num_inference_steps"] or defaults.steps
     switch = data["refiner_switch"] or DEFAULT_REFINER_SWITCH
     abort_unless_fits(model, mode=mode, width=width, height=height, scheduler=data["scheduler"],
@@ -63,13 +67,13 @@ def build_jobspec(data: dict, svc: Services, key: ApiKey, init_image_key: str | 
                       prompt_syntax=data["prompt_syntax"],
                       loras=[(lr["name"], available[lr["name"]]) for lr in data["loras"] if lr["name"] in available])
     return JobSpec(
-        prompt=data["prompt"], negative_prompt=data["negative_prompt"], model=model_name,
+        prompt=data["prompt"], negative_prompt=data["negative_prompt"], model=model.name,
         width=width, height=height, num_images=data["num_images"],
         num_inference_steps=steps,
         guidance_scale=data["guidance_scale"] if data["guidance_scale"] is not None else defaults.guidance_scale,
         strength=(data["strength"] if data["strength"] is not None else defaults.strength) if image else None,
         scheduler=scheduler, seed=resolve_seed(data["seed"]), output_format=data["output_format"],
-        init_image_key=init_image_key, loras=loras, assets=assets,
+        init_image_key=init_image_key, loras=loras, assets=[*assets, *lora_assets],
         callback_url=data["callback_url"], dialect="native", priority=data["priority"],
         refiner=refiner.name if refiner else None,
         refiner_switch=switch if refiner else None, family=model.family,
