@@ -20,6 +20,7 @@ from typing import Any
 
 from api.auth import ApiKey
 from api.services import Services
+from api.uploads import owned_model
 from api.submission import new_task_id, resolve_seed, submit_job
 from common.catalog import ModelInfo
 from common.jobspec import JobSpec
@@ -76,7 +77,8 @@ def base_model(svc: Services, key: ApiKey, name: str | None) -> ModelInfo:
     name = name or svc.catalog.default_model()
     model = svc.catalog.model(name) if name else None
     if model is None:
-        raise TrainingProblem("model", f"model {name!r} is not in the model directory; see GET /api/v1/models")
+        raise TrainingProblem("model", f"model {name!r} is neither in the model directory (GET /api/v1/models) "
+                                       f"nor one of this key's own checkpoints")
     return trainable(key, model)
 
 
@@ -127,6 +129,9 @@ def plan_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str
     cannot run. `base`: a base model the dialect resolved (else data["model"] names a catalog model)."""
     owner = key.owner
     dataset = enabled_dataset(svc, owner, data["dataset"])
+    if base is None and data.get("model") and svc.catalog.model(data["model"]) is None:
+        own = owned_model(svc, owner, data["model"])      # one of the key's own checkpoints, by its file name
+        base = Base(own[0], [own[1]]) if own is not None else None
     model = trainable(key, base.model) if base else base_model(svc, key, data.get("model"))
     images = [item for item in dataset.items if item.type == "image"]
     config = training_config(svc, model, len(images), data)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import KEY_NATIVE_ONLY
 from tests.helpers import wait_until
+from tests.test_trainings import make_dataset
 
 FOLDER, SINGLE = "sdq-tiny", "tiny-single.safetensors"     # the same weights: a folder and its single file
 
@@ -126,6 +127,10 @@ def test_a_weighted_sum_is_the_weighted_sum_of_the_weights_and_generates(api, ap
     assert finished["image_names"] == ["image_0.jpg"]
     native = api.run(model=f"{name}.safetensors", width=64, height=64, num_inference_steps=2)   # natively too
     assert native["status"] == "completed", native
+    trained = api.post("/api/v1/trainings", {"dataset": make_dataset(api, images=1), "model": f"{name}.safetensors",
+                                             "max_steps": 1, "resolution": 64})   # and as a training base
+    assert trained.status_code == 202, trained.text
+    assert api.wait(trained.json()["id"], timeout=180)["status"] == "completed"
 
     # Another key: neither the merge nor its checkpoint exists for it.
     assert api_b.get(f"/api/v1/merges/{created['id']}").status_code == 404

@@ -396,7 +396,9 @@ class TrainingCreateSchema(WebhookFields):
     dataset = fields.String(required=True, metadata={"description": "An Enabled dataset of this key (its name)",
                                                      "example": "my-cat"})
     model = fields.String(allow_none=True, load_default=None, metadata={
-        "description": "The base model, an SD 1.x/2.x or SDXL model of GET /api/v1/models; default: the default model"})
+        "description": "The base model: an SD 1.x/2.x or SDXL model of GET /api/v1/models, or the file name of one of "
+                       "this key's own Stable-diffusion checkpoints (a merge's result, an upload); default: the "
+                       "default model"})
     lora_name = fields.String(allow_none=True, load_default=None, validate=validate.Length(min=1, max=100), metadata={
         "description": "The LoRA's name (letters, digits, '_.-'): `loras: [{\"name\": ...}]` and `<lora:name:1>` use "
                        "it once the job completes; default: {dataset}-{first 8 characters of the job id}"})
