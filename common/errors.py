@@ -22,6 +22,11 @@ class StaleAttempt(SdqError):
     """This delivery lost the job to a newer attempt; it must write nothing."""
 
 
+class JobHandedBack(StaleAttempt):
+    """The worker is stopping (a warm shutdown): the job saved what it needs to resume and is left to the reaper,
+    which resends it once this worker is gone; like a stale attempt, this delivery writes nothing more."""
+
+
 class JobTimeLimit(SdqError):
     """The job ran past tasks.time_limit."""
 

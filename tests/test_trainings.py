@@ -241,3 +241,20 @@ def test_an_idempotency_key_makes_a_retried_training_submission_answer_with_the_
     assert submit_with(api, {**body, "dataset": "no-such-set"}, refused).status_code == 404
     retried = submit_with(api, body, refused)        # a refused submission frees its key
     assert retried.status_code == 202 and "Idempotent-Replayed" not in retried.headers
+
+
+def test_a_trainer_told_to_stop_checkpoints_at_once_and_its_job_resumes_there(stack, api, trainer, rds, settings):
+    """A warm shutdown (SIGTERM: a rolling restart) does not wait hours for the job nor lose steps: the job saves a
+    checkpoint at its next step, the worker exits, and the next trainer resumes from that step."""
+    created = start_training(api, make_dataset(api), max_steps=1000, checkpoint_every=500, resolution=128)
+    seen = api.wait_for(created["id"], lambda t: t["progress"]["step"] >= 20, timeout=240)["progress"]["step"]
+    stopped = stack.services["trainer"]
+    stopped.signal(signal.SIGTERM)
+    assert stopped.proc.wait(120) == 0                                    # a clean exit, long before the job's end
+    stack.start_worker("trainer", "--pool", settings.training.queue)
+
+    done = api.wait(created["id"], timeout=600)
+    assert done["status"] == "completed", done
+    assert rds.hget(keys.TASK(created["id"]), "attempt") == "1"
+    resumed = training(api, created["id"])["lora"]["resumed_from_step"]
+    assert seen <= resumed < 500                                          # where it stopped, not checkpoint 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from PIL import Image
 
 from common.catalog import locate_model, worker_loras
 from common.embeddings import list_embeddings
-from common.errors import JobCancelled, JobTimeLimit, ModelError, StaleAttempt, StorageError, TaskNotFound
+from common.errors import JobCancelled, JobHandedBack, JobTimeLimit, ModelError, StaleAttempt, StorageError, TaskNotFound
 from common.infotext import VERSION, build_infotext
 from common.sidecars import build_sidecar
 from common.jobspec import JobSpec
@@ -64,6 +65,7 @@ class JobContext:
     ledger: Ledger = field(default_factory=Ledger)
     taesd: TaesdCache | None = None   # TAESD preview decoders, when models/taesd holds any (worker/previews.py)
     checkpoints: CheckpointStore | None = None   # where a training job or a merge records the checkpoint it made
+    stopping: threading.Event = field(default_factory=threading.Event)   # set by a warm shutdown (worker/main.py)
     model_jobs: OwnedRecords[ModelJob] | None = None   # the AWS extension's models (worker/modeljob.py)
 
 
@@ -229,6 +231,9 @@ def run_claimed(ctx: JobContext, task: Task, attempt: int) -> str:
     announce(ctx)
     try:
         outcome = execute(ctx, task, attempt)
+    except JobHandedBack as exc:
+        log.warning("task %s handed back (%s); the reaper resends it once this worker is gone", task_id, exc)
+        return "handed back"
     except StaleAttempt:
         log.warning("task %s moved on to a newer attempt; dropping attempt %d", task_id, attempt)
         return "stale"

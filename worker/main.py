@@ -129,6 +129,16 @@ def mark_ready_when_consuming(info: WorkerInfo, heartbeat) -> None:
         log.info("worker %s ready on %s, queues %s, models %s", info.name, info.device, info.queues, info.models)
 
 
+def hand_back_on_shutdown(ctx) -> None:
+    """A warm shutdown (SIGTERM) sets ctx.stopping: a training job checkpoints at its next step and is left to the
+    reaper (worker/trainingjob.py), instead of holding the stop for hours until the orchestrator kills it."""
+    from celery.signals import worker_shutting_down
+
+    @worker_shutting_down.connect(weak=False)
+    def stopping(**_) -> None:
+        ctx.stopping.set()
+
+
 def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     from worker.heartbeat import Heartbeat
     from worker.jobs import JobContext, owed_tasks
@@ -173,6 +183,7 @@ def run_worker(settings, args: argparse.Namespace, info: WorkerInfo) -> None:
     watch.notify = lambda task_id, kind, data: send_event_callback(celery, task_id, kind, data,
                                                                     settings.callbacks.queue)
     register_tasks(celery, lambda: ctx)
+    hand_back_on_shutdown(ctx)
     heartbeat = Heartbeat(stores.tasks, stores.workers, celery, info, settings, owed=lambda: owed_tasks(ctx))
     heartbeat.beat()
     heartbeat.start()

@@ -401,12 +401,14 @@ def lora_weights(unet: Any) -> dict[str, Any]:
 
 def train_lora(pipe: Any, examples: Sequence[Example], config: TrainingConfig,
                on_step: Callable[[int, int, float], None] | None = None, resume: TrainingState | None = None,
-               save_state: Callable[[TrainingState], None] | None = None) -> LoraResult:
+               save_state: Callable[[TrainingState], None] | None = None,
+               checkpoint_now: Callable[[], bool] | None = None) -> LoraResult:
     """Train a LoRA on `pipe`'s UNet (a copy of it) for config.max_steps optimizer steps in all.
 
     `on_step(step, total, loss)` after every optimizer step; whatever it raises (a cancel) stops the run
-    and propagates. `save_state(TrainingState)` every config.checkpoint_every steps; `resume` continues
-    from such a state (its step counts toward max_steps). The pipeline itself is never modified.
+    and propagates. `save_state(TrainingState)` every config.checkpoint_every steps, and after any step for which
+    `checkpoint_now()` is true (a worker about to stop); `resume` continues from such a state (its step counts
+    toward max_steps). The pipeline itself is never modified.
     """
     import torch
     from diffusers import DDPMScheduler
@@ -454,8 +456,9 @@ def train_lora(pipe: Any, examples: Sequence[Example], config: TrainingConfig,
                 total += loss.detach().item()
             losses.append(total / config.gradient_accumulation)
             done = step + 1
-            if save_state is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
-                    and done < config.max_steps:     # before on_step: a cancel at step N keeps checkpoint N
+            due = bool(config.checkpoint_every) and done % config.checkpoint_every == 0
+            if save_state is not None and done < config.max_steps and (due or (checkpoint_now and checkpoint_now())):
+                # before on_step: a cancel (or a hand-back) at step N keeps checkpoint N
                 save_state(capture(done, accelerator.unwrap_model(unet), optimizer, lr_scheduler, losses))
             if on_step is not None:
                 on_step(done, config.max_steps, losses[-1])

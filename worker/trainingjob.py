@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +32,7 @@ from PIL import Image
 
 import redis
 
-from common.errors import ModelError, StaleAttempt
+from common.errors import JobHandedBack, ModelError, StaleAttempt
 from common.storage import task_metadata
 from common.store import Task, TaskStatus
 from common.store.checkpoints import Checkpoint
@@ -150,10 +151,13 @@ def publish_lora(ctx: Any, task: Task, result: Any) -> Checkpoint:
 
 
 class TrainingProgress:
-    """train_lora's on_step: the job's step callback (cancel, time limit, stale) plus its loss."""
+    """train_lora's on_step: the job's step callback (cancel, time limit, stale) plus its loss, and the hand-back
+    of a worker that is stopping (`stopping` set by a warm shutdown: the step's checkpoint is saved first)."""
 
-    def __init__(self, monitor: StepMonitor, curve_points: int, earlier: list[float]):
+    def __init__(self, monitor: StepMonitor, curve_points: int, earlier: list[float],
+                 stopping: threading.Event | None = None):
         self.monitor = monitor
+        self.stopping = stopping or threading.Event()
         self.curve = LossCurve(curve_points)
         for step, loss in enumerate(earlier, 1):   # a resumed run's curve starts with the steps already made
             self.curve.add(step, loss)
@@ -166,6 +170,8 @@ class TrainingProgress:
         flags.loss, flags.loss_curve = loss, self.curve.snapshot()
         self.monitor.steps += 1
         self.monitor.on_step(step, total)          # raises to stop: cancelled, over time, or no longer ours
+        if self.stopping.is_set() and step < total:
+            raise JobHandedBack(f"the worker is stopping; checkpoint saved at step {step}")
 
 
 def run_training_job(ctx: Any, task: Task, monitor: StepMonitor) -> tuple[TaskStatus, dict]:
@@ -183,13 +189,15 @@ def run_training_job(ctx: Any, task: Task, monitor: StepMonitor) -> tuple[TaskSt
     finally:
         monitor.leave_setup()
     pipe = warm_pipeline(ctx, spec.model, spec.assets, [monitor])
-    progress = TrainingProgress(monitor, ctx.settings.training.curve_points, resume.losses if resume else [])
+    progress = TrainingProgress(monitor, ctx.settings.training.curve_points, resume.losses if resume else [],
+                                ctx.stopping)
     started = time.perf_counter()
     monitor.enter_setup()                          # encoding the dataset makes no steps; the first step ends it
     try:
         result = train_lora(pipe, examples, config, on_step=progress, resume=resume,
-                            save_state=lambda state: save_state(ctx, task.id, state_key, state))
-    except (StaleAttempt, redis.RedisError):
+                            save_state=lambda state: save_state(ctx, task.id, state_key, state),
+                            checkpoint_now=ctx.stopping.is_set)
+    except (StaleAttempt, redis.RedisError):       # JobHandedBack too: the next attempt resumes from the checkpoint
         raise                                      # another attempt runs (or will run) on: it needs the checkpoint
     except BaseException:
         drop_state(ctx, state_key)                 # cancelled, over time or failed: the job ends, nothing resumes
