@@ -139,6 +139,9 @@ def plan_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str
     if not LORA_NAME.match(lora_name):
         raise TrainingProblem("lora_name", "letters, digits and '_.-' only, at most 100, starting with a letter "
                                            "or digit")
+    if lora_name in svc.catalog.loras():
+        raise TrainingProblem("lora_name", f"{lora_name!r} is a LoRA of the shared LoRA directory, which requests "
+                                           f"naming it get; choose another name")
     training = {"config": config, "dataset": dataset.name, "lora_name": lora_name,
                 "examples": [{"key": item.key, "caption": item.caption or ""} for item in images],
                 "state_key": f"{svc.settings.training.prefix.strip('/')}/{task_id}/state.pt"}

@@ -247,3 +247,12 @@ def test_merges_the_service_cannot_run_get_clear_errors(api, uploads):
         assert response.status_code == 422, (field, response.text)
         assert named(response, field), (field, response.json())
     assert api.post("/inference/run-model-merge", key="wrong-key").status_code == 403
+
+
+def test_an_idempotency_key_makes_a_retried_merge_answer_with_the_first_one(api):
+    key = {"Idempotency-Key": f"merge-{uuid.uuid4().hex}"}
+    body = {"primary": "sdq-tiny", "secondary": SINGLE, "name": f"idem-{uuid.uuid4().hex[:8]}"}
+    first, again = (requests.post(f"{api.base}/api/v1/merges", json=body, headers={**api.headers(), **key}, timeout=30)
+                    for _ in range(2))
+    assert first.status_code == again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]

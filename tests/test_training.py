@@ -191,3 +191,55 @@ def test_gradient_checkpointing_trains_the_same_lora(sd):
     assert checkpointed.losses == pytest.approx(plain.losses)
     for key, value in plain.state_dict.items():
         assert torch.allclose(checkpointed.state_dict[key], value, atol=1e-6), key
+
+
+def test_an_image_shrunk_on_load_trains_as_the_full_size_one():
+    """Loaders shrink each image to its bucket at once (memory): the sample, its size conditioning included,
+    is the one the full-size image makes."""
+    import torch
+
+    from worker.training import prepare_samples, shrink_to_bucket
+
+    big = gradient(1000, 700, 40)
+    settings = config(resolution=128)
+    small = shrink_to_bucket(big, 128)
+    assert small.width * small.height < big.width * big.height / 20
+    (full,) = prepare_samples([Example(big, "x")], settings)
+    (shrunk,) = prepare_samples([Example(small, "x", (big.height, big.width))], settings)
+    assert shrunk.size == full.size and shrunk.crop_top_left == full.crop_top_left
+    assert shrunk.original_size == full.original_size == (700, 1000)
+    assert torch.allclose(shrunk.pixels, full.pixels, atol=0.05)
+
+
+def test_a_checkpoint_keeps_the_loss_scale_of_fp16_training():
+    """On CUDA fp16 training runs a GradScaler: a resumed run must start from its scale, not find it again by
+    skipping steps; the checkpoint's bytes carry it (and still load with weights_only)."""
+    import torch
+
+    from worker.training import TrainingState
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(1))                 # the scale exists once a loss was scaled
+    scaler.update(new_scale=256.0)
+    state = TrainingState(step=3, lora_state_dict={}, optimizer_state={}, scheduler_state={}, rng_states={},
+                          losses=[1.0, 0.5, 0.25], scaler_state=scaler.state_dict())
+    again = torch.amp.GradScaler("cpu")
+    again.load_state_dict(state_from_bytes(state_to_bytes(state)).scaler_state)
+    assert again.get_scale() == 256.0
+
+
+def test_a_diverged_loss_fails_the_job_with_a_clear_message():
+    """NaN or infinite losses mean the run diverged: the job fails saying so (and no NaN reaches the JSON)."""
+    from types import SimpleNamespace
+
+    from common.errors import ModelError
+    from worker.trainingjob import TrainingProgress
+
+    monitor = SimpleNamespace(flags=SimpleNamespace(setup=False, loss=None, loss_curve=None), steps=0,
+                              on_step=lambda step, total: None)
+    progress = TrainingProgress(monitor, 10, [])
+    progress(1, 5, 0.5)
+    assert monitor.flags.loss == 0.5 and monitor.flags.loss_curve == [[1, 0.5]]
+    with pytest.raises(ModelError, match="diverged"):
+        progress(2, 5, float("nan"))
+    assert monitor.flags.loss == 0.5

@@ -10,6 +10,7 @@ import math
 import signal
 import uuid
 
+import pytest
 import requests
 from PIL import Image
 from safetensors.torch import load as load_safetensors
@@ -192,6 +193,7 @@ def test_training_requests_the_service_cannot_run_get_clear_errors(api):
         "epochs": {"max_steps": 5, "epochs": 2},
         "resolution": {"resolution": 100},
         "lora_name": {"lora_name": "../escape"},
+        "lora_name ": {"lora_name": "tiny_style"},                 # the shared directory's would win over it
         "lr_scheduler": {"lr_scheduler": "sometimes"},
         "rank": {"rank": 0},
         "callback_events": {"callback_events": ["progress"]},
@@ -199,7 +201,7 @@ def test_training_requests_the_service_cannot_run_get_clear_errors(api):
     for field, extra in cases.items():
         response = api.post("/api/v1/trainings", {"dataset": dataset, **extra})
         assert response.status_code == 422, (field, response.text)
-        assert named(response, field), (field, response.json())
+        assert named(response, field.strip()), (field, response.json())
     unknown_model = api.post("/api/v1/trainings", {"dataset": dataset, "model": "no-such-model"})
     assert unknown_model.status_code == 422 and named(unknown_model, "model")
 
@@ -258,3 +260,32 @@ def test_a_trainer_told_to_stop_checkpoints_at_once_and_its_job_resumes_there(st
     assert rds.hget(keys.TASK(created["id"]), "attempt") == "1"
     resumed = training(api, created["id"])["lora"]["resumed_from_step"]
     assert seen <= resumed < 500                                          # where it stopped, not checkpoint 0
+
+
+def test_an_old_attempt_never_touches_the_checkpoint_a_newer_one_resumes_from(rds, storage, settings):
+    """An attempt cut off from Redis trains on; once the reaper resent the job it must neither overwrite the
+    newer attempt's checkpoint, nor delete it (a failure, or its own end), nor register a LoRA."""
+    from types import SimpleNamespace
+
+    from common.errors import StaleAttempt
+    from common.queue import MessageBuilder, create_celery
+    from common.store import TaskStore
+    from tests.test_taskstore import running_job, spec, take
+    from worker.trainingjob import drop_state, save_state, still_mine
+    from worker.training import TrainingState
+
+    store, queue = TaskStore(rds, 600), f"stale-{uuid.uuid4().hex[:8]}"
+    task_id = str(uuid.uuid4())
+    store.create(task_id, "owner-x", spec(), queue)
+    take(store, queue, "old-worker")
+    store.requeue(running_job(store, task_id), MessageBuilder(create_celery(settings)).generate(task_id, 1, queue), 10)
+    key = f"{settings.training.prefix}/{task_id}/state.pt"
+    storage.put(key, b"the newer attempt's checkpoint", "application/octet-stream")
+    old = SimpleNamespace(store=store, storage=storage, info=SimpleNamespace(id="old-worker"))
+    state = TrainingState(step=1, lora_state_dict={}, optimizer_state={}, scheduler_state={}, rng_states={})
+    with pytest.raises(StaleAttempt):
+        save_state(old, task_id, 0, key, state)
+    with pytest.raises(StaleAttempt):
+        still_mine(old, task_id, 0)                    # checked before a LoRA is registered
+    drop_state(old, task_id, 0, key)
+    assert storage.get(key) == b"the newer attempt's checkpoint"

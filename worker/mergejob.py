@@ -114,6 +114,7 @@ def run_merge_job(ctx: Any, task: Task, monitor: StepMonitor) -> tuple[TaskStatu
             raise ModelError(str(exc)) from exc
         report, total = merged.report, len(merged.tensors)
         del merged                                 # the file holds it now
+        ctx.store.check_still_mine(task.id, monitor.flags.attempt, ctx.info.id)   # a stale attempt registers nothing
         checkpoint = publish_checkpoint(ctx, task, out)
         size = out.stat().st_size
     name = checkpoint.names[0]

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")   # the attention projections, as diffusers' scripts train
 BUCKET_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)   # width / height of the aspect-ratio buckets
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-STATE_FORMAT = 1   # TrainingState's byte layout; a later change bumps it so old checkpoints are refused, not misread
+STATE_FORMAT = 2   # TrainingState's byte layout; a later change bumps it so old checkpoints are refused, not misread
+READABLE_FORMATS = (1, 2)   # 1: before the GradScaler's state was kept (a resume then starts a fresh scaler)
 
 
 @dataclass
@@ -69,24 +70,28 @@ class TrainingConfig:
 
 @dataclass
 class Example:
-    """One training image and its caption, as the dataset holds them."""
+    """One training image and its caption, as the dataset holds them. `original_size` (height, width): the size
+    the image had before a loader shrank it (SDXL's size conditioning); None: the image's own."""
 
     image: Image.Image
     caption: str
+    original_size: tuple[int, int] | None = None
 
 
 @dataclass
 class Sample:
-    """An example made ready: pixels in [-1, 1] (C, H, W) at its bucket's size, and SDXL's size conditioning."""
+    """An example made ready: pixels in [-1, 1] (C, H, W) at its bucket's size (dropped once encoded: only the
+    latents are trained on), and SDXL's size conditioning."""
 
     pixels: Any
     caption: str
     original_size: tuple[int, int]      # (height, width) before resizing
     crop_top_left: tuple[int, int]      # (top, left) of the center crop in the resized image
+    size: tuple[int, int] = (0, 0)      # (height, width) of the bucket
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.pixels.shape[-2:])
+    def __post_init__(self) -> None:
+        if self.size == (0, 0) and self.pixels is not None:
+            self.size = tuple(self.pixels.shape[-2:])
 
 
 @dataclass
@@ -99,6 +104,7 @@ class TrainingState:
     scheduler_state: dict[str, Any]
     rng_states: dict[str, Any]
     losses: list[float] = field(default_factory=list)
+    scaler_state: dict[str, Any] = field(default_factory=dict)   # fp16's GradScaler (its loss scale), CUDA only
 
 
 @dataclass
@@ -129,6 +135,17 @@ def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return side(resolution * math.sqrt(ratio)), side(resolution / math.sqrt(ratio))
 
 
+def shrink_to_bucket(image: Image.Image, resolution: int) -> Image.Image:
+    """The image scaled down to just cover its bucket (what resize_and_crop does first), so a loader holds no
+    more pixels than training uses; an image already that small is returned as it is."""
+    width, height = bucket_size(image.width, image.height, resolution)
+    scale = max(width / image.width, height / image.height)
+    if scale >= 1:
+        return image
+    return image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                        Image.BICUBIC)
+
+
 def resize_and_crop(image: Image.Image, width: int, height: int) -> tuple[Image.Image, tuple[int, int]]:
     """Scale the image to cover width x height, then center-crop it; return it and the crop's (top, left)."""
     scale = max(width / image.width, height / image.height)
@@ -156,8 +173,8 @@ def prepare_samples(examples: Sequence[Example], config: TrainingConfig) -> list
         width, height = bucket_size(example.image.width, example.image.height, config.resolution)
         image, crop = resize_and_crop(example.image, width, height)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-        samples.append(Sample(pixels, caption_with_trigger(example.caption, config.trigger_word),
-                              (example.image.height, example.image.width), crop))
+        original = example.original_size or (example.image.height, example.image.width)
+        samples.append(Sample(pixels, caption_with_trigger(example.caption, config.trigger_word), original, crop))
     return samples
 
 
@@ -371,8 +388,10 @@ def restore(unet: Any, optimizer: Any, lr_scheduler: Any, state: TrainingState) 
         torch.set_rng_state(state.rng_states["torch"])
 
 
-def capture(step: int, unet: Any, optimizer: Any, lr_scheduler: Any, losses: list[float]) -> TrainingState:
-    """A checkpoint after optimizer step `step`, on the CPU (it leaves the device for S3)."""
+def capture(step: int, unet: Any, optimizer: Any, lr_scheduler: Any, losses: list[float],
+            scaler: Any = None) -> TrainingState:
+    """A checkpoint after optimizer step `step`, on the CPU (it leaves the device for S3). `scaler`: fp16's
+    GradScaler, whose loss scale a resumed run must start from (a fresh one skips steps finding it again)."""
     import torch
     from peft.utils import get_peft_model_state_dict
 
@@ -387,7 +406,8 @@ def capture(step: int, unet: Any, optimizer: Any, lr_scheduler: Any, losses: lis
 
     return TrainingState(step=step, lora_state_dict=cpu(get_peft_model_state_dict(unet)),
                          optimizer_state=cpu(optimizer.state_dict()), scheduler_state=cpu(lr_scheduler.state_dict()),
-                         rng_states={"torch": torch.get_rng_state()}, losses=list(losses))
+                         rng_states={"torch": torch.get_rng_state()}, losses=list(losses),
+                         scaler_state=cpu(scaler.state_dict()) if scaler is not None else {})
 
 
 def lora_weights(unet: Any) -> dict[str, Any]:
@@ -420,6 +440,8 @@ def train_lora(pipe: Any, examples: Sequence[Example], config: TrainingConfig,
     device = pipe.unet.device
     samples = prepare_samples(examples, config)
     encoded = encode_samples(pipe, samples, sdxl, device)
+    for sample in samples:                 # the latents are what trains: the fp32 pixels (12 MB at 1024²) go
+        sample.pixels = None
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     weights_dtype = pipe.unet.dtype
@@ -437,6 +459,8 @@ def train_lora(pipe: Any, examples: Sequence[Example], config: TrainingConfig,
     with torch.random.fork_rng(devices=[]):      # a resumed run's global RNG, without leaking into the worker
         if resume is not None:
             restore(unet, optimizer, lr_scheduler, resume)
+            if resume.scaler_state and accelerator.scaler is not None:
+                accelerator.scaler.load_state_dict(resume.scaler_state)
             start, losses = resume.step, list(resume.losses)
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         for step in range(start, config.max_steps):
@@ -459,7 +483,8 @@ def train_lora(pipe: Any, examples: Sequence[Example], config: TrainingConfig,
             due = bool(config.checkpoint_every) and done % config.checkpoint_every == 0
             if save_state is not None and done < config.max_steps and (due or (checkpoint_now and checkpoint_now())):
                 # before on_step: a cancel (or a hand-back) at step N keeps checkpoint N
-                save_state(capture(done, accelerator.unwrap_model(unet), optimizer, lr_scheduler, losses))
+                save_state(capture(done, accelerator.unwrap_model(unet), optimizer, lr_scheduler, losses,
+                                   accelerator.scaler))
             if on_step is not None:
                 on_step(done, config.max_steps, losses[-1])
     trained = accelerator.unwrap_model(unet)
@@ -491,7 +516,7 @@ def state_to_bytes(state: TrainingState) -> bytes:
     buffer = io.BytesIO()
     torch.save({"format": STATE_FORMAT, "step": state.step, "lora": state.lora_state_dict,
                 "optimizer": state.optimizer_state, "scheduler": state.scheduler_state,
-                "rng": state.rng_states, "losses": list(state.losses)}, buffer)
+                "rng": state.rng_states, "losses": list(state.losses), "scaler": state.scaler_state}, buffer)
     return buffer.getvalue()
 
 
@@ -500,8 +525,9 @@ def state_from_bytes(data: bytes) -> TrainingState:
     import torch
 
     payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise ValueError("not a training checkpoint of this version")
     return TrainingState(step=payload["step"], lora_state_dict=payload["lora"],
                          optimizer_state=payload["optimizer"], scheduler_state=payload["scheduler"],
-                         rng_states=payload["rng"], losses=list(payload["losses"]))
+                         rng_states=payload["rng"], losses=list(payload["losses"]),
+                         scaler_state=payload.get("scaler") or {})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -32,13 +33,13 @@ from PIL import Image
 
 import redis
 
-from common.errors import JobHandedBack, ModelError, StaleAttempt
+from common.errors import JobCancelled, JobHandedBack, ModelError, StaleAttempt
 from common.storage import task_metadata
 from common.store import Task, TaskStatus
 from common.store.checkpoints import Checkpoint
 from worker.monitor import StepMonitor
-from worker.training import Example, TrainingConfig, TrainingState, save_lora_file, state_from_bytes, \
-    state_to_bytes, train_lora
+from worker.training import Example, TrainingConfig, TrainingState, save_lora_file, shrink_to_bucket, \
+    state_from_bytes, state_to_bytes, train_lora
 
 log = logging.getLogger("sdqueue.worker")
 
@@ -87,8 +88,9 @@ def training_config(spec_training: dict[str, Any]) -> TrainingConfig:
     return TrainingConfig(**spec_training["config"])
 
 
-def load_examples(ctx: Any, examples: list[dict[str, str]]) -> list[Example]:
-    """The dataset's images (read from S3, as RGB) with their captions, in the dataset's order."""
+def load_examples(ctx: Any, examples: list[dict[str, str]], resolution: int) -> list[Example]:
+    """The dataset's images (read from S3, as RGB, each shrunk at once to the size it trains at: a thousand
+    16-megapixel photos must not sit decoded in memory) with their captions, in the dataset's order."""
     out = []
     for item in examples:
         try:
@@ -96,7 +98,8 @@ def load_examples(ctx: Any, examples: list[dict[str, str]]) -> list[Example]:
             image.load()
         except Exception as exc:  # noqa: BLE001 - a file removed or broken since the dataset was enabled
             raise ModelError(f"dataset file {item['key'].rsplit('/', 1)[-1]} cannot be read: {exc}") from exc
-        out.append(Example(image.convert("RGB"), item.get("caption") or ""))
+        original = (image.height, image.width)
+        out.append(Example(shrink_to_bucket(image.convert("RGB"), resolution), item.get("caption") or "", original))
     return out
 
 
@@ -113,13 +116,44 @@ def load_state(ctx: Any, key: str) -> TrainingState | None:
     return state
 
 
-def save_state(ctx: Any, task_id: str, key: str, state: TrainingState) -> None:
-    """Upload a checkpoint (replacing the previous one): a rerun resumes from it."""
-    ctx.storage.put(key, state_to_bytes(state), "application/octet-stream", metadata=task_metadata(task_id))
+def still_mine(ctx: Any, task_id: str, attempt: int) -> None:
+    """Raise StaleAttempt (or JobCancelled) unless this attempt still holds the job, asked of Redis itself.
+
+    Why not the watcher's flag: it lags by a poll interval, and an old attempt
+    cut off from Redis keeps training; it must never overwrite the checkpoint
+    a newer attempt resumes from, nor delete it, nor register the LoRA.
+    """
+    ctx.store.check_still_mine(task_id, attempt, ctx.info.id)
 
 
-def drop_state(ctx: Any, key: str) -> None:
-    """Delete a job's checkpoint once the job ends for good (a leftover costs space, never the job)."""
+def holds(ctx: Any, task_id: str, attempt: int) -> bool:
+    """Whether this attempt still holds the job (a cancelled one included): it may delete the job's files."""
+    try:
+        still_mine(ctx, task_id, attempt)
+    except JobCancelled:
+        return True
+    except Exception:  # noqa: BLE001 - stale, or Redis unreachable: leave the files to whoever holds the job
+        return False
+    return True
+
+
+def save_state(ctx: Any, task_id: str, attempt: int, key: str, state: TrainingState) -> None:
+    """Upload a checkpoint (replacing the previous one), a rerun resumes from it; only while this attempt holds
+    the job. An upload that fails is logged and training goes on: the next checkpoint may land, and losing one
+    costs at most `checkpoint_every` steps on a resume, never the run."""
+    still_mine(ctx, task_id, attempt)
+    try:
+        ctx.storage.put(key, state_to_bytes(state), "application/octet-stream", metadata=task_metadata(task_id))
+    except Exception:  # noqa: BLE001 - S3 hiccup: the run is worth more than one checkpoint
+        log.warning("could not upload training checkpoint %s at step %d; training goes on", key, state.step,
+                    exc_info=True)
+
+
+def drop_state(ctx: Any, task_id: str, attempt: int, key: str) -> None:
+    """Delete a job's checkpoint once the job ends for good, unless another attempt holds the job now (a leftover
+    costs space, never the job)."""
+    if not holds(ctx, task_id, attempt):
+        return
     try:
         ctx.storage.delete([key])
     except Exception:  # noqa: BLE001 - logged for the operator (a lifecycle rule on the prefix catches it)
@@ -165,6 +199,9 @@ class TrainingProgress:
     def __call__(self, step: int, total: int, loss: float) -> None:
         if self.monitor.flags.setup:               # the dataset is encoded: steps are watched from now on
             self.monitor.leave_setup()
+        if not math.isfinite(loss):
+            raise ModelError(f"the loss became {loss} at step {step}: training diverged (lower learning_rate, or "
+                             f"train in bf16 where the GPU has it)")
         self.curve.add(step, loss)
         flags = self.monitor.flags
         flags.loss, flags.loss_curve = loss, self.curve.snapshot()
@@ -179,12 +216,12 @@ def run_training_job(ctx: Any, task: Task, monitor: StepMonitor) -> tuple[TaskSt
     register it; the job's ending as a status and fields. Cancels and time limits propagate to the caller."""
     from worker.jobs import warm_pipeline
 
-    spec, training = task.spec, task.spec.training or {}
+    spec, training, attempt = task.spec, task.spec.training or {}, monitor.flags.attempt
     config = training_config(training)
     state_key = training["state_key"]
     monitor.enter_setup()
     try:
-        examples = load_examples(ctx, training["examples"])
+        examples = load_examples(ctx, training["examples"], config.resolution)
         resume = load_state(ctx, state_key)
     finally:
         monitor.leave_setup()
@@ -195,16 +232,21 @@ def run_training_job(ctx: Any, task: Task, monitor: StepMonitor) -> tuple[TaskSt
     monitor.enter_setup()                          # encoding the dataset makes no steps; the first step ends it
     try:
         result = train_lora(pipe, examples, config, on_step=progress, resume=resume,
-                            save_state=lambda state: save_state(ctx, task.id, state_key, state),
+                            save_state=lambda state: save_state(ctx, task.id, attempt, state_key, state),
                             checkpoint_now=ctx.stopping.is_set)
     except (StaleAttempt, redis.RedisError):       # JobHandedBack too: the next attempt resumes from the checkpoint
         raise                                      # another attempt runs (or will run) on: it needs the checkpoint
     except BaseException:
-        drop_state(ctx, state_key)                 # cancelled, over time or failed: the job ends, nothing resumes
+        drop_state(ctx, task.id, attempt, state_key)   # cancelled, over time or failed: the job ends for good
         raise
     compute = time.perf_counter() - started
+    try:
+        still_mine(ctx, task.id, attempt)          # a stale attempt registers nothing
+    except JobCancelled:
+        drop_state(ctx, task.id, attempt, state_key)
+        raise
     checkpoint = publish_lora(ctx, task, result)
-    drop_state(ctx, state_key)                     # done: the LoRA replaces the checkpoint
+    drop_state(ctx, task.id, attempt, state_key)   # done: the LoRA replaces the checkpoint
     lora = {"name": training["lora_name"], "file": checkpoint.names[0], "checkpoint_id": checkpoint.id,
             "s3_location": ctx.storage.s3_uri(checkpoint.key_of(checkpoint.names[0])),
             "resumed_from_step": resume.step if resume else 0}

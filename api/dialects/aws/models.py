@@ -158,6 +158,8 @@ def update_model(svc: Services, data: dict):
         return models_error(400, f"a model's status cannot be set to {data['status']}: send Creating (or Fail)")
     with svc.model_jobs.lock(owner, wanted):
         model = svc.model_jobs.get(owner, wanted)
+        if model is None:                          # gone since the first read (it expired, or was removed)
+            return models_error(404, f"create model with id {wanted} is not found")
         if data["status"] == "Fail" and model.status != "Complete":
             model.status, model.error = "Fail", "marked Fail by the client"
             svc.model_jobs.save(model)

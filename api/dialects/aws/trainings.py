@@ -322,6 +322,8 @@ def start_train_job(svc: Services, job_id: str):
         return models_error(404, f"train job with id {job_id} is not found")
     with svc.train_jobs.lock(key.owner, job_id):
         job = svc.train_jobs.get(key.owner, job_id)
+        if job is None:                            # expired since the first read
+            return models_error(404, f"train job with id {job_id} is not found")
         if job.submitted_at is None:
             try:
                 base, model = resolve_base(svc, key.owner, job.base)

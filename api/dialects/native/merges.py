@@ -15,8 +15,7 @@ from flask_smorest import abort
 
 from api.auth import current_key
 from api.dialects.native import schemas
-from api.dialects.native.routes import SECURITY, blp, cancel
-from api.errors import error_response
+from api.dialects.native.routes import SECURITY, blp, cancel_answer, submit_once
 from api.limits import read_limited, submit_limited
 from api.merges import MergeProblem, merge_inputs, owned_merge, produced_checkpoint, submit_merge
 from api.services import Services, services
@@ -62,15 +61,11 @@ def owned_merge_or_404(svc: Services, task_id: str) -> Task:
                                    "cannot take: the message names the field")
 @blp.doc(security=SECURITY)
 def create(data: dict):
-    """Queue a model merge (weighted sum or add difference) on the merge pool; its result is this key's checkpoint."""
+    """Queue a model merge (weighted sum or add difference) on the merge pool; its result is this key's checkpoint.
+    An Idempotency-Key header makes a retried submission answer with the merge the first one made."""
     svc = services()
-    try:
-        task_id, _ = submit_merge(svc, current_key(), data)
-    except MergeProblem as exc:
-        if exc.status == 422:
-            abort(422, errors={"json": {exc.field: [str(exc)]}})
-        return error_response(exc.status, str(exc))
-    return merge_body(svc, svc.store.get(task_id))
+    return submit_once(svc, lambda task_id: submit_merge(svc, current_key(), data, task_id),
+                       lambda task_id: merge_body(svc, svc.store.get(task_id)), schemas.MergeSchema(), (MergeProblem,))
 
 
 @blp.route("/merges", methods=["GET"])
@@ -104,7 +99,4 @@ def get_merge(task_id: str):
 def cancel_merge(task_id: str):
     """Cancel a merge: at once while it waits, after its current tensor while it runs (no checkpoint is made)."""
     svc = services()
-    task = cancel(svc, owned_merge_or_404(svc, task_id))
-    if task.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
-        return error_response(409, f"merge already {task.status.value}; it cannot be cancelled")
-    return merge_body(svc, task), (200 if task.status is TaskStatus.CANCELLED else 202)
+    return cancel_answer(svc, owned_merge_or_404(svc, task_id), lambda task: merge_body(svc, task), "merge")

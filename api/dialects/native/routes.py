@@ -188,6 +188,41 @@ def cancel_task(task_id: str):
     return cancel_answer(svc, owned_task_or_404(svc, task_id), lambda task: render_task(task, svc.storage, svc.store))
 
 
+def submit_once(svc: Services, submit: Callable[[str], Any], body_of: Callable[[str], dict], schema: Any,
+                problems: tuple[type, ...]) -> Any:
+    """Run `submit(task_id)` for a new task under the request's Idempotency-Key and answer `body_of(task_id)`.
+
+    A replay of the key answers the first task's body as it stands now (202, Idempotent-Replayed); a refused
+    submission frees the key for its retry. `problems`: the core's refusals (with `field` and `status`),
+    answered as a 422 naming the field, or their own status.
+    """
+    task_id, idempotency = new_task_id(), idempotency_key()
+    if idempotency:
+        replay = replayed_submission(svc, idempotency, task_id,
+                                     lambda first, replayed: replayed_answer(schema.dump(body_of(first))))
+        if replay is not None:
+            return replay
+    try:
+        submit(task_id)
+    except BaseException as exc:
+        if idempotency:
+            svc.store.release_idempotency(current_key().owner, idempotency)   # refused: a retry may try again
+        if not isinstance(exc, problems):
+            raise
+        if exc.status == 422:
+            abort(422, errors={"json": {exc.field: [str(exc)]}})
+        return error_response(exc.status, str(exc))
+    return body_of(task_id)
+
+
+def replayed_answer(body: dict) -> Response:
+    """The 202 of a replayed submission (the same Idempotency-Key again)."""
+    response = jsonify(body)
+    response.status_code = 202
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
 def cancel_answer(svc: Services, task: Task, render: Callable[[Task], dict], noun: str = "task") -> Any:
     """Cancel `task` and answer: 200 cancelled, 202 still stopping (both with `render`'s body), 409 when it had
     already completed or failed."""

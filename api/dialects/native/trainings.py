@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import time
 
-from flask import Response, jsonify, url_for
+from flask import url_for
 from flask_smorest import abort
 
 from api.auth import current_key
 from api.dialects.native import schemas
-from api.dialects.native.routes import SECURITY, blp, cancel_answer, idempotency_key, replayed_submission
-from api.errors import error_response
+from api.dialects.native.routes import SECURITY, blp, cancel_answer, submit_once
 from api.limits import read_limited, submit_limited
 from api.services import Services, services
-from api.submission import new_task_id
 from api.trainings import TrainingProblem, owned_training, produced_lora, submit_training
 from common.store import Task, TaskStatus
 from common.timestamps import iso
@@ -74,30 +72,9 @@ def create(data: dict):
     """Queue a LoRA training job on the training pool; poll it here or stream GET /api/v1/tasks/{id}/events.
     An Idempotency-Key header makes a retried submission answer with the job the first one made."""
     svc = services()
-    task_id, idempotency = new_task_id(), idempotency_key()
-    if idempotency:
-        replay = replayed_submission(svc, idempotency, task_id, lambda first, replayed: training_answer(svc, first))
-        if replay is not None:
-            return replay
-    try:
-        submit_training(svc, current_key(), data, task_id)
-    except BaseException as exc:
-        if idempotency:
-            svc.store.release_idempotency(current_key().owner, idempotency)   # refused: a retry may try again
-        if not isinstance(exc, TrainingProblem):
-            raise
-        if exc.status == 422:
-            abort(422, errors={"json": {exc.field: [str(exc)]}})
-        return error_response(exc.status, str(exc))
-    return training_body(svc, svc.store.get(task_id))
-
-
-def training_answer(svc: Services, task_id: str) -> Response:
-    """The 202 of a replayed submission (the same Idempotency-Key again): the job it made, as it stands now."""
-    response = jsonify(schemas.TrainingSchema().dump(training_body(svc, svc.store.get(task_id))))
-    response.status_code = 202
-    response.headers["Idempotent-Replayed"] = "true"
-    return response
+    return submit_once(svc, lambda task_id: submit_training(svc, current_key(), data, task_id),
+                       lambda task_id: training_body(svc, svc.store.get(task_id)), schemas.TrainingSchema(),
+                       (TrainingProblem,))
 
 
 @blp.route("/trainings", methods=["GET"])
