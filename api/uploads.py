@@ -37,6 +37,23 @@ def owned_model(svc: Services, owner: str, name: str) -> tuple[ModelInfo, dict[s
     return uploaded_model(svc, asset), asset
 
 
+def owned_models(svc: Services, owner: str) -> list[dict]:
+    """`owner`'s own Active Stable-diffusion checkpoints as GET /api/v1/models lists them: the file name `model`
+    takes, its family (recorded by a merge, else read from the file's header once), where it came from."""
+    out = []
+    for checkpoint in svc.checkpoints.visible(owner):
+        if checkpoint.type != "Stable-diffusion" or checkpoint.status != "Active":
+            continue
+        for name in checkpoint.names:
+            if not name.endswith(WEIGHT_SUFFIXES):
+                continue
+            family = checkpoint.params.get("family") or uploaded_model(svc, checkpoint.asset(name)).family
+            out.append({"name": name, "family": family, "checkpoint_id": checkpoint.id,
+                        "source": "merge" if checkpoint.params.get("method") else "upload",
+                        "created": checkpoint.created})
+    return out
+
+
 UPLOAD_HEADER_BYTES = 16 * 1024 * 1024   # real checkpoints' headers are under 2 MB; an upload's is read per request
 _UPLOAD_FAMILIES: dict[str, str] = {}      # S3 key -> family (an Active upload never changes)
 _UPLOAD_FAMILIES_KEPT = 256

@@ -125,6 +125,9 @@ def test_a_weighted_sum_is_the_weighted_sum_of_the_weights_and_generates(api, ap
                           timeout=180, what="the merged model's image")
     assert finished["status"] == "succeed", finished
     assert finished["image_names"] == ["image_0.jpg"]
+    own = {m["name"]: m for m in api.get("/api/v1/models").json()["own"]}
+    assert own[f"{name}.safetensors"]["source"] == "merge" and own[f"{name}.safetensors"]["family"] == "sd1"
+    assert f"{name}.safetensors" not in {m["name"] for m in api_b.get("/api/v1/models").json()["own"]}
     native = api.run(model=f"{name}.safetensors", width=64, height=64, num_inference_steps=2)   # natively too
     assert native["status"] == "completed", native
     trained = api.post("/api/v1/trainings", {"dataset": make_dataset(api, images=1), "model": f"{name}.safetensors",

@@ -56,7 +56,6 @@ NO_OBJECT = {
     ("GET", "/static/<path:filename>"): "Flask's static files",
     ("GET", "/ui/"): "the playground's static page, the same for everyone",
     ("GET", "/ui/<path:filename>"): "the playground's static files, the same for everyone",
-    ("GET", "/api/v1/models"): "the shared model directory",
     ("GET", "/api/v1/schedulers"): "a fixed list",
     ("POST", "/v1/draw"): "creates a task and answers it; names only a shared model",
     ("GET", "/inference/test-connection"): "a fixed answer",
@@ -472,6 +471,16 @@ def aws_datasets(w: World) -> None:
     assert w.call("POST", "/dataset", KEY_B, json={"dataset_name": name, "content": content}).status_code == 200
     assert w.call("GET", f"/{name}/data", KEY_A).json()["data"][0]["key"] != \
         w.call("GET", f"/{name}/data", KEY_B).json()["data"][0]["key"]
+
+
+@covers(("GET", "/api/v1/models"))
+def key_models(w: World) -> None:
+    """The shared model directory for everyone; a key's own checkpoints (uploads, merges) for it alone."""
+    mine = {m["name"] for m in w.call("GET", "/api/v1/models", KEY_A).json()["own"]}
+    theirs = w.call("GET", "/api/v1/models", KEY_B).json()
+    assert FILES["Stable-diffusion"] in mine and FILES["Stable-diffusion"] not in {m["name"] for m in theirs["own"]}
+    assert {m["name"] for m in theirs["models"]} == {m["name"] for m in
+                                                     w.call("GET", "/api/v1/models", KEY_A).json()["models"]}
 
 
 @covers(("GET", "/api/v1/loras"), ("GET", "/sdapi/v1/loras"), ("DELETE", "/api/v1/loras/<string:name>"))

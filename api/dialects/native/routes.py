@@ -22,6 +22,7 @@ from api.eventstream import open_stream, valid_event_id
 from api.fastsubmit import TASK_ID_ENVIRON
 from api.limits import read_limited, submit_limited
 from api.loras import forget_lora, usable_loras
+from api.uploads import owned_models
 from api.services import Services, services
 from api.submission import new_task_id, submit_job, wait_until_terminal
 from common.errors import TaskNotFound
@@ -262,13 +263,14 @@ def list_tasks(query: dict):
 @blp.response(200, schemas.ModelListSchema)
 @blp.doc(security=SECURITY)
 def list_models():
-    """Models in the model directory with their family and request defaults; `loaded` when a live worker holds it warm."""
+    """Models in the model directory with their family and request defaults; `loaded` when a live worker holds it
+    warm; `own`: this key's own checkpoints (merges' results, uploads), which `model` takes by file name."""
     svc = services()
     warm = {m for w in svc.workers.live() for m in w.models}
     default = svc.catalog.default_model()
     return {"default": default, "models": [
         {**m.to_dict(), "default": m.name == default, "loaded": m.name in warm} for m in svc.catalog.models()],
-        "controlnets": controlnet_list(svc)}
+        "controlnets": controlnet_list(svc), "own": owned_models(svc, current_key().owner)}
 
 
 @blp.route("/schedulers", methods=["GET"])

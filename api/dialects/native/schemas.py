@@ -302,8 +302,18 @@ class ControlNetSchema(Schema):
     context_width = fields.Integer(allow_none=True)
 
 
+class OwnModelSchema(Schema):
+    name = fields.String(metadata={"description": "The file name `model` takes"})
+    family = fields.String()
+    checkpoint_id = fields.String()
+    source = fields.String(metadata={"description": "merge (a merge's result) or upload (the AWS extension API)"})
+    created = fields.Float(metadata={"description": "Epoch seconds"})
+
+
 class ModelListSchema(Schema):
     models = fields.List(fields.Nested(ModelSchema))
+    own = fields.List(fields.Nested(OwnModelSchema), metadata={
+        "description": "This key's own Stable-diffusion checkpoints; no other key sees them"})
     controlnets = fields.List(fields.Nested(ControlNetSchema), metadata={
         "description": "ControlNet models in models/controlnet, usable in `controlnet`"})
     default = fields.String(allow_none=True)
