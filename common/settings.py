@@ -139,6 +139,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("worker.device", str, "", "Device for this worker: cuda, cuda:N, cpu; empty: cuda:0 if present else cpu."),
     Option("worker.name", str, "", "Worker name shown in health/Flower; empty: gpu<N>@<host>."),
     Option("worker.pool", str, "", "Worker pool (queue) this worker serves, e.g. an AWS-extension endpoint name; empty: tasks.queue."),
+    Option("worker.owned_cache_gb", float, 200.0, "Most GB of keys' own checkpoints and LoRAs (fetched from S3 "
+           "into the hidden .owned/ folders) a worker host keeps; beyond, the least recently used go (S3 keeps them). "
+           "0: keep everything."),
     Option("worker.torch_threads", int, 0, "torch CPU threads; 0 leaves torch's default."),
     Option("worker.max_batch", int, 0, "Images one pipeline call may hold: waiting jobs that can share a call (same model, mode, size, steps, scheduler, guidance, LoRAs, negative prompt or none) run together. 0: 8 on CUDA, 1 (no batching) on CPU."),
     Option("worker.output_depth", int, 1, "Jobs whose encoding, uploads and finish may wait for the output stage while the GPU runs the next one (1-2)."),

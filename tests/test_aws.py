@@ -395,6 +395,34 @@ def test_worker_fetches_each_upload_once_under_its_own_name(storage, tmp_path):
     assert sorted(p.name for p in dirs["loras"].iterdir()) == ["style-11111111.safetensors", "style-22222222.safetensors"]
 
 
+def test_a_worker_evicts_the_least_recently_used_copies_beyond_its_budget(storage, tmp_path):
+    """Keys' own files pile up on worker hosts; beyond worker.owned_cache_gb the least recently used go (S3 keeps
+    them), never the files the job needs nor the models loaded warm (`keep`)."""
+    import os
+
+    from common.store.checkpoints import Checkpoint
+    from worker.assets import ensure_assets
+
+    made = {n: Checkpoint(f"{n * 8}-0000", "Lora", [f"{n}.safetensors"], f"models/Lora/evict-{n}") for n in "abcd"}
+    for n, checkpoint in made.items():
+        storage.put(checkpoint.key_of(f"{n}.safetensors"), n.encode() * 100, "application/octet-stream")
+    asset = {n: checkpoint.asset(f"{n}.safetensors") for n, checkpoint in made.items()}
+    dirs = {"loras": tmp_path / "loras", "models": tmp_path / "models"}
+    path = {n: dirs["loras"] / asset[n]["name"] for n in made}
+
+    ensure_assets(storage, [asset["a"], asset["b"]], dirs, budget=250)        # 200 bytes: within the budget
+    os.utime(path["a"], (2000, 2000))
+    os.utime(path["b"], (1000, 1000))                                         # b is the least recently used
+    ensure_assets(storage, [asset["c"]], dirs, budget=250)
+    assert [n for n in "abc" if path[n].exists()] == ["a", "c"]
+    os.utime(path["a"], (1000, 1000))
+    os.utime(path["c"], (2000, 2000))
+    ensure_assets(storage, [asset["d"]], dirs, budget=250, keep=[asset["a"]["name"]])   # a is loaded warm
+    assert [n for n in "abcd" if path[n].exists()] == ["a", "d"]
+    ensure_assets(storage, [asset["b"]], dirs, budget=0)                      # 0: no limit
+    assert [n for n in "abcd" if path[n].exists()] == ["a", "b", "d"]
+
+
 def test_keys_own_their_checkpoints_and_pools(base):
     created = requests.post(f"{base}/checkpoint", headers=headers(body=True), json={
         "checkpoint_type": "Lora", "filenames": [{"filename": "a-only.safetensors"}]}).json()["checkpoint"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Iterable
 
 from common.catalog import owned_dir
 from common.store.checkpoints import filename_problem
@@ -25,15 +26,69 @@ def asset_dirs(settings) -> dict[str, Path]:
     return {"models": owned_dir(settings.models_dir), "loras": owned_dir(settings.lora_dir)}
 
 
-def ensure_assets(storage: Storage, assets: list[dict[str, str]], dirs: dict[str, Path]) -> None:
+def owned_budget(settings) -> int:
+    """worker.owned_cache_gb in bytes (0: no limit)."""
+    return int(settings.worker.owned_cache_gb * 1024**3)
+
+
+def ensure_assets(storage: Storage, assets: list[dict[str, str]], dirs: dict[str, Path], budget: int = 0,
+                  keep: Iterable[str] = ()) -> None:
     """Download every asset this host does not have yet (local names carry the checkpoint id, so a
-    re-uploaded model is a new file and a warm pipeline never serves stale weights)."""
+    re-uploaded model is a new file and a warm pipeline never serves stale weights), and mark each as just used.
+
+    `budget` > 0: after a download, the least recently used files of the folders go until they hold at most
+    that many bytes, never this job's nor those named in `keep` (the models loaded warm).
+    """
+    fetched, needed = False, set(keep)
     for asset in assets:
         folder, name = dirs.get(asset.get("dir", "")), asset.get("name", "")
         if folder is None or filename_problem(name):
             raise ModelError(f"job names an unusable model file {asset!r}")
-        if not (folder / name).exists():
+        needed.add(name)
+        if (folder / name).exists():
+            touch(folder / name)
+        else:
             fetch(storage, asset["key"], folder / name)
+            fetched = True
+    if fetched and budget > 0:
+        evict(list(dirs.values()), budget, needed)
+
+
+def touch(path: Path) -> None:
+    """Mark a file as just used (its mtime orders eviction); a file another worker just evicted is refetched."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def evict(folders: list[Path], budget: int, keep: set[str]) -> list[Path]:
+    """Delete the least recently used files of `folders` until they hold at most `budget` bytes; the removed.
+
+    Why: the keys' own checkpoints (GBs each) pile up on every worker host
+    that ever ran a job naming them; the copy in S3 stays, so a later job
+    only fetches it again. A file a pipeline still uses stays readable to it
+    (POSIX), and `keep` spares the ones in use now.
+    """
+    files = []
+    for folder in folders:
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.is_file() and not path.name.startswith("."):
+                    stat = path.stat()
+                    files.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, path in sorted(files):
+        if total <= budget:
+            break
+        if path.name in keep:
+            continue
+        path.unlink(missing_ok=True)
+        log.info("evicted %s (%d bytes) from the worker's copies of keys' own files", path, size)
+        total -= size
+        removed.append(path)
+    return removed
 
 
 def fetch(storage: Storage, key: str, target: Path) -> None:

@@ -32,7 +32,7 @@ from common.storage import Storage, task_metadata
 from common.store.checkpoints import CheckpointStore
 from common.store import (Claim, ModelJob, NoPick, OwnedRecords, Task, TaskStatus, TaskStore, WorkerInfo, WorkerRegistry,
                           WorkerState)
-from worker.assets import asset_dirs, ensure_assets
+from worker.assets import asset_dirs, ensure_assets, owned_budget
 from worker.embeddings import sync_embeddings
 from worker.generation import (DROPPING, BatchMember, GenerationResult, generate, generate_batch, is_out_of_memory,
                                release_memory)
@@ -318,7 +318,8 @@ def warm_pipeline(ctx: JobContext, model: str, assets: list[dict[str, str]], mon
     for monitor in monitors:
         monitor.enter_setup()
     try:
-        ensure_assets(ctx.storage, assets, asset_dirs(ctx.settings))
+        ensure_assets(ctx.storage, assets, asset_dirs(ctx.settings), owned_budget(ctx.settings),
+                      keep=ctx.registry.names())
         if locate_model(ctx.settings.models_dir, model, ctx.settings.models.overrides) is None:
             raise ModelError(f"model '{model}' is not in the model directory")
         base = ctx.registry.get(model, keep)
