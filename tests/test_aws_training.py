@@ -291,3 +291,38 @@ def test_requests_it_cannot_run_get_the_extension_s_errors(api):
             400, "filenames")
     refused(api.put("/model", {"model_id": str(uuid.uuid4()), "status": "Creating"}), 404, "is not found")
     refused(api.put("/model", {"model_id": initial, "status": "Complete"}), 400, "Creating")
+
+
+def test_the_webui_s_uploaded_db_config_sets_the_training(api, trainer):
+    """The extension's WebUI sends its dreambooth settings as db_config.tar (uploaded to the job's presigned URL),
+    not in config_params: PUT /train reads it; values the body gives win."""
+    import json
+
+    _, s3 = aws_dataset(api)
+    body = {"train_type": "Stable-diffusion", "filenames": ["db_config.tar"],
+            "params": {"training_params": {"data_tar_list": [s3], "training_instance_type": "ml.g5.2xlarge"},
+                       "config_params": {"seed": 3}}}
+    created = api.post("/train", body)
+    assert created.status_code == 200, created.text
+    job = created.json()["job"]
+    config = {"model_name": f"from-file-{uuid.uuid4().hex[:6]}", "num_train_epochs": 1, "lora_unet_rank": 2,
+              "lora_learning_rate": 0.01, "resolution": 64, "use_lora": True, "seed": 99,
+              "concepts_list": [{"instance_prompt": "zzx", "class_prompt": ""}]}
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        data = json.dumps(config).encode()
+        info = tarfile.TarInfo("db_config.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    put = requests.put(created.json()["s3PresignUrl"]["db_config.tar"], data=archive.getvalue(), timeout=30)
+    assert put.status_code == 200, put.text
+    start(api, job["id"])
+    assert wait_trained(api, job["id"])["status"] == "Complete"
+    native = api.get(f"/api/v1/trainings/{job['id']}").json()
+    assert native["lora_name"] == config["model_name"] and native["config"]["rank"] == 2
+    assert native["config"]["trigger_word"] == "zzx" and native["config"]["seed"] == 3    # the body's seed wins
+
+    broken = api.post("/train", body).json()
+    requests.put(broken["s3PresignUrl"]["db_config.tar"], data=b"not a tar", timeout=30)
+    refused = api.put("/train", {"train_job_id": broken["job"]["id"], "status": "Training"})
+    assert refused.status_code == 400 and "db_config.tar" in refused.json()["error"]

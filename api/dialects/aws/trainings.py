@@ -17,6 +17,9 @@ they name are the key's own: another key's id answers as a missing one.
 """
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 import time
 from typing import Any
 
@@ -314,6 +317,52 @@ def create_train_job_from(svc: Services, raw: dict):
     return create_train_job(svc, data)
 
 
+DB_CONFIG_FILES = ("db_config.tar", "db_config.json")   # what the WebUI uploads beside a job (its dreambooth config)
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+def uploaded_config(svc: Services, job: TrainJob) -> dict:
+    """The dreambooth config the extension's WebUI uploaded into the job's input location (db_config.tar holding
+    a .json, or the .json itself), or {} when there is none; TrainingProblem when it cannot be read."""
+    prefix = job.input_location.split("/", 3)[3]
+    for name in DB_CONFIG_FILES:
+        head = svc.storage.head(f"{prefix}/{name}")
+        if head is None:
+            continue
+        if head[0] > MAX_CONFIG_BYTES:
+            raise TrainingProblem(name, f"{name}: larger than {MAX_CONFIG_BYTES} bytes; not a config", 400)
+        return parsed_config(name, svc.storage.get(f"{prefix}/{name}"))
+    return {}
+
+
+def parsed_config(name: str, data: bytes) -> dict:
+    """A db_config's JSON object (from the first .json file of a tar, or the file itself)."""
+    try:
+        if name.endswith(".tar"):
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                member = next((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")), None)
+                if member is None:
+                    raise TrainingProblem(name, f"{name}: holds no .json config", 400)
+                data = tar.extractfile(member).read()
+        value = json.loads(data)
+    except (tarfile.TarError, ValueError) as exc:
+        raise TrainingProblem(name, f"{name}: not a readable config ({exc})", 400) from None
+    if not isinstance(value, dict):
+        raise TrainingProblem(name, f"{name}: not a JSON object", 400)
+    return value
+
+
+def request_with_config(job: TrainJob, db_config: dict) -> tuple[dict, list[str]]:
+    """The job's native request with an uploaded db_config's values under the body's (the body's win)."""
+    params = {**job.params, "config_params": {**db_config, **(job.params.get("config_params") or {})}}
+    flat = config_values(params["config_params"])
+    if problem := refusal(params, flat):
+        raise problem
+    mapped, sources, warnings = mapped_config(params, flat)
+    request = checked_values({**mapped, "dataset": job.request["dataset"]}, sources)
+    return {**request, "model": job.request.get("model")}, warnings
+
+
 def start_train_job(svc: Services, job_id: str):
     """PUT /train Training: queue the Initial job on the training pool (its task id is the job's); a job already
     started answers as it stands."""
@@ -326,6 +375,10 @@ def start_train_job(svc: Services, job_id: str):
             return models_error(404, f"train job with id {job_id} is not found")
         if job.submitted_at is None:
             try:
+                db_config = uploaded_config(svc, job)
+                if db_config:                      # the WebUI sends its settings as a file, not in config_params
+                    job.request, mapped = request_with_config(job, db_config)
+                    job.warnings = [*job.warnings, *mapped]
                 base, model = resolve_base(svc, key.owner, job.base)
                 _, warnings = submit_training(svc, key, {**job.request, "model": model}, task_id=job.id, base=base)
             except TrainingProblem as exc:
