@@ -151,8 +151,15 @@ def owned_dir(base: Path) -> Path:
 
 
 def locate_model(models_dir: Path, name: str, overrides: Mapping[str, Mapping] | None = None) -> ModelInfo | None:
-    """A model of the shared directory, else a key's own file a job fetched (its name holds the checkpoint id)."""
-    return find_model(models_dir, name, overrides) or find_model(owned_dir(models_dir), name, overrides)
+    """A model of the shared directory, else a key's own file a job fetched (its name holds the checkpoint id;
+    only that file is read, however many the folder holds)."""
+    found = find_model(models_dir, name, overrides)
+    if found is not None:
+        return found
+    path = owned_dir(models_dir) / name
+    if name.startswith(".") or "/" in name or not path.is_file() or path.suffix not in WEIGHT_SUFFIXES:
+        return None
+    return describe_single_file(path, (overrides or {}).get(name))
 
 
 def worker_loras(lora_dir: Path) -> dict[str, Path]:
