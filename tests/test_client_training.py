@@ -226,6 +226,12 @@ def test_cli_train_uploads_a_folder_trains_and_prints_the_lora(stack, trainer, t
     assert generated.returncode == 0, generated.stderr
     assert Path(generated.stdout.split()[0]).parent == out
 
+    loras = sdq(stack, "loras")
+    assert loras.returncode == 0 and any(line.split()[:2] == [lora_name, "own"] for line in loras.stdout.splitlines())
+    assert sdq(stack, "delete-lora", lora_name).returncode == 0
+    assert lora_name not in sdq(stack, "loras").stdout
+    assert sdq(stack, "delete-lora", lora_name).returncode == 1                # not found: refused
+
 
 def test_cli_train_no_wait_then_cancel_and_watch(stack, trainer, tmp_path):
     folder = image_folder(tmp_path / "set")

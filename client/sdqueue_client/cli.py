@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("datasets", help="this key's training datasets", parents=[common])
     commands.add_parser("delete-dataset", help="remove a dataset and its files",
                         parents=[common]).add_argument("dataset")
+    commands.add_parser("loras", help="the LoRAs this key may use (shared, and its own)", parents=[common])
+    commands.add_parser("delete-lora", help="delete one of this key's own LoRAs",
+                        parents=[common]).add_argument("lora")
     return parser
 
 
@@ -346,7 +349,17 @@ def show_models(body: Dict[str, Any]) -> str:
     rows = [(m.get("name"), m.get("family"), f"{m.get('width')}x{m.get('height')}",
              (m.get("defaults") or {}).get("steps"), "yes" if m.get("loaded") else "no",
              "*" if m.get("default") else "") for m in body.get("models", [])]
+    rows += [(m.get("name"), m.get("family"), None, None, None, f"own ({m.get('source')})")
+             for m in body.get("own", [])]
     return table(("NAME", "FAMILY", "SIZE", "STEPS", "LOADED", "DEFAULT"), rows)
+
+
+def show_loras(loras: List[Dict[str, Any]]) -> str:
+    if not loras:
+        return "no LoRAs"
+    return table(("LORA", "SOURCE", "FAMILY", "BASE MODEL"),
+                 [(entry.get("name"), entry.get("source"), entry.get("family"), entry.get("base_model"))
+                  for entry in loras])
 
 
 def show_queue(tasks: List[Dict[str, Any]]) -> str:
@@ -392,7 +405,8 @@ def run_watch(client: Client, args: argparse.Namespace) -> int:
 
 
 def run_simple(client: Client, args: argparse.Namespace) -> int:
-    """status, cancel, models, queue, trainings, datasets, delete-dataset: one call, one printout."""
+    """status, cancel, models, queue, trainings, datasets, delete-dataset, loras, delete-lora: one call, one
+    printout."""
     if args.command == "status":
         body: Any = client.status(args.task_id)
         text = show_task(body)
@@ -411,6 +425,12 @@ def run_simple(client: Client, args: argparse.Namespace) -> int:
     elif args.command == "delete-dataset":
         client.delete_dataset(args.dataset)
         body, text = {"deleted": args.dataset}, f"deleted {args.dataset}"
+    elif args.command == "loras":
+        body = client.loras()
+        text = show_loras(body)
+    elif args.command == "delete-lora":
+        client.delete_lora(args.lora)
+        body, text = {"deleted": args.lora}, f"deleted {args.lora}"
     else:
         body = client.queue()
         text = show_queue(body)
