@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,7 +25,9 @@ def test_the_gpu_benchmark_runs_end_to_end_in_its_tiny_cpu_variant(tmp_path):
     for figures in report["archs"].values():
         assert figures["unet_flops_per_step"] > 0 and figures["plain"]["it_per_s"] > 0
         training = figures["training"]
-        assert "error" not in training and training["steps_per_s"] > 0 and training["step_flops_est"] > 0
+        # The rates are figures for bench/RESULTS.md, not asserted: only that they were measured and agree.
+        assert "error" not in training and training["step_flops_est"] > 0
+        assert training["images_per_s"] == pytest.approx(training["steps_per_s"] * training["batch"])
         assert training["rank"] == 8 and training["batch"] == 1 and training["mixed_precision"] == "no"
         assert training["weights_bytes"] is None and "peak_bytes" not in training     # CUDA only
     assert result.stdout.count("LoRA training 64² rank 8 batch 1") == 2

@@ -259,7 +259,8 @@ def test_a_trainer_told_to_stop_checkpoints_at_once_and_its_job_resumes_there(st
     assert done["status"] == "completed", done
     assert rds.hget(keys.TASK(created["id"]), "attempt") == "1"
     resumed = training(api, created["id"])["lora"]["resumed_from_step"]
-    assert seen <= resumed < 500                                          # where it stopped, not checkpoint 0
+    # Where it stopped: a checkpoint made for the stop (neither 0 nor a periodic one), however fast the steps ran.
+    assert resumed >= seen and resumed % 500 != 0
 
 
 def test_an_old_attempt_never_touches_the_checkpoint_a_newer_one_resumes_from(rds, storage, settings):
