@@ -222,10 +222,10 @@ def submit_merge(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str 
 def owned_merge(svc: Services, owner: str, task_id: str) -> Task | None:
     """The key's merge `task_id`, or None (missing, another key's, or not a merge alike)."""
     try:
-        task = svc.store.get(task_id)
+        task = svc.store.get_owned(task_id, owner)
     except TaskNotFound:
         return None
-    return task if task.owner == owner and task.spec.merge else None
+    return task if task.spec.merge else None
 
 
 def produced_checkpoint(task: Task) -> dict[str, Any] | None:

@@ -184,10 +184,10 @@ def submit_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: s
 def owned_training(svc: Services, owner: str, task_id: str) -> Task | None:
     """The key's training job `task_id`, or None (missing, another key's, or not a training job alike)."""
     try:
-        task = svc.store.get(task_id)
+        task = svc.store.get_owned(task_id, owner)
     except TaskNotFound:
         return None
-    return task if task.owner == owner and task.spec.training else None
+    return task if task.spec.training else None
 
 
 def produced_lora(task: Task) -> dict[str, Any] | None:

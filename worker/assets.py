@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Iterable
 
 from common.catalog import owned_dir
-from common.store.checkpoints import filename_problem
+from common.store.checkpoints import Checkpoint, CheckpointStore, filename_problem
 from common.errors import ModelError
-from common.storage import Storage
+from common.storage import Storage, task_metadata
 
 log = logging.getLogger("sdqueue.worker")
 
@@ -89,6 +89,14 @@ def evict(folders: list[Path], budget: int, keep: set[str]) -> list[Path]:
         total -= size
         removed.append(path)
     return removed
+
+
+def publish(storage: Storage, checkpoints: CheckpointStore, checkpoint: Checkpoint, path: Path, task_id: str) -> None:
+    """Upload a file a job made (a LoRA, a merged model) as `checkpoint`'s only file, then record the checkpoint:
+    in that order, so a record never names a file S3 does not hold yet."""
+    with path.open("rb") as stream:
+        storage.put_stream(checkpoint.key_of(checkpoint.names[0]), stream, metadata=task_metadata(task_id))
+    checkpoints.save(checkpoint)
 
 
 def fetch(storage: Storage, key: str, target: Path) -> None:

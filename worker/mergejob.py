@@ -29,10 +29,9 @@ from typing import Any
 
 from common.catalog import find_model, owned_dir
 from common.errors import ModelError
-from common.storage import task_metadata
 from common.store import Task, TaskStatus
 from common.store.checkpoints import Checkpoint
-from worker.assets import asset_dirs, ensure_assets
+from worker.assets import asset_dirs, ensure_assets, publish
 from worker.merge import MergeError, merge_tensors, write_merged
 from worker.monitor import StepMonitor
 from worker.singlefile import write_single_file_checkpoint
@@ -78,16 +77,13 @@ def merged_checkpoint(ctx: Any, task: Task) -> Checkpoint:
     params = {"merge_job": task.id, "method": merge["method"], "multiplier": merge["multiplier"],
               "inputs": {item["role"]: item["name"] for item in merge["inputs"]}, "family": merge["family"],
               "dtype": merge["dtype"], "created_by": "merge"}
-    return Checkpoint(checkpoint_id, KIND, [merge["file"]], f"{ctx.checkpoints.key_prefix}/{KIND}/{checkpoint_id}",
-                      status="Active", params=params, owner=task.owner)
+    return ctx.checkpoints.new(KIND, [merge["file"]], params, task.owner, checkpoint_id=checkpoint_id, status="Active")
 
 
 def publish_checkpoint(ctx: Any, task: Task, path: Path) -> Checkpoint:
     """Upload the merged file and record it as the key's Active Stable-diffusion checkpoint."""
     checkpoint = merged_checkpoint(ctx, task)
-    with path.open("rb") as stream:
-        ctx.storage.put_stream(checkpoint.key_of(checkpoint.names[0]), stream, metadata=task_metadata(task.id))
-    ctx.checkpoints.save(checkpoint)
+    publish(ctx.storage, ctx.checkpoints, checkpoint, path, task.id)
     return checkpoint
 
 

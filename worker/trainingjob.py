@@ -37,6 +37,7 @@ from common.errors import JobCancelled, JobHandedBack, ModelError, StaleAttempt
 from common.storage import task_metadata
 from common.store import Task, TaskStatus
 from common.store.checkpoints import Checkpoint
+from worker.assets import publish
 from worker.monitor import StepMonitor
 from worker.training import Example, TrainingConfig, TrainingState, save_lora_file, shrink_to_bucket, \
     state_from_bytes, state_to_bytes, train_lora
@@ -167,9 +168,8 @@ def lora_checkpoint(ctx: Any, task: Task) -> Checkpoint:
     params = {"training_job": task.id, "base_model": task.spec.model, "family": task.spec.family or "",
               "dataset": training.get("dataset", ""), "trigger_word": training["config"].get("trigger_word", ""),
               "created_by": "training"}
-    return Checkpoint(checkpoint_id, "Lora", [f"{training['lora_name']}.safetensors"],
-                      f"{ctx.checkpoints.key_prefix}/Lora/{checkpoint_id}", status="Active", params=params,
-                      owner=task.owner)
+    return ctx.checkpoints.new("Lora", [f"{training['lora_name']}.safetensors"], params, task.owner,
+                               checkpoint_id=checkpoint_id, status="Active")
 
 
 def publish_lora(ctx: Any, task: Task, result: Any) -> Checkpoint:
@@ -177,10 +177,7 @@ def publish_lora(ctx: Any, task: Task, result: Any) -> Checkpoint:
     checkpoint = lora_checkpoint(ctx, task)
     name = checkpoint.names[0]
     with tempfile.TemporaryDirectory(prefix="sdq-lora-") as folder:
-        path = save_lora_file(result, Path(folder) / name)
-        with path.open("rb") as stream:
-            ctx.storage.put_stream(checkpoint.key_of(name), stream, metadata=task_metadata(task.id))
-    ctx.checkpoints.save(checkpoint)
+        publish(ctx.storage, ctx.checkpoints, checkpoint, save_lora_file(result, Path(folder) / name), task.id)
     return checkpoint
 
 

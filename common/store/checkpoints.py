@@ -78,10 +78,17 @@ class CheckpointStore:
         self.client = client
         self.key_prefix = key_prefix.strip("/")
 
-    def new(self, kind: str, names: list[str], params: dict[str, Any], owner: str) -> Checkpoint:
-        checkpoint_id = str(uuid.uuid4())
-        return Checkpoint(checkpoint_id, kind, list(names), f"{self.key_prefix}/{kind}/{checkpoint_id}",
+    def new(self, kind: str, names: list[str], params: dict[str, Any], owner: str, checkpoint_id: str | None = None,
+            status: str = "Initial") -> Checkpoint:
+        """A checkpoint record (not saved); `checkpoint_id`: one derived from the job that makes it, so a retried
+        finish writes the same record (default: a new uuid4)."""
+        checkpoint_id = checkpoint_id or str(uuid.uuid4())
+        return Checkpoint(checkpoint_id, kind, list(names), self.prefix_of(kind, checkpoint_id), status=status,
                           params=dict(params), owner=owner)
+
+    def prefix_of(self, kind: str, checkpoint_id: str) -> str:
+        """Where a checkpoint's files are in S3: {prefix}/{type}/{id}/."""
+        return f"{self.key_prefix}/{kind}/{checkpoint_id}"
 
     def lock(self, checkpoint_id: str) -> Any:
         """One writer per checkpoint at a time (a client retrying PUT /checkpoint races itself)."""

@@ -64,7 +64,7 @@ def run_model_merge(data: dict):
         return inference_error(exc.status, str(exc))
     merge = planned.spec.merge
     body = {"inference_id": task_id, "status": "inprogress", "endpoint_name": merge_queue(svc.settings),
-            "output_path": svc.storage.s3_uri(f"{svc.checkpoints.key_prefix}/Stable-diffusion/{merge['checkpoint_id']}"),
+            "output_path": svc.storage.s3_uri(svc.checkpoints.prefix_of("Stable-diffusion", merge["checkpoint_id"])),
             "primary_model_name": data["primary_model_name"], "secondary_model_name": data["secondary_model_name"],
             "tertiary_model_name": data.get("tertiary_model_name") or "", "checkpoint_name": merge["file"],
             "checkpoint_id": merge["checkpoint_id"]}
