@@ -58,7 +58,7 @@ def enabled_dataset(svc: Services, owner: str, name: str) -> Dataset:
     if dataset.status != "Enabled":
         raise TrainingProblem("dataset", f"dataset {name!r} is {dataset.status}; enable it once its files are "
                                          f"uploaded (POST /api/v1/datasets/{name}/enable or PUT /dataset)", 409)
-    if not any(item.type == "image" for item in dataset.items):
+    if not dataset.images:
         raise TrainingProblem("dataset", f"dataset {name!r} holds no images")
     return dataset
 
@@ -133,7 +133,7 @@ def plan_training(svc: Services, key: ApiKey, data: dict[str, Any], task_id: str
         own = owned_model(svc, owner, data["model"])      # one of the key's own checkpoints, by its file name
         base = Base(own[0], [own[1]]) if own is not None else None
     model = trainable(key, base.model) if base else base_model(svc, key, data.get("model"))
-    images = [item for item in dataset.items if item.type == "image"]
+    images = dataset.images
     config = training_config(svc, model, len(images), data)
     lora_name = data.get("lora_name") or f"{dataset.name}-{task_id[:8]}"
     if not LORA_NAME.match(lora_name):
@@ -162,7 +162,7 @@ def training_warnings(svc: Services, dataset: Dataset, images: int) -> list[str]
     if not any(queue in worker.queues for worker in svc.workers.live()):
         warnings.append(f"no worker serves the training pool {queue!r} now; the job waits until one starts "
                         f"(python -m worker.main --pool {queue})")
-    uncaptioned = sum(1 for item in dataset.items if item.type == "image" and not item.caption)
+    uncaptioned = sum(1 for item in dataset.images if not item.caption)
     if uncaptioned:
         warnings.append(f"{uncaptioned} of {images} images have no caption; they train on the trigger word alone")
     return warnings
